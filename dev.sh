@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One entry point for the two things a fresh clone needs: `./dev.sh demo` and `./dev.sh test`.
+# Both create .venv and install what they need (Debian packages included) on first use.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+
+need_debian() {  # need_debian BINARY PACKAGE: install a Debian package when its binary is missing
+  if [ -x "$1" ] || command -v "$1" >/dev/null 2>&1; then return 0; fi
+  echo "installing Debian package $2 (for $1)" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2" >/dev/null
+}
+
+venv() {
+  if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_debian /nonexistent python3-venv; fi
+  local stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored' || true
+    "$VENV/bin/python" -c 'import meshlib, pytest' # fail loudly if the install did not work
+    rm -f "$VENV"/.installed-* && touch "$stamp"
+  fi
+}
+
+case "${1:-help}" in
+  demo)
+    venv
+    shift
+    exec "$VENV/bin/meshlib" demo "$@"
+    ;;
+  test)
+    venv
+    need_debian /usr/sbin/dnsmasq dnsmasq-base
+    shift
+    echo "== ruff" && "$VENV/bin/ruff" check meshlib tests examples benchmarks && "$VENV/bin/ruff" format --check meshlib tests examples benchmarks
+    echo "== mypy --strict" && "$VENV/bin/mypy" --strict meshlib
+    echo "== pytest" && exec "$VENV/bin/pytest" -q "$@"
+    ;;
+  bench)
+    venv
+    shift
+    exec "$VENV/bin/python" -m benchmarks "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo | test [pytest args] | bench" >&2
+    exit 2
+    ;;
+esac

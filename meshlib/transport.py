@@ -1,0 +1,422 @@
+"""The mesh transports: route -> endpoints -> pick -> send -> observe, for sync and async httpx.
+
+Only wiring lives here; every decision is made by objects shared with the other transport (see DESIGN.md):
+:class:`~meshlib.service.Service` (snapshot, picker, stats), the discovery cache and the balancers. The two
+classes differ only in how they do I/O: a thread and blocking calls for :class:`MeshTransport`, a task and
+``await`` for :class:`AsyncMeshTransport`.
+
+The request that reaches an endpoint is a new ``httpx.Request`` whose URL names the endpoint's address, while
+the ``Host`` header (and, for https, the TLS server name via httpcore's ``sni_hostname`` extension, so the
+certificate is checked against the logical name) stay the logical service name. The caller's request is not
+modified, so ``response.url`` and redirects keep the logical URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Generic, TypeVar
+
+import httpx
+
+from meshlib.balance.base import EndpointStats
+from meshlib.config import MeshConfig, service_key
+from meshlib.discovery import build_resolver
+from meshlib.discovery.base import DiscoverySettings, Endpoint
+from meshlib.discovery.refresh import RefreshTask, RefreshThread, arefresh_once, refresh_once
+from meshlib.errors import NoEndpointsError
+from meshlib.service import Active, Service
+
+logger = logging.getLogger("meshlib")
+
+T = TypeVar("T")
+
+#: ``response.extensions`` keys meshlib sets on mesh responses.
+EXT_ENDPOINT = "meshlib.endpoint"
+EXT_SERVICE = "meshlib.service"
+
+_ROUTE_CACHE_SIZE = 1024
+
+
+class _Router(Generic[T]):
+    """Host -> Service lookup, shared by both transports; caches host normalisation for hot hosts."""
+
+    def __init__(self, config: MeshConfig, new_transport: Callable[[Endpoint], T]) -> None:
+        settings = DiscoverySettings(dns_servers=config.dns_servers, dns_timeout=config.dns_timeout)
+        self.config = config
+        self.services: dict[str, Service[T]] = {}
+        for key, svc in config.services.items():
+            resolver = build_resolver(svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]")
+            self.services[key] = Service(svc, config, resolver, new_transport)
+        self._cache: dict[str, Service[T] | None] = {}
+
+    def route(self, host: str) -> Service[T] | None:
+        """The mesh service a request host names, or ``None`` for hosts outside the mesh."""
+        try:
+            return self._cache[host]
+        except KeyError:
+            pass
+        found = self.services.get(service_key(host)) if self.services else None
+        if len(self._cache) >= _ROUTE_CACHE_SIZE:
+            self._cache.clear()  # bounded: arbitrary outside hosts must not grow memory
+        self._cache[host] = found
+        return found
+
+
+def _endpoint_request(request: httpx.Request, endpoint: Endpoint) -> httpx.Request:
+    """The request as sent to ``endpoint``: same method, headers, body and extensions; endpoint URL."""
+    extensions = request.extensions
+    if request.url.scheme == "https" and "sni_hostname" not in extensions:
+        extensions = {**extensions, "sni_hostname": request.url.host}
+    return httpx.Request(
+        request.method,
+        request.url.copy_with(host=endpoint.url_host if ":" in endpoint.host else endpoint.host, port=endpoint.port),
+        headers=request.headers,
+        stream=request.stream,
+        extensions=extensions,
+    )
+
+
+def _hash_key(service: Service[T], request: httpx.Request) -> bytes | None:
+    if service.lb_name != "ring_hash":
+        return None
+    value = request.headers.get(service.hash_header)
+    return value.encode() if value is not None else None
+
+
+def _pick(service: Service[T], active: Active[T], request: httpx.Request) -> EndpointStats:
+    chosen = active.pick(_hash_key(service, request), ())
+    if chosen is None:
+        raise NoEndpointsError(service.name, service.resolver.source, "every endpoint is excluded")
+    return chosen
+
+
+def _mark(response: httpx.Response, service: Service[T], endpoint: Endpoint) -> None:
+    response.extensions[EXT_ENDPOINT] = endpoint.address
+    response.extensions[EXT_SERVICE] = service.name
+
+
+class _TrackedStream(httpx.SyncByteStream):
+    """Keeps the request counted as in flight until its response body is closed, then records it."""
+
+    def __init__(
+        self, inner: httpx.SyncByteStream, done: Callable[[], None]
+    ) -> None:
+        self._inner = inner
+        self._done: Callable[[], None] | None = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._inner
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done()
+
+
+class _AsyncTrackedStream(httpx.AsyncByteStream):
+    """Async twin of :class:`_TrackedStream`."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, done: Callable[[], None]) -> None:
+        self._inner = inner
+        self._done: Callable[[], None] | None = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done()
+
+
+class MeshTransport(httpx.BaseTransport):
+    """The sync mesh transport: ``meshlib.Client`` sends every mesh request through it.
+
+    ``new_transport`` makes the pooled inner transport of one endpoint (called once per endpoint, on the
+    slow path); ``owns_transports=False`` when it returns a transport the caller owns (a user's
+    ``transport=``), which is then never closed here. ``passthrough`` serves hosts outside the mesh when
+    the transport is used on its own (``meshlib.Client`` routes those itself).
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        new_transport: Callable[[Endpoint], httpx.BaseTransport],
+        *,
+        owns_transports: bool = True,
+        passthrough: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self._router: _Router[httpx.BaseTransport] = _Router(config, new_transport)
+        self._owns = owns_transports
+        self._passthrough = passthrough
+        self._refreshers: dict[str, RefreshThread] = {}
+        self._start_lock = threading.Lock()
+        self._started: set[str] = set()
+        self._closed = False
+
+    @property
+    def services(self) -> dict[str, Service[httpx.BaseTransport]]:
+        """The mesh services by normalised name (read-only use: status, tests)."""
+        return self._router.services
+
+    def routes(self, host: str) -> bool:
+        """Whether ``host`` is a mesh service."""
+        return self._router.route(host) is not None
+
+    def _activate(self, service: Service[httpx.BaseTransport]) -> Active[httpx.BaseTransport]:
+        """First use of a service: resolve on this thread (once), then refresh in the background."""
+        with self._start_lock:
+            if self._closed:
+                raise RuntimeError("cannot send a request through a closed meshlib client")
+            if service.name not in self._started:
+                changed, delay = refresh_once(service.resolver, service.cache)
+                if service.cache.snapshot is not None:
+                    self._close_all(service.apply(service.cache.snapshot))
+                self._started.add(service.name)
+                if delay is not None:
+                    thread = RefreshThread(service.resolver, service.cache, lambda s: self._publish(service, s), delay)
+                    self._refreshers[service.name] = thread
+                    thread.start()
+        return service.current()
+
+    def _publish(self, service: Service[httpx.BaseTransport], snapshot: object) -> None:
+        if service.cache.snapshot is not None:
+            self._close_all(service.apply(service.cache.snapshot))
+
+    def _close_all(self, transports: list[httpx.BaseTransport]) -> None:
+        if not self._owns:
+            return
+        for transport in transports:
+            try:
+                transport.close()
+            except Exception:
+                logger.exception("closing an endpoint transport failed")
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
+        service = self._router.route(request.url.host)
+        if service is None:
+            if self._passthrough is None:
+                self._passthrough = httpx.HTTPTransport()
+            return self._passthrough.handle_request(request)
+        active = service.active
+        if active is None:
+            active = self._activate(service)  # first use: waits (once) for discovery's first answer
+        elif service.cache.consecutive_failures:
+            active = service.current()  # discovery failing: still usable unless too stale
+        stats = _pick(service, active, request)
+        endpoint = stats.endpoint
+        transport = active.transports[(endpoint.host, endpoint.port)]
+        outgoing = _endpoint_request(request, endpoint)
+        stats.begin()
+        start = time.monotonic()
+        try:
+            response = transport.handle_request(outgoing)
+        except BaseException:
+            now = time.monotonic()
+            stats.end(now - start, now, failed=True)
+            self._after(service, stats)
+            raise
+        rtt = time.monotonic() - start
+        failed = response.status_code >= 500
+
+        def done() -> None:
+            stats.end(rtt, start + rtt, failed=failed)
+            if service.retiring:
+                self._after(service, stats)
+
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        response.stream = _TrackedStream(response.stream, done)
+        _mark(response, service, endpoint)
+        return response
+
+    def _after(self, service: Service[httpx.BaseTransport], stats: EndpointStats) -> None:
+        idle = service.release(stats)
+        if idle is not None:
+            self._close_all([idle])
+
+    def close(self) -> None:
+        """Stop discovery refreshes and close every endpoint transport this mesh created."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for thread in self._refreshers.values():
+            thread.stop()
+        self._refreshers.clear()
+        for service in self._router.services.values():
+            self._close_all(service.all_transports())
+            service.resolver.close()
+        if self._passthrough is not None:
+            self._passthrough.close()
+
+
+class AsyncMeshTransport(httpx.AsyncBaseTransport):
+    """The async mesh transport: ``meshlib.AsyncClient`` sends every mesh request through it.
+
+    Same contract as :class:`MeshTransport`. Discovery refreshes run as tasks on the loop that first used
+    each service; the first request for a service awaits its first answer, concurrent first requests share
+    that one query.
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        new_transport: Callable[[Endpoint], httpx.AsyncBaseTransport],
+        *,
+        owns_transports: bool = True,
+        passthrough: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self._router: _Router[httpx.AsyncBaseTransport] = _Router(config, new_transport)
+        self._owns = owns_transports
+        self._passthrough = passthrough
+        self._refreshers: dict[str, RefreshTask] = {}
+        # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
+        self._first: dict[str, _FirstAnswer] = {}
+        self._closed = False
+
+    @property
+    def services(self) -> dict[str, Service[httpx.AsyncBaseTransport]]:
+        """The mesh services by normalised name (read-only use: status, tests)."""
+        return self._router.services
+
+    def routes(self, host: str) -> bool:
+        """Whether ``host`` is a mesh service."""
+        return self._router.route(host) is not None
+
+    async def _activate(self, service: Service[httpx.AsyncBaseTransport]) -> Active[httpx.AsyncBaseTransport]:
+        if self._closed:
+            raise RuntimeError("cannot send a request through a closed meshlib client")
+        first = self._first.get(service.name)
+        if first is None:
+            first = self._first[service.name] = _FirstAnswer()
+            try:
+                changed, delay = await arefresh_once(service.resolver, service.cache)
+                if service.cache.snapshot is not None:
+                    await self._aclose_all(service.apply(service.cache.snapshot))
+                if delay is not None and not self._closed:
+                    task = RefreshTask(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    self._refreshers[service.name] = task
+                    task.start()
+            except BaseException:
+                # Cancelled (or failed) before an answer: let the next request try again.
+                del self._first[service.name]
+                first.set()
+                raise
+            first.set()
+        else:
+            await first.wait()
+        return service.current()
+
+    async def _publish(self, service: Service[httpx.AsyncBaseTransport]) -> None:
+        if service.cache.snapshot is not None:
+            await self._aclose_all(service.apply(service.cache.snapshot))
+
+    async def _aclose_all(self, transports: list[httpx.AsyncBaseTransport]) -> None:
+        if not self._owns:
+            return
+        for transport in transports:
+            try:
+                await transport.aclose()
+            except Exception:
+                logger.exception("closing an endpoint transport failed")
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
+        service = self._router.route(request.url.host)
+        if service is None:
+            if self._passthrough is None:
+                self._passthrough = httpx.AsyncHTTPTransport()
+            return await self._passthrough.handle_async_request(request)
+        active = service.active
+        if active is None:
+            active = await self._activate(service)
+        elif service.cache.consecutive_failures:
+            active = service.current()
+        stats = _pick(service, active, request)
+        endpoint = stats.endpoint
+        transport = active.transports[(endpoint.host, endpoint.port)]
+        outgoing = _endpoint_request(request, endpoint)
+        stats.begin()
+        start = time.monotonic()
+        try:
+            response = await transport.handle_async_request(outgoing)
+        except BaseException:
+            now = time.monotonic()
+            stats.end(now - start, now, failed=True)
+            await self._after(service, stats)
+            raise
+        rtt = time.monotonic() - start
+        failed = response.status_code >= 500
+        retiring: list[EndpointStats] = []
+
+        def done() -> None:
+            stats.end(rtt, start + rtt, failed=failed)
+            if service.retiring:
+                retiring.append(stats)
+                idle = service.release(stats)
+                if idle is not None and self._owns:
+                    _close_later(idle)
+
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _AsyncTrackedStream(response.stream, done)
+        _mark(response, service, endpoint)
+        return response
+
+    async def _after(self, service: Service[httpx.AsyncBaseTransport], stats: EndpointStats) -> None:
+        idle = service.release(stats)
+        if idle is not None:
+            await self._aclose_all([idle])
+
+    async def aclose(self) -> None:
+        """Stop discovery tasks and close every endpoint transport this mesh created."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._refreshers.values():
+            await task.stop()
+        self._refreshers.clear()
+        for service in self._router.services.values():
+            await self._aclose_all(service.all_transports())
+            service.resolver.close()
+        if self._passthrough is not None:
+            await self._passthrough.aclose()
+
+
+class _FirstAnswer:
+    """An event for "the first discovery answer is in", created inside the running loop."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+_background: set[object] = set()
+
+
+def _close_later(transport: httpx.AsyncBaseTransport) -> None:
+    """Close a retired endpoint transport from a sync callback (a stream's close) on the running loop."""
+    import asyncio
+
+    task = asyncio.get_running_loop().create_task(transport.aclose())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
