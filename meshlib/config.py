@@ -105,7 +105,9 @@ class MeshConfig:
         config = cls(**values)  # type: ignore[arg-type]
         if config.ttl_min > config.ttl_max:
             raise ConfigError(
-                "MESHLIB_DNS_TTL_MIN", config.ttl_min, f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})"
+                "MESHLIB_DNS_TTL_MIN",
+                config.ttl_min,
+                f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})",
             )
         found = _services_from_env(env)
         _warn_unknown(env)
@@ -146,7 +148,9 @@ def _services_from_env(env: Mapping[str, str]) -> dict[str, ServiceConfig]:
             settings.setdefault(key, {})[SERVICE_SETTINGS[setting]] = raw.strip()
             continue
         if not rest or not re.fullmatch(r"[A-Z0-9_]+", rest):
-            raise ConfigError(variable, raw, "a service name of upper-case letters, digits and '_' after MESHLIB_SERVICE_")
+            raise ConfigError(
+                variable, raw, "a service name of upper-case letters, digits and '_' after MESHLIB_SERVICE_"
+            )
         if not raw.strip():
             raise ConfigError(variable, raw, "a discovery target URI such as static://10.0.0.5:8080")
         targets[rest] = ServiceConfig(name=rest.lower(), target=raw.strip(), variable=variable)

@@ -26,7 +26,7 @@ from meshlib.discovery.base import Endpoint, Resolver
 from meshlib.discovery.cache import DiscoveryCache, Snapshot
 from meshlib.errors import NoEndpointsError
 
-logger = logging.getLogger("meshlib")
+logger = logging.getLogger("meshlib.discovery")
 
 T = TypeVar("T")
 
@@ -119,6 +119,7 @@ class Service(Generic[T]):
                 levels.setdefault(s.endpoint.priority, []).append(s)
             pickers = tuple(self.balancer.build(levels[p]) for p in sorted(levels))
             self.active = Active(snapshot=snapshot, stats=stats, transports=transports, pickers=pickers)
+            _log_change(self.name, old.stats if old else {}, stats)
             to_close: list[T] = []
             if old is not None:
                 for address, s in old.stats.items():
@@ -148,3 +149,18 @@ class Service(Generic[T]):
             self.retiring.clear()
             self.active = None
             return found
+
+
+def _log_change(service: str, old: dict[Address, EndpointStats], new: dict[Address, EndpointStats]) -> None:
+    """One INFO line per endpoint-set change, after the new set serves traffic."""
+    if old.keys() == new.keys():
+        return
+    added = sorted(new[a].endpoint.address for a in new.keys() - old.keys())
+    removed = sorted(old[a].endpoint.address for a in old.keys() - new.keys())
+    logger.info(
+        "endpoints of service %s changed: %d now; added %s; removed %s",
+        service,
+        len(new),
+        ", ".join(added) or "none",
+        ", ".join(removed) or "none",
+    )

@@ -13,6 +13,7 @@ modified, so ``response.url`` and redirects keep the logical URL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -48,7 +49,9 @@ class _Router(Generic[T]):
         self.config = config
         self.services: dict[str, Service[T]] = {}
         for key, svc in config.services.items():
-            resolver = build_resolver(svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]")
+            resolver = build_resolver(
+                svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]"
+            )
             self.services[key] = Service(svc, config, resolver, new_transport)
         self._cache: dict[str, Service[T] | None] = {}
 
@@ -101,9 +104,7 @@ def _mark(response: httpx.Response, service: Service[T], endpoint: Endpoint) -> 
 class _TrackedStream(httpx.SyncByteStream):
     """Keeps the request counted as in flight until its response body is closed, then records it."""
 
-    def __init__(
-        self, inner: httpx.SyncByteStream, done: Callable[[], None]
-    ) -> None:
+    def __init__(self, inner: httpx.SyncByteStream, done: Callable[[], None]) -> None:
         self._inner = inner
         self._done: Callable[[], None] | None = done
 
@@ -180,7 +181,7 @@ class MeshTransport(httpx.BaseTransport):
             if self._closed:
                 raise RuntimeError("cannot send a request through a closed meshlib client")
             if service.name not in self._started:
-                changed, delay = refresh_once(service.resolver, service.cache)
+                _, delay = refresh_once(service.resolver, service.cache)
                 if service.cache.snapshot is not None:
                     self._close_all(service.apply(service.cache.snapshot))
                 self._started.add(service.name)
@@ -284,7 +285,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._passthrough = passthrough
         self._refreshers: dict[str, RefreshTask] = {}
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
-        self._first: dict[str, _FirstAnswer] = {}
+        self._first: dict[str, asyncio.Event] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -301,9 +303,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             raise RuntimeError("cannot send a request through a closed meshlib client")
         first = self._first.get(service.name)
         if first is None:
-            first = self._first[service.name] = _FirstAnswer()
+            first = self._first[service.name] = asyncio.Event()
             try:
-                changed, delay = await arefresh_once(service.resolver, service.cache)
+                _, delay = await arefresh_once(service.resolver, service.cache)
                 if service.cache.snapshot is not None:
                     await self._aclose_all(service.apply(service.cache.snapshot))
                 if delay is not None and not self._closed:
@@ -360,20 +362,24 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             raise
         rtt = time.monotonic() - start
         failed = response.status_code >= 500
-        retiring: list[EndpointStats] = []
 
         def done() -> None:
             stats.end(rtt, start + rtt, failed=failed)
             if service.retiring:
-                retiring.append(stats)
                 idle = service.release(stats)
                 if idle is not None and self._owns:
-                    _close_later(idle)
+                    self._close_later(idle)
 
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _AsyncTrackedStream(response.stream, done)
         _mark(response, service, endpoint)
         return response
+
+    def _close_later(self, transport: httpx.AsyncBaseTransport) -> None:
+        """Close a retired endpoint transport from a sync callback (a stream's close) on the running loop."""
+        task = asyncio.get_running_loop().create_task(transport.aclose())
+        self._closing.add(task)  # keep a reference until done, as asyncio's docs require
+        task.add_done_callback(self._closing.discard)
 
     async def _after(self, service: Service[httpx.AsyncBaseTransport], stats: EndpointStats) -> None:
         idle = service.release(stats)
@@ -393,30 +399,3 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             service.resolver.close()
         if self._passthrough is not None:
             await self._passthrough.aclose()
-
-
-class _FirstAnswer:
-    """An event for "the first discovery answer is in", created inside the running loop."""
-
-    def __init__(self) -> None:
-        import asyncio
-
-        self._event = asyncio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
-_background: set[object] = set()
-
-
-def _close_later(transport: httpx.AsyncBaseTransport) -> None:
-    """Close a retired endpoint transport from a sync callback (a stream's close) on the running loop."""
-    import asyncio
-
-    task = asyncio.get_running_loop().create_task(transport.aclose())
-    _background.add(task)
-    task.add_done_callback(_background.discard)

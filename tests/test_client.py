@@ -64,7 +64,9 @@ def test_ring_hash_sends_one_key_to_one_endpoint(start_backends: BackendFactory)
         "MESHLIB_SERVICE_CART__HASH_HEADER": "x-user",
     }
     with meshlib.Client(environ=env) as client:
-        seen = {client.get("http://cart/", headers={"x-user": "alice"}).extensions["meshlib.endpoint"] for _ in range(20)}
+        seen = {
+            client.get("http://cart/", headers={"x-user": "alice"}).extensions["meshlib.endpoint"] for _ in range(20)
+        }
     assert len(seen) == 1
 
 

@@ -88,8 +88,7 @@ class DiscoveryCache:
         self.consecutive_failures = 0
         self.last_error = None
         if changed:
-            self.changes += 1
-            _log_change(self.service, previous.endpoints if previous else (), endpoints)
+            self.changes += 1  # logged by whoever applies the new set, once it serves traffic
         if resolution.watch:
             return changed, 0.0
         if resolution.ttl is None:
@@ -143,16 +142,3 @@ class DiscoveryCache:
         """Seconds since the last good answer, for status pages."""
         snap = self.snapshot
         return None if snap is None else self._clock() - snap.fetched_at
-
-
-def _log_change(service: str, old: tuple[Endpoint, ...], new: tuple[Endpoint, ...]) -> None:
-    before, after = frozenset(old), frozenset(new)
-    added = sorted(e.address for e in after - before)
-    removed = sorted(e.address for e in before - after)
-    logger.info(
-        "endpoints of service %s changed: %d now; added %s; removed %s",
-        service,
-        len(new),
-        ", ".join(added) or "none",
-        ", ".join(removed) or "none",
-    )

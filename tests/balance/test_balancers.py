@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import threading
 from collections import Counter
 from collections.abc import Sequence
 
@@ -38,7 +40,7 @@ def chi_square(counts: Sequence[int], expected: Sequence[float]) -> float:
 def chi_square_bound(categories: int) -> float:
     """Generous: about mean + 6 standard deviations of the chi-square law, far past p = 0.001."""
     df = categories - 1
-    return df + 6 * (2 * df) ** 0.5 + 10
+    return df + 6 * math.sqrt(2 * df) + 10
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -161,3 +163,41 @@ def test_same_seed_same_picks(name: str) -> None:
         return [p.endpoint.host if p else None for p in picks]
 
     assert run() == run()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_set_picks_nothing(name: str) -> None:
+    picker = make_balancer(name, rng=random.Random(0)).build([])
+    assert picker.pick() is None
+    assert picker.pick(key=b"k") is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_concurrent_picks(name: str) -> None:
+    """Pickers are shared by every request thread and take no lock."""
+    clock = FakeClock()
+    stats = endpoints([1, 2, 3, 1, 5, 2, 1, 1], clock)
+    picker = make_balancer(name, clock=clock, rng=random.Random(21)).build(stats)
+    exclude = {stats[0].endpoint, stats[4].endpoint}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(seed: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(2000):
+                chosen = picker.pick(key=f"{seed}-{i}".encode(), exclude=exclude)
+                assert chosen is not None
+                assert chosen.endpoint not in exclude
+                chosen.begin()
+                chosen.end(0.01, clock())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert errors == []
+    assert all(s.inflight == 0 for s in stats)

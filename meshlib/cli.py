@@ -1,0 +1,141 @@
+"""The ``meshlib`` command: ``meshlib demo``, ``meshlib resolve <service>``, ``meshlib --version``.
+
+``demo`` shows balancing on real loopback backends (see :mod:`meshlib.demo`). ``resolve`` answers "what
+would my application's client see for this service?": it builds ``meshlib.Client()`` from the same
+``MESHLIB_*`` environment the application reads and asks that service's discovery source once, so a typo
+in a variable or an unreachable DNS server shows up before deploying. Configuration problems are reported
+as one line on stderr with exit code 2 (the usual "usage error" code), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from meshlib import __version__
+from meshlib.client import Client
+from meshlib.config import SERVICE_PREFIX, service_key
+from meshlib.discovery.base import Endpoint, Resolution
+from meshlib.errors import ConfigError, DiscoveryError
+
+EXIT_OK = 0
+#: Discovery could not answer (DNS down, ...): the configuration is fine, the world is not.
+EXIT_DISCOVERY_FAILED = 1
+#: Bad usage or configuration: unknown service, invalid ``MESHLIB_*`` value.
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem the user fixes by changing the command line or the environment (exit code 2)."""
+
+
+def _positive_int(raw: str) -> int:
+    """argparse type for counts that must be at least 1."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per task, each with its own handler in ``handler``."""
+    parser = argparse.ArgumentParser(prog="meshlib", description="A sidecarless service mesh for Python.")
+    parser.add_argument("--version", action="version", version=f"meshlib {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="compare p2c_ewma and round_robin on loopback backends (one slow, one failing)",
+        description="Start 5 loopback backends (3 healthy, 1 slow, 1 failing with 503) and send the same "
+        "requests through meshlib.Client balanced by p2c_ewma, then by round_robin.",
+    )
+    demo.add_argument("--requests", type=_positive_int, default=1500, metavar="N", help="requests per balancer")
+    demo.add_argument("--concurrency", type=_positive_int, default=12, metavar="C", help="concurrent callers")
+    demo.add_argument("--no-live", action="store_true", help="print each table once instead of redrawing it")
+    demo.set_defaults(handler=run_demo_command)
+
+    resolve = commands.add_parser(
+        "resolve",
+        help="print the endpoints discovery returns for a service, configured from MESHLIB_* variables",
+        description="Build meshlib.Client() from the environment and ask the service's discovery source once.",
+    )
+    resolve.add_argument("service", metavar="SERVICE-HOST", help="the host a request would name, e.g. payments")
+    resolve.set_defaults(handler=run_resolve_command)
+    return parser
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """``meshlib demo``: run :func:`meshlib.demo.run_demo` with the command-line options."""
+    from meshlib.demo import DemoOptions, run_demo  # imported here: only the demo needs meshlib.testing
+
+    run_demo(DemoOptions(requests=args.requests, concurrency=args.concurrency, live=not args.no_live))
+    return EXIT_OK
+
+
+def run_resolve_command(args: argparse.Namespace) -> int:
+    """``meshlib resolve HOST``: print the service's discovery answer, one endpoint per line."""
+    host: str = args.service
+    with Client() as client:
+        services = client.mesh.services
+        service = services.get(service_key(host))
+        if service is None:
+            known = ", ".join(sorted(s.name for s in services.values())) or "none"
+            raise UsageError(
+                f"unknown service {host!r}: {SERVICE_PREFIX}{service_key(host)} is not set (configured services: {known})"
+            )
+        resolution = service.resolver.resolve()
+        print(f"{service.name}: {len(resolution.endpoints)} endpoint(s) from {service.resolver.source}")
+        print(f"  balancer {service.lb_name}, {_describe_ttl(resolution)}")
+        for endpoint in resolution.endpoints:
+            print(f"  {_describe_endpoint(endpoint)}")
+    return EXIT_OK
+
+
+def _describe_ttl(resolution: Resolution) -> str:
+    """How long the answer may be cached, in words."""
+    if resolution.watch:
+        return "watched (updates pushed)"
+    if resolution.ttl is None:
+        return "never expires"
+    return f"ttl {resolution.ttl:g} s"
+
+
+def _describe_endpoint(endpoint: Endpoint) -> str:
+    """``host:port`` followed by the attributes that differ from their defaults."""
+    parts = [endpoint.address, f"weight={endpoint.weight}"]
+    if endpoint.priority:
+        parts.append(f"priority={endpoint.priority}")
+    if endpoint.zone:
+        parts.append(f"zone={endpoint.zone}")
+    if endpoint.tags:
+        parts.append("tags=" + ",".join(endpoint.tags))
+    return "  ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``meshlib`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.handler(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"meshlib: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DiscoveryError as exc:
+        print(f"meshlib: discovery failed: {exc}", file=sys.stderr)
+        return EXIT_DISCOVERY_FAILED
+    except KeyboardInterrupt:
+        print("meshlib: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
