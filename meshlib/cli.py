@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from meshlib import __version__
 from meshlib.client import Client
 from meshlib.config import SERVICE_PREFIX, service_key
+from meshlib.demo import DemoOptions, run_demo
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.errors import ConfigError, DiscoveryError
 
@@ -53,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start 5 loopback backends (3 healthy, 1 slow, 1 failing with 503) and send the same "
         "requests through meshlib.Client balanced by p2c_ewma, then by round_robin.",
     )
-    demo.add_argument("--requests", type=_positive_int, default=1500, metavar="N", help="requests per balancer")
-    demo.add_argument("--concurrency", type=_positive_int, default=12, metavar="C", help="concurrent callers")
+    defaults = DemoOptions()
+    demo.add_argument(
+        "--requests", type=_positive_int, default=defaults.requests, metavar="N", help="requests per balancer"
+    )
+    demo.add_argument(
+        "--concurrency", type=_positive_int, default=defaults.concurrency, metavar="C", help="concurrent callers"
+    )
     demo.add_argument("--no-live", action="store_true", help="print each table once instead of redrawing it")
     demo.set_defaults(handler=run_demo_command)
 
@@ -70,8 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """``meshlib demo``: run :func:`meshlib.demo.run_demo` with the command-line options."""
-    from meshlib.demo import DemoOptions, run_demo  # imported here: only the demo needs meshlib.testing
-
     run_demo(DemoOptions(requests=args.requests, concurrency=args.concurrency, live=not args.no_live))
     return EXIT_OK
 
@@ -84,9 +88,8 @@ def run_resolve_command(args: argparse.Namespace) -> int:
         service = services.get(service_key(host))
         if service is None:
             known = ", ".join(sorted(s.name for s in services.values())) or "none"
-            raise UsageError(
-                f"unknown service {host!r}: {SERVICE_PREFIX}{service_key(host)} is not set (configured services: {known})"
-            )
+            variable = f"{SERVICE_PREFIX}{service_key(host)}"
+            raise UsageError(f"unknown service {host!r}: {variable} is not set (configured services: {known})")
         resolution = service.resolver.resolve()
         print(f"{service.name}: {len(resolution.endpoints)} endpoint(s) from {service.resolver.source}")
         print(f"  balancer {service.lb_name}, {_describe_ttl(resolution)}")
@@ -119,7 +122,10 @@ def _describe_endpoint(endpoint: Endpoint) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``meshlib`` console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, bad usage: argparse has printed; return its code
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

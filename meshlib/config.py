@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from meshlib.errors import ConfigError
+from meshlib.policy import DEFAULT_POLICY, Policy
 
 logger = logging.getLogger("meshlib.config")
 
@@ -31,13 +33,85 @@ SERVICE_SETTING_SEPARATOR = "__"
 
 LB_NAMES = ("p2c_ewma", "round_robin", "least_request", "random", "ring_hash")
 
-#: Per-service settings: suffix after ``MESHLIB_SERVICE_<NAME>__`` -> ServiceConfig field.
+#: Per-service settings: suffix after ``MESHLIB_SERVICE_<NAME>__`` -> ServiceConfig field. Every policy and
+#: resilience suffix (``TIMEOUT``, ``RETRIES``, ``BREAKER_FAILURES``...) is added below, after their tables.
 SERVICE_SETTINGS = {"LB": "lb", "HASH_HEADER": "hash_header"}
 
 
 def service_key(host: str) -> str:
     """The ``<NAME>`` part of ``MESHLIB_SERVICE_<NAME>`` for a request host (``user-api`` -> ``USER_API``)."""
     return host.upper().replace("-", "_").replace(".", "_")
+
+
+def _check(owner: str, name: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{name}", value, expected)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ResilienceSettings:
+    """Per-service resilience machinery settings, read by the transport's budget, breakers and limits.
+
+    Unlike :class:`~meshlib.policy.Policy` (rules of one call, overridable per call), these size state shared
+    by every call to a service, so they are set per client and per service only. Defaults and sources:
+
+    * ``retry_budget_percent=0.2``, ``retry_budget_min_per_second=10``, ``retry_budget_ttl=10 s`` -- retries
+      may add at most 20 % of requests plus 10 retries/s, over a 10 s window: Finagle's ``RetryBudget()``
+      defaults, also Linkerd's ``retryBudget`` and tower's ``Budget``. The ratio is a fraction (0.2 = 20 %),
+      like Finagle's ``percentCanRetry``; the TTL is bounded to 1..60 s as in Finagle.
+    * ``breaker_failures=5``, ``breaker_reset=10 s`` -- an endpoint's breaker opens after 5 consecutive
+      failures (Envoy's and Finagle's failure-accrual count) and lets one probe through after 10 s.
+    * ``outlier_failures=5``, ``outlier_base_ejection=30 s``, ``outlier_max_ejection=300 s``,
+      ``outlier_max_percent=10`` -- Envoy's outlier detection: eject after 5 consecutive gateway failures
+      for 30 s x ejection count, at most 300 s, never more than 10 % of endpoints (at least one).
+    * ``max_inflight=1024`` -- concurrent requests per service before :class:`OverloadedError`: Envoy's
+      ``max_requests`` circuit-breaker threshold.
+
+    Invalid values raise :class:`meshlib.ConfigError` naming the field.
+    """
+
+    retry_budget_percent: float = 0.2
+    retry_budget_min_per_second: int = 10
+    retry_budget_ttl: float = 10.0
+    breaker_failures: int = 5
+    breaker_reset: float = 10.0
+    outlier_failures: int = 5
+    outlier_base_ejection: float = 30.0
+    outlier_max_ejection: float = 300.0
+    outlier_max_percent: float = 10.0
+    max_inflight: int = 1024
+
+    def __post_init__(self) -> None:
+        own = "ResilienceSettings"
+        ratio = self.retry_budget_percent
+        _check(own, "retry_budget_percent", ratio, _is_number(ratio) and 0 <= ratio <= 1, _RATIO)
+        floor = self.retry_budget_min_per_second
+        _check(own, "retry_budget_min_per_second", floor, _is_int(floor) and floor >= 0, "an integer >= 0")
+        ttl = self.retry_budget_ttl
+        _check(own, "retry_budget_ttl", ttl, _is_number(ttl) and 1 <= ttl <= 60, "a duration from 1s to 60s")
+        for name in ("breaker_failures", "outlier_failures", "max_inflight"):
+            count = getattr(self, name)
+            _check(own, name, count, _is_int(count) and count >= 1, "an integer >= 1")
+        for name in ("breaker_reset", "outlier_base_ejection", "outlier_max_ejection"):
+            seconds = getattr(self, name)
+            ok = _is_number(seconds) and 0 < seconds < float("inf")
+            _check(own, name, seconds, ok, "a duration greater than zero")
+        base, most = self.outlier_base_ejection, self.outlier_max_ejection
+        _check(own, "outlier_max_ejection", most, most >= base, f"a duration >= outlier_base_ejection ({base})")
+        percent = self.outlier_max_percent
+        _check(own, "outlier_max_percent", percent, _is_number(percent) and 0 <= percent <= 100, _PERCENT)
+
+
+_RATIO = "a fraction from 0 to 1 such as 0.2, or a percentage such as 20%"
+_PERCENT = "a percentage from 0 to 100 such as 10 or 10%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +127,10 @@ class ServiceConfig:
     lb: str | None = None
     hash_header: str | None = None
     variable: str = ""
+    #: This service's policy layer (``MESHLIB_SERVICE_<NAME>__TIMEOUT``...): set fields override the mesh's.
+    policy: Policy | None = None
+    #: This service's complete resilience settings, or ``None`` for the mesh-wide ones.
+    resilience: ResilienceSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +146,11 @@ class MeshConfig:
     * ``max_stale=3600 s`` -- how long the last good endpoint set keeps serving while discovery fails
       (Consul's agent cache serves stale for days; an hour bounds how wrong we can be).
     * ``dns_timeout=2 s`` -- one DNS query's lifetime, all nameservers included.
+    * ``policy`` -- the mesh-wide call policy, :data:`~meshlib.policy.DEFAULT_POLICY` overridden by
+      ``MESHLIB_TIMEOUT``, ``MESHLIB_RETRIES``...; always complete (every field set).
+    * ``resilience`` -- the mesh-wide :class:`ResilienceSettings`.
+
+    :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
     """
 
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
@@ -80,6 +163,26 @@ class MeshConfig:
     max_stale: float = 3600.0
     ewma_decay: float = 10.0
     default_rtt: float = 0.030
+    policy: Policy = DEFAULT_POLICY
+    resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
+    _service_policies: Mapping[str, Policy] = field(init=False, repr=False, compare=False)
+    _service_resilience: Mapping[str, ResilienceSettings] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.policy.complete:
+            object.__setattr__(self, "policy", self.policy.resolved())
+        policies = {key: self.policy.merge(svc.policy) for key, svc in self.services.items() if svc.policy is not None}
+        resilience = {key: svc.resilience for key, svc in self.services.items() if svc.resilience is not None}
+        object.__setattr__(self, "_service_policies", MappingProxyType(policies))
+        object.__setattr__(self, "_service_resilience", MappingProxyType(resilience))
+
+    def policy_for(self, key: str) -> Policy:
+        """The complete call policy of service ``key`` (:func:`service_key` of the host): mesh ⊕ service layer."""
+        return self._service_policies.get(key, self.policy)
+
+    def resilience_for(self, key: str) -> ResilienceSettings:
+        """The resilience settings of service ``key`` (:func:`service_key` of the host)."""
+        return self._service_resilience.get(key, self.resilience)
 
     @classmethod
     def from_env(
@@ -89,14 +192,25 @@ class MeshConfig:
         services: Mapping[str, str | ServiceConfig] | None = None,
         lb: str | None = None,
         dns_servers: str | list[str] | tuple[str, ...] | None = None,
+        policy: Policy | None = None,
     ) -> MeshConfig:
-        """Read ``MESHLIB_*`` from ``environ`` (default ``os.environ``); arguments given here win."""
+        """Read ``MESHLIB_*`` from ``environ`` (default ``os.environ``); arguments given here win.
+
+        ``policy`` overrides the set fields of the environment's mesh-wide policy (per-service variables
+        still override it for their service).
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for name, (attr, parse) in _GLOBALS.items():
             raw = env.get(name)
             if raw is not None and raw.strip() != "":
                 values[attr] = parse(name, raw.strip())
+        global_settings = {suffix: (f"{ENV_PREFIX}{suffix}", env.get(f"{ENV_PREFIX}{suffix}")) for suffix in _LAYERED}
+        mesh_policy = _policy_layer(DEFAULT_POLICY, global_settings)
+        if policy is not None:
+            mesh_policy = mesh_policy.merge(policy)
+        values["policy"] = mesh_policy
+        values["resilience"] = _resilience_layer(ResilienceSettings(), global_settings)
         if lb is not None:
             values["lb"] = _parse_lb("lb (argument)", lb)
         if dns_servers is not None:
@@ -109,7 +223,7 @@ class MeshConfig:
                 config.ttl_min,
                 f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})",
             )
-        found = _services_from_env(env)
+        found = _services_from_env(env, config.policy, config.resilience)
         _warn_unknown(env)
         for host, spec in (services or {}).items():
             if isinstance(spec, ServiceConfig):
@@ -117,13 +231,11 @@ class MeshConfig:
             else:
                 key = service_key(host)
                 previous = found.get(key)
-                found[key] = ServiceConfig(
-                    name=host.lower(),
-                    target=spec,
-                    lb=previous.lb if previous else None,
-                    hash_header=previous.hash_header if previous else None,
-                    variable=f"services[{host!r}] (argument)",
-                )
+                variable = f"services[{host!r}] (argument)"
+                if previous is not None:  # keep the per-service settings of the environment
+                    found[key] = replace(previous, name=host.lower(), target=spec, variable=variable)
+                else:
+                    found[key] = ServiceConfig(name=host.lower(), target=spec, variable=variable)
         for svc in found.values():
             if svc.lb is not None:
                 _parse_lb(f"{SERVICE_PREFIX}{service_key(svc.name)}__LB", svc.lb)
@@ -134,9 +246,11 @@ class MeshConfig:
         return self.services.get(service_key(host))
 
 
-def _services_from_env(env: Mapping[str, str]) -> dict[str, ServiceConfig]:
+def _services_from_env(
+    env: Mapping[str, str], mesh_policy: Policy, mesh_resilience: ResilienceSettings
+) -> dict[str, ServiceConfig]:
     targets: dict[str, ServiceConfig] = {}
-    settings: dict[str, dict[str, str]] = {}
+    settings: dict[str, dict[str, tuple[str, str]]] = {}  # key -> suffix -> (variable, raw)
     for variable, raw in env.items():
         if not variable.startswith(SERVICE_PREFIX):
             continue
@@ -145,7 +259,7 @@ def _services_from_env(env: Mapping[str, str]) -> dict[str, ServiceConfig]:
             key, setting = rest.split(SERVICE_SETTING_SEPARATOR, 1)
             if setting not in SERVICE_SETTINGS:
                 raise ConfigError(variable, raw, f"a per-service setting, one of {', '.join(sorted(SERVICE_SETTINGS))}")
-            settings.setdefault(key, {})[SERVICE_SETTINGS[setting]] = raw.strip()
+            settings.setdefault(key, {})[setting] = (variable, raw)
             continue
         if not rest or not re.fullmatch(r"[A-Z0-9_]+", rest):
             raise ConfigError(
@@ -156,10 +270,75 @@ def _services_from_env(env: Mapping[str, str]) -> dict[str, ServiceConfig]:
         targets[rest] = ServiceConfig(name=rest.lower(), target=raw.strip(), variable=variable)
     for key, extra in settings.items():
         if key not in targets:
-            variable = f"{SERVICE_PREFIX}{key}{SERVICE_SETTING_SEPARATOR}{next(iter(extra)).upper()}"
-            raise ConfigError(variable, next(iter(extra.values())), f"a service declared by {SERVICE_PREFIX}{key}")
-        targets[key] = replace(targets[key], **extra)
+            variable, raw = next(iter(extra.values()))
+            raise ConfigError(variable, raw, f"a service declared by {SERVICE_PREFIX}{key}")
+        fields: dict[str, object] = {
+            SERVICE_SETTINGS[suffix]: raw.strip() for suffix, (_, raw) in extra.items() if suffix not in _LAYERED
+        }
+        layered = {suffix: pair for suffix, pair in extra.items() if suffix in _LAYERED}
+        if any(suffix in _POLICY_SETTINGS for suffix in layered):
+            layer = _policy_layer(Policy(), layered)
+            _check_backoff(mesh_policy.merge(layer), layered)
+            fields["policy"] = layer
+        if any(suffix in _RESILIENCE_SETTINGS for suffix in layered):
+            fields["resilience"] = _resilience_layer(mesh_resilience, layered)
+        targets[key] = replace(targets[key], **fields)  # type: ignore[arg-type]
     return targets
+
+
+def _parsed(
+    table: Mapping[str, tuple[str, Callable[[str, str], object]]], found: Mapping[str, tuple[str, str | None]]
+) -> dict[str, tuple[str, str, object]]:
+    """attr -> (variable, raw, value) for the settings of ``table`` present (and non-empty) in ``found``."""
+    parsed: dict[str, tuple[str, str, object]] = {}
+    for suffix, (attr, parse) in table.items():
+        variable, raw = found.get(suffix, ("", None))
+        if raw is not None and raw.strip() != "":
+            parsed[attr] = (variable, raw, parse(variable, raw.strip()))
+    return parsed
+
+
+def _policy_layer(base: Policy, found: Mapping[str, tuple[str, str | None]]) -> Policy:
+    """``base`` overridden by the policy variables in ``found`` (suffix -> (variable, raw))."""
+    parsed = _parsed(_POLICY_SETTINGS, found)
+    try:
+        layer = Policy(**{attr: value for attr, (_, _, value) in parsed.items()})  # type: ignore[arg-type]
+    except ConfigError as error:  # the parsers check syntax; Policy checks ranges: report the variable
+        variable, raw, _ = parsed[error.variable.rpartition(".")[2]]
+        raise ConfigError(variable, raw, error.expected) from None
+    merged = base.merge(layer)
+    _check_backoff(merged, found)
+    return merged
+
+
+def _check_backoff(merged: Policy, found: Mapping[str, tuple[str, str | None]]) -> None:
+    if merged.backoff_base is None or merged.backoff_cap is None or merged.backoff_base <= merged.backoff_cap:
+        return
+    cap_variable, cap_raw = found.get("RETRY_BACKOFF_CAP", ("", None))
+    if cap_raw is not None and cap_raw.strip():
+        raise ConfigError(
+            cap_variable, cap_raw, f"a duration no shorter than the backoff base ({merged.backoff_base}s)"
+        )
+    base_variable, base_raw = found["RETRY_BACKOFF_BASE"]
+    raise ConfigError(base_variable, base_raw, f"a duration no longer than the backoff cap ({merged.backoff_cap}s)")
+
+
+def _resilience_layer(base: ResilienceSettings, found: Mapping[str, tuple[str, str | None]]) -> ResilienceSettings:
+    """``base`` overridden by the resilience variables in ``found`` (suffix -> (variable, raw))."""
+    parsed = _parsed(_RESILIENCE_SETTINGS, found)
+    if not parsed:
+        return base
+    try:
+        return replace(base, **{attr: value for attr, (_, _, value) in parsed.items()})  # type: ignore[arg-type]
+    except ConfigError as error:
+        attr = error.variable.rpartition(".")[2]
+        if attr in parsed:
+            variable, raw, _ = parsed[attr]
+            raise ConfigError(variable, raw, error.expected) from None
+        # outlier_max_ejection < outlier_base_ejection, where only the base was set here
+        variable, raw, _ = parsed["outlier_base_ejection"]
+        expected = f"a duration no longer than the maximum ejection ({base.outlier_max_ejection}s)"
+        raise ConfigError(variable, raw, expected) from None
 
 
 def _warn_unknown(env: Mapping[str, str]) -> None:
@@ -246,6 +425,61 @@ def _duration(variable: str, raw: str) -> float:
     return parse_duration(variable, raw)
 
 
+def _duration_or_zero(variable: str, raw: str) -> float:
+    return parse_duration(variable, raw, allow_zero=True)
+
+
+def _parse_int(variable: str, raw: str) -> int:
+    if not re.fullmatch(r"[0-9]+", raw):
+        raise ConfigError(variable, raw, "a whole number such as 5")
+    return int(raw)
+
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _parse_bool(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(variable, raw, "a boolean: true/false, 1/0 or yes/no")
+
+
+def _parse_statuses(variable: str, raw: str) -> frozenset[int]:
+    """``502,503,504``; ``none`` for no status-based retries."""
+    if raw.strip().lower() == "none":
+        return frozenset()
+    expected = "a comma-separated list of HTTP status codes (100-599) such as 502,503,504, or none"
+    statuses: set[int] = set()
+    for item in (part.strip() for part in raw.split(",")):
+        if not re.fullmatch(r"[1-5][0-9][0-9]", item):
+            raise ConfigError(variable, raw, expected)
+        statuses.add(int(item))
+    return frozenset(statuses)
+
+
+def _parse_number(variable: str, raw: str, expected: str) -> tuple[float, bool]:
+    """A non-negative decimal, and whether it carried a ``%`` suffix."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?|\.\d+)\s*(%?)", raw.strip())
+    if match is None:
+        raise ConfigError(variable, raw, expected)
+    return float(match.group(1)), bool(match.group(2))
+
+
+def _parse_ratio(variable: str, raw: str) -> float:
+    """``0.2`` or ``20%`` -> 0.2 (range checked by :class:`ResilienceSettings`)."""
+    value, percent = _parse_number(variable, raw, _RATIO)
+    return value / 100.0 if percent else value
+
+
+def _parse_percent(variable: str, raw: str) -> float:
+    """``10`` or ``10%`` -> 10.0 (range checked by :class:`ResilienceSettings`)."""
+    return _parse_number(variable, raw, _PERCENT)[0]
+
+
 _GLOBALS = {
     "MESHLIB_LB": ("lb", _parse_lb),
     "MESHLIB_HASH_HEADER": ("hash_header", _parse_header),
@@ -258,5 +492,36 @@ _GLOBALS = {
     "MESHLIB_EWMA_DEFAULT_RTT": ("default_rtt", _duration),
 }
 
+#: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``
+#: per service.
+_POLICY_SETTINGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "TIMEOUT": ("timeout", _duration),
+    "PER_TRY_TIMEOUT": ("per_try_timeout", _duration),
+    "RETRIES": ("retries", _parse_int),
+    "RETRY_ON": ("retry_on", _parse_statuses),
+    "RETRY_NON_IDEMPOTENT": ("retry_non_idempotent", _parse_bool),
+    "RETRY_BACKOFF_BASE": ("backoff_base", _duration_or_zero),
+    "RETRY_BACKOFF_CAP": ("backoff_cap", _duration_or_zero),
+    "RETRY_AFTER_CAP": ("retry_after_cap", _duration_or_zero),
+}
+
+#: Resilience variables: suffix -> ResilienceSettings field, mesh-wide and per service like the above.
+_RESILIENCE_SETTINGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "RETRY_BUDGET_PERCENT": ("retry_budget_percent", _parse_ratio),
+    "RETRY_BUDGET_MIN_PER_SECOND": ("retry_budget_min_per_second", _parse_int),
+    "RETRY_BUDGET_TTL": ("retry_budget_ttl", _duration),
+    "BREAKER_FAILURES": ("breaker_failures", _parse_int),
+    "BREAKER_RESET": ("breaker_reset", _duration),
+    "OUTLIER_FAILURES": ("outlier_failures", _parse_int),
+    "OUTLIER_BASE_EJECTION": ("outlier_base_ejection", _duration),
+    "OUTLIER_MAX_EJECTION": ("outlier_max_ejection", _duration),
+    "OUTLIER_MAX_PERCENT": ("outlier_max_percent", _parse_percent),
+    "MAX_INFLIGHT": ("max_inflight", _parse_int),
+}
+
+_LAYERED = {**_POLICY_SETTINGS, **_RESILIENCE_SETTINGS}
+SERVICE_SETTINGS.update({suffix: "policy" for suffix in _POLICY_SETTINGS})
+SERVICE_SETTINGS.update({suffix: "resilience" for suffix in _RESILIENCE_SETTINGS})
+
 #: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
-KNOWN = frozenset(_GLOBALS)
+KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED}

@@ -6,6 +6,8 @@ Each subclasses the httpx exception a caller would already catch, so ``except ht
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import httpx
 
 
@@ -43,3 +45,82 @@ class NoEndpointsError(DiscoveryError):
             f"no endpoints for service {service!r} (discovery {source}): {reason}", service=service, source=source
         )
         self.reason = reason
+
+
+def _tried(endpoints: tuple[str, ...]) -> str:
+    return f"endpoints tried: {', '.join(endpoints)}" if endpoints else "no endpoint tried"
+
+
+class CircuitOpenError(MeshError, httpx.ConnectError):
+    """Every usable endpoint of a service has its circuit breaker open: the call failed fast, nothing was sent.
+
+    Subclasses :class:`httpx.ConnectError` because that is what the caller would have seen had meshlib tried
+    anyway (a connection that cannot be made), and because, like a connect error, it guarantees that the
+    request never reached a server, so any method may safely be tried again later.
+    ``endpoints`` lists the endpoints whose breakers were open (or were tried before they opened).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        reason: str,
+        *,
+        endpoints: Iterable[str] = (),
+        request: httpx.Request | None = None,
+    ) -> None:
+        self.service = service
+        self.endpoints = tuple(endpoints)
+        self.reason = reason
+        super().__init__(f"circuit open for service {service!r}: {reason} ({_tried(self.endpoints)})", request=request)
+
+
+class OverloadedError(MeshError, httpx.PoolTimeout):
+    """The client already has the service's maximum number of requests in flight: refused at once, nothing sent.
+
+    Subclasses :class:`httpx.PoolTimeout` because it is the same event as httpx's own: its connection pool
+    raises ``PoolTimeout`` when ``Limits(max_connections=...)`` is reached and no connection frees up in time.
+    meshlib's per-service in-flight cap is that limit with a zero wait (a bulkhead, not a queue that grows
+    without bound), so code that already handles pool exhaustion handles this too, and a caller catching
+    ``httpx.TimeoutException`` to "try again later" does the right thing.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        reason: str,
+        *,
+        endpoints: Iterable[str] = (),
+        request: httpx.Request | None = None,
+    ) -> None:
+        self.service = service
+        self.endpoints = tuple(endpoints)
+        self.reason = reason
+        super().__init__(f"service {service!r} overloaded: {reason} ({_tried(self.endpoints)})", request=request)
+
+
+class DeadlineExceeded(MeshError, httpx.TimeoutException):
+    """The call's overall deadline (covering every attempt and backoff) ran out before an answer arrived.
+
+    Subclasses :class:`httpx.TimeoutException` so ``except httpx.TimeoutException`` keeps catching mesh calls
+    that time out. An attempt may have reached a server before time ran out: do not assume it did not.
+    ``timeout`` is the deadline the call had (seconds), when known.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        reason: str,
+        *,
+        endpoints: Iterable[str] = (),
+        timeout: float | None = None,
+        request: httpx.Request | None = None,
+    ) -> None:
+        self.service = service
+        self.endpoints = tuple(endpoints)
+        self.reason = reason
+        self.timeout = timeout
+        budget = f" of {timeout:g} s" if timeout is not None else ""
+        super().__init__(
+            f"deadline{budget} exceeded calling service {service!r}: {reason} ({_tried(self.endpoints)})",
+            request=request,
+        )
