@@ -1,28 +1,45 @@
 """meshlib: a sidecarless service mesh for Python.
 
 ``meshlib.Client()`` / ``meshlib.AsyncClient()`` are httpx clients that discover the endpoints of logical
-services (``http://payments/charge``), balance across them and send in-process: what a sidecar does for
-outbound calls, without the sidecar. This module is the public face; ``__all__`` is the contract.
+services (``http://payments/charge``), balance across them, apply deadlines, retries within a budget,
+circuit breakers and outlier ejection, and send in-process: what a sidecar does for outbound calls,
+without the sidecar. This module is the public face; ``__all__`` is the contract.
 """
 
 from __future__ import annotations
 
 from meshlib.client import AsyncClient, Client
-from meshlib.config import MeshConfig, ServiceConfig
+from meshlib.config import MeshConfig, ResilienceSettings, ServiceConfig
 from meshlib.discovery.base import Endpoint
-from meshlib.errors import ConfigError, DiscoveryError, MeshError, NoEndpointsError
+from meshlib.errors import (
+    CircuitOpenError,
+    ConfigError,
+    DeadlineExceeded,
+    DiscoveryError,
+    MeshError,
+    NoEndpointsError,
+    OverloadedError,
+)
+from meshlib.policy import Policy, current_deadline, policy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "CircuitOpenError",
     "Client",
     "ConfigError",
+    "DeadlineExceeded",
     "DiscoveryError",
     "Endpoint",
     "MeshConfig",
     "MeshError",
     "NoEndpointsError",
+    "OverloadedError",
+    "Policy",
+    "ResilienceSettings",
     "ServiceConfig",
     "__version__",
+    "current_deadline",
+    "policy",
 ]

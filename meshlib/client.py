@@ -29,7 +29,6 @@ from meshlib.transport import AsyncMeshTransport, MeshTransport
 logger = logging.getLogger("meshlib")
 
 
-
 def _mesh_config(
     config: MeshConfig | None,
     services: Mapping[str, str | ServiceConfig] | None,

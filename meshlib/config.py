@@ -8,6 +8,11 @@ Naming: ``MESHLIB_SERVICE_<NAME>=<target URI>`` declares a mesh service, where `
 host upper-cased with ``-`` and ``.`` as ``_`` (``user-api.internal`` -> ``USER_API_INTERNAL``). A
 per-service setting is the global variable's suffix after a double underscore:
 ``MESHLIB_SERVICE_PAYMENTS__LB=ring_hash`` overrides ``MESHLIB_LB`` for ``payments`` only.
+
+Call policies (``MESHLIB_TIMEOUT``, ``MESHLIB_RETRIES``...) become :class:`~meshlib.policy.Policy` layers and
+resilience knobs (``MESHLIB_MAX_INFLIGHT``, ``MESHLIB_BREAKER_FAILURES``...) a :class:`ResilienceSettings`;
+both work per service with the same suffix, and :meth:`MeshConfig.policy_for` / :meth:`MeshConfig.resilience_for`
+answer per service from tables built once, at construction.
 """
 
 from __future__ import annotations

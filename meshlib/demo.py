@@ -33,10 +33,10 @@ from typing import Protocol, TextIO
 
 import httpx
 
+from meshlib.call import EXT_ENDPOINT
 from meshlib.client import Client
 from meshlib.config import service_key
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay
-from meshlib.transport import EXT_ENDPOINT
 
 __all__ = ["DemoOptions", "PhaseResult", "run_demo"]
 

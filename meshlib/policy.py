@@ -148,7 +148,8 @@ class Policy:
             value = _check_seconds("retry_after_cap", self.retry_after_cap, allow_zero=True, allow_inf=False)
             put(self, "retry_after_cap", value)
         if self.backoff_base is not None and self.backoff_cap is not None and self.backoff_base > self.backoff_cap:
-            raise ConfigError("Policy.backoff_cap", self.backoff_cap, f"a duration >= backoff_base ({self.backoff_base})")
+            expected = f"a duration >= backoff_base ({self.backoff_base})"
+            raise ConfigError("Policy.backoff_cap", self.backoff_cap, expected)
 
     def merge(self, inner: Policy) -> Policy:
         """This policy overridden by ``inner``'s set fields (``inner`` is the more specific layer)."""

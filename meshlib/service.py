@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import httpx
+
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
-from meshlib.config import MeshConfig, ServiceConfig
+from meshlib.config import MeshConfig, ServiceConfig, service_key
 from meshlib.discovery.base import Endpoint, Resolver
 from meshlib.discovery.cache import DiscoveryCache, Snapshot
 from meshlib.errors import NoEndpointsError
+from meshlib.resilience.breaker import STATE_CLOSED, EndpointBreaker
+from meshlib.resilience.budget import RetryBudget
+from meshlib.resilience.limit import ConcurrencyLimit
+from meshlib.resilience.outlier import OutlierDetector
 
 logger = logging.getLogger("meshlib.discovery")
 
@@ -75,6 +82,30 @@ class Service(Generic[T]):
             config.name, resolver.source, ttl_min=mesh.ttl_min, ttl_max=mesh.ttl_max, max_stale=mesh.max_stale
         )
         self._new_transport = new_transport
+        key = service_key(config.name)
+        #: The service's call policy (defaults, env, per-service env); scopes and requests narrow it per call.
+        self.policy = mesh.policy_for(key)
+        settings = mesh.resilience_for(key)
+        self.settings = settings
+        # Resilience state shared by every call to this service from this client (sync and async alike).
+        self.budget = RetryBudget(
+            ttl=settings.retry_budget_ttl,
+            min_retries_per_second=settings.retry_budget_min_per_second,
+            percent_can_retry=settings.retry_budget_percent,
+        )
+        self.limit = ConcurrencyLimit(settings.max_inflight)
+        self.detector: OutlierDetector[Address] = OutlierDetector(
+            settings.outlier_failures,
+            settings.outlier_base_ejection,
+            settings.outlier_max_ejection,
+            settings.outlier_max_percent,
+            name=config.name,
+        )
+        #: One breaker per endpoint address, kept across refreshes like the stats.
+        self.breakers: dict[Address, EndpointBreaker] = {}
+        # Addresses whose breaker is not closed: maintained by the breakers' listener, read per attempt.
+        self._not_closed: frozenset[Address] = frozenset()
+        self._budget_logged = 0.0
         self.active: Active[T] | None = None
         #: Transports of endpoints that left while requests were still using them: closed when those end.
         self.retiring: dict[Address, tuple[EndpointStats, T]] = {}
@@ -114,6 +145,8 @@ class Service(Generic[T]):
                         endpoint, default_rtt=self._mesh.default_rtt, decay=self._mesh.ewma_decay
                     )
                     transports[address] = self._new_transport(endpoint)
+            self._update_breakers(stats)
+            self.detector.set_endpoints(stats.keys())
             levels: dict[int, list[EndpointStats]] = {}
             for s in stats.values():
                 levels.setdefault(s.endpoint.priority, []).append(s)
@@ -130,6 +163,60 @@ class Service(Generic[T]):
                     else:
                         to_close.append(old.transports[address])
             return to_close
+
+    def _update_breakers(self, stats: dict[Address, EndpointStats]) -> None:
+        settings = self.settings
+        breakers: dict[Address, EndpointBreaker] = {}
+        for address, s in stats.items():
+            breaker = self.breakers.get(address)
+            if breaker is None:
+                breaker = EndpointBreaker(
+                    f"{self.name}/{s.endpoint.address}",
+                    fail_max=settings.breaker_failures,
+                    reset_timeout=settings.breaker_reset,
+                    max_reset_timeout=max(settings.breaker_reset, 60.0),
+                    listeners=(self._breaker_changed,),
+                )
+            breakers[address] = breaker
+        self.breakers = breakers
+        self._not_closed = frozenset(a for a, b in breakers.items() if b.state is not STATE_CLOSED)
+
+    def _breaker_changed(self, breaker: EndpointBreaker, old: str, new: str) -> None:
+        with self._update_lock:
+            self._not_closed = frozenset(a for a, b in self.breakers.items() if b.state is not STATE_CLOSED)
+
+    def open_breakers(self) -> frozenset[Address]:
+        """Addresses whose breaker refuses requests right now (open, penalty not yet over)."""
+        not_closed = self._not_closed
+        if not not_closed:
+            return not_closed
+        breakers = self.breakers
+        return frozenset(a for a in not_closed if a in breakers and not breakers[a].available())
+
+    def unhealthy(self) -> frozenset[Address]:
+        """Addresses the balancer should skip: ejected by outlier detection or behind an open breaker."""
+        ejected = self.detector.ejected()
+        if not self._not_closed:
+            return ejected
+        return ejected | self.open_breakers()
+
+    def hash_key(self, request: httpx.Request) -> bytes | None:
+        """The request's consistent-hashing key (ring_hash only)."""
+        if self.lb_name != "ring_hash":
+            return None
+        value = request.headers.get(self.hash_header)
+        return value.encode() if value is not None else None
+
+    def log_budget_exhausted(self) -> None:
+        """One WARNING per 10 s at most: the retry budget refused retries (each refusal is counted)."""
+        now = time.monotonic()
+        if now - self._budget_logged >= 10.0:
+            self._budget_logged = now
+            logging.getLogger("meshlib.resilience").warning(
+                "retry budget of service %s exhausted: retries are skipped (%d refused so far)",
+                self.name,
+                self.budget.exhausted,
+            )
 
     def release(self, stats: EndpointStats) -> T | None:
         """After a request on a retiring endpoint ends: its transport, if it is now idle and should close."""

@@ -23,20 +23,17 @@ from typing import Generic, TypeVar
 import httpx
 
 from meshlib.balance.base import EndpointStats
+from meshlib.call import Call, RetrySignal
 from meshlib.config import MeshConfig, service_key
 from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshTask, RefreshThread, arefresh_once, refresh_once
-from meshlib.errors import NoEndpointsError
-from meshlib.service import Active, Service
+from meshlib.resilience.retry import RetryLoops
+from meshlib.service import Active, Address, Service
 
 logger = logging.getLogger("meshlib")
 
 T = TypeVar("T")
-
-#: ``response.extensions`` keys meshlib sets on mesh responses.
-EXT_ENDPOINT = "meshlib.endpoint"
-EXT_SERVICE = "meshlib.service"
 
 _ROUTE_CACHE_SIZE = 1024
 
@@ -66,39 +63,6 @@ class _Router(Generic[T]):
             self._cache.clear()  # bounded: arbitrary outside hosts must not grow memory
         self._cache[host] = found
         return found
-
-
-def _endpoint_request(request: httpx.Request, endpoint: Endpoint) -> httpx.Request:
-    """The request as sent to ``endpoint``: same method, headers, body and extensions; endpoint URL."""
-    extensions = request.extensions
-    if request.url.scheme == "https" and "sni_hostname" not in extensions:
-        extensions = {**extensions, "sni_hostname": request.url.host}
-    return httpx.Request(
-        request.method,
-        request.url.copy_with(host=endpoint.url_host if ":" in endpoint.host else endpoint.host, port=endpoint.port),
-        headers=request.headers,
-        stream=request.stream,
-        extensions=extensions,
-    )
-
-
-def _hash_key(service: Service[T], request: httpx.Request) -> bytes | None:
-    if service.lb_name != "ring_hash":
-        return None
-    value = request.headers.get(service.hash_header)
-    return value.encode() if value is not None else None
-
-
-def _pick(service: Service[T], active: Active[T], request: httpx.Request) -> EndpointStats:
-    chosen = active.pick(_hash_key(service, request), ())
-    if chosen is None:
-        raise NoEndpointsError(service.name, service.resolver.source, "every endpoint is excluded")
-    return chosen
-
-
-def _mark(response: httpx.Response, service: Service[T], endpoint: Endpoint) -> None:
-    response.extensions[EXT_ENDPOINT] = endpoint.address
-    response.extensions[EXT_SERVICE] = service.name
 
 
 class _TrackedStream(httpx.SyncByteStream):
@@ -162,6 +126,7 @@ class MeshTransport(httpx.BaseTransport):
         self._owns = owns_transports
         self._passthrough = passthrough
         self._refreshers: dict[str, RefreshThread] = {}
+        self._retries = RetryLoops()
         self._start_lock = threading.Lock()
         self._started: set[str] = set()
         self._closed = False
@@ -216,30 +181,75 @@ class MeshTransport(httpx.BaseTransport):
             active = self._activate(service)  # first use: waits (once) for discovery's first answer
         elif service.cache.consecutive_failures:
             active = service.current()  # discovery failing: still usable unless too stale
-        stats = _pick(service, active, request)
+        call: Call[httpx.BaseTransport] = Call(service, request)
+        call.admit()
+        try:
+            try:
+                return self._attempt(call, active)  # the fast path: no retry machinery at all
+            except RetrySignal as first:
+                pending = [first]
+
+            def attempt() -> httpx.Response:
+                if pending:
+                    raise pending.pop()  # tenacity's attempt 1 is the failure we already have
+                return self._attempt(call, service.current())
+
+            try:
+                return self._retries.sync(call.policy)(attempt)
+            except RetrySignal as last:
+                return _give_up(call, last)
+        except BaseException:
+            call.release()
+            raise
+
+    def _attempt(self, call: Call[httpx.BaseTransport], active: Active[httpx.BaseTransport]) -> httpx.Response:
+        """One attempt: pick, send, observe. Raises :class:`RetrySignal` when a retry is wanted."""
+        stats, transport, outgoing = call.prepare(active)
         endpoint = stats.endpoint
-        transport = active.transports[(endpoint.host, endpoint.port)]
-        outgoing = _endpoint_request(request, endpoint)
+        address: Address = (endpoint.host, endpoint.port)
         stats.begin()
         start = time.monotonic()
         try:
             response = transport.handle_request(outgoing)
-        except BaseException:
+        except Exception as exc:
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
-            self._after(service, stats)
+            self._after(call.service, stats)
+            verdict = call.classify_error(exc)
+            call.observe(address, verdict)
+            signal = call.retry_signal(verdict, error=exc)
+            if signal is not None:
+                raise signal from exc
+            final = call.failure(exc, verdict)
+            if final is exc:
+                raise
+            raise final from exc
+        except BaseException:  # interrupted: no verdict on the endpoint
+            now = time.monotonic()
+            stats.end(now - start, now, failed=True)
+            self._after(call.service, stats)
+            call.abandon(address)
             raise
         rtt = time.monotonic() - start
-        failed = response.status_code >= 500
+        verdict = call.classify(response)
+        call.observe(address, verdict)
+        failed = verdict.endpoint_failure
+        signal = call.retry_signal(verdict, response=response)
+        if signal is not None:
+            stats.end(rtt, start + rtt, failed=failed)
+            self._after(call.service, stats)
+            raise signal
+        service = call.service
 
         def done() -> None:
             stats.end(rtt, start + rtt, failed=failed)
+            call.release()
             if service.retiring:
                 self._after(service, stats)
 
         assert isinstance(response.stream, httpx.SyncByteStream)
         response.stream = _TrackedStream(response.stream, done)
-        _mark(response, service, endpoint)
+        call.mark(response, endpoint.address)
         return response
 
     def _after(self, service: Service[httpx.BaseTransport], stats: EndpointStats) -> None:
@@ -284,6 +294,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._owns = owns_transports
         self._passthrough = passthrough
         self._refreshers: dict[str, RefreshTask] = {}
+        self._retries = RetryLoops()
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
         self._first: dict[str, asyncio.Event] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -347,24 +358,74 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             active = await self._activate(service)
         elif service.cache.consecutive_failures:
             active = service.current()
-        stats = _pick(service, active, request)
+        call: Call[httpx.AsyncBaseTransport] = Call(service, request)
+        call.admit()
+        try:
+            try:
+                return await self._attempt(call, active)
+            except RetrySignal as first:
+                pending = [first]
+
+            async def attempt() -> httpx.Response:
+                if pending:
+                    raise pending.pop()
+                return await self._attempt(call, service.current())
+
+            try:
+                return await self._retries.asynchronous(call.policy)(attempt)
+            except RetrySignal as last:
+                return _give_up(call, last)
+        except BaseException:
+            call.release()
+            raise
+
+    async def _attempt(
+        self, call: Call[httpx.AsyncBaseTransport], active: Active[httpx.AsyncBaseTransport]
+    ) -> httpx.Response:
+        """One attempt: pick, send, observe. Raises :class:`RetrySignal` when a retry is wanted."""
+        stats, transport, outgoing = call.prepare(active)
         endpoint = stats.endpoint
-        transport = active.transports[(endpoint.host, endpoint.port)]
-        outgoing = _endpoint_request(request, endpoint)
+        address: Address = (endpoint.host, endpoint.port)
         stats.begin()
         start = time.monotonic()
         try:
             response = await transport.handle_async_request(outgoing)
-        except BaseException:
+        except Exception as exc:
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
-            await self._after(service, stats)
+            await self._after(call.service, stats)
+            verdict = call.classify_error(exc)
+            call.observe(address, verdict)
+            signal = call.retry_signal(verdict, error=exc)
+            if signal is not None:
+                raise signal from exc
+            final = call.failure(exc, verdict)
+            if final is exc:
+                raise
+            raise final from exc
+        except BaseException:  # cancelled: no verdict on the endpoint
+            now = time.monotonic()
+            stats.end(now - start, now, failed=True)
+            call.abandon(address)
+            if call.service.retiring:
+                idle = call.service.release(stats)
+                if idle is not None and self._owns:
+                    self._close_later(idle)
             raise
         rtt = time.monotonic() - start
-        failed = response.status_code >= 500
+        verdict = call.classify(response)
+        call.observe(address, verdict)
+        failed = verdict.endpoint_failure
+        signal = call.retry_signal(verdict, response=response)
+        if signal is not None:
+            stats.end(rtt, start + rtt, failed=failed)
+            await self._after(call.service, stats)
+            raise signal
+        service = call.service
 
         def done() -> None:
             stats.end(rtt, start + rtt, failed=failed)
+            call.release()
             if service.retiring:
                 idle = service.release(stats)
                 if idle is not None and self._owns:
@@ -372,7 +433,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _AsyncTrackedStream(response.stream, done)
-        _mark(response, service, endpoint)
+        call.mark(response, endpoint.address)
         return response
 
     def _close_later(self, transport: httpx.AsyncBaseTransport) -> None:
@@ -399,3 +460,19 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             service.resolver.close()
         if self._passthrough is not None:
             await self._passthrough.aclose()
+
+
+def _give_up(call: Call[T], last: RetrySignal) -> httpx.Response:
+    """No more retries: the last response goes to the caller as it is, or the last error, made clear."""
+    response = last.response
+    if response is not None:
+        if isinstance(response.stream, httpx.SyncByteStream):
+            response.stream = _TrackedStream(response.stream, call.release)
+        elif isinstance(response.stream, httpx.AsyncByteStream):
+            response.stream = _AsyncTrackedStream(response.stream, call.release)
+        call.mark(response, call.tried[-1])
+        return response
+    error = last.error
+    assert error is not None
+    final = call.failure(error, last.classification)
+    raise final from (error if final is not error else error.__cause__)

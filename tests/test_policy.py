@@ -96,7 +96,7 @@ def test_invalid_fields_are_refused_with_clear_messages(fields: dict[str, object
 
 
 def test_policy_factory_validates_at_decoration_time() -> None:
-    with pytest.raises(ValueError, match="Policy.timeout"):
+    with pytest.raises(ValueError, match=r"Policy\.timeout"):
         policy(timeout=-1)
     with pytest.raises(TypeError):
         policy({"timeout": 1})  # type: ignore[arg-type]

@@ -141,8 +141,8 @@ def classify_response(
     """Classify a response by its status (and, for 429/503, its ``Retry-After`` header).
 
     * a status in ``retry_statuses`` (default 502, 503, 504) is :attr:`Outcome.RETRYABLE`;
-    * 429 is retryable unless ``retry_rate_limited=False``, whatever ``retry_statuses`` says: rate limiting is
-      a per-server answer that another endpoint (or a later try) may not give;
+    * 429 is retryable too, without being listed: rate limiting is a per-server answer that another endpoint
+      (or a later try) may not give. ``retry_rate_limited=False`` turns that off unless 429 is listed;
     * any other 5xx is :attr:`Outcome.FAILURE`; everything else :attr:`Outcome.SUCCESS`;
     * ``endpoint_failure`` is true for every 5xx (Envoy ``consecutive_5xx``), false otherwise, 429 included;
     * ``Retry-After`` is read on retryable 429 and 503 responses only (RFC 6585 section 4, RFC 9110 section

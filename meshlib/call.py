@@ -1,0 +1,318 @@
+"""One logical call through the mesh: its policy and deadline, the endpoints it tried, what each attempt meant.
+
+:class:`Call` holds every per-call decision and does no I/O, so ``MeshTransport`` and
+``AsyncMeshTransport`` share it and differ only in how they send and sleep. The order of the steps of one
+attempt, and why:
+
+1. **deadline** -- no attempt starts once the call's deadline (policy timeout, scope deadline, inbound
+   budget; whichever is first) has passed: ``DeadlineExceeded``.
+2. **pick** -- the balancer chooses among endpoints that are not ejected (outlier detection), whose breaker
+   is not open, and, for a retry, that this call has not tried yet (falling back to tried ones). When fewer
+   than half are healthy the ejections are ignored (panic mode, as Envoy). Every breaker open: fail fast
+   with ``CircuitOpenError``.
+3. **guard** -- the picked endpoint's breaker ``allow()``: a half-open breaker lets one probe through and
+   refuses the rest, who pick again.
+4. **send** -- the request carries the endpoint's URL, the logical ``Host``, timeouts no longer than the
+   remaining budget (and the per-try timeout), and the remaining budget in ``grpc-timeout`` for the next hop.
+5. **observe** -- one :class:`~meshlib.resilience.classify.Classification` of the answer feeds the breaker,
+   the outlier detector, the EWMA and the retry decision alike.
+
+The retry decision (:meth:`Call.retry_signal`) says *whether a retry is wanted and safe*: retryable outcome,
+safe to re-send (never sent, or idempotent / opted in), attempts left, a replayable body, time left. The
+retry budget then has the last word (in :mod:`meshlib.resilience.retry`), and tenacity sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from meshlib.balance.base import EndpointStats
+from meshlib.deadline import DEADLINE_HEADER, encode_timeout
+from meshlib.discovery.base import Endpoint
+from meshlib.errors import CircuitOpenError, DeadlineExceeded, NoEndpointsError, OverloadedError
+from meshlib.policy import POLICY_EXTENSION, Policy, effective
+from meshlib.resilience.classify import (
+    IDEMPOTENCY_KEY_HEADER,
+    Classification,
+    Outcome,
+    classify_exception,
+    classify_response,
+    may_resend,
+)
+from meshlib.service import Active, Address, Service
+
+logger = logging.getLogger("meshlib")
+
+T = TypeVar("T")
+
+#: ``response.extensions`` keys meshlib sets on mesh responses.
+EXT_ENDPOINT = "meshlib.endpoint"
+EXT_SERVICE = "meshlib.service"
+EXT_ATTEMPTS = "meshlib.attempts"
+
+
+class _ByAddress:
+    """An ``exclude`` container for pickers: endpoints matched by address, whatever their weight or metadata."""
+
+    __slots__ = ("addresses",)
+
+    def __init__(self, addresses: set[Address] | frozenset[Address]) -> None:
+        self.addresses = addresses
+
+    def __contains__(self, endpoint: object) -> bool:
+        return isinstance(endpoint, Endpoint) and (endpoint.host, endpoint.port) in self.addresses
+
+
+class RetrySignal(Exception):
+    """An attempt failed in a way worth retrying; carries what the retry loop needs (never leaves meshlib).
+
+    ``response`` is the attempt's response, still open, when there was one (a 503, a 429); ``error`` the
+    exception otherwise. The transport closes the response before sleeping, or returns it if no retry comes.
+    """
+
+    def __init__(
+        self,
+        call: Call[Any],
+        classification: Classification,
+        *,
+        response: httpx.Response | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        super().__init__(classification.reason)
+        self.call = call
+        self.classification = classification
+        self.response = response
+        self.error = error
+
+
+class Call(Generic[T]):
+    """The state of one logical call (all its attempts). Created per mesh request; not shared."""
+
+    __slots__ = (
+        "attempts",
+        "deadline",
+        "has_idempotency_key",
+        "limited",
+        "method",
+        "policy",
+        "replayable",
+        "request",
+        "service",
+        "tried",
+        "tried_addresses",
+    )
+
+    def __init__(self, service: Service[T], request: httpx.Request) -> None:
+        self.service = service
+        self.request = request
+        self.method = request.method
+        rules = request.extensions.get(POLICY_EXTENSION)
+        self.policy, self.deadline = effective(service.policy, rules if isinstance(rules, Policy) else None)
+        self.attempts = 0
+        self.tried: list[str] = []
+        self.tried_addresses: set[Address] = set()
+        self.has_idempotency_key = IDEMPOTENCY_KEY_HEADER in request.headers
+        # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
+        self.replayable = isinstance(request.stream, httpx.ByteStream)
+        self.limited = False
+
+    # -- before the first attempt -------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Take a slot of the service's concurrency limit and count the call in the retry budget."""
+        service = self.service
+        if not service.limit.try_acquire():
+            raise OverloadedError(
+                service.name,
+                f"{service.limit.max_inflight} requests already in flight (MESHLIB_MAX_INFLIGHT)",
+                request=self.request,
+            )
+        self.limited = True
+        service.budget.deposit()
+
+    def release(self) -> None:
+        """Give back the concurrency slot (once): when the response body is closed, or the call failed."""
+        if self.limited:
+            self.limited = False
+            self.service.limit.release()
+
+    # -- one attempt ----------------------------------------------------------------------------------------
+
+    def remaining(self) -> float:
+        """Seconds left before the call's deadline (may be negative)."""
+        return self.deadline - time.monotonic()
+
+    def prepare(self, active: Active[T]) -> tuple[EndpointStats, T, httpx.Request]:
+        """Steps 1-4 up to the send: check the deadline, pick and guard an endpoint, build the request."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise self.deadline_exceeded("the deadline passed before an attempt could start")
+        stats = self._pick(active)
+        endpoint = stats.endpoint
+        self.attempts += 1
+        self.tried.append(endpoint.address)
+        self.tried_addresses.add((endpoint.host, endpoint.port))
+        return stats, active.transports[(endpoint.host, endpoint.port)], self._outgoing(endpoint, remaining)
+
+    def _pick(self, active: Active[T]) -> EndpointStats:
+        service = self.service
+        key = service.hash_key(self.request)
+        unhealthy = service.unhealthy()
+        if unhealthy and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy)):
+            unhealthy = service.open_breakers()  # panic: ignore ejections, never open breakers
+        refused: set[Address] = set()
+        for _ in range(len(active.stats) + 1):
+            excluded = set(unhealthy) | refused
+            stats = None
+            if self.tried_addresses:  # a retry prefers an endpoint this call has not tried
+                stats = active.pick(key, _ByAddress(excluded | self.tried_addresses))
+            if stats is None:
+                stats = active.pick(key, _ByAddress(excluded) if excluded else ())
+            if stats is None:
+                break
+            address = (stats.endpoint.host, stats.endpoint.port)
+            breaker = service.breakers.get(address)
+            if breaker is None or breaker.allow():
+                return stats
+            refused.add(address)  # half-open with its probe already out: choose another
+        if service.open_breakers():
+            raise CircuitOpenError(
+                service.name,
+                "every usable endpoint's circuit breaker is open",
+                endpoints=sorted(a.endpoint.address for a in active.stats.values()),
+                request=self.request,
+            )
+        raise NoEndpointsError(service.name, service.resolver.source, "every endpoint is ejected or excluded")
+
+    def _outgoing(self, endpoint: Endpoint, remaining: float) -> httpx.Request:
+        """The request as sent to ``endpoint``: endpoint URL, logical Host and SNI, budgeted timeouts."""
+        request = self.request
+        extensions = dict(request.extensions)
+        if request.url.scheme == "https" and "sni_hostname" not in extensions:
+            extensions["sni_hostname"] = request.url.host
+        per_try = self.policy.per_try_timeout
+        budget = remaining if per_try is None or per_try <= 0 or per_try > remaining else per_try
+        timeout = extensions.get("timeout")
+        if isinstance(timeout, dict):
+            extensions["timeout"] = {k: budget if v is None or v > budget else v for k, v in timeout.items()}
+        else:
+            extensions["timeout"] = {"connect": budget, "read": budget, "write": budget, "pool": budget}
+        outgoing = httpx.Request(
+            request.method,
+            request.url.copy_with(host=endpoint.url_host, port=endpoint.port),
+            headers=request.headers,
+            stream=request.stream,
+            extensions=extensions,
+        )
+        if math.isfinite(remaining):
+            outgoing.headers[DEADLINE_HEADER] = encode_timeout(remaining)
+        return outgoing
+
+    # -- after an attempt -----------------------------------------------------------------------------------
+
+    def observe(self, address: Address, verdict: Classification) -> None:
+        """Feed one attempt's verdict to the endpoint's breaker and the service's outlier detector."""
+        service = self.service
+        breaker = service.breakers.get(address)
+        if breaker is not None:
+            if verdict.endpoint_failure:
+                breaker.record_failure()
+            elif verdict.sent or verdict.outcome is Outcome.SUCCESS:
+                breaker.record_success()
+            else:
+                breaker.release()
+        service.detector.record(address, verdict.endpoint_failure)
+
+    def classify(self, response: httpx.Response) -> Classification:
+        """The verdict on a response, under this call's retry rules."""
+        return classify_response(
+            response.status_code,
+            response.headers,
+            retry_statuses=frozenset(self.policy.retry_on or ()),
+            retry_after_cap=self.policy.retry_after_cap or 300.0,
+        )
+
+    def classify_error(self, exc: BaseException) -> Classification:
+        """The verdict on an exception raised while sending."""
+        return classify_exception(exc)
+
+    def retry_signal(
+        self,
+        verdict: Classification,
+        *,
+        response: httpx.Response | None = None,
+        error: BaseException | None = None,
+    ) -> RetrySignal | None:
+        """A :class:`RetrySignal` when another attempt is wanted and safe, else ``None``."""
+        if verdict.outcome is not Outcome.RETRYABLE:
+            return None
+        if self.attempts >= self.policy.max_attempts or self.remaining() <= 0:
+            return None
+        if verdict.sent and not self.replayable:
+            return None  # a one-shot stream was consumed: it cannot be sent again
+        if not may_resend(
+            self.method,
+            verdict,
+            retry_non_idempotent=bool(self.policy.retry_non_idempotent),
+            has_idempotency_key=self.has_idempotency_key,
+        ):
+            return None
+        return RetrySignal(self, verdict, response=response, error=error)
+
+    def failure(self, exc: BaseException, verdict: Classification) -> BaseException:
+        """The exception the caller gets when an attempt's error is final: clear about what and why."""
+        if isinstance(exc, httpx.TimeoutException) and self.remaining() <= 0.001:
+            return self.deadline_exceeded(f"the last attempt timed out ({verdict.reason})")
+        if not isinstance(exc, httpx.TransportError) or not isinstance(exc, Exception):
+            return exc
+        why = self._why_not_resent(verdict)
+        if why is None:
+            return exc
+        message = (
+            f"{self.method} {self.request.url} (service {self.service.name!r}) failed on "
+            f"{', '.join(self.tried)}: {exc} [{verdict.reason}]; {why}"
+        )
+        try:
+            clear = type(exc)(message, request=self.request)
+        except Exception:  # an exception type with another constructor: keep the original
+            return exc
+        clear.__cause__ = exc
+        return clear
+
+    def _why_not_resent(self, verdict: Classification) -> str | None:
+        if verdict.outcome is not Outcome.RETRYABLE:
+            return None
+        if verdict.sent and not self.replayable:
+            return "not re-sent: the request body was a one-shot stream that has been consumed"
+        if not may_resend(
+            self.method,
+            verdict,
+            retry_non_idempotent=bool(self.policy.retry_non_idempotent),
+            has_idempotency_key=self.has_idempotency_key,
+        ):
+            return (
+                f"not re-sent: the server may have received it and {self.method} is not idempotent "
+                "(send an Idempotency-Key header or use Policy(retry_non_idempotent=True) to allow it)"
+            )
+        return f"gave up after {self.attempts} attempt(s)"
+
+    def deadline_exceeded(self, reason: str) -> DeadlineExceeded:
+        """The error for a call whose deadline ran out."""
+        return DeadlineExceeded(self.service.name, reason, endpoints=self.tried, request=self.request)
+
+    def abandon(self, address: Address) -> None:
+        """An attempt was interrupted (cancelled): give back the breaker's probe slot, record no verdict."""
+        breaker = self.service.breakers.get(address)
+        if breaker is not None:
+            breaker.release()
+
+    def mark(self, response: httpx.Response, endpoint: str) -> None:
+        """Tell the caller which endpoint answered and after how many attempts."""
+        response.extensions[EXT_ENDPOINT] = endpoint
+        response.extensions[EXT_SERVICE] = self.service.name
+        response.extensions[EXT_ATTEMPTS] = self.attempts
