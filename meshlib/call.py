@@ -180,7 +180,7 @@ class Call(Generic[T]):
             if breaker is None or breaker.allow():
                 return stats
             refused.add(address)  # half-open with its probe already out: choose another
-        if service.open_breakers():
+        if refused or service.open_breakers():
             raise CircuitOpenError(
                 service.name,
                 "every usable endpoint's circuit breaker is open",

@@ -1,29 +1,43 @@
-"""``meshlib demo``: latency-aware balancing against round robin, on real loopback backends, in a few seconds.
+"""``meshlib demo``: latency-aware balancing, retries, breakers and outlier ejection, on real loopback backends.
 
 Why a demo at all: the point of ``p2c_ewma`` (meshlib's default, Linkerd's and Finagle's) is that a slow
-endpoint stops getting traffic without anyone configuring anything. That is easiest to believe when seen on
-real sockets, so this module starts five HTTP backends in-process with :mod:`meshlib.testing` -- three
-healthy ones (lognormal latency, ~5 ms median), one slow one (80-150 ms) and one that answers every request
-with 503 -- and sends the same workload through ``meshlib.Client`` twice, first balanced by ``p2c_ewma``,
-then by ``round_robin``. Nothing outside the process is needed and the user's ``MESHLIB_*`` environment is
-ignored, so the result does not depend on the machine's configuration.
+endpoint stops getting traffic without anyone configuring anything, and the point of the resilience layer is
+that a failing endpoint stops hurting callers the same way. Both are easiest to believe when seen on real
+sockets, so this module starts five HTTP backends in-process with :mod:`meshlib.testing` -- three healthy
+ones (lognormal latency, ~5 ms median), one slow one (80-150 ms) and one that answers every request with a
+fast 503 -- and sends the same workload through ``meshlib.Client`` twice, first balanced by ``p2c_ewma``,
+then by ``round_robin``. Each phase gets a fresh client, so neither balancer inherits the other's latency
+history, breakers or ejections. Nothing outside the process is needed and the user's ``MESHLIB_*``
+environment is ignored (``environ={}``), so the result does not depend on the machine's configuration: the
+mesh runs with its defaults (1 retry within a budget of 20 % of requests + 10/s, breaker and outlier
+ejection after 5 consecutive failures, ejection for 30 s).
 
-While a phase runs, a table of each endpoint's share of traffic, p50/p99 latency, errors and in-flight
-requests is redrawn in place about five times a second when stdout is a terminal; otherwise (or with
-``live=False``) the table is printed once at the end of each phase. A comparison of the two balancers
-closes the run.
+Two levels are measured, because retries make them differ:
 
-The mesh core does not retry yet, so the 503s reach the caller and are counted as errors here; nor does it
-treat failures as a load signal yet (outlier detection comes later), so neither balancer avoids the failing
-backend. The demo says so rather than hiding it.
+* **attempts**, per endpoint: every request the mesh sent to an endpoint (first tries and retries), timed
+  from send to response headers by a thin wrapper around the client's inner transport (``transport=``), and
+  counted as an error when it failed at the endpoint (5xx, connection failure). Next to them, the mesh's own
+  view of the endpoint: breaker state, ejected or not, requests in flight.
+* **calls**, per phase: what the application saw -- latency (request sent to body read), errors (a 5xx or an
+  exception after the mesh's retries) and attempts per call (retry amplification), plus the retries the
+  retry budget refused.
+
+While a phase runs, the table is redrawn in place about five times a second when stdout is a terminal;
+otherwise (or with ``live=False``) it is printed once at the end of each phase. The mesh's resilience log
+lines (breaker opened, endpoint ejected) are shown as the table's events instead of going to stderr, where
+they would break the redraw. A comparison of the two balancers closes the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import random
+import shutil
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +47,11 @@ from typing import Protocol, TextIO
 
 import httpx
 
-from meshlib.call import EXT_ENDPOINT
 from meshlib.client import Client
-from meshlib.config import service_key
+from meshlib.config import ResilienceSettings, service_key
+from meshlib.policy import DEFAULT_RETRIES, DEFAULT_RETRY_ON
+from meshlib.resilience.breaker import STATE_CLOSED, STATE_OPEN
+from meshlib.service import Service
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay
 
 __all__ = ["DemoOptions", "PhaseResult", "run_demo"]
@@ -45,8 +61,10 @@ SERVICE = "demo-api"
 BALANCERS = ("p2c_ewma", "round_robin")
 #: Redraw period of the live table: ~5 frames per second is smooth enough and costs nothing measurable.
 REFRESH_SECONDS = 0.2
-#: Row label for requests that failed before any endpoint answered (connection errors).
-NO_ENDPOINT = "(no answer)"
+#: Events (breaker and ejection log lines) shown under a table: the most recent ones, so its height stays bounded.
+MAX_EVENTS = 6
+#: The logger whose lines become the table's events.
+EVENTS_LOGGER = "meshlib.resilience"
 
 # Roles, as the comparison names them.
 HEALTHY = "healthy"
@@ -77,7 +95,7 @@ def backend_specs(seed: int) -> list[BackendSpec]:
     """The five demo backends: three healthy, one slow, one failing.
 
     The failing one answers with the same latency as the healthy ones, so the balancers get no latency hint
-    from it: the comparison then shows what failures alone do to each balancer today.
+    from it: only failure accounting (breaker, outlier detection) and retries can keep it from hurting callers.
     """
     slow_rng = random.Random(seed + 100)
 
@@ -97,7 +115,7 @@ def backend_specs(seed: int) -> list[BackendSpec]:
 
 @dataclass(frozen=True)
 class Fleet:
-    """The started demo backends, addressable by the ``host:port`` a mesh response reports."""
+    """The started demo backends, addressable by the ``host:port`` the mesh sends to."""
 
     group: BackendGroup
     names: dict[str, str]  # address -> backend name
@@ -107,6 +125,15 @@ class Fleet:
     def target(self) -> str:
         """The ``static://`` discovery target listing every backend."""
         return "static://" + ",".join(self.group.addresses)
+
+    def readable(self, message: str) -> str:
+        """``message`` with endpoint addresses (as the mesh's log lines spell them) replaced by backend names."""
+        message = message.replace(f" for {SERVICE}:", ":")  # one service here: its name is noise
+        for backend in self.group:
+            message = message.replace(f"{SERVICE}/{backend.address}", backend.name)
+            message = message.replace(repr((backend.host, backend.port)), backend.name)
+            message = message.replace(backend.address, backend.name)
+        return message
 
 
 @contextlib.contextmanager
@@ -132,94 +159,225 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class _Tally:
-    """Latencies and errors seen by callers for one endpoint (guarded by the recorder's lock)."""
+    """Latencies and errors of one endpoint's attempts (guarded by the recorder's lock)."""
 
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
 
 
-class Recorder:
-    """Collects what the calling threads observed: per backend, each request's latency and outcome.
+@dataclass(frozen=True)
+class CallTotals:
+    """What the callers of one phase saw, so far."""
 
-    Callers measure latency themselves (request sent to body read), which is what an application feels,
-    rather than reading the balancer's internal estimate. One lock, held for an append only.
+    calls: int
+    errors: int
+    latencies: list[float]
+
+
+class Recorder:
+    """Collects what one phase observed: each attempt per endpoint, each call, and the mesh's events.
+
+    Latencies are measured from outside the mesh (attempts by :class:`AttemptRecorder`, calls by the caller
+    threads), rather than read from the balancer's internal estimate. One lock, held for an append only.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tallies: dict[str, _Tally] = {}
+        self._attempts: dict[str, _Tally] = {}
+        self._call_latencies: list[float] = []
+        self._call_errors = 0
+        self._events: list[str] = []
         self.started = time.monotonic()
 
-    def record(self, backend: str, latency: float, *, error: bool) -> None:
-        """Count one finished request against ``backend``."""
+    def attempt(self, endpoint: str, latency: float, *, error: bool) -> None:
+        """Count one attempt the mesh sent to ``endpoint``."""
         with self._lock:
-            tally = self._tallies.setdefault(backend, _Tally())
+            tally = self._attempts.setdefault(endpoint, _Tally())
             tally.latencies.append(latency)
             tally.errors += error
 
-    def snapshot(self) -> dict[str, tuple[list[float], int]]:
-        """A copy of every backend's latencies and error count, safe to read while requests go on."""
+    def call(self, latency: float, *, error: bool) -> None:
+        """Count one finished call, as the application saw it (after the mesh's retries)."""
         with self._lock:
-            return {name: (list(t.latencies), t.errors) for name, t in self._tallies.items()}
+            self._call_latencies.append(latency)
+            self._call_errors += error
+
+    def event(self, message: str) -> None:
+        """Note one mesh event (a log line), stamped with the time since the phase started."""
+        line = f"+{time.monotonic() - self.started:.2f} s  {message}"
+        with self._lock:
+            self._events.append(line)
+
+    def attempts(self) -> dict[str, tuple[list[float], int]]:
+        """A copy of every endpoint's attempt latencies and error count, safe to read while requests go on."""
+        with self._lock:
+            return {name: (list(t.latencies), t.errors) for name, t in self._attempts.items()}
+
+    def calls(self) -> CallTotals:
+        """A copy of the call totals."""
+        with self._lock:
+            latencies = list(self._call_latencies)
+            return CallTotals(len(latencies), self._call_errors, latencies)
+
+    def events(self) -> list[str]:
+        """Every event so far, oldest first."""
+        with self._lock:
+            return list(self._events)
 
 
-def send_one(client: Client, url: str, names: dict[str, str], recorder: Recorder) -> None:
-    """Send one request through the mesh and record which backend answered, how fast, and if it failed.
+class AttemptRecorder(httpx.BaseTransport):
+    """The client's inner transport (``transport=``): sends through ``inner`` and records every attempt.
 
-    A 5xx counts as an error: the mesh does not retry yet, so it is exactly what the caller got.
+    The mesh hands each attempt to its endpoint's inner transport with the endpoint's address in the URL, so
+    this sees exactly what each endpoint got, retries included. Latency runs to the response headers, as the
+    mesh's own EWMA measures it.
+    """
+
+    def __init__(self, inner: httpx.BaseTransport, names: dict[str, str], recorder: Recorder) -> None:
+        self._inner = inner
+        self._names = names
+        self._recorder = recorder
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send one attempt and count it against the endpoint it went to."""
+        address = f"{request.url.host}:{request.url.port}"
+        name = self._names.get(address, address)
+        start = time.perf_counter()
+        try:
+            response = self._inner.handle_request(request)
+        except Exception:
+            self._recorder.attempt(name, time.perf_counter() - start, error=True)
+            raise
+        self._recorder.attempt(name, time.perf_counter() - start, error=response.status_code >= 500)
+        return response
+
+    def close(self) -> None:
+        """Close the wrapped transport's pool."""
+        self._inner.close()
+
+
+class _EventHandler(logging.Handler):
+    """Turns the mesh's resilience log lines into the recorder's events, with backend names for addresses."""
+
+    def __init__(self, fleet: Fleet, recorder: Recorder) -> None:
+        super().__init__(logging.INFO)
+        self._fleet = fleet
+        self._recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._recorder.event(self._fleet.readable(record.getMessage()))
+        except Exception:  # a logging handler must never raise into the request path
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def mesh_events(fleet: Fleet, recorder: Recorder) -> Iterator[None]:
+    """Route the ``meshlib.resilience`` log lines (INFO and up) to ``recorder`` instead of stderr, for a while.
+
+    They would otherwise scroll through the live table (Python's last-resort handler prints WARNINGs to
+    stderr); as events they are shown under it. The logger's level, propagation and handlers are restored.
+    """
+    log = logging.getLogger(EVENTS_LOGGER)
+    handler = _EventHandler(fleet, recorder)
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def send_one(client: Client, url: str, recorder: Recorder) -> None:
+    """Send one call through the mesh and record how long the caller waited and whether it failed.
+
+    A 5xx here is what the caller got after the mesh's retries, as is an exception (every endpoint's breaker
+    open, deadline exceeded, ...): both count as caller errors.
     """
     start = time.perf_counter()
     try:
         response = client.get(url)
     except httpx.HTTPError:
-        recorder.record(NO_ENDPOINT, time.perf_counter() - start, error=True)
+        recorder.call(time.perf_counter() - start, error=True)
         return
-    latency = time.perf_counter() - start
-    address = response.extensions.get(EXT_ENDPOINT, "")
-    recorder.record(names.get(address, address or NO_ENDPOINT), latency, error=response.status_code >= 500)
+    recorder.call(time.perf_counter() - start, error=response.status_code >= 500)
+
+
+@dataclass(frozen=True)
+class EndpointHealth:
+    """The mesh's view of one endpoint: requests in flight, breaker state, ejected by outlier detection."""
+
+    inflight: int = 0
+    breaker: str = "-"
+    ejected: bool = False
+    trips: int = 0
+
+
+def mesh_service(client: Client) -> Service[httpx.BaseTransport]:
+    """The demo service's state inside ``client``."""
+    return client.mesh.services[service_key(SERVICE)]
+
+
+def health_by_name(service: Service[httpx.BaseTransport], names: dict[str, str]) -> dict[str, EndpointHealth]:
+    """Every endpoint's :class:`EndpointHealth`, by backend name."""
+    active = service.active
+    if active is None:
+        return {}
+    ejected = service.detector.ejected()
+    breakers = service.breakers
+    found = {}
+    for address, stats in active.stats.items():
+        breaker = breakers.get(address)
+        found[names.get(stats.endpoint.address, stats.endpoint.address)] = EndpointHealth(
+            inflight=stats.inflight,
+            breaker=breaker.state if breaker is not None else "-",
+            ejected=address in ejected,
+            trips=breaker.trips if breaker is not None else 0,
+        )
+    return found
 
 
 @dataclass(frozen=True)
 class EndpointRow:
-    """One line of the table: what one backend got and how it answered."""
+    """One line of the table: what one endpoint got, how it answered, and how the mesh sees it."""
 
     name: str
     role: str
-    requests: int
+    attempts: int
     share: float
     p50: float
     p99: float
     errors: int
+    breaker: str
+    ejected: bool
     inflight: int
 
 
-def inflight_by_name(client: Client, names: dict[str, str]) -> dict[str, int]:
-    """In-flight requests per backend as the mesh counts them (the balancer's own view of load)."""
-    service = client.mesh.services[service_key(SERVICE)]
-    active = service.active
-    if active is None:
-        return {}
-    return {names.get(s.endpoint.address, s.endpoint.address): s.inflight for s in active.stats.values()}
-
-
-def build_rows(fleet: Fleet, recorder: Recorder, inflight: dict[str, int]) -> list[EndpointRow]:
-    """Table rows for every backend (in fleet order), plus one for requests no endpoint answered, if any."""
-    seen = recorder.snapshot()
+def build_rows(fleet: Fleet, recorder: Recorder, health: dict[str, EndpointHealth]) -> list[EndpointRow]:
+    """Table rows for every backend (in fleet order), plus any address no backend has (none expected)."""
+    seen = recorder.attempts()
     total = sum(len(latencies) for latencies, _ in seen.values())
     order = [backend.name for backend in fleet.group] + sorted(set(seen) - set(fleet.roles))
     rows = []
     for name in order:
         latencies, errors = seen.get(name, ([], 0))
+        state = health.get(name, EndpointHealth())
         rows.append(
             EndpointRow(
                 name=name,
                 role=fleet.roles.get(name, "?"),
-                requests=len(latencies),
+                attempts=len(latencies),
                 share=len(latencies) / total if total else 0.0,
                 p50=percentile(latencies, 50),
                 p99=percentile(latencies, 99),
                 errors=errors,
-                inflight=inflight.get(name, 0),
+                breaker=state.breaker,
+                ejected=state.ejected,
+                inflight=state.inflight,
             )
         )
     return rows
@@ -227,27 +385,68 @@ def build_rows(fleet: Fleet, recorder: Recorder, inflight: dict[str, int]) -> li
 
 @dataclass(frozen=True)
 class PhaseResult:
-    """The outcome of one balancer's run: per-backend rows and the totals the comparison shows."""
+    """The outcome of one balancer's run: per-endpoint rows, what callers saw, what the mesh did."""
 
     balancer: str
     rows: list[EndpointRow]
     elapsed: float
+    #: Calls made (requests the application sent) and how many failed for the application.
+    calls: int
+    caller_errors: int
+    #: Latency percentiles of the calls (what the application waited, retries included).
     p50: float
     p99: float
+    #: Retries the retry budget granted and refused.
+    retries: int
+    refused: int
+    #: Backends whose breaker opened or that outlier detection ejected during the phase.
+    removed: frozenset[str]
+    #: The mesh settings the phase ran with (the defaults: the user's environment is ignored).
+    settings: ResilienceSettings
+    events: list[str]
 
     @property
     def total(self) -> int:
-        """Requests sent in this phase."""
-        return sum(row.requests for row in self.rows)
+        """Calls made in this phase."""
+        return self.calls
+
+    @property
+    def attempts(self) -> int:
+        """Attempts the endpoints received, first tries and retries."""
+        return sum(row.attempts for row in self.rows)
+
+    @property
+    def attempts_per_call(self) -> float:
+        """Retry amplification: attempts per call (1.0 when nothing was retried)."""
+        return self.attempts / self.calls if self.calls else 0.0
 
     @property
     def error_rate(self) -> float:
-        """Share of requests that failed (5xx or no answer)."""
-        return sum(row.errors for row in self.rows) / self.total if self.total else 0.0
+        """Share of calls that failed for the caller (a 5xx or an exception, after retries)."""
+        return self.caller_errors / self.calls if self.calls else 0.0
 
     def share(self, role: str) -> float:
-        """Share of this phase's requests that went to backends with ``role``."""
+        """Share of this phase's attempts that went to backends with ``role``."""
         return sum(row.share for row in self.rows if row.role == role)
+
+    def role_attempts(self, role: str) -> int:
+        """Attempts that went to backends with ``role``."""
+        return sum(row.attempts for row in self.rows if row.role == role)
+
+    def removed_role(self, role: str) -> bool:
+        """Whether every backend with ``role`` was taken out of rotation (breaker opened or ejected)."""
+        names = [row.name for row in self.rows if row.role == role]
+        return bool(names) and all(name in self.removed for name in names)
+
+    def state(self, role: str) -> str:
+        """The final mesh state of the backends with ``role``: ``ejected``, ``open`` (breaker), both, or ``in``."""
+        rows = [row for row in self.rows if row.role == role]
+        parts = []
+        if rows and all(row.ejected for row in rows):
+            parts.append("ejected")
+        if rows and all(row.breaker not in (STATE_CLOSED, "-") for row in rows):
+            parts.append(rows[0].breaker if len({row.breaker for row in rows}) == 1 else "not closed")
+        return ", ".join(parts) or "in rotation"
 
 
 # --- rendering ----------------------------------------------------------------------------------------------
@@ -257,42 +456,114 @@ def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
 
 
-def render_table(title: str, rows: Sequence[EndpointRow], done: int, total: int, elapsed: float) -> list[str]:
-    """The per-endpoint table as lines of text (no trailing newlines)."""
-    header = f"{'endpoint':<12} {'role':<8} {'requests':>8} {'share':>7} {'p50':>9} {'p99':>9}"
-    lines = [f"{title}: {done}/{total} requests, {elapsed:.1f} s", f"  {header} {'errors':>7} {'in-flight':>9}"]
+def _percent(ratio: float) -> str:
+    return f"{ratio * 100:g} %"
+
+
+def render_table(
+    title: str,
+    rows: Sequence[EndpointRow],
+    *,
+    calls: CallTotals,
+    retries: tuple[int, int],
+    events: Sequence[str],
+    total: int,
+    elapsed: float,
+) -> list[str]:
+    """The per-endpoint table, the callers' summary and the latest events, as lines (no trailing newlines)."""
+    header = (
+        f"{'endpoint':<9} {'attempts':>8} {'share':>6} {'p50':>8} {'p99':>8} {'errors':>6}"
+        f" {'breaker':<9} {'ejected':<7} {'in-flight':>9}"
+    )
+    lines = [f"{title}: {calls.calls}/{total} requests, {elapsed:.1f} s", f"  {header}"]
     lines.extend(
-        f"  {row.name:<12} {row.role:<8} {row.requests:>8} {row.share:>7.1%} {_ms(row.p50):>9} {_ms(row.p99):>9}"
-        f" {row.errors:>7} {row.inflight:>9}"
+        f"  {row.name:<9} {row.attempts:>8} {row.share:>6.1%} {_ms(row.p50):>8} {_ms(row.p99):>8} {row.errors:>6}"
+        f" {row.breaker:<9} {'yes' if row.ejected else 'no':<7} {row.inflight:>9}"
         for row in rows
     )
+    attempts = sum(row.attempts for row in rows)
+    granted, refused = retries
+    rate = calls.errors / calls.calls if calls.calls else 0.0
+    per_call = f"{attempts / calls.calls:.3f}" if calls.calls else "-"
+    lines += [
+        f"  callers: {calls.calls} requests, {calls.errors} errors ({rate:.1%}), "
+        f"p50 {_ms(percentile(calls.latencies, 50))}, p99 {_ms(percentile(calls.latencies, 99))}",
+        f"  retries: {attempts} attempts = {per_call} per request, {granted} retries, "
+        f"{refused} refused by the retry budget",
+    ]
+    if events:
+        shown = list(events[-MAX_EVENTS:])
+        if len(events) > len(shown):
+            shown.insert(0, f"... {len(events) - len(shown)} earlier")
+        lines.append("  events:")
+        lines.extend(f"    {event}" for event in shown)
     return lines
 
 
 def render_comparison(results: Sequence[PhaseResult]) -> list[str]:
-    """The closing comparison: one column per balancer, the rows a reader should compare."""
+    """The closing comparison: one column per balancer, the rows a reader should compare, and what they mean."""
     metrics: list[tuple[str, Callable[[PhaseResult], str]]] = [
-        ("requests", lambda r: str(r.total)),
+        ("requests", lambda r: str(r.calls)),
+        ("caller error rate", lambda r: f"{r.error_rate:.1%}"),
+        ("attempts per request", lambda r: f"{r.attempts_per_call:.3f}"),
+        ("retries", lambda r: str(r.retries)),
+        ("retries refused by budget", lambda r: str(r.refused)),
         ("share to slow backend", lambda r: f"{r.share(SLOW):.1%}"),
         ("share to failing backend", lambda r: f"{r.share(FAILING):.1%}"),
+        ("failing backend attempts", lambda r: str(r.role_attempts(FAILING))),
+        ("failing backend at end", lambda r: r.state(FAILING)),
         ("p50 latency", lambda r: _ms(r.p50)),
         ("p99 latency", lambda r: _ms(r.p99)),
-        ("error rate", lambda r: f"{r.error_rate:.1%}"),
         ("total time", lambda r: f"{r.elapsed:.2f} s"),
-        ("throughput", lambda r: f"{r.total / r.elapsed:.0f} req/s" if r.elapsed > 0 else "-"),
+        ("throughput", lambda r: f"{r.calls / r.elapsed:.0f} req/s" if r.elapsed > 0 else "-"),
     ]
-    lines = ["Comparison", "  " + f"{'':<26}" + "".join(f"{r.balancer:>14}" for r in results)]
-    lines.extend("  " + f"{label:<26}" + "".join(f"{value(r):>14}" for r in results) for label, value in metrics)
-    lines += [
-        "",
-        "  p2c_ewma (the default) compares the latency x in-flight of two random endpoints and drains the slow one",
-        "  after its first slow answer; round_robin keeps sending it 1 request in 5, and callers wait for them.",
-        "  Neither avoids the failing backend yet: a fast 503 is not a latency signal, and the mesh does not retry",
-        "  or eject failing endpoints yet (retries and outlier detection come later), so 503s reach the caller.",
-        "  Callers and backends share one Python process here, so the balancer that finishes more requests per",
-        "  second also queues more on the CPU: compare p99 and total time more than p50.",
+    lines = ["Comparison (shares are of attempts; latencies and errors as callers saw them)"]
+    lines.append("  " + f"{'':<26}" + "".join(f"{r.balancer:>15}" for r in results))
+    lines.extend("  " + f"{label:<26}" + "".join(f"{value(r):>15}" for r in results) for label, value in metrics)
+    return [*lines, "", *explain(results)]
+
+
+def _each(results: Sequence[PhaseResult], value: Callable[[PhaseResult], object], unit: str) -> str:
+    """``"5 attempts with p2c_ewma and 7 with round_robin"``: how the notes cite this run's numbers."""
+    parts = [f"{value(r)}{f' {unit}' if i == 0 else ''} with {r.balancer}" for i, r in enumerate(results)]
+    return " and ".join(parts) if len(parts) <= 2 else ", ".join(parts)
+
+
+def explain(results: Sequence[PhaseResult], width: int = 106) -> list[str]:
+    """The notes under the comparison, with this run's numbers in them, wrapped to ``width`` columns."""
+    if not results:
+        return []
+    settings = results[0].settings
+    stayed = [r.balancer for r in results if not r.removed_role(FAILING)]
+    if stayed:
+        taken_out = f"it stayed in rotation with {', '.join(stayed)} (see the events above)."
+    else:
+        taken_out = (
+            f"after {settings.outlier_failures} consecutive failures outlier detection ejected it (for "
+            f"{settings.outlier_base_ejection:g} s) and its breaker opened: it got "
+            f"{_each(results, lambda r: r.role_attempts(FAILING), 'attempts')}, not 1 in 5."
+        )
+    budget = (
+        f"the retry budget ({_percent(settings.retry_budget_percent)} of requests + "
+        f"{settings.retry_budget_min_per_second}/s)"
+    )
+    if any(r.refused for r in results):
+        refused = _each(results, lambda r: r.refused, "refused")
+        retried = f"Its 503s were retried on another endpoint until {budget} ran out ({refused})"
+    else:
+        retried = f"Each of its 503s (to a GET, which is idempotent) was retried on another endpoint, within {budget}"
+    notes = [
+        "p2c_ewma (the default) compares latency x in-flight of two random endpoints and drains the slow one after "
+        "its first slow answers; round_robin keeps giving it its turn (1 in 4 once the failing one is out), and "
+        "callers wait for those: see p99 and total time.",
+        f"The failing backend answers 503 as fast as a healthy one, so latency never steers away from it; instead "
+        f"{taken_out}",
+        f"{retried}, so callers saw {_each(results, lambda r: r.caller_errors, 'errors')}: without retries and "
+        "ejection, round_robin would have failed 1 request in 5.",
+        "Callers and backends share one Python process here, so the balancer that finishes more requests per second "
+        "also queues more on the CPU: compare p99 and total time more than p50.",
     ]
-    return lines
+    return [line for note in notes for line in textwrap.wrap(note, width, initial_indent="- ", subsequent_indent="  ")]
 
 
 class PhaseView(Protocol):
@@ -320,22 +591,36 @@ class PlainView:
 
 
 class LiveView:
-    """For terminals: redraw the table in place with ANSI escapes (cursor up N lines, clear to end)."""
+    """For terminals: redraw the table in place with ANSI escapes (cursor up N lines, clear to end).
+
+    Frames are clipped to the terminal's width: a wrapped line would take two rows and the next frame, moving
+    up one row per line, would leave the top of this one on screen. The final frame is drawn whole.
+    """
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
         self._drawn = 0
 
-    def update(self, lines: list[str]) -> None:
-        """Replace the previously drawn table with ``lines``."""
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self._out.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # not a real terminal (a test's stand-in)
+            return shutil.get_terminal_size().columns
+
+    def _draw(self, lines: list[str]) -> None:
         up = f"\x1b[{self._drawn}F" if self._drawn else ""
         self._out.write(up + "\x1b[J" + "\n".join(lines) + "\n")
         self._out.flush()
         self._drawn = len(lines)
 
+    def update(self, lines: list[str]) -> None:
+        """Replace the previously drawn table with ``lines`` (clipped to the terminal's width)."""
+        width = max(self._width() - 1, 20)
+        self._draw([line[:width] for line in lines])
+
     def finish(self, lines: list[str]) -> None:
-        """Draw the final table and leave it on screen."""
-        self.update(lines)
+        """Draw the final table, unclipped, and leave it on screen."""
+        self._draw(lines)
         self._drawn = 0
 
 
@@ -376,38 +661,68 @@ def wait_all(futures: Sequence[Future[None]], tick: Callable[[], None]) -> None:
 
 
 def run_phase(balancer: str, fleet: Fleet, options: DemoOptions, view: PhaseView) -> PhaseResult:
-    """Send ``options.requests`` requests through a fresh ``meshlib.Client`` balanced by ``balancer``.
+    """Send ``options.requests`` calls through a fresh ``meshlib.Client`` balanced by ``balancer``.
 
-    A fresh client per phase so neither balancer inherits the other's latency history. ``environ={}`` keeps
-    the user's ``MESHLIB_*`` variables out of the demo. The main thread redraws the view while a pool of
-    ``options.concurrency`` threads sends.
+    A fresh client per phase so neither balancer inherits the other's latency history, breakers, ejections
+    or retry budget. ``environ={}`` keeps the user's ``MESHLIB_*`` variables out of the demo. The main thread
+    redraws the view (and notes which endpoints the mesh took out) while a pool of ``options.concurrency``
+    threads sends.
     """
     title = f"[{balancer}] {SERVICE} -> {len(fleet.group)} endpoints, {options.concurrency} concurrent callers"
     recorder = Recorder()
     url = f"http://{SERVICE}/work"
+    transport = AttemptRecorder(httpx.HTTPTransport(), fleet.names, recorder)
+    removed: set[str] = set()
     with (
-        Client(services={SERVICE: fleet.target}, lb=balancer, environ={}) as client,
+        mesh_events(fleet, recorder),
+        Client(services={SERVICE: fleet.target}, lb=balancer, environ={}, transport=transport) as client,
         ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="meshlib-demo") as pool,
     ):
+        service = mesh_service(client)
 
-        def table() -> list[str]:
-            rows = build_rows(fleet, recorder, inflight_by_name(client, fleet.names))
-            done = sum(row.requests for row in rows)
-            return render_table(title, rows, done, options.requests, time.monotonic() - recorder.started)
+        def table(elapsed: float | None = None) -> list[str]:
+            health = health_by_name(service, fleet.names)
+            removed.update(name for name, h in health.items() if h.ejected or h.trips or h.breaker == STATE_OPEN)
+            rows = build_rows(fleet, recorder, health)
+            retries = (service.budget.withdrawals, service.budget.exhausted)
+            if elapsed is None:
+                elapsed = time.monotonic() - recorder.started
+            return render_table(
+                title,
+                rows,
+                calls=recorder.calls(),
+                retries=retries,
+                events=recorder.events(),
+                total=options.requests,
+                elapsed=elapsed,
+            )
 
-        futures: list[Future[None]] = [
-            pool.submit(send_one, client, url, fleet.names, recorder) for _ in range(options.requests)
-        ]
+        futures: list[Future[None]] = [pool.submit(send_one, client, url, recorder) for _ in range(options.requests)]
         wait_all(futures, lambda: view.update(table()))
         elapsed = time.monotonic() - recorder.started
-        rows = build_rows(fleet, recorder, inflight_by_name(client, fleet.names))
-        view.finish(render_table(title, rows, sum(r.requests for r in rows), options.requests, elapsed))
-    every = [latency for latencies, _ in recorder.snapshot().values() for latency in latencies]
-    return PhaseResult(balancer, rows, elapsed, percentile(every, 50), percentile(every, 99))
+        view.finish(table(elapsed))
+        rows = build_rows(fleet, recorder, health_by_name(service, fleet.names))
+        retries, refused = service.budget.withdrawals, service.budget.exhausted
+        settings = service.settings
+    calls = recorder.calls()
+    return PhaseResult(
+        balancer=balancer,
+        rows=rows,
+        elapsed=elapsed,
+        calls=calls.calls,
+        caller_errors=calls.errors,
+        p50=percentile(calls.latencies, 50),
+        p99=percentile(calls.latencies, 99),
+        retries=retries,
+        refused=refused,
+        removed=frozenset(removed),
+        settings=settings,
+        events=recorder.events(),
+    )
 
 
 def describe(fleet: Fleet, options: DemoOptions) -> list[str]:
-    """The opening lines: what is about to run, on which addresses."""
+    """The opening lines: what is about to run, on which addresses, and how to read the tables."""
     lines = [
         f"meshlib demo: {len(fleet.group)} loopback backends as service {SERVICE!r}, "
         f"{options.requests} requests per balancer, {options.concurrency} concurrent callers",
@@ -416,6 +731,16 @@ def describe(fleet: Fleet, options: DemoOptions) -> list[str]:
     lines.extend(
         f"  {backend.name:<12} {backend.address:<22} {detail[fleet.roles[backend.name]]}" for backend in fleet.group
     )
+    mesh = ResilienceSettings()  # what the demo's clients run with: environ={} leaves every default
+    statuses = "/".join(str(status) for status in sorted(DEFAULT_RETRY_ON))
+    lines += [
+        f"Mesh defaults: {DEFAULT_RETRIES} retry on {statuses} and connect failures within a retry budget "
+        f"({_percent(mesh.retry_budget_percent)} of requests",
+        f"+ {mesh.retry_budget_min_per_second}/s); the breaker opens after {mesh.breaker_failures} consecutive "
+        f"failures, outlier detection ejects ({mesh.outlier_base_ejection:g} s) after {mesh.outlier_failures}.",
+        "Per endpoint: attempts it received (first tries and retries), their latency to headers and errors",
+        "(5xx, connection failures), breaker state, ejected or not. 'callers': what the application saw.",
+    ]
     return lines
 
 
