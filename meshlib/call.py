@@ -68,6 +68,30 @@ class _ByAddress:
         return isinstance(endpoint, Endpoint) and (endpoint.host, endpoint.port) in self.addresses
 
 
+def endpoint_url(url: httpx.URL, endpoint: Endpoint) -> httpx.URL:
+    """``url`` with the endpoint's host and port: the same as ``url.copy_with(host=..., port=...)``.
+
+    ``URL.copy_with`` re-parses and re-validates the whole URL (about 20 µs, most of the mesh's per-request
+    cost). The URL was validated when the request was built and the endpoint's address when discovery
+    returned it, so this replaces the two fields of httpx's parsed form directly. That form is private to
+    httpx (hence the pinned version range and the fallback); ``tests/test_call.py`` checks that both paths
+    give the same URL.
+    """
+    parsed = getattr(url, "_uri_reference", None)
+    replace = getattr(parsed, "_replace", None)
+    if replace is None:  # a future httpx: take the documented, slower path
+        return url.copy_with(host=endpoint.url_host, port=endpoint.port)
+    port: int | None = endpoint.port
+    if _DEFAULT_PORTS.get(url.scheme) == port:
+        port = None  # httpx normalises a scheme's default port away
+    fast = httpx.URL.__new__(httpx.URL)
+    fast._uri_reference = replace(host=endpoint.host.lower(), port=port)
+    return fast
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
 class RetrySignal(Exception):
     """An attempt failed in a way worth retrying; carries what the retry loop needs (never leaves meshlib).
 
@@ -96,7 +120,6 @@ class Call(Generic[T]):
     __slots__ = (
         "attempts",
         "deadline",
-        "has_idempotency_key",
         "limited",
         "method",
         "policy",
@@ -116,7 +139,6 @@ class Call(Generic[T]):
         self.attempts = 0
         self.tried: list[str] = []
         self.tried_addresses: set[Address] = set()
-        self.has_idempotency_key = IDEMPOTENCY_KEY_HEADER in request.headers
         # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
         self.replayable = isinstance(request.stream, httpx.ByteStream)
         self.limited = False
@@ -202,13 +224,14 @@ class Call(Generic[T]):
             extensions["timeout"] = {k: budget if v is None or v > budget else v for k, v in timeout.items()}
         else:
             extensions["timeout"] = {"connect": budget, "read": budget, "write": budget, "pool": budget}
-        outgoing = httpx.Request(
-            request.method,
-            request.url.copy_with(host=endpoint.url_host, port=endpoint.port),
-            headers=request.headers,
-            stream=request.stream,
-            extensions=extensions,
-        )
+        # A shallow clone, not httpx.Request(...): the constructor re-encodes and re-validates what httpx
+        # already did for the caller's request. Same method, body stream and headers (copied, so the
+        # caller's request is never modified); the endpoint's URL; this attempt's extensions.
+        outgoing = object.__new__(httpx.Request)
+        outgoing.__dict__.update(request.__dict__)
+        outgoing.url = endpoint_url(request.url, endpoint)
+        outgoing.headers = httpx.Headers(request.headers)
+        outgoing.extensions = extensions
         if math.isfinite(remaining):
             outgoing.headers[DEADLINE_HEADER] = encode_timeout(remaining)
         return outgoing
@@ -259,7 +282,7 @@ class Call(Generic[T]):
             self.method,
             verdict,
             retry_non_idempotent=bool(self.policy.retry_non_idempotent),
-            has_idempotency_key=self.has_idempotency_key,
+            has_idempotency_key=IDEMPOTENCY_KEY_HEADER in self.request.headers,
         ):
             return None
         return RetrySignal(self, verdict, response=response, error=error)
@@ -293,7 +316,7 @@ class Call(Generic[T]):
             self.method,
             verdict,
             retry_non_idempotent=bool(self.policy.retry_non_idempotent),
-            has_idempotency_key=self.has_idempotency_key,
+            has_idempotency_key=IDEMPOTENCY_KEY_HEADER in self.request.headers,
         ):
             return (
                 f"not re-sent: the server may have received it and {self.method} is not idempotent "

@@ -1,6 +1,7 @@
 """The ``meshlib`` command: ``meshlib demo``, ``meshlib resolve <service>``, ``meshlib --version``.
 
-``demo`` shows balancing on real loopback backends (see :mod:`meshlib.demo`). ``resolve`` answers "what
+``demo`` shows balancing, retries, circuit breakers and outlier ejection on real loopback backends (see
+:mod:`meshlib.demo`). ``resolve`` answers "what
 would my application's client see for this service?": it builds ``meshlib.Client()`` from the same
 ``MESHLIB_*`` environment the application reads and asks that service's discovery source once, so a typo
 in a variable or an unreachable DNS server shows up before deploying. Configuration problems are reported
@@ -50,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="compare p2c_ewma and round_robin on loopback backends (one slow, one failing)",
+        help="compare p2c_ewma and round_robin on loopback backends (one slow, one failing), with retries, "
+        "breakers and outlier ejection at work",
         description="Start 5 loopback backends (3 healthy, 1 slow, 1 failing with 503) and send the same "
-        "requests through meshlib.Client balanced by p2c_ewma, then by round_robin.",
+        "requests through meshlib.Client balanced by p2c_ewma, then by round_robin, each with a fresh client and "
+        "the mesh's default resilience settings (MESHLIB_* variables are ignored). Shows per endpoint the "
+        "attempts, latency, errors, breaker state and ejection; per balancer what callers saw and the retries.",
     )
     defaults = DemoOptions()
     demo.add_argument(

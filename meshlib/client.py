@@ -10,23 +10,33 @@ A user's ``transport=`` is also the inner transport every endpoint sends through
 ``httpx.MockTransport`` and respx keep working for code that uses meshlib. Otherwise each endpoint gets its
 own pooled ``httpx.HTTPTransport`` built from the client's ``verify``, ``cert``, ``http1``, ``http2`` and
 ``limits``.
+
+TLS: a service with meshlib TLS settings (``MESHLIB_TLS_*``, ``MESHLIB_SERVICE_<NAME>__TLS_*``, ``tls=`` or
+``ServiceConfig(tls=...)``) connects with a :class:`~meshlib.security.tls.ReloadingContext` built from them
+(mTLS, SPIFFE identity, rotation; see ``docs/security.md``), and the client's ``verify=``/``cert=`` do not
+apply to it. Every other service uses the client's ``verify=``/``cert=``, exactly as httpx would.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from meshlib.config import MeshConfig, ServiceConfig
 from meshlib.discovery.base import Endpoint
+from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
+from meshlib.service import Service
 from meshlib.transport import AsyncMeshTransport, MeshTransport
 
 logger = logging.getLogger("meshlib")
+
+T = TypeVar("T")
 
 
 def _mesh_config(
@@ -35,49 +45,111 @@ def _mesh_config(
     lb: str | None,
     dns_servers: str | list[str] | tuple[str, ...] | None,
     environ: Mapping[str, str] | None,
+    *,
+    tls: TLSSettings | None = None,
 ) -> MeshConfig:
     if config is not None:
-        if services or lb or dns_servers or environ is not None:
+        if services or lb or dns_servers or environ is not None or tls is not None:
             raise TypeError("pass either config= or the individual mesh arguments, not both")
         return config
-    return MeshConfig.from_env(environ, services=services, lb=lb, dns_servers=dns_servers)
+    return MeshConfig.from_env(environ, services=services, lb=lb, dns_servers=dns_servers, tls=tls)
 
 
 class _PoolFactory:
-    """Makes each endpoint's pooled transport from the client's httpx arguments.
+    """Makes each endpoint's pooled transport from the client's httpx arguments and the mesh TLS settings.
 
-    The SSL context is built once per client, on first use, and shared by every endpoint: httpx would
-    otherwise load the CA bundle again for each endpoint transport (20-40 ms each, on the first request).
+    Services without meshlib TLS settings share one SSL context per client, built on first use from the
+    client's ``verify``/``cert``: httpx would otherwise load the CA bundle again for each endpoint transport
+    (20-40 ms each, on the first request). Services with TLS settings get a
+    :class:`~meshlib.security.tls.ReloadingContext`, one per distinct settings, built here at client
+    construction so a bad file is a :class:`meshlib.ConfigError` now rather than a failed request later.
     """
 
-    def __init__(self, kwargs: Mapping[str, Any]) -> None:
+    def __init__(self, kwargs: Mapping[str, Any], mesh: MeshConfig) -> None:
         self._verify = kwargs.get("verify", True)
         self._cert = kwargs.get("cert")
         self._trust_env = kwargs.get("trust_env", True)
         self._pool = {name: kwargs[name] for name in ("http1", "http2", "limits") if name in kwargs}
         self._pool.setdefault("limits", httpx.Limits(max_connections=100, max_keepalive_connections=20))
         self._ssl: ssl.SSLContext | None = None
+        self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
+        #: Service key -> the context its endpoints connect with, for services with TLS settings.
+        self.contexts: dict[str, ReloadingContext] = {}
+        for key, svc in mesh.services.items():
+            settings = mesh.tls_for(key)
+            if settings is None:
+                continue
+            self.contexts[key] = self.tls.context_for(settings)
+            if not settings.verify:
+                logger.warning(
+                    "TLS verification is disabled for service %s (%s=false): its servers are not authenticated",
+                    svc.name,
+                    settings.variable("verify"),
+                )
+        if self.contexts and (self._verify is not True or self._cert is not None):
+            logger.warning(
+                "the client's verify=/cert= arguments do not apply to mesh services with TLS settings (%s): "
+                "those connect with their MESHLIB_TLS_* / TLSSettings configuration",
+                ", ".join(sorted(mesh.services[key].name for key in self.contexts)),
+            )
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = httpx.create_ssl_context(verify=self._verify, cert=self._cert, trust_env=self._trust_env)
         return self._ssl
 
-    def sync(self, endpoint: Endpoint) -> httpx.BaseTransport:
-        """A new pooled sync transport for ``endpoint``."""
-        return httpx.HTTPTransport(verify=self._context(), **self._pool)
+    def _context_for(self, key: str | None) -> ssl.SSLContext:
+        context = self.contexts.get(key) if key is not None else None
+        if context is None:
+            return self._context()
+        self.tls.watch(context)  # rotation starts with the first connection pool that uses the context
+        return context
 
-    def async_(self, endpoint: Endpoint) -> httpx.AsyncBaseTransport:
-        """A new pooled async transport for ``endpoint``."""
-        return httpx.AsyncHTTPTransport(verify=self._context(), **self._pool)
+    def sync(self, endpoint: Endpoint, service: str | None = None) -> httpx.BaseTransport:
+        """A new pooled sync transport for ``endpoint`` (of the service whose key is ``service``)."""
+        return httpx.HTTPTransport(verify=self._context_for(service), **self._pool)
+
+    def async_(self, endpoint: Endpoint, service: str | None = None) -> httpx.AsyncBaseTransport:
+        """A new pooled async transport for ``endpoint`` (of the service whose key is ``service``)."""
+        return httpx.AsyncHTTPTransport(verify=self._context_for(service), **self._pool)
+
+    def bind(self, services: Mapping[str, Service[T]], make: Callable[[Endpoint, str | None], T]) -> None:
+        """Give each service with TLS settings a transport factory that knows the service.
+
+        ``Service`` calls its factory with the endpoint only; until the transport passes the service along
+        (see issue 4 notes), the factory of each TLS service is replaced here, right after construction and
+        before any endpoint transport exists.
+        """
+        for key in self.contexts:
+            service = services.get(key)
+            if service is not None:
+                service._new_transport = functools.partial(_with_service, make, key)
+
+    def close(self) -> None:
+        """Stop watching certificate files."""
+        self.tls.close()
+
+
+def _with_service(make: Callable[[Endpoint, str | None], T], key: str, endpoint: Endpoint) -> T:
+    return make(endpoint, key)
+
+
+def _warn_tls_ignored(mesh: MeshConfig) -> None:
+    if any(mesh.tls_for(key) is not None for key in mesh.services):
+        logger.warning(
+            "MESHLIB_TLS_* / TLSSettings are not applied: the client was given transport=, which sends every "
+            "mesh request as it is"
+        )
 
 
 class Client(httpx.Client):
     """A thread-safe ``httpx.Client`` that discovers, balances and sends to mesh services in-process.
 
     Mesh settings come from ``MESHLIB_*`` environment variables (``environ`` replaces ``os.environ``,
-    useful in tests); ``services``, ``lb`` and ``dns_servers`` override them, or pass a whole
-    :class:`~meshlib.config.MeshConfig` as ``config``. A bad value raises :class:`meshlib.ConfigError` here.
+    useful in tests); ``services``, ``lb``, ``dns_servers`` and ``tls`` (mesh-wide
+    :class:`~meshlib.security.tls.TLSSettings`) override them, or pass a whole
+    :class:`~meshlib.config.MeshConfig` as ``config``. A bad value, or a TLS file that cannot be loaded,
+    raises :class:`meshlib.ConfigError` here.
     """
 
     def __init__(
@@ -88,21 +160,32 @@ class Client(httpx.Client):
         dns_servers: str | list[str] | tuple[str, ...] | None = None,
         config: MeshConfig | None = None,
         environ: Mapping[str, str] | None = None,
+        tls: TLSSettings | None = None,
         **kwargs: Any,
     ) -> None:
-        mesh = _mesh_config(config, services, lb, dns_servers, environ)
+        mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
         user_transport: httpx.BaseTransport | None = kwargs.get("transport")
+        pools = None if user_transport is not None else _PoolFactory(kwargs, mesh)
         super().__init__(**kwargs)
-        if user_transport is not None:
+        self._pools = pools
+        if pools is None:
+            assert user_transport is not None
             shared = user_transport
+            _warn_tls_ignored(mesh)
             self._mesh = MeshTransport(mesh, lambda endpoint: shared, owns_transports=False)
         else:
-            self._mesh = MeshTransport(mesh, _PoolFactory(kwargs).sync)
+            self._mesh = MeshTransport(mesh, pools.sync)
+            pools.bind(self._mesh.services, pools.sync)
 
     @property
     def mesh(self) -> MeshTransport:
         """The mesh transport (services, endpoint stats), for status views and tests."""
         return self._mesh
+
+    @property
+    def tls_contexts(self) -> Mapping[str, ReloadingContext]:
+        """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
+        return dict(self._pools.contexts) if self._pools is not None else {}
 
     def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
         if self._mesh.routes(url.host):
@@ -110,11 +193,13 @@ class Client(httpx.Client):
         return super()._transport_for_url(url)
 
     def close(self) -> None:
-        """Close the client: httpx's pools, discovery threads and every endpoint's pool."""
+        """Close the client: httpx's pools, discovery threads, every endpoint's pool, the certificate watcher."""
         try:
             super().close()
         finally:
             self._mesh.close()
+            if self._pools is not None:
+                self._pools.close()
 
     def __exit__(
         self,
@@ -126,6 +211,8 @@ class Client(httpx.Client):
             super().__exit__(exc_type, exc_value, traceback)
         finally:
             self._mesh.close()
+            if self._pools is not None:
+                self._pools.close()
 
 
 class AsyncClient(httpx.AsyncClient):
@@ -143,21 +230,32 @@ class AsyncClient(httpx.AsyncClient):
         dns_servers: str | list[str] | tuple[str, ...] | None = None,
         config: MeshConfig | None = None,
         environ: Mapping[str, str] | None = None,
+        tls: TLSSettings | None = None,
         **kwargs: Any,
     ) -> None:
-        mesh = _mesh_config(config, services, lb, dns_servers, environ)
+        mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
         user_transport: httpx.AsyncBaseTransport | None = kwargs.get("transport")
+        pools = None if user_transport is not None else _PoolFactory(kwargs, mesh)
         super().__init__(**kwargs)
-        if user_transport is not None:
+        self._pools = pools
+        if pools is None:
+            assert user_transport is not None
             shared = user_transport
+            _warn_tls_ignored(mesh)
             self._mesh = AsyncMeshTransport(mesh, lambda endpoint: shared, owns_transports=False)
         else:
-            self._mesh = AsyncMeshTransport(mesh, _PoolFactory(kwargs).async_)
+            self._mesh = AsyncMeshTransport(mesh, pools.async_)
+            pools.bind(self._mesh.services, pools.async_)
 
     @property
     def mesh(self) -> AsyncMeshTransport:
         """The mesh transport (services, endpoint stats), for status views and tests."""
         return self._mesh
+
+    @property
+    def tls_contexts(self) -> Mapping[str, ReloadingContext]:
+        """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
+        return dict(self._pools.contexts) if self._pools is not None else {}
 
     def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
         if self._mesh.routes(url.host):
@@ -170,6 +268,8 @@ class AsyncClient(httpx.AsyncClient):
             await super().aclose()
         finally:
             await self._mesh.aclose()
+            if self._pools is not None:
+                self._pools.close()
 
     async def __aexit__(
         self,
@@ -181,3 +281,5 @@ class AsyncClient(httpx.AsyncClient):
             await super().__aexit__(exc_type, exc_value, traceback)
         finally:
             await self._mesh.aclose()
+            if self._pools is not None:
+                self._pools.close()

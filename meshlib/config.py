@@ -28,6 +28,7 @@ from types import MappingProxyType
 
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
 
 logger = logging.getLogger("meshlib.config")
 
@@ -136,6 +137,9 @@ class ServiceConfig:
     policy: Policy | None = None
     #: This service's complete resilience settings, or ``None`` for the mesh-wide ones.
     resilience: ResilienceSettings | None = None
+    #: This service's complete TLS settings (``MESHLIB_SERVICE_<NAME>__TLS_*`` over ``MESHLIB_TLS_*``), or
+    #: ``None`` for the mesh-wide ones.
+    tls: TLSSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,10 @@ class MeshConfig:
     * ``policy`` -- the mesh-wide call policy, :data:`~meshlib.policy.DEFAULT_POLICY` overridden by
       ``MESHLIB_TIMEOUT``, ``MESHLIB_RETRIES``...; always complete (every field set).
     * ``resilience`` -- the mesh-wide :class:`ResilienceSettings`.
+    * ``tls`` -- the mesh-wide :class:`~meshlib.security.tls.TLSSettings` (``MESHLIB_TLS_*``), or ``None``:
+      then services without TLS settings of their own connect with the client's httpx ``verify=``/``cert=``.
+    * ``tls_reload_interval=5 s`` -- how often certificate files are checked for changes (0: never); see
+      :data:`~meshlib.security.tls.DEFAULT_RELOAD_INTERVAL`.
 
     :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
     """
@@ -170,6 +178,8 @@ class MeshConfig:
     default_rtt: float = 0.030
     policy: Policy = DEFAULT_POLICY
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
+    tls: TLSSettings | None = None
+    tls_reload_interval: float = DEFAULT_RELOAD_INTERVAL
     _service_policies: Mapping[str, Policy] = field(init=False, repr=False, compare=False)
     _service_resilience: Mapping[str, ResilienceSettings] = field(init=False, repr=False, compare=False)
 
@@ -189,6 +199,13 @@ class MeshConfig:
         """The resilience settings of service ``key`` (:func:`service_key` of the host)."""
         return self._service_resilience.get(key, self.resilience)
 
+    def tls_for(self, key: str) -> TLSSettings | None:
+        """The TLS settings of service ``key``: its own, else the mesh-wide ones (``None``: none configured)."""
+        svc = self.services.get(key)
+        if svc is not None and svc.tls is not None:
+            return svc.tls
+        return self.tls
+
     @classmethod
     def from_env(
         cls,
@@ -198,11 +215,13 @@ class MeshConfig:
         lb: str | None = None,
         dns_servers: str | list[str] | tuple[str, ...] | None = None,
         policy: Policy | None = None,
+        tls: TLSSettings | None = None,
     ) -> MeshConfig:
         """Read ``MESHLIB_*`` from ``environ`` (default ``os.environ``); arguments given here win.
 
         ``policy`` overrides the set fields of the environment's mesh-wide policy (per-service variables
-        still override it for their service).
+        still override it for their service). ``tls`` replaces the environment's mesh-wide ``MESHLIB_TLS_*``
+        settings (per-service variables still apply on top of it).
         """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
@@ -216,6 +235,7 @@ class MeshConfig:
             mesh_policy = mesh_policy.merge(policy)
         values["policy"] = mesh_policy
         values["resilience"] = _resilience_layer(ResilienceSettings(), global_settings)
+        values["tls"] = tls if tls is not None else _tls_layer(None, global_settings, mesh_wide=True)
         if lb is not None:
             values["lb"] = _parse_lb("lb (argument)", lb)
         if dns_servers is not None:
@@ -228,7 +248,7 @@ class MeshConfig:
                 config.ttl_min,
                 f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})",
             )
-        found = _services_from_env(env, config.policy, config.resilience)
+        found = _services_from_env(env, config.policy, config.resilience, config.tls)
         _warn_unknown(env)
         for host, spec in (services or {}).items():
             if isinstance(spec, ServiceConfig):
@@ -252,7 +272,10 @@ class MeshConfig:
 
 
 def _services_from_env(
-    env: Mapping[str, str], mesh_policy: Policy, mesh_resilience: ResilienceSettings
+    env: Mapping[str, str],
+    mesh_policy: Policy,
+    mesh_resilience: ResilienceSettings,
+    mesh_tls: TLSSettings | None = None,
 ) -> dict[str, ServiceConfig]:
     targets: dict[str, ServiceConfig] = {}
     settings: dict[str, dict[str, tuple[str, str]]] = {}  # key -> suffix -> (variable, raw)
@@ -287,6 +310,8 @@ def _services_from_env(
             fields["policy"] = layer
         if any(suffix in _RESILIENCE_SETTINGS for suffix in layered):
             fields["resilience"] = _resilience_layer(mesh_resilience, layered)
+        if any(suffix in _TLS_SETTINGS for suffix in layered):
+            fields["tls"] = _tls_layer(mesh_tls, layered)
         targets[key] = replace(targets[key], **fields)  # type: ignore[arg-type]
     return targets
 
@@ -344,6 +369,39 @@ def _resilience_layer(base: ResilienceSettings, found: Mapping[str, tuple[str, s
         variable, raw, _ = parsed["outlier_base_ejection"]
         expected = f"a duration no longer than the maximum ejection ({base.outlier_max_ejection}s)"
         raise ConfigError(variable, raw, expected) from None
+
+
+def _tls_layer(
+    base: TLSSettings | None, found: Mapping[str, tuple[str, str | None]], *, mesh_wide: bool = False
+) -> TLSSettings | None:
+    """``base`` overridden by the TLS variables in ``found`` (suffix -> (variable, raw)); ``None`` if neither.
+
+    A certificate set here comes with its own key (never the key of ``base``); ``verify=false`` here drops an
+    inherited SPIFFE ID. Server name and verification are per-service only: mesh-wide they are an error.
+    """
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for suffix, (attr, parse) in _TLS_SETTINGS.items():
+        variable, raw = found.get(suffix, ("", None))
+        if raw is None or not raw.strip():
+            continue
+        if mesh_wide and attr in ("server_name", "verify"):
+            raise ConfigError(variable, raw, f"a per-service setting: MESHLIB_SERVICE_<NAME>__{suffix}")
+        values[attr] = parse(variable, raw.strip())
+        sources[attr] = variable
+    if not values:
+        return base
+    start = base if base is not None else TLSSettings()
+    if "cert_file" in values:
+        values.setdefault("key_file", None)
+    if values.get("verify") is False:
+        values.setdefault("server_id", None)
+    merged = {
+        attr: variable
+        for attr, variable in {**start.sources, **sources}.items()
+        if attr not in values or values[attr] is not None
+    }
+    return replace(start, **values, sources=MappingProxyType(merged))  # type: ignore[arg-type]
 
 
 def _warn_unknown(env: Mapping[str, str]) -> None:
@@ -453,6 +511,14 @@ def _parse_bool(variable: str, raw: str) -> bool:
     raise ConfigError(variable, raw, "a boolean: true/false, 1/0 or yes/no")
 
 
+def _parse_text(variable: str, raw: str) -> str:
+    return raw
+
+
+def _parse_server_name(variable: str, raw: str) -> str:
+    return raw.lower()
+
+
 def _parse_statuses(variable: str, raw: str) -> frozenset[int]:
     """``502,503,504``; ``none`` for no status-based retries."""
     if raw.strip().lower() == "none":
@@ -495,6 +561,7 @@ _GLOBALS = {
     "MESHLIB_DISCOVERY_MAX_STALE": ("max_stale", _duration),
     "MESHLIB_EWMA_DECAY": ("ewma_decay", _duration),
     "MESHLIB_EWMA_DEFAULT_RTT": ("default_rtt", _duration),
+    "MESHLIB_TLS_RELOAD_INTERVAL": ("tls_reload_interval", _duration_or_zero),
 }
 
 #: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``
@@ -524,9 +591,21 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "MAX_INFLIGHT": ("max_inflight", _parse_int),
 }
 
-_LAYERED = {**_POLICY_SETTINGS, **_RESILIENCE_SETTINGS}
+#: TLS variables: suffix -> TLSSettings field, ``MESHLIB_TLS_*`` mesh-wide (except ``SERVER_NAME`` and ``VERIFY``,
+#: per service only) and ``MESHLIB_SERVICE_<NAME>__TLS_*``. Files are checked when the client loads them.
+_TLS_SETTINGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "TLS_CA_FILE": ("ca_file", _parse_text),
+    "TLS_CERT_FILE": ("cert_file", _parse_text),
+    "TLS_KEY_FILE": ("key_file", _parse_text),
+    "TLS_SERVER_NAME": ("server_name", _parse_server_name),
+    "TLS_SERVER_ID": ("server_id", _parse_text),
+    "TLS_VERIFY": ("verify", _parse_bool),
+}
+
+_LAYERED = {**_POLICY_SETTINGS, **_RESILIENCE_SETTINGS, **_TLS_SETTINGS}
 SERVICE_SETTINGS.update({suffix: "policy" for suffix in _POLICY_SETTINGS})
 SERVICE_SETTINGS.update({suffix: "resilience" for suffix in _RESILIENCE_SETTINGS})
+SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
 
 #: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
 KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED}

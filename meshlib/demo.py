@@ -439,7 +439,8 @@ class PhaseResult:
         return bool(names) and all(name in self.removed for name in names)
 
     def state(self, role: str) -> str:
-        """The final mesh state of the backends with ``role``: ``ejected``, ``open`` (breaker), both, or ``in``."""
+        """The final mesh state of the backends with ``role``: ``ejected``, the breaker state if not closed, both,
+        or ``in rotation``."""
         rows = [row for row in self.rows if row.role == role]
         parts = []
         if rows and all(row.ejected for row in rows):
@@ -488,8 +489,7 @@ def render_table(
     lines += [
         f"  callers: {calls.calls} requests, {calls.errors} errors ({rate:.1%}), "
         f"p50 {_ms(percentile(calls.latencies, 50))}, p99 {_ms(percentile(calls.latencies, 99))}",
-        f"  retries: {attempts} attempts = {per_call} per request, {granted} retries, "
-        f"{refused} refused by the retry budget",
+        f"  retries: {granted} ({per_call} attempts per request), {refused} refused by the retry budget",
     ]
     if events:
         shown = list(events[-MAX_EVENTS:])
@@ -603,9 +603,11 @@ class LiveView:
 
     def _width(self) -> int:
         try:
-            return os.get_terminal_size(self._out.fileno()).columns
+            columns = os.get_terminal_size(self._out.fileno()).columns
         except (AttributeError, OSError, ValueError):  # not a real terminal (a test's stand-in)
-            return shutil.get_terminal_size().columns
+            columns = 0
+        # A pseudo-terminal may report 0 columns: then $COLUMNS, or 80.
+        return columns if columns > 0 else shutil.get_terminal_size().columns
 
     def _draw(self, lines: list[str]) -> None:
         up = f"\x1b[{self._drawn}F" if self._drawn else ""
@@ -668,7 +670,7 @@ def run_phase(balancer: str, fleet: Fleet, options: DemoOptions, view: PhaseView
     redraws the view (and notes which endpoints the mesh took out) while a pool of ``options.concurrency``
     threads sends.
     """
-    title = f"[{balancer}] {SERVICE} -> {len(fleet.group)} endpoints, {options.concurrency} concurrent callers"
+    title = f"[{balancer}] {SERVICE}, {options.concurrency} callers"
     recorder = Recorder()
     url = f"http://{SERVICE}/work"
     transport = AttemptRecorder(httpx.HTTPTransport(), fleet.names, recorder)

@@ -124,3 +124,11 @@ class DeadlineExceeded(MeshError, httpx.TimeoutException):
             f"deadline{budget} exceeded calling service {service!r}: {reason} ({_tried(self.endpoints)})",
             request=request,
         )
+
+
+class ConsulACLError(DiscoveryError):
+    """Consul refused the ACL token (403), or filtered every instance out because the token lacks permission.
+
+    A clear error rather than an empty service: the message says which token was used (the variable it came
+    from, never its value) and what Consul answered, so the cause is fixed in the right place.
+    """

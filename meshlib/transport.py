@@ -247,8 +247,7 @@ class MeshTransport(httpx.BaseTransport):
             if service.retiring:
                 self._after(service, stats)
 
-        assert isinstance(response.stream, httpx.SyncByteStream)
-        response.stream = _TrackedStream(response.stream, done)
+        _track(response, done)
         call.mark(response, endpoint.address)
         return response
 
@@ -431,8 +430,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 if idle is not None and self._owns:
                     self._close_later(idle)
 
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _AsyncTrackedStream(response.stream, done)
+        _track(response, done)
         call.mark(response, endpoint.address)
         return response
 
@@ -466,13 +464,26 @@ def _give_up(call: Call[T], last: RetrySignal) -> httpx.Response:
     """No more retries: the last response goes to the caller as it is, or the last error, made clear."""
     response = last.response
     if response is not None:
-        if isinstance(response.stream, httpx.SyncByteStream):
-            response.stream = _TrackedStream(response.stream, call.release)
-        elif isinstance(response.stream, httpx.AsyncByteStream):
-            response.stream = _AsyncTrackedStream(response.stream, call.release)
+        _track(response, call.release)
         call.mark(response, call.tried[-1])
         return response
     error = last.error
     assert error is not None
     final = call.failure(error, last.classification)
     raise final from (error if final is not error else error.__cause__)
+
+
+def _track(response: httpx.Response, done: Callable[[], None]) -> None:
+    """Run ``done`` when the response body is closed, or now if it already is.
+
+    A response built with its content in memory (``httpx.MockTransport``, respx) arrives already read and
+    closed, and httpx never closes its stream again: waiting for that would leak in-flight counts.
+    """
+    if response.is_closed:
+        done()
+    elif isinstance(response.stream, httpx.SyncByteStream):
+        response.stream = _TrackedStream(response.stream, done)
+    elif isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _AsyncTrackedStream(response.stream, done)
+    else:  # an inner transport returned something that is no stream: nothing will close it
+        done()

@@ -110,3 +110,8 @@ def build_resolver(service: str, target: str, settings: DiscoverySettings, *, va
 register_scheme("static", _static.from_target, form=_static.FORM)
 register_scheme("dns", _dns.from_target, form=_dns.FORM)
 register_scheme("dns+srv", _dns.srv_from_target, form=_dns.SRV_FORM)
+
+# consul:// registers like any other source; imported last because it builds on this module's Target.
+from meshlib.discovery import consul as _consul  # noqa: E402
+
+register_scheme("consul", _consul.from_target, form=_consul.FORM)

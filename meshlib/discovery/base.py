@@ -104,3 +104,6 @@ class DiscoverySettings:
 
     dns_servers: tuple[tuple[str, int], ...] | None = None
     dns_timeout: float = 2.0
+    #: The environment the client was built from, for sources that read their own variables (``CONSUL_*``);
+    #: ``None`` means ``os.environ``. Kept out of the repr and comparisons: it may hold secrets.
+    environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
