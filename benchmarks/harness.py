@@ -291,7 +291,10 @@ def render_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> s
 
 def render_result(result: ScenarioResult) -> str:
     """The scenario's table, its checks with PASS/MISS, and its notes, as printed by ``python -m benchmarks``."""
-    parts = [f"== {result.name.upper()}: {result.title}  ({result.seconds:.0f} s)", render_table(result.columns, result.rows)]
+    parts = [
+        f"== {result.name.upper()}: {result.title}  ({result.seconds:.0f} s)",
+        render_table(result.columns, result.rows),
+    ]
     if result.checks:
         parts.append("")
         width = max(len(c.name) for c in result.checks)

@@ -11,6 +11,7 @@ threads; async ones use one task per request on the running loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -113,10 +114,8 @@ def closed_sync(
 
     def worker(k: int) -> None:
         for _ in range(warmup):
-            try:
+            with contextlib.suppress(Exception):
                 send()
-            except Exception:
-                pass
         barrier.wait()
         hist = hists[k]
         while not stop.is_set():
@@ -185,10 +184,8 @@ async def closed_async(
 
 
 async def _swallow(send: Callable[[], Awaitable[object]]) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await send()
-    except Exception:
-        pass
 
 
 # --------------------------------------------------------------------------------------------- open loop

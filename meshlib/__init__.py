@@ -14,6 +14,7 @@ from meshlib.discovery.base import Endpoint
 from meshlib.errors import (
     CircuitOpenError,
     ConfigError,
+    ConsulACLError,
     DeadlineExceeded,
     DiscoveryError,
     MeshError,
@@ -29,6 +30,7 @@ __all__ = [
     "CircuitOpenError",
     "Client",
     "ConfigError",
+    "ConsulACLError",
     "DeadlineExceeded",
     "DiscoveryError",
     "Endpoint",

@@ -15,7 +15,8 @@ attempt, and why:
 4. **send** -- the request carries the endpoint's URL, the logical ``Host``, timeouts no longer than the
    remaining budget (and the per-try timeout), and the remaining budget in ``grpc-timeout`` for the next hop.
 5. **observe** -- one :class:`~meshlib.resilience.classify.Classification` of the answer feeds the breaker,
-   the outlier detector, the EWMA and the retry decision alike.
+   the outlier detector, the EWMA and the retry decision alike, and the call's span and duration metric
+   (:mod:`meshlib.telemetry`; trace context is injected in step 4, into the endpoint request only).
 
 The retry decision (:meth:`Call.retry_signal`) says *whether a retry is wanted and safe*: retryable outcome,
 safe to re-send (never sent, or idempotent / opted in), attempts left, a replayable body, time left. The
@@ -27,9 +28,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 
 from meshlib.balance.base import EndpointStats
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
@@ -45,6 +48,10 @@ from meshlib.resilience.classify import (
     may_resend,
 )
 from meshlib.service import Active, Address, Service
+from meshlib.telemetry.tracing import AttemptRecord, inject
+
+if TYPE_CHECKING:
+    from meshlib.telemetry.client import ClientTelemetry
 
 logger = logging.getLogger("meshlib")
 
@@ -122,15 +129,23 @@ class Call(Generic[T]):
         "deadline",
         "limited",
         "method",
+        "peer",
         "policy",
+        "record",
         "replayable",
         "request",
         "service",
+        "span",
+        "span_context",
+        "started",
+        "telemetry",
         "tried",
         "tried_addresses",
+        "verdict",
     )
 
-    def __init__(self, service: Service[T], request: httpx.Request) -> None:
+    def __init__(self, service: Service[T], request: httpx.Request, telemetry: ClientTelemetry | None = None) -> None:
+        self.started = time.monotonic()
         self.service = service
         self.request = request
         self.method = request.method
@@ -142,6 +157,17 @@ class Call(Generic[T]):
         # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
         self.replayable = isinstance(request.stream, httpx.ByteStream)
         self.limited = False
+        # Telemetry (meshlib.telemetry): the endpoint of the latest attempt and its verdict; the call's span
+        # and the context injected into each attempt's headers, and the latest attempt's timestamps, only
+        # while a tracer is configured.
+        self.peer: Address | None = None
+        self.verdict: Classification | None = None
+        self.span: Span | None = None
+        self.span_context: Context | None = None
+        self.record: AttemptRecord | None = None
+        self.telemetry = telemetry
+        if telemetry is not None:
+            telemetry.call_started(self)
 
     # -- before the first attempt -------------------------------------------------------------------------
 
@@ -178,8 +204,12 @@ class Call(Generic[T]):
         endpoint = stats.endpoint
         self.attempts += 1
         self.tried.append(endpoint.address)
-        self.tried_addresses.add((endpoint.host, endpoint.port))
-        return stats, active.transports[(endpoint.host, endpoint.port)], self._outgoing(endpoint, remaining)
+        self.peer = address = (endpoint.host, endpoint.port)
+        self.tried_addresses.add(address)
+        telemetry = self.telemetry
+        if telemetry is not None and self.span is not None:
+            telemetry.attempt_started(self)
+        return stats, active.transports[address], self._outgoing(endpoint, remaining)
 
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service
@@ -234,12 +264,16 @@ class Call(Generic[T]):
         outgoing.extensions = extensions
         if math.isfinite(remaining):
             outgoing.headers[DEADLINE_HEADER] = encode_timeout(remaining)
+        inject(outgoing.headers, self.span_context)  # trace context and baggage: to mesh endpoints only
         return outgoing
 
     # -- after an attempt -----------------------------------------------------------------------------------
 
-    def observe(self, address: Address, verdict: Classification) -> None:
+    def observe(self, address: Address, verdict: Classification, error: BaseException | None = None) -> None:
         """Feed one attempt's verdict to the endpoint's breaker and the service's outlier detector."""
+        self.verdict = verdict
+        if self.record is not None:
+            self.record.finish(verdict, error)
         service = self.service
         breaker = service.breakers.get(address)
         if breaker is not None:
@@ -330,6 +364,8 @@ class Call(Generic[T]):
 
     def abandon(self, address: Address) -> None:
         """An attempt was interrupted (cancelled): give back the breaker's probe slot, record no verdict."""
+        if self.record is not None:
+            self.record.finish(None, None)
         breaker = self.service.breakers.get(address)
         if breaker is not None:
             breaker.release()
@@ -339,3 +375,8 @@ class Call(Generic[T]):
         response.extensions[EXT_ENDPOINT] = endpoint
         response.extensions[EXT_SERVICE] = self.service.name
         response.extensions[EXT_ATTEMPTS] = self.attempts
+
+    def finish(self, response: httpx.Response | None, error: BaseException | None = None) -> None:
+        """The call is over for the caller (response headers arrived, or ``error``): end its span, measure it."""
+        if self.telemetry is not None:
+            self.telemetry.call_finished(self, response, error)

@@ -11,6 +11,12 @@ A user's ``transport=`` is also the inner transport every endpoint sends through
 own pooled ``httpx.HTTPTransport`` built from the client's ``verify``, ``cert``, ``http1``, ``http2`` and
 ``limits``.
 
+Telemetry (``docs/observability.md``): ``tracer_provider=`` / ``meter_provider=`` send the client's spans
+and metrics to the given OpenTelemetry providers instead of the global ones; ``mesh_status()`` returns a
+snapshot of the mesh; ``MESHLIB_ADMIN_ADDR`` registers the client with the loopback admin endpoint
+(:mod:`meshlib.admin`) until it is closed; ``MESHLIB_PROPAGATE_TO`` lists outside hosts that may receive the
+mesh's trace, baggage and deadline headers (:mod:`meshlib.telemetry.propagation`).
+
 TLS: a service with meshlib TLS settings (``MESHLIB_TLS_*``, ``MESHLIB_SERVICE_<NAME>__TLS_*``, ``tls=`` or
 ``ServiceConfig(tls=...)``) connects with a :class:`~meshlib.security.tls.ReloadingContext` built from them
 (mTLS, SPIFFE identity, rotation; see ``docs/security.md``), and the client's ``verify=``/``cert=`` do not
@@ -27,11 +33,17 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
+from meshlib import admin
 from meshlib.config import MeshConfig, ServiceConfig
 from meshlib.discovery.base import Endpoint
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
 from meshlib.service import Service
+from meshlib.status import MeshStatus, snapshot
+from meshlib.telemetry.client import ClientTelemetry
+from meshlib.telemetry.propagation import AsyncPropagatingTransport, PropagatingTransport, PropagationRule
 from meshlib.transport import AsyncMeshTransport, MeshTransport
 
 logger = logging.getLogger("meshlib")
@@ -142,6 +154,38 @@ def _warn_tls_ignored(mesh: MeshConfig) -> None:
         )
 
 
+class _Observability:
+    """A client's telemetry wiring: its providers, its admin registration, ``MESHLIB_PROPAGATE_TO``."""
+
+    def __init__(
+        self, mesh: MeshConfig, tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None
+    ) -> None:
+        self.telemetry = ClientTelemetry(tracer_provider, meter_provider)
+        self.rule = PropagationRule(mesh.propagate_to)
+        self.admin: admin.AdminServer | None = None
+        self._wrapped: dict[int, Any] = {}
+
+    def start(self, transport: MeshTransport | AsyncMeshTransport, kind: str) -> None:
+        address = transport.config.admin_addr
+        if address is not None:
+            self.admin = admin.attach(transport, self.telemetry, address, kind)
+
+    def stop(self, transport: MeshTransport | AsyncMeshTransport) -> None:
+        server, self.admin = self.admin, None
+        if server is not None:
+            admin.detach(server, transport, self.telemetry)
+
+    def outside(self, url: httpx.URL, transport: T, wrap: Callable[[T], T]) -> T:
+        """``transport`` for a non-mesh URL, wrapped to stamp mesh headers if its host is in the rule."""
+        if not self.rule or not self.rule.matches(url.host):
+            return transport
+        wrapped = self._wrapped.get(id(transport))
+        if wrapped is None or wrapped.inner is not transport:
+            wrapped = self._wrapped[id(transport)] = wrap(transport)
+        wrapper: T = wrapped
+        return wrapper
+
+
 class Client(httpx.Client):
     """A thread-safe ``httpx.Client`` that discovers, balances and sends to mesh services in-process.
 
@@ -149,7 +193,8 @@ class Client(httpx.Client):
     useful in tests); ``services``, ``lb``, ``dns_servers`` and ``tls`` (mesh-wide
     :class:`~meshlib.security.tls.TLSSettings`) override them, or pass a whole
     :class:`~meshlib.config.MeshConfig` as ``config``. A bad value, or a TLS file that cannot be loaded,
-    raises :class:`meshlib.ConfigError` here.
+    raises :class:`meshlib.ConfigError` here. ``tracer_provider`` / ``meter_provider``: OpenTelemetry
+    providers for this client's spans and metrics (default: the global ones, once the application sets them).
     """
 
     def __init__(
@@ -161,9 +206,13 @@ class Client(httpx.Client):
         config: MeshConfig | None = None,
         environ: Mapping[str, str] | None = None,
         tls: TLSSettings | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
         **kwargs: Any,
     ) -> None:
         mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
+        self._observability = _Observability(mesh, tracer_provider, meter_provider)
+        telemetry = self._observability.telemetry
         user_transport: httpx.BaseTransport | None = kwargs.get("transport")
         pools = None if user_transport is not None else _PoolFactory(kwargs, mesh)
         super().__init__(**kwargs)
@@ -172,10 +221,11 @@ class Client(httpx.Client):
             assert user_transport is not None
             shared = user_transport
             _warn_tls_ignored(mesh)
-            self._mesh = MeshTransport(mesh, lambda endpoint: shared, owns_transports=False)
+            self._mesh = MeshTransport(mesh, lambda endpoint: shared, owns_transports=False, telemetry=telemetry)
         else:
-            self._mesh = MeshTransport(mesh, pools.sync)
+            self._mesh = MeshTransport(mesh, pools.sync, telemetry=telemetry)
             pools.bind(self._mesh.services, pools.sync)
+        self._observability.start(self._mesh, "sync")
 
     @property
     def mesh(self) -> MeshTransport:
@@ -187,16 +237,27 @@ class Client(httpx.Client):
         """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
         return dict(self._pools.contexts) if self._pools is not None else {}
 
+    def mesh_status(self) -> MeshStatus:
+        """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
+        return snapshot(self._mesh.services, "sync")
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The address the admin endpoint this client reports to listens on (``None``: none)."""
+        server = self._observability.admin
+        return None if server is None else server.address
+
     def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
         if self._mesh.routes(url.host):
             return self._mesh
-        return super()._transport_for_url(url)
+        return self._observability.outside(url, super()._transport_for_url(url), PropagatingTransport)
 
     def close(self) -> None:
         """Close the client: httpx's pools, discovery threads, every endpoint's pool, the certificate watcher."""
         try:
             super().close()
         finally:
+            self._observability.stop(self._mesh)
             self._mesh.close()
             if self._pools is not None:
                 self._pools.close()
@@ -210,6 +271,7 @@ class Client(httpx.Client):
         try:
             super().__exit__(exc_type, exc_value, traceback)
         finally:
+            self._observability.stop(self._mesh)
             self._mesh.close()
             if self._pools is not None:
                 self._pools.close()
@@ -231,9 +293,13 @@ class AsyncClient(httpx.AsyncClient):
         config: MeshConfig | None = None,
         environ: Mapping[str, str] | None = None,
         tls: TLSSettings | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
         **kwargs: Any,
     ) -> None:
         mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
+        self._observability = _Observability(mesh, tracer_provider, meter_provider)
+        telemetry = self._observability.telemetry
         user_transport: httpx.AsyncBaseTransport | None = kwargs.get("transport")
         pools = None if user_transport is not None else _PoolFactory(kwargs, mesh)
         super().__init__(**kwargs)
@@ -242,10 +308,11 @@ class AsyncClient(httpx.AsyncClient):
             assert user_transport is not None
             shared = user_transport
             _warn_tls_ignored(mesh)
-            self._mesh = AsyncMeshTransport(mesh, lambda endpoint: shared, owns_transports=False)
+            self._mesh = AsyncMeshTransport(mesh, lambda endpoint: shared, owns_transports=False, telemetry=telemetry)
         else:
-            self._mesh = AsyncMeshTransport(mesh, pools.async_)
+            self._mesh = AsyncMeshTransport(mesh, pools.async_, telemetry=telemetry)
             pools.bind(self._mesh.services, pools.async_)
+        self._observability.start(self._mesh, "async")
 
     @property
     def mesh(self) -> AsyncMeshTransport:
@@ -257,16 +324,27 @@ class AsyncClient(httpx.AsyncClient):
         """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
         return dict(self._pools.contexts) if self._pools is not None else {}
 
+    def mesh_status(self) -> MeshStatus:
+        """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
+        return snapshot(self._mesh.services, "async")
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The address the admin endpoint this client reports to listens on (``None``: none)."""
+        server = self._observability.admin
+        return None if server is None else server.address
+
     def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
         if self._mesh.routes(url.host):
             return self._mesh
-        return super()._transport_for_url(url)
+        return self._observability.outside(url, super()._transport_for_url(url), AsyncPropagatingTransport)
 
     async def aclose(self) -> None:
         """Close the client: httpx's pools, discovery tasks and every endpoint's pool."""
         try:
             await super().aclose()
         finally:
+            self._observability.stop(self._mesh)
             await self._mesh.aclose()
             if self._pools is not None:
                 self._pools.close()
@@ -280,6 +358,7 @@ class AsyncClient(httpx.AsyncClient):
         try:
             await super().__aexit__(exc_type, exc_value, traceback)
         finally:
+            self._observability.stop(self._mesh)
             await self._mesh.aclose()
             if self._pools is not None:
                 self._pools.close()

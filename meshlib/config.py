@@ -162,6 +162,10 @@ class MeshConfig:
       then services without TLS settings of their own connect with the client's httpx ``verify=``/``cert=``.
     * ``tls_reload_interval=5 s`` -- how often certificate files are checked for changes (0: never); see
       :data:`~meshlib.security.tls.DEFAULT_RELOAD_INTERVAL`.
+    * ``admin_addr=None`` -- ``MESHLIB_ADMIN_ADDR``: the loopback ``(ip, port)`` of the admin endpoint
+      (``/status``, ``/metrics``; see :mod:`meshlib.admin`), or ``None`` for none (the default).
+    * ``propagate_to=()`` -- ``MESHLIB_PROPAGATE_TO``: hosts outside the mesh that may receive the mesh's
+      trace, baggage and deadline headers (see :mod:`meshlib.telemetry.propagation`); none by default.
 
     :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
     """
@@ -180,6 +184,11 @@ class MeshConfig:
     resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
     tls: TLSSettings | None = None
     tls_reload_interval: float = DEFAULT_RELOAD_INTERVAL
+    admin_addr: tuple[str, int] | None = None
+    propagate_to: tuple[str, ...] = ()
+    #: The environment the settings were read from (``Client(environ=...)`` or ``os.environ``), for sources that
+    #: read their own ecosystem's variables (``CONSUL_*``). Kept out of repr and comparisons: it holds secrets.
+    environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
     _service_policies: Mapping[str, Policy] = field(init=False, repr=False, compare=False)
     _service_resilience: Mapping[str, ResilienceSettings] = field(init=False, repr=False, compare=False)
 
@@ -264,7 +273,7 @@ class MeshConfig:
         for svc in found.values():
             if svc.lb is not None:
                 _parse_lb(f"{SERVICE_PREFIX}{service_key(svc.name)}__LB", svc.lb)
-        return replace(config, services=MappingProxyType(found))
+        return replace(config, services=MappingProxyType(found), environ=environ)
 
     def service(self, host: str) -> ServiceConfig | None:
         """The service a request host names, or ``None`` when the host is not in the mesh."""
@@ -428,6 +437,62 @@ def parse_duration(variable: str, raw: str, *, allow_zero: bool = False) -> floa
     return seconds
 
 
+def parse_admin_addr(variable: str, raw: str) -> tuple[str, int]:
+    """``MESHLIB_ADMIN_ADDR``: ``127.0.0.1:9901``, ``[::1]:9901`` or ``localhost:9901``; port 0 picks a free one.
+
+    Loopback only: the admin endpoint shows the mesh's topology and state and has no authentication (as
+    Envoy's admin, which its docs say never to expose), so anything else is refused here.
+    """
+    expected = (
+        "a loopback address and port such as 127.0.0.1:9901 or [::1]:9901 "
+        "(the admin endpoint is never served beyond this host)"
+    )
+    text = raw.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ConfigError(variable, raw, expected)
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, separator, port_text = text.rpartition(":")
+        if not separator or ":" in host:
+            raise ConfigError(variable, raw, expected)
+    if host.lower() == "localhost":  # a name could resolve anywhere: use the loopback literal it stands for
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(variable, raw, expected) from None
+    if not ip.is_loopback:
+        raise ConfigError(variable, raw, expected)
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(variable, raw, expected)
+    return str(ip), int(port_text)
+
+
+_HOST_PATTERN = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def _parse_propagate_to(variable: str, raw: str) -> tuple[str, ...]:
+    """``MESHLIB_PROPAGATE_TO``: hosts outside the mesh that may receive mesh headers (trace, baggage, deadline).
+
+    Comma-separated host names or IP addresses; a leading dot (``.corp.example``) matches every subdomain.
+    Nothing is sent to outside hosts by default: baggage may carry data meant for the mesh only.
+    """
+    expected = "a comma-separated list of host names, IP addresses or .domain suffixes, e.g. api.partner.example,.corp"
+    hosts: list[str] = []
+    for item in (part.strip().lower() for part in raw.split(",")):
+        if not item:
+            raise ConfigError(variable, raw, expected)
+        try:
+            hosts.append(str(ipaddress.ip_address(item.strip("[]"))))
+        except ValueError:
+            if not _HOST_PATTERN.fullmatch(item):
+                raise ConfigError(variable, raw, expected) from None
+            hosts.append(item)
+    return tuple(hosts)
+
+
 def parse_port(variable: str, raw: str) -> int:
     """A TCP/UDP port number in 1..65535."""
     try:
@@ -562,6 +627,8 @@ _GLOBALS = {
     "MESHLIB_EWMA_DECAY": ("ewma_decay", _duration),
     "MESHLIB_EWMA_DEFAULT_RTT": ("default_rtt", _duration),
     "MESHLIB_TLS_RELOAD_INTERVAL": ("tls_reload_interval", _duration_or_zero),
+    "MESHLIB_ADMIN_ADDR": ("admin_addr", parse_admin_addr),
+    "MESHLIB_PROPAGATE_TO": ("propagate_to", _parse_propagate_to),
 }
 
 #: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``

@@ -30,6 +30,8 @@ from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshTask, RefreshThread, arefresh_once, refresh_once
 from meshlib.resilience.retry import RetryLoops
 from meshlib.service import Active, Address, Service
+from meshlib.telemetry.client import ClientTelemetry
+from meshlib.telemetry.tracing import asend_suppressed, send_suppressed
 
 logger = logging.getLogger("meshlib")
 
@@ -42,7 +44,9 @@ class _Router(Generic[T]):
     """Host -> Service lookup, shared by both transports; caches host normalisation for hot hosts."""
 
     def __init__(self, config: MeshConfig, new_transport: Callable[[Endpoint], T]) -> None:
-        settings = DiscoverySettings(dns_servers=config.dns_servers, dns_timeout=config.dns_timeout)
+        settings = DiscoverySettings(
+            dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ
+        )
         self.config = config
         self.services: dict[str, Service[T]] = {}
         for key, svc in config.services.items():
@@ -120,9 +124,12 @@ class MeshTransport(httpx.BaseTransport):
         *,
         owns_transports: bool = True,
         passthrough: httpx.BaseTransport | None = None,
+        telemetry: ClientTelemetry | None = None,
     ) -> None:
         self.config = config
         self._router: _Router[httpx.BaseTransport] = _Router(config, new_transport)
+        self.telemetry = telemetry if telemetry is not None else ClientTelemetry()
+        self.telemetry.bind(self)
         self._owns = owns_transports
         self._passthrough = passthrough
         self._refreshers: dict[str, RefreshThread] = {}
@@ -176,31 +183,39 @@ class MeshTransport(httpx.BaseTransport):
             if self._passthrough is None:
                 self._passthrough = httpx.HTTPTransport()
             return self._passthrough.handle_request(request)
-        active = service.active
-        if active is None:
-            active = self._activate(service)  # first use: waits (once) for discovery's first answer
-        elif service.cache.consecutive_failures:
-            active = service.current()  # discovery failing: still usable unless too stale
-        call: Call[httpx.BaseTransport] = Call(service, request)
-        call.admit()
+        call: Call[httpx.BaseTransport] = Call(service, request, self.telemetry)
         try:
+            active = service.active
+            if active is None:
+                active = self._activate(service)  # first use: waits (once) for discovery's first answer
+            elif service.cache.consecutive_failures:
+                active = service.current()  # discovery failing: still usable unless too stale
+            call.admit()
             try:
-                return self._attempt(call, active)  # the fast path: no retry machinery at all
+                response = self._attempt(call, active)  # the fast path: no retry machinery at all
             except RetrySignal as first:
-                pending = [first]
-
-            def attempt() -> httpx.Response:
-                if pending:
-                    raise pending.pop()  # tenacity's attempt 1 is the failure we already have
-                return self._attempt(call, service.current())
-
-            try:
-                return self._retries.sync(call.policy)(attempt)
-            except RetrySignal as last:
-                return _give_up(call, last)
-        except BaseException:
+                response = self._retry(call, first)
+        except BaseException as exc:
             call.release()
+            call.finish(None, exc)
             raise
+        call.finish(response)
+        return response
+
+    def _retry(self, call: Call[httpx.BaseTransport], first: RetrySignal) -> httpx.Response:
+        """The attempts after a first one that asked for a retry: tenacity's loop, budget and deadline."""
+        pending = [first]
+        service = call.service
+
+        def attempt() -> httpx.Response:
+            if pending:
+                raise pending.pop()  # tenacity's attempt 1 is the failure we already have
+            return self._attempt(call, service.current())
+
+        try:
+            return self._retries.sync(call.policy)(attempt)
+        except RetrySignal as last:
+            return _give_up(call, last)
 
     def _attempt(self, call: Call[httpx.BaseTransport], active: Active[httpx.BaseTransport]) -> httpx.Response:
         """One attempt: pick, send, observe. Raises :class:`RetrySignal` when a retry is wanted."""
@@ -210,13 +225,14 @@ class MeshTransport(httpx.BaseTransport):
         stats.begin()
         start = time.monotonic()
         try:
-            response = transport.handle_request(outgoing)
+            # When meshlib traces the call, httpx instrumentation must not add a span of its own.
+            response = transport.handle_request(outgoing) if call.span is None else send_suppressed(transport, outgoing)
         except Exception as exc:
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
             self._after(call.service, stats)
             verdict = call.classify_error(exc)
-            call.observe(address, verdict)
+            call.observe(address, verdict, exc)
             signal = call.retry_signal(verdict, error=exc)
             if signal is not None:
                 raise signal from exc
@@ -262,6 +278,7 @@ class MeshTransport(httpx.BaseTransport):
             if self._closed:
                 return
             self._closed = True
+        self.telemetry.unbind(self)
         for thread in self._refreshers.values():
             thread.stop()
         self._refreshers.clear()
@@ -287,9 +304,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         *,
         owns_transports: bool = True,
         passthrough: httpx.AsyncBaseTransport | None = None,
+        telemetry: ClientTelemetry | None = None,
     ) -> None:
         self.config = config
         self._router: _Router[httpx.AsyncBaseTransport] = _Router(config, new_transport)
+        self.telemetry = telemetry if telemetry is not None else ClientTelemetry()
+        self.telemetry.bind(self)
         self._owns = owns_transports
         self._passthrough = passthrough
         self._refreshers: dict[str, RefreshTask] = {}
@@ -352,31 +372,39 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if self._passthrough is None:
                 self._passthrough = httpx.AsyncHTTPTransport()
             return await self._passthrough.handle_async_request(request)
-        active = service.active
-        if active is None:
-            active = await self._activate(service)
-        elif service.cache.consecutive_failures:
-            active = service.current()
-        call: Call[httpx.AsyncBaseTransport] = Call(service, request)
-        call.admit()
+        call: Call[httpx.AsyncBaseTransport] = Call(service, request, self.telemetry)
         try:
+            active = service.active
+            if active is None:
+                active = await self._activate(service)
+            elif service.cache.consecutive_failures:
+                active = service.current()
+            call.admit()
             try:
-                return await self._attempt(call, active)
+                response = await self._attempt(call, active)
             except RetrySignal as first:
-                pending = [first]
-
-            async def attempt() -> httpx.Response:
-                if pending:
-                    raise pending.pop()
-                return await self._attempt(call, service.current())
-
-            try:
-                return await self._retries.asynchronous(call.policy)(attempt)
-            except RetrySignal as last:
-                return _give_up(call, last)
-        except BaseException:
+                response = await self._retry(call, first)
+        except BaseException as exc:
             call.release()
+            call.finish(None, exc)
             raise
+        call.finish(response)
+        return response
+
+    async def _retry(self, call: Call[httpx.AsyncBaseTransport], first: RetrySignal) -> httpx.Response:
+        """The attempts after a first one that asked for a retry: tenacity's loop, budget and deadline."""
+        pending = [first]
+        service = call.service
+
+        async def attempt() -> httpx.Response:
+            if pending:
+                raise pending.pop()
+            return await self._attempt(call, service.current())
+
+        try:
+            return await self._retries.asynchronous(call.policy)(attempt)
+        except RetrySignal as last:
+            return _give_up(call, last)
 
     async def _attempt(
         self, call: Call[httpx.AsyncBaseTransport], active: Active[httpx.AsyncBaseTransport]
@@ -388,13 +416,16 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         stats.begin()
         start = time.monotonic()
         try:
-            response = await transport.handle_async_request(outgoing)
+            if call.span is None:
+                response = await transport.handle_async_request(outgoing)
+            else:  # meshlib traces this call: keep httpx instrumentation from adding its own span
+                response = await asend_suppressed(transport, outgoing)
         except Exception as exc:
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
             await self._after(call.service, stats)
             verdict = call.classify_error(exc)
-            call.observe(address, verdict)
+            call.observe(address, verdict, exc)
             signal = call.retry_signal(verdict, error=exc)
             if signal is not None:
                 raise signal from exc
@@ -450,6 +481,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if self._closed:
             return
         self._closed = True
+        self.telemetry.unbind(self)
         for task in self._refreshers.values():
             await task.stop()
         self._refreshers.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -35,3 +37,39 @@ def start_backends() -> Iterator[BackendFactory]:
 def static_target(backends: list[Backend]) -> str:
     """A ``static://`` target listing the given backends."""
     return "static://" + ",".join(b.address for b in backends)
+
+
+class LogEvent(logging.Handler):
+    """Sets an event when a log line containing ``needle`` is emitted: synchronisation without sleeping."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.event.set()
+
+
+LogWatch = Callable[[str], threading.Event]
+
+
+@pytest.fixture
+def log_event() -> Iterator[LogWatch]:
+    """``log_event(needle)`` returns an event set when any ``meshlib`` logger emits a line containing it."""
+    handlers: list[LogEvent] = []
+    logger = logging.getLogger("meshlib")
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+
+    def watch(needle: str) -> threading.Event:
+        handler = LogEvent(needle)
+        handlers.append(handler)
+        logger.addHandler(handler)
+        return handler.event
+
+    yield watch
+    logger.setLevel(previous)
+    for handler in handlers:
+        logger.removeHandler(handler)

@@ -6,7 +6,6 @@ Every test asserts on what the servers received and what the caller got, never o
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,43 +22,11 @@ import meshlib
 from meshlib.deadline import decode_timeout
 from meshlib.server import DeadlineMiddleware
 from meshlib.testing import Backend, Behavior
-from tests.conftest import BackendFactory, static_target
+from tests.conftest import BackendFactory, LogWatch, static_target
 from tests.server.test_middleware import serve_asgi
 
 FAIL = Behavior(status=503)
 DROP = Behavior(drop=True)
-
-
-class _LogEvent(logging.Handler):
-    """Sets an event when a log line containing ``needle`` is emitted (synchronisation without sleeping)."""
-
-    def __init__(self, needle: str) -> None:
-        super().__init__()
-        self.needle = needle
-        self.event = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.needle in record.getMessage():
-            self.event.set()
-
-
-@pytest.fixture
-def log_event() -> Iterator[Any]:
-    handlers: list[_LogEvent] = []
-    logger = logging.getLogger("meshlib")
-
-    def watch(needle: str) -> threading.Event:
-        handler = _LogEvent(needle)
-        handlers.append(handler)
-        logger.addHandler(handler)
-        return handler.event
-
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    yield watch
-    logger.setLevel(previous)
-    for handler in handlers:
-        logger.removeHandler(handler)
 
 
 def _client(backends: list[Backend], **env: str) -> meshlib.Client:
@@ -81,7 +48,7 @@ def _service(client: meshlib.Client | meshlib.AsyncClient) -> Any:
 
 
 def test_one_503_backend_of_three_1000_gets_succeed_then_it_is_readmitted(
-    start_backends: BackendFactory, log_event: Any
+    start_backends: BackendFactory, log_event: LogWatch
 ) -> None:
     good1, good2, bad = start_backends(3)
     bad.behavior = FAIL
@@ -108,7 +75,7 @@ def test_one_503_backend_of_three_1000_gets_succeed_then_it_is_readmitted(
 
 
 @pytest.mark.anyio
-async def test_async_one_503_backend_of_three(start_backends: BackendFactory, log_event: Any) -> None:
+async def test_async_one_503_backend_of_three(start_backends: BackendFactory, log_event: LogWatch) -> None:
     good1, good2, bad = start_backends(3)
     bad.behavior = FAIL
     ejected = log_event(f"ejected ('127.0.0.1', {bad.port})")
@@ -376,7 +343,7 @@ async def test_async_breaker_state_is_shared_by_500_tasks(start_backends: Backen
     assert outcomes.count("503") == bad.count  # every 503 the server sent reached a caller, once
 
 
-def test_half_open_probe_closes_the_breaker(start_backends: BackendFactory, log_event: Any) -> None:
+def test_half_open_probe_closes_the_breaker(start_backends: BackendFactory, log_event: LogWatch) -> None:
     (backend,) = start_backends(1, behavior=FAIL)
     half_open = log_event("open -> half-open")
     closed = log_event("half-open -> closed")

@@ -102,6 +102,9 @@ __all__ = [
     "ConsulQuery",
     "ConsulResolver",
     "BlockingQuery",
+    "Pause",
+    "Reply",
+    "Request",
     "TokenBucket",
     "WatchOptions",
     "aggregate_status",
@@ -154,7 +157,7 @@ class WatchOptions:
     refill: float = 15.0
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
-    connect_timeout: float = 5.0
+    connect_timeout: float = 2.0
     query_timeout: float = 10.0
     read_margin: float = 5.0
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
@@ -645,14 +648,14 @@ def _payload_key(endpoints: tuple[Endpoint, ...]) -> frozenset[tuple[Any, ...]]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pause:
+class Pause:
     """Step: wait this long before the next query (rate limit or backoff)."""
 
     seconds: float
 
 
 @dataclass(frozen=True, slots=True)
-class _Request:
+class Request:
     """Step: send ``GET path?params``; ``blocking`` when it carries ``index``."""
 
     path: str
@@ -662,7 +665,7 @@ class _Request:
 
 
 @dataclass(frozen=True, slots=True)
-class _Reply:
+class Reply:
     """What a request gave: a response (status, lower-case headers, body) or a transport error."""
 
     status: int = 0
@@ -712,7 +715,7 @@ class BlockingQuery:
         backoff = self._not_before - self.options.clock()
         return max(0.0, self.bucket.delay(), backoff)
 
-    def next_request(self) -> _Request:
+    def next_request(self) -> Request:
         """The next query (uses a token): plain first, after an error or a reset; blocking otherwise."""
         self.bucket.take()
         self.queries += 1
@@ -726,9 +729,9 @@ class BlockingQuery:
         else:
             read = options.query_timeout
         timeout = httpx.Timeout(options.connect_timeout, read=read)
-        return _Request(self.query.path, params, timeout, blocking)
+        return Request(self.query.path, params, timeout, blocking)
 
-    def on_reply(self, reply: _Reply) -> Resolution:
+    def on_reply(self, reply: Reply) -> Resolution:
         """Apply a reply: the answer (the previous object when nothing changed), or raise the error."""
         if reply.error is not None:
             raise self._failed(self._transport_error(reply.error))
@@ -852,7 +855,7 @@ def _text(body: bytes, limit: int = 300) -> str:
 
 #: A resolve written once as a generator of steps (pause, request), driven with blocking calls by
 #: :meth:`ConsulResolver.resolve` and with ``await`` by :meth:`ConsulResolver.aresolve`.
-_Plan = Generator[_Pause | _Request, _Reply | None, Resolution]
+_Plan = Generator[Pause | Request, Reply | None, Resolution]
 
 
 class _Closed(Exception):
@@ -903,18 +906,19 @@ class ConsulResolver:
     def _plan(self) -> _Plan:
         pause = self.watch.pause()
         if pause > 0:
-            yield _Pause(pause)
+            yield Pause(pause)
         reply = yield self.watch.next_request()
         assert reply is not None
         return self.watch.on_reply(reply)
 
     def resolve(self) -> Resolution:
         """One query (blocking until Consul answers, up to ``wait``); see the module docs."""
+        self._check_open()
         plan = self._plan()
         try:
             step = next(plan)
             while True:
-                if isinstance(step, _Pause):
+                if isinstance(step, Pause):
                     if self._closed.wait(step.seconds):
                         raise _Closed
                     step = plan.send(None)
@@ -930,11 +934,12 @@ class ConsulResolver:
 
     async def aresolve(self) -> Resolution:
         """Same as :meth:`resolve` on the event loop; cancelling the task ends a query at once."""
+        self._check_open()
         plan = self._plan()
         try:
             step = next(plan)
             while True:
-                if isinstance(step, _Pause):
+                if isinstance(step, Pause):
                     await asyncio.sleep(step.seconds)
                     if self._closed.is_set():
                         raise _Closed
@@ -965,9 +970,15 @@ class ConsulResolver:
 
     # -- I/O
 
+    def _check_open(self) -> None:
+        # Raising (rather than answering) makes a refresh loop that was not stopped back off, not spin.
+        if self._closed.is_set():
+            raise DiscoveryError("the Consul resolver is closed", service=self.service, source=self.source)
+
     def _after_close(self) -> Resolution:
+        """A resolve interrupted by :meth:`close`: the last answer, so the refresh loop sees no change and ends."""
         if self.watch.answer is not None:
-            return self.watch.answer  # unchanged: the refresh loop sees no change and stops
+            return self.watch.answer
         raise DiscoveryError("the Consul resolver was closed", service=self.service, source=self.source)
 
     def _client(self) -> httpx.Client:
@@ -1017,7 +1028,7 @@ class ConsulResolver:
         with self._lock:
             self._sockets.difference_update(mine)
 
-    def _send(self, request: _Request) -> _Reply:
+    def _send(self, request: Request) -> Reply:
         client = self._client()
         mine: list[Any] = []
 
@@ -1038,12 +1049,12 @@ class ConsulResolver:
                 raise _Closed from None
             if not isinstance(exc, httpx.HTTPError):
                 raise
-            return _Reply(error=exc)
+            return Reply(error=exc)
         finally:
             self._untrack(mine)
-        return _Reply(response.status_code, _lower(response.headers), response.content)
+        return Reply(response.status_code, _lower(response.headers), response.content)
 
-    async def _asend(self, request: _Request) -> _Reply:
+    async def _asend(self, request: Request) -> Reply:
         client = self._aclient()
         mine: list[Any] = []
 
@@ -1064,10 +1075,10 @@ class ConsulResolver:
                 raise _Closed from None
             if not isinstance(exc, httpx.HTTPError):
                 raise
-            return _Reply(error=exc)
+            return Reply(error=exc)
         finally:
             self._untrack(mine)
-        return _Reply(response.status_code, _lower(response.headers), response.content)
+        return Reply(response.status_code, _lower(response.headers), response.content)
 
 
 def _lower(headers: httpx.Headers) -> dict[str, str]:

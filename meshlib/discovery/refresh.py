@@ -79,6 +79,8 @@ class RefreshThread:
     def stop(self) -> None:
         """Ask the loop to end and wait for it (bounded: a query in flight may take its timeout)."""
         self._stop.set()
+        # Interrupts a query in flight (a Consul blocking query may otherwise wait minutes); idempotent.
+        self._resolver.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT)
 

@@ -113,10 +113,10 @@ class TLSSettings:
         if not isinstance(self.verify, bool):
             raise ConfigError(self.variable("verify"), self.verify, "True or False")
         if self.key_file is not None and self.cert_file is None:
+            key_variable = self.variable("key_file")
+            cert_variable = key_variable.replace("KEY_FILE", "CERT_FILE").replace("key_file", "cert_file")
             raise ConfigError(
-                self.variable("key_file"),
-                self.key_file,
-                f"a key together with its certificate ({self.variable('cert_file')} is not set)",
+                key_variable, self.key_file, f"a key together with its certificate ({cert_variable} is not set)"
             )
         if self.server_name is not None and not _is_server_name(self.server_name):
             raise ConfigError(self.variable("server_name"), self.server_name, "a DNS name or an IP address")
@@ -524,15 +524,18 @@ class CertificateWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            contexts = list(self._contexts)
-            if not contexts:
+            if not self._check_all():
                 return
-            for context in contexts:
-                try:
-                    context.check()
-                except Exception:  # never let one bad check end rotation for the others
-                    logger.exception("checking TLS files %s failed", ", ".join(context.settings.files))
-            del contexts
+
+    def _check_all(self) -> bool:
+        """One round of checks; ``False`` when no context is left. (Its own frame: no reference survives it.)"""
+        contexts = list(self._contexts)
+        for context in contexts:
+            try:
+                context.check()
+            except Exception:  # never let one bad check end rotation for the others
+                logger.exception("checking TLS files %s failed", ", ".join(context.settings.files))
+        return bool(contexts)
 
     def close(self) -> None:
         """Stop the thread (and wait briefly for it)."""

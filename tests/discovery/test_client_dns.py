@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 
@@ -11,7 +10,7 @@ import pytest
 
 import meshlib
 from meshlib.testing import Backend
-from tests.conftest import BackendFactory
+from tests.conftest import BackendFactory, LogWatch
 from tests.discovery.conftest import require_dnsmasq
 from tests.servers.dnsmasq import Dnsmasq, SrvRecord
 
@@ -42,29 +41,9 @@ def _point_srv(dns: Dnsmasq, backends: list[Backend]) -> None:
     dns.set_records(hosts=hosts, srv=srv, ttl=1)
 
 
-class _LogEvent(logging.Handler):
-    """Sets an event when a log message containing ``needle`` is emitted: synchronisation without sleeping."""
-
-    def __init__(self, needle: str) -> None:
-        super().__init__()
-        self.needle = needle
-        self.event = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.needle in record.getMessage():
-            self.event.set()
-
-
 @pytest.fixture
-def endpoints_changed() -> Iterator[threading.Event]:
-    handler = _LogEvent("endpoints of service users changed")
-    logger = logging.getLogger("meshlib.discovery")
-    logger.addHandler(handler)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    yield handler.event
-    logger.removeHandler(handler)
-    logger.setLevel(previous)
+def endpoints_changed(log_event: LogWatch) -> threading.Event:
+    return log_event("endpoints of service users changed")
 
 
 def test_srv_change_moves_traffic_after_ttl(
@@ -114,21 +93,17 @@ def test_a_records_on_one_port(dns: Dnsmasq, start_backends: BackendFactory) -> 
         second.stop()
 
 
-def test_dns_down_keeps_last_good_set(dns: Dnsmasq, start_backends: BackendFactory) -> None:
+def test_dns_down_keeps_last_good_set(dns: Dnsmasq, start_backends: BackendFactory, log_event: LogWatch) -> None:
     backends = start_backends(2)
     _point_srv(dns, backends)
-    failed = _LogEvent("discovery failed for service users")
-    logging.getLogger("meshlib.discovery").addHandler(failed)
-    try:
-        with meshlib.Client(environ=_env(dns, f"dns+srv://{SRV_NAME}")) as client:
-            assert client.get("http://users/").status_code == 200
-            dns.stop()
-            assert failed.event.wait(10), "the refresh never noticed the DNS server was gone"
-            service = client.mesh.services["USERS"]
-            assert service.cache.consecutive_failures >= 1
-            statuses = [client.get("http://users/").status_code for _ in range(10)]
-    finally:
-        logging.getLogger("meshlib.discovery").removeHandler(failed)
+    failed = log_event("discovery failed for service users")
+    with meshlib.Client(environ=_env(dns, f"dns+srv://{SRV_NAME}")) as client:
+        assert client.get("http://users/").status_code == 200
+        dns.stop()
+        assert failed.wait(10), "the refresh never noticed the DNS server was gone"
+        service = client.mesh.services["USERS"]
+        assert service.cache.consecutive_failures >= 1
+        statuses = [client.get("http://users/").status_code for _ in range(10)]
     assert statuses == [200] * 10
 
 

@@ -29,7 +29,9 @@ def tls_backend(tmp_path: Path) -> Iterator[TLSBackendFactory]:
     """``tls_backend(leaf, client_ca=None)``: a started HTTPS backend presenting ``leaf``, stopped after."""
     started: list[Backend] = []
 
-    def start(leaf: Leaf, *, client_ca: CA | None = None, name: str = "tls", context: ssl.SSLContext | None = None) -> Backend:
+    def start(
+        leaf: Leaf, *, client_ca: CA | None = None, name: str = "tls", context: ssl.SSLContext | None = None
+    ) -> Backend:
         ctx = context or server_context(leaf, tmp_path, client_ca=client_ca)
         backend = Backend(name, ssl_context=ctx).start()
         started.append(backend)

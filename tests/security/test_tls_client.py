@@ -38,7 +38,7 @@ def test_a_certificate_for_another_name_fails_before_sending(
 ) -> None:
     backend = tls_backend(ca.issue("billing"))
     env = mesh_env(backend, TLS_CA_FILE=str(ca.write(tmp_path / "ca.pem")))
-    with pytest.raises(httpx.ConnectError, match="(?i)hostname mismatch"):
+    with pytest.raises(httpx.ConnectError, match=r"(?i)hostname mismatch"):
         fetch(mode, "https://payments/charge", environ=env)
     assert backend.count == 0
 
@@ -60,7 +60,7 @@ def test_server_name_replaces_the_logical_name_for_sni_and_the_check(
 def test_a_server_signed_by_another_ca_fails(mode: str, ca: CA, tmp_path: Path, tls_backend: TLSBackendFactory) -> None:
     backend = tls_backend(CA("rogue CA").issue("payments"))
     env = mesh_env(backend, TLS_CA_FILE=str(ca.write(tmp_path / "ca.pem")))
-    with pytest.raises(httpx.ConnectError, match="(?i)certificate verify failed"):
+    with pytest.raises(httpx.ConnectError, match=r"(?i)certificate verify failed"):
         fetch(mode, "https://payments/charge", environ=env)
     assert backend.count == 0
 
@@ -68,7 +68,7 @@ def test_a_server_signed_by_another_ca_fails(mode: str, ca: CA, tmp_path: Path, 
 def test_an_expired_server_certificate_fails(mode: str, ca: CA, tmp_path: Path, tls_backend: TLSBackendFactory) -> None:
     backend = tls_backend(ca.issue("payments", not_before=NOW - 3 * DAY, not_after=NOW - DAY))
     env = mesh_env(backend, TLS_CA_FILE=str(ca.write(tmp_path / "ca.pem")))
-    with pytest.raises(httpx.ConnectError, match="(?i)expired"):
+    with pytest.raises(httpx.ConnectError, match=r"(?i)expired"):
         fetch(mode, "https://payments/charge", environ=env)
     assert backend.count == 0
 
@@ -135,7 +135,7 @@ def test_a_matching_spiffe_id_from_an_untrusted_ca_still_fails(
     backend = tls_backend(CA("rogue", trust_domain=TD).issue(uris=(PAYMENTS_ID,)))
     bundle = CA("spire", trust_domain=TD).write(tmp_path / "bundle.pem")
     env = mesh_env(backend, TLS_CA_FILE=str(bundle), TLS_SERVER_ID=PAYMENTS_ID)
-    with pytest.raises(httpx.ConnectError, match="(?i)certificate verify failed"):
+    with pytest.raises(httpx.ConnectError, match=r"(?i)certificate verify failed"):
         fetch(mode, "https://payments/", environ=env)
 
 
@@ -176,7 +176,9 @@ def test_settings_passed_in_code_work_like_the_environment(
 ) -> None:
     backend = tls_backend(ca.issue("payments"), client_ca=ca)
     cert, key = ca.issue(common_name="coded").write(tmp_path, "client")
-    tls = meshlib.security.TLSSettings(ca_file=str(ca.write(tmp_path / "ca.pem")), cert_file=str(cert), key_file=str(key))
+    tls = meshlib.security.TLSSettings(
+        ca_file=str(ca.write(tmp_path / "ca.pem")), cert_file=str(cert), key_file=str(key)
+    )
     env = mesh_env(backend)
     assert fetch(mode, "https://payments/", environ=env, tls=tls).status_code == 200
     assert common_name(backend.requests[0].peercert) == "coded"
@@ -205,7 +207,7 @@ def test_verify_false_for_one_service_accepts_any_server_and_warns(
 
 
 def test_verification_cannot_be_disabled_mesh_wide() -> None:
-    with pytest.raises(meshlib.ConfigError, match="MESHLIB_TLS_VERIFY.*MESHLIB_SERVICE_<NAME>__TLS_VERIFY"):
+    with pytest.raises(meshlib.ConfigError, match=r"MESHLIB_TLS_VERIFY.*MESHLIB_SERVICE_<NAME>__TLS_VERIFY"):
         meshlib.Client(environ={"MESHLIB_SERVICE_A": "static://127.0.0.1:1", "MESHLIB_TLS_VERIFY": "false"})
 
 

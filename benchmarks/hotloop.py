@@ -1,0 +1,95 @@
+"""A request loop to profile: ``python -m benchmarks.hotloop --variant meshlib --mode sync [--profile]``.
+
+Starts nginx (1 KiB answers), then sends closed-loop requests for ``--seconds`` through raw httpx or
+meshlib, sync or async, with the default or the aiohttp inner transport, and prints requests/s and client
+CPU per request. ``--profile`` wraps the loop in pyinstrument and prints its call tree; for a native
+view, run it under py-spy instead::
+
+    py-spy record -o /tmp/s1.svg -- .venv/bin/python -m benchmarks.hotloop --variant meshlib --seconds 10
+
+This is how the profiles quoted in docs/performance.md were taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import httpx
+
+import meshlib
+from benchmarks.harness import pin_client
+from benchmarks.load import ClosedResult, closed_async, closed_sync
+from benchmarks.servers import Nginx
+
+
+def _async_client(variant: str, transport: str, port: int) -> tuple[httpx.AsyncClient, str]:
+    kwargs: dict[str, Any] = {}
+    if transport == "aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        kwargs["transport"] = AiohttpTransport()
+    if variant == "meshlib":
+        return meshlib.AsyncClient(
+            services={"bench": f"static://127.0.0.1:{port}"}, environ={}, **kwargs
+        ), "http://bench/"
+    return httpx.AsyncClient(**kwargs), f"http://127.0.0.1:{port}/"
+
+
+def loop(variant: str, mode: str, transport: str, concurrency: int, seconds: float, port: int) -> ClosedResult:
+    """One closed-loop run against ``port``."""
+    if mode == "sync":
+        if variant == "meshlib":
+            client: httpx.Client = meshlib.Client(services={"bench": f"static://127.0.0.1:{port}"}, environ={})
+            url = "http://bench/"
+        else:
+            client, url = httpx.Client(), f"http://127.0.0.1:{port}/"
+        with client:
+            return closed_sync(lambda: client.get(url), concurrency=concurrency, duration=seconds)
+
+    async def go() -> ClosedResult:
+        aclient, aurl = _async_client(variant, transport, port)
+        async with aclient:
+
+            async def send() -> None:
+                await aclient.get(aurl)
+
+            return await closed_async(send, concurrency=concurrency, duration=seconds)
+
+    return asyncio.run(go())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, start nginx, run (and optionally profile) the loop, print the result."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=("httpx", "meshlib"), default="meshlib")
+    parser.add_argument("--mode", choices=("sync", "async"), default="sync")
+    parser.add_argument("--transport", choices=("default", "aiohttp"), default="default")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--profile", action="store_true", help="print a pyinstrument call tree")
+    args = parser.parse_args(argv)
+    pinning = pin_client()
+    with Nginx(1, pinning.server_prefix) as nginx:
+        run = lambda: loop(  # noqa: E731
+            args.variant, args.mode, args.transport, args.concurrency, args.seconds, nginx.ports[0]
+        )
+        if args.profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0002, async_mode="disabled")
+            profiler.start()
+            result = run()
+            profiler.stop()
+            print(profiler.output_text(unicode=False, color=False, show_all=False))
+        else:
+            result = run()
+    print(
+        f"{args.variant} {args.mode} {args.transport} c={args.concurrency}: {result.rps:.0f} rps, "
+        f"{result.cpu_us_per_request():.0f} µs CPU/request, p50 {result.hist.percentiles((50,))[0] * 1e6:.0f} µs"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The admin endpoint: Envoy-admin-style ``/status`` and ``/metrics`` on loopback, for ``meshlib status``.
+
+Opt in with ``MESHLIB_ADMIN_ADDR=127.0.0.1:9901`` (loopback only: :mod:`meshlib.config` refuses anything
+else, as Envoy's docs say its admin must never be exposed). Every ``meshlib.Client`` / ``AsyncClient``
+created with it registers with a small stdlib HTTP server running in a daemon thread:
+
+* ``GET /status`` -- JSON: ``{"meshlib": version, "pid": ..., "clients": [client.mesh_status().to_dict()...]}``;
+* ``GET /metrics`` -- meshlib's metrics in Prometheus text format, through the OpenTelemetry Prometheus
+  exporter when it is installed (``pip install 'meshlib[prometheus]'``); else 404 saying so;
+* ``GET /`` -- the list of the above.
+
+**One server per address per process.** Clients that name the same address share one server, which lists
+them all; it holds them by weak reference (a client that is collected disappears from ``/status``), starts
+with the first and stops when the last one closes. Port ``0`` picks a free port (logged, and readable as
+``client.admin_address``).
+
+**A busy port is not fatal.** When another process already listens there -- typically the other workers of
+a pre-forking server started with the same environment -- the client logs one WARNING and works without an
+admin endpoint: a debugging aid must never take an application down. Give each process its own port (or
+``:0``) to see them all.
+
+**Loopback is checked twice**: the bind address, and the ``Host`` header of each request (a browser page
+on some web site could otherwise reach the endpoint through DNS rebinding); other hosts get 403. Nothing is
+logged per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+import weakref
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from meshlib.status import snapshot
+from meshlib.telemetry.client import ClientTelemetry
+from meshlib.telemetry.metrics import MeshMetrics
+
+__all__ = ["AdminServer", "attach", "detach", "running"]
+
+logger = logging.getLogger("meshlib.admin")
+
+Address = tuple[str, int]
+
+#: What ``/metrics`` answers when the Prometheus exporter is not installed.
+METRICS_HINT = (
+    "meshlib: /metrics needs the OpenTelemetry Prometheus exporter: "
+    "pip install 'meshlib[prometheus]' (opentelemetry-exporter-prometheus and prometheus-client)\n"
+)
+#: How often the server thread checks for shutdown (bounds how long the last client's close() waits).
+_POLL_INTERVAL = 0.1
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    admin: AdminServer
+
+    def __init__(self, address: Address) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "meshlib-admin"
+
+    def do_GET(self) -> None:
+        if not _loopback_host(self.headers.get("Host")):
+            self._answer(403, b"meshlib admin answers requests for loopback hosts only\n", "text/plain")
+            return
+        path = self.path.split("?", 1)[0]
+        admin = self.server.admin
+        if path == "/status":
+            body = json.dumps(admin.status(), indent=2).encode() + b"\n"
+            self._answer(200, body, "application/json")
+        elif path == "/metrics":
+            text = admin.metrics_text()
+            if text is None:
+                self._answer(404, METRICS_HINT.encode(), "text/plain")
+            else:
+                self._answer(200, text[0], text[1])
+        elif path == "/":
+            self._answer(
+                200, b"meshlib admin\n  /status   JSON snapshot of every client\n  /metrics  Prometheus\n", "text/plain"
+            )
+        else:
+            self._answer(404, b"not found: try /status or /metrics\n", "text/plain")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # never a log line per request
+        logger.debug("admin %s " + format, self.address_string(), *args)
+
+
+def _loopback_host(header: str | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback (or is absent, as from HTTP/1.0 tools)."""
+    if not header:
+        return True
+    host = header.strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminServer:
+    """One admin HTTP server and the clients it reports (weakly held)."""
+
+    def __init__(self, address: Address) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[int, tuple[weakref.ref[Any], str]] = {}
+        self._server = _Server(address)
+        self._server.admin = self
+        self.address: Address = self._server.server_address[:2]  # type: ignore[assignment]
+        self._prometheus = _Prometheus.create()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": _POLL_INTERVAL},
+            name=f"meshlib-admin-{self.address[1]}",
+            daemon=True,
+        )
+        self._thread.start()
+        logger.info(
+            "admin endpoint listening on http://%s/ (/status, /metrics%s)",
+            _format(self.address),
+            "" if self._prometheus is not None else ": exporter not installed",
+        )
+
+    @property
+    def metrics(self) -> MeshMetrics | None:
+        """The instruments ``/metrics`` exports (``None`` without the Prometheus exporter)."""
+        return None if self._prometheus is None else self._prometheus.metrics
+
+    def add(self, transport: Any, kind: str, telemetry: ClientTelemetry) -> None:
+        """Report ``transport`` (a client's mesh) in ``/status`` and, through ``telemetry``, ``/metrics``."""
+        with self._lock:
+            self._clients[id(transport)] = (weakref.ref(transport), kind)
+        if self.metrics is not None:
+            telemetry.add_sink(self.metrics)
+
+    def remove(self, transport: Any, telemetry: ClientTelemetry) -> bool:
+        """Stop reporting ``transport``; ``True`` when no client is left."""
+        if self.metrics is not None:
+            telemetry.remove_sink(self.metrics)
+        with self._lock:
+            self._clients.pop(id(transport), None)
+            self._prune()
+            return not self._clients
+
+    def _prune(self) -> None:
+        for key in [key for key, (ref, _) in self._clients.items() if ref() is None]:
+            del self._clients[key]
+
+    def status(self) -> dict[str, Any]:
+        """What ``/status`` answers."""
+        from meshlib import __version__
+
+        with self._lock:
+            self._prune()
+            clients = [(ref(), kind) for ref, kind in self._clients.values()]
+        return {
+            "meshlib": __version__,
+            "pid": os.getpid(),
+            "clients": [snapshot(mesh.services, kind).to_dict() for mesh, kind in clients if mesh is not None],
+        }
+
+    def metrics_text(self) -> tuple[bytes, str] | None:
+        """``/metrics`` body and content type, or ``None`` when the exporter is missing."""
+        return None if self._prometheus is None else self._prometheus.render()
+
+    def close(self) -> None:
+        """Stop serving and free the port (waits for the server thread)."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        if self._prometheus is not None:
+            self._prometheus.close()
+        logger.info("admin endpoint on http://%s/ stopped", _format(self.address))
+
+
+class _Prometheus:
+    """A private meter provider whose reader is the OpenTelemetry Prometheus exporter, on its own registry."""
+
+    def __init__(self, provider: Any, registry: Any, generate: Any, content_type: str) -> None:
+        from meshlib.telemetry.metrics import _meter
+
+        self._provider = provider
+        self._registry = registry
+        self._generate = generate
+        self._content_type = content_type
+        self.metrics = MeshMetrics(_meter(provider))
+
+    @classmethod
+    def create(cls) -> _Prometheus | None:
+        try:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from opentelemetry.sdk.metrics import MeterProvider
+            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        except ImportError:
+            return None
+        registry = CollectorRegistry(auto_describe=True)
+        reader = PrometheusMetricReader(disable_target_info=True, registry=registry)
+        provider = MeterProvider(metric_readers=[reader])
+        return cls(provider, registry, generate_latest, CONTENT_TYPE_LATEST)
+
+    def render(self) -> tuple[bytes, str]:
+        body: bytes = self._generate(self._registry)
+        return body, self._content_type
+
+    def close(self) -> None:
+        self._provider.shutdown()
+
+
+def _format(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOCK = threading.Lock()
+#: Running servers by the address they were asked for (port 0 included), so clients that ask alike share.
+_SERVERS: dict[Address, AdminServer] = {}
+
+
+def attach(transport: Any, telemetry: ClientTelemetry, address: Address, kind: str) -> AdminServer | None:
+    """Register a client's mesh with the admin server at ``address``, starting it if needed.
+
+    Returns ``None`` (after one WARNING) when the port is taken by someone else: the client works on.
+    """
+    with _LOCK:
+        server = _SERVERS.get(address)
+        if server is None:
+            try:
+                server = AdminServer(address)
+            except OSError as error:
+                logger.warning(
+                    "admin endpoint not started: cannot listen on %s (%s); another process probably serves it. "
+                    "This client works without one; give each process its own MESHLIB_ADMIN_ADDR port (or :0)",
+                    _format(address),
+                    error.strerror or error,
+                )
+                return None
+            _SERVERS[address] = server
+        server.add(transport, kind, telemetry)
+        return server
+
+
+def detach(server: AdminServer, transport: Any, telemetry: ClientTelemetry) -> None:
+    """Unregister a closing client; the last one to leave stops the server."""
+    with _LOCK:
+        if not server.remove(transport, telemetry):
+            return
+        for key, running_server in list(_SERVERS.items()):
+            if running_server is server:
+                del _SERVERS[key]
+        server.close()  # under the lock: a client attaching next finds the port free again
+
+
+def running() -> dict[Address, AdminServer]:
+    """The admin servers of this process, by requested address (for tests and diagnostics)."""
+    with _LOCK:
+        return dict(_SERVERS)

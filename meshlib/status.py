@@ -1,0 +1,178 @@
+"""``client.mesh_status()``: a snapshot of what one client's mesh looks like right now.
+
+Plain frozen dataclasses of strings, numbers, booleans and lists, so a snapshot can be logged, compared in a
+test, or turned into JSON with :meth:`MeshStatus.to_dict` (``json.dumps(status.to_dict())``) -- which is what
+the admin endpoint's ``/status`` serves and ``meshlib status`` prints as a table.
+
+Reading a snapshot takes no lock on the request path: it reads the same immutable endpoint view and the
+same counters the requests update, so numbers taken at one instant may disagree by a request in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlib.resilience.breaker import STATE_CLOSED
+from meshlib.service import Service
+
+__all__ = [
+    "BudgetStatus",
+    "DiscoveryStatus",
+    "EndpointStatus",
+    "MeshStatus",
+    "ServiceStatus",
+    "snapshot",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    """One endpoint as this client sees it.
+
+    ``latency_ms`` is the balancer's peak-EWMA estimate (decayed to now); ``requests`` and ``failures`` count
+    attempts since the endpoint joined; ``breaker`` is ``closed``, ``open`` or ``half-open``; ``ejected`` is
+    outlier detection's verdict.
+    """
+
+    address: str
+    weight: int
+    priority: int
+    zone: str | None
+    inflight: int
+    latency_ms: float
+    requests: int
+    failures: int
+    breaker: str
+    breaker_failures: int
+    breaker_opens: int
+    ejected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryStatus:
+    """The discovery source of a service and how fresh its answer is (``age_s``: ``None`` before any)."""
+
+    source: str
+    age_s: float | None
+    version: int | None
+    refreshes: int
+    failures: int
+    consecutive_failures: int
+    changes: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """The service's retry budget (``available``: retries it would allow now) and concurrency limit."""
+
+    available: float
+    retries: int
+    exhausted: int
+    percent: float
+    min_per_second: int
+    inflight: int
+    max_inflight: int
+    overloaded: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """One mesh service: balancer, discovery, budget, ejections and endpoints (empty until first used)."""
+
+    name: str
+    balancer: str
+    started: bool
+    discovery: DiscoveryStatus
+    budget: BudgetStatus
+    ejections: int
+    endpoints: list[EndpointStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatus:
+    """Every service of one client; ``client`` is ``"sync"`` or ``"async"``, ``taken_at`` Unix time."""
+
+    client: str
+    pid: int
+    taken_at: float
+    services: list[ServiceStatus] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as JSON-ready dictionaries and lists."""
+        return dataclasses.asdict(self)
+
+
+def snapshot(services: Mapping[str, Service[Any]], client: str) -> MeshStatus:
+    """A :class:`MeshStatus` of ``services`` (a mesh transport's ``services``) taken now."""
+    return MeshStatus(
+        client=client,
+        pid=os.getpid(),
+        taken_at=time.time(),
+        services=[_service(service) for _, service in sorted(services.items())],
+    )
+
+
+def _service(service: Service[Any]) -> ServiceStatus:
+    cache = service.cache
+    snap = cache.snapshot
+    age = cache.age()
+    budget = service.budget
+    limit = service.limit
+    active = service.active
+    endpoints: list[EndpointStatus] = []
+    if active is not None:
+        now = time.monotonic()
+        ejected = service.detector.ejected()
+        breakers = service.breakers
+        for address, stats in sorted(active.stats.items()):
+            breaker = breakers.get(address)
+            endpoint = stats.endpoint
+            endpoints.append(
+                EndpointStatus(
+                    address=endpoint.address,
+                    weight=endpoint.weight,
+                    priority=endpoint.priority,
+                    zone=endpoint.zone,
+                    inflight=stats.inflight,
+                    latency_ms=round(stats.cost(now) * 1000.0, 3),
+                    requests=stats.requests,
+                    failures=stats.failures,
+                    breaker=breaker.state if breaker is not None else STATE_CLOSED,
+                    breaker_failures=breaker.failures if breaker is not None else 0,
+                    breaker_opens=breaker.trips if breaker is not None else 0,
+                    ejected=address in ejected,
+                )
+            )
+    return ServiceStatus(
+        name=service.name,
+        balancer=service.lb_name,
+        started=active is not None,
+        discovery=DiscoveryStatus(
+            source=cache.source,
+            age_s=None if age is None else round(age, 3),
+            version=None if snap is None else snap.version,
+            refreshes=cache.refreshes,
+            failures=cache.failures,
+            consecutive_failures=cache.consecutive_failures,
+            changes=cache.changes,
+            last_error=cache.last_error,
+        ),
+        budget=BudgetStatus(
+            available=round(budget.balance(), 2),
+            retries=budget.withdrawals,
+            exhausted=budget.exhausted,
+            percent=budget.percent_can_retry,
+            min_per_second=budget.min_retries_per_second,
+            inflight=limit.inflight,
+            max_inflight=limit.max_inflight,
+            overloaded=limit.rejected,
+        ),
+        ejections=service.detector.ejections,
+        endpoints=endpoints,
+    )

@@ -1,0 +1,176 @@
+"""The telemetry of one client: which tracer and meters it reports to, and what a call reports when.
+
+:class:`ClientTelemetry` is built once per ``meshlib.Client`` / ``AsyncClient`` (``tracer_provider=`` and
+``meter_provider=`` arguments, else the global providers, picked up as soon as the application installs
+them) and handed to its mesh transport. :class:`~meshlib.call.Call` calls the ``call_*`` / ``attempt_*``
+methods at the steps of a call; each returns at once when there is nothing to record, so a client in an
+application without an OpenTelemetry SDK pays a few attribute reads per request:
+
+* ``call_started``   -- start the logical CLIENT span (tracing on);
+* ``attempt_started``/``attempt_finished`` -- keep an attempt's timestamps and verdict (tracing on), and
+  write the previous attempt's span when a retry begins;
+* ``call_finished``  -- end the span with the outcome, and record ``http.client.request.duration``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from opentelemetry import metrics, trace
+
+from meshlib.resilience.classify import Outcome, classify_exception
+from meshlib.telemetry.metrics import GLOBAL_SOURCES, MeshMetrics, client_metrics_for, global_meter_provider_set
+from meshlib.telemetry.tracing import (
+    AttemptRecord,
+    TracerSource,
+    finish_call_span,
+    method_attributes,
+    start_attempt_span,
+    start_call_span,
+)
+
+if TYPE_CHECKING:
+    from meshlib.call import Call
+
+__all__ = ["ClientTelemetry"]
+
+
+class ClientTelemetry:
+    """Where one client's spans and measurements go, and the hooks a call reports through.
+
+    ``tracer_provider`` / ``meter_provider``: explicit providers (tests, applications with several), or
+    ``None`` for the global ones. Metric *sinks* are the instrument sets measurements are recorded to: the
+    meter provider's, plus the admin endpoint's when it serves ``/metrics`` (:meth:`add_sink`).
+    """
+
+    __slots__ = ("_global_pending", "_sinks", "_sources", "traces")
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self.traces = TracerSource(tracer_provider)
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        sinks: list[MeshMetrics] = []
+        self._global_pending = meter_provider is None or type(meter_provider).__name__ == "_ProxyMeterProvider"
+        if self._global_pending:
+            metrics.get_meter_provider()  # honour OTEL_PYTHON_METER_PROVIDER once, here
+        else:
+            found = client_metrics_for(meter_provider)
+            if found is not None:
+                sinks.append(found)
+        self._sinks: tuple[MeshMetrics, ...] = tuple(sinks)
+
+    # -- registration ----------------------------------------------------------------------------------------
+
+    def bind(self, source: Any) -> None:
+        """Let the observable instruments read ``source`` (a mesh transport), weakly, until :meth:`unbind`."""
+        self._sources.add(source)
+        if self._global_pending:
+            GLOBAL_SOURCES.add(source)
+        for sink in self._sinks:
+            sink.sources.add(source)
+
+    def unbind(self, source: Any) -> None:
+        """Stop reporting ``source`` (its client closed)."""
+        GLOBAL_SOURCES.discard(source)
+        for sink in self._sinks:
+            sink.sources.discard(source)
+        self._sources.discard(source)
+
+    def add_sink(self, sink: MeshMetrics) -> None:
+        """Also record to ``sink`` (the admin endpoint's Prometheus instruments), and let it read our sources."""
+        if sink not in self._sinks:
+            self._sinks = (*self._sinks, sink)
+            for source in list(self._sources):
+                sink.sources.add(source)
+
+    def remove_sink(self, sink: MeshMetrics) -> None:
+        """Stop recording to ``sink``."""
+        self._sinks = tuple(s for s in self._sinks if s is not sink)
+        for source in list(self._sources):
+            sink.sources.discard(source)
+
+    def sinks(self) -> tuple[MeshMetrics, ...]:
+        """The instrument sets to record to now (empty without a meter provider)."""
+        if self._global_pending and global_meter_provider_set():
+            self._global_pending = False
+            found = client_metrics_for(None)
+            if found is not None:
+                self._sinks = (found, *self._sinks)
+        return self._sinks
+
+    # -- the steps of a call ---------------------------------------------------------------------------------
+
+    def call_started(self, call: Call[Any]) -> None:
+        """Start the call's CLIENT span when a tracer is configured (parented on the current context)."""
+        tracer = self.traces.tracer()
+        if tracer is not None:
+            span = start_call_span(tracer, call.request, call.service.name)
+            call.span = span
+            call.span_context = trace.set_span_in_context(span)
+
+    def attempt_started(self, call: Call[Any]) -> None:
+        """(Tracing on.) A new attempt: write the previous one's span, start keeping this one's timestamps."""
+        previous = call.record
+        if previous is not None:
+            self._attempt_span(call, previous)
+        assert call.peer is not None
+        call.record = AttemptRecord(call.attempts, time.time_ns(), call.peer)
+
+    def _attempt_span(self, call: Call[Any], record: AttemptRecord) -> None:
+        tracer = self.traces.tracer()
+        if tracer is not None and call.span_context is not None:
+            start_attempt_span(tracer, call.span_context, method_attributes(call.method)[0], record)
+
+    def call_finished(self, call: Call[Any], response: httpx.Response | None, error: BaseException | None) -> None:
+        """End the span and record the duration: the response headers arrived, or the call failed."""
+        span = call.span
+        sinks = self.sinks()
+        if span is None and not sinks:
+            return
+        status = response.status_code if response is not None else None
+        description: str | None = None
+        if error is not None:
+            error_type: str | None = type(error).__qualname__
+            outcome = "failure"
+            description = classify_exception(error).reason
+        else:
+            verdict = call.verdict
+            outcome = "success" if verdict is None or verdict.outcome is Outcome.SUCCESS else "failure"
+            error_type = str(status) if status is not None and status >= 400 else None
+            if error_type is not None and verdict is not None:
+                description = verdict.reason
+        if span is not None:
+            record = call.record
+            if record is not None and call.attempts > 1:
+                self._attempt_span(call, record)
+            call.record = None
+            finish_call_span(
+                span,
+                status_code=status,
+                error_type=error_type,
+                description=description,
+                peer=call.peer,
+                attempts=call.attempts,
+            )
+        if sinks:
+            seconds = time.monotonic() - call.started
+            url = call.request.url
+            port = url.port or (443 if url.scheme == "https" else 80)
+            method = method_attributes(call.method)[1]
+            for sink in sinks:
+                sink.record_call(
+                    seconds,
+                    host=url.host,
+                    port=port,
+                    method=method,
+                    status=status,
+                    error_type=error_type,
+                    peer=call.peer,
+                    outcome=outcome,
+                )

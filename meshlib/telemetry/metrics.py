@@ -1,0 +1,383 @@
+"""Metrics with the OpenTelemetry metrics API: the golden signals per service and endpoint, and the mesh's own.
+
+Two kinds of instruments, chosen by what they cost on the request path:
+
+* **One synchronous instrument per logical call**: ``http.client.request.duration`` (histogram, seconds, the
+  semantic conventions' bucket boundaries given as ``explicit_bucket_boundaries_advisory``). Its count *is*
+  the request count, and its attributes carry the outcome (``meshlib.outcome``), the error
+  (``error.type``), the status code and the endpoint that answered, so request rate, errors and latency
+  come from one measurement: an SDK histogram record costs several microseconds, a second instrument would
+  double that for no new information.
+* **Everything else is observed at collection time** from counters the mesh keeps anyway (the concurrency
+  limit, endpoint stats, retry budget, breakers, outlier detector, discovery cache): in-flight requests
+  (``http.client.active_requests``, an asynchronous UpDownCounter), attempts, retries, budget exhaustion,
+  breaker openings, ejections, discovery refreshes and failures, endpoints per service. They cost nothing
+  per request.
+
+Instruments are created **once per meter provider**, not per client and never per request: an SDK returns
+the first instrument for a repeated name and ignores the new callbacks, so several clients share one set
+of instruments, and the observable callbacks walk every live client registered with it (weak references:
+a client that is closed or collected drops out). Across clients, counters and in-flight counts add up;
+endpoint counts and discovery age report the widest view. Names, units and attributes are documented in
+``docs/observability.md``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+
+from meshlib.resilience.breaker import STATE_OPEN
+from meshlib.service import Service
+from meshlib.telemetry.tracing import INSTRUMENTATION_NAME, SCHEMA_URL, _version
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "MeshMetrics",
+    "MetricSource",
+    "ServerMetrics",
+    "client_metrics_for",
+    "global_meter_provider_set",
+    "server_metrics_for",
+]
+
+#: The HTTP semantic conventions' advisory boundaries for ``http.{client,server}.request.duration`` (seconds).
+DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+#: Bound on the per-client cache of attribute dictionaries (services x methods x statuses x endpoints).
+_ATTRIBUTE_CACHE_SIZE = 4096
+
+Attributes = dict[str, str | int | bool]
+_Key = tuple[tuple[str, str | int | bool], ...]
+
+
+class MetricSource(Protocol):
+    """What observable instruments read: a mesh transport's services (``MeshTransport.services``)."""
+
+    @property
+    def services(self) -> Mapping[str, Service[Any]]: ...
+
+
+def global_meter_provider_set() -> bool:
+    """Whether the application has installed a global meter provider (a module attribute read)."""
+    if _HAS_PRIVATE_GLOBAL:
+        return metrics._internal._METER_PROVIDER is not None
+    return type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"  # pragma: no cover
+
+
+_HAS_PRIVATE_GLOBAL = hasattr(metrics, "_internal") and hasattr(metrics._internal, "_METER_PROVIDER")
+
+
+def _meter(provider: MeterProvider) -> Meter:
+    return provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+
+
+class MeshMetrics:
+    """meshlib's client instruments on one meter provider, shared by every client that reports to it.
+
+    ``sources`` are the mesh transports the observable instruments read (weakly held).
+    """
+
+    def __init__(self, meter: Meter, sources: weakref.WeakSet[Any] | None = None) -> None:
+        self.sources: weakref.WeakSet[Any] = sources if sources is not None else weakref.WeakSet()
+        self._attributes: dict[tuple[object, ...], Attributes] = {}
+        self.duration = meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of logical HTTP client calls through the mesh, all attempts and backoff included.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        observed: tuple[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]], ...] = (
+            (
+                "http.client.active_requests",
+                "{request}",
+                "Mesh calls in flight per service (until the response body is closed).",
+                self._active_requests,
+            ),
+            (
+                "meshlib.client.endpoint.active_requests",
+                "{request}",
+                "Attempts in flight per endpoint.",
+                self._inflight,
+            ),
+        )
+        for name, unit, description, callback in observed:
+            meter.create_observable_up_down_counter(name, [callback], unit=unit, description=description)
+        counted: tuple[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]], ...] = (
+            (
+                "meshlib.client.attempts",
+                "{attempt}",
+                "Attempts sent per endpoint (first tries and retries).",
+                self._attempts,
+            ),
+            (
+                "meshlib.client.attempt.failures",
+                "{attempt}",
+                "Attempts per endpoint that failed (5xx, connection errors, timeouts).",
+                self._attempt_failures,
+            ),
+            ("meshlib.client.retries", "{retry}", "Retries the retry budget allowed, per service.", self._retries),
+            (
+                "meshlib.client.retry_budget.exhausted",
+                "{retry}",
+                "Retries refused because the service's retry budget was empty.",
+                self._budget_exhausted,
+            ),
+            (
+                "meshlib.client.overloaded",
+                "{request}",
+                "Calls refused because the service had MESHLIB_MAX_INFLIGHT calls in flight.",
+                self._overloaded,
+            ),
+            (
+                "meshlib.client.breaker.opens",
+                "{transition}",
+                "Circuit breaker transitions to open, per endpoint.",
+                self._breaker_opens,
+            ),
+            ("meshlib.client.ejections", "{ejection}", "Outlier-detection ejections, per service.", self._ejections),
+            (
+                "meshlib.client.discovery.refreshes",
+                "{refresh}",
+                "Discovery answers applied, per service.",
+                self._discovery_refreshes,
+            ),
+            (
+                "meshlib.client.discovery.failures",
+                "{failure}",
+                "Failed (or empty) discovery refreshes, per service.",
+                self._discovery_failures,
+            ),
+        )
+        for name, unit, description, callback in counted:
+            meter.create_observable_counter(name, [callback], unit=unit, description=description)
+        meter.create_observable_gauge(
+            "meshlib.client.endpoints",
+            [self._endpoints],
+            unit="{endpoint}",
+            description="Endpoints per service, by state: available, ejected (outlier detection), open (breaker).",
+        )
+        meter.create_observable_gauge(
+            "meshlib.client.discovery.age",
+            [self._discovery_age],
+            unit="s",
+            description="Seconds since the service's discovery source last answered.",
+        )
+
+    # -- the request path ------------------------------------------------------------------------------------
+
+    def record_call(
+        self,
+        seconds: float,
+        *,
+        host: str,
+        port: int,
+        method: str,
+        status: int | None,
+        error_type: str | None,
+        peer: tuple[str, int] | None,
+        outcome: str,
+    ) -> None:
+        """Record one logical call's duration with its attributes (dictionaries cached per combination)."""
+        key = (host, port, method, status, error_type, peer, outcome)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = {"http.request.method": method, "server.address": host, "server.port": port}
+            if status is not None:
+                attributes["http.response.status_code"] = status
+            if error_type is not None:
+                attributes["error.type"] = error_type
+            if peer is not None:
+                attributes["network.peer.address"] = peer[0]
+                attributes["network.peer.port"] = peer[1]
+            attributes["meshlib.outcome"] = outcome
+            if len(self._attributes) >= _ATTRIBUTE_CACHE_SIZE:
+                self._attributes.clear()
+            self._attributes[key] = attributes
+        self.duration.record(seconds, attributes)
+
+    # -- collection time -------------------------------------------------------------------------------------
+
+    def _services(self) -> Iterator[Service[Any]]:
+        for source in list(self.sources):
+            yield from list(source.services.values())
+
+    @staticmethod
+    def _emit(values: dict[_Key, float]) -> list[Observation]:
+        return [Observation(value, dict(key)) for key, value in values.items()]
+
+    def _per_service(
+        self, value: Callable[[Service[Any]], float], combine: Callable[[float, float], float]
+    ) -> list[Observation]:
+        values: dict[_Key, float] = {}
+        for service in self._services():
+            key: _Key = (("server.address", service.name),)
+            found = value(service)
+            values[key] = combine(values[key], found) if key in values else found
+        return self._emit(values)
+
+    def _per_endpoint(self, value: Callable[[Service[Any], Any], float]) -> list[Observation]:
+        values: dict[_Key, float] = {}
+        for service in self._services():
+            active = service.active
+            if active is None:
+                continue
+            for (host, port), stats in list(active.stats.items()):
+                key: _Key = (
+                    ("server.address", service.name),
+                    ("network.peer.address", host),
+                    ("network.peer.port", port),
+                )
+                values[key] = values.get(key, 0) + value(service, stats)
+        return self._emit(values)
+
+    def _active_requests(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.limit.inflight, _add)
+
+    def _inflight(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_endpoint(lambda s, stats: stats.inflight)
+
+    def _attempts(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_endpoint(lambda s, stats: stats.requests)
+
+    def _attempt_failures(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_endpoint(lambda s, stats: stats.failures)
+
+    def _breaker_opens(self, options: CallbackOptions) -> list[Observation]:
+        def trips(service: Service[Any], stats: Any) -> float:
+            breaker = service.breakers.get((stats.endpoint.host, stats.endpoint.port))
+            return 0 if breaker is None else breaker.trips
+
+        return self._per_endpoint(trips)
+
+    def _retries(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.budget.withdrawals, _add)
+
+    def _budget_exhausted(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.budget.exhausted, _add)
+
+    def _overloaded(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.limit.rejected, _add)
+
+    def _ejections(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.detector.ejections, _add)
+
+    def _discovery_refreshes(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.cache.refreshes, _add)
+
+    def _discovery_failures(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda s: s.cache.failures, _add)
+
+    def _discovery_age(self, options: CallbackOptions) -> list[Observation]:
+        values: dict[_Key, float] = {}
+        for service in self._services():
+            age = service.cache.age()
+            if age is not None:
+                key: _Key = (("server.address", service.name),)
+                values[key] = max(values.get(key, 0.0), age)
+        return self._emit(values)
+
+    def _endpoints(self, options: CallbackOptions) -> list[Observation]:
+        values: dict[_Key, float] = {}
+        for service in self._services():
+            counts = endpoint_states(service)
+            for state, count in counts.items():
+                key: _Key = (("server.address", service.name), ("meshlib.endpoint.state", state))
+                values[key] = max(values.get(key, 0), count)
+        return self._emit(values)
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+def endpoint_states(service: Service[Any]) -> dict[str, int]:
+    """How many endpoints of ``service`` are available, ejected, or behind an open breaker, right now."""
+    active = service.active
+    counts = {"available": 0, "ejected": 0, "open": 0}
+    if active is None:
+        return counts
+    ejected = service.detector.ejected()
+    breakers = service.breakers
+    for address in active.stats:
+        breaker = breakers.get(address)
+        if breaker is not None and breaker.state == STATE_OPEN:
+            counts["open"] += 1
+        elif address in ejected:
+            counts["ejected"] += 1
+        else:
+            counts["available"] += 1
+    return counts
+
+
+class ServerMetrics:
+    """The inbound middleware's instruments on one meter provider: server-side golden signals."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.duration = meter.create_histogram(
+            "http.server.request.duration",
+            unit="s",
+            description="Duration of HTTP server requests handled behind meshlib's inbound middleware.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.active = meter.create_up_down_counter(
+            "http.server.active_requests", unit="{request}", description="HTTP server requests in progress."
+        )
+
+
+M = TypeVar("M")
+
+
+class _PerProvider(Generic[M]):
+    """One ``M`` (a set of instruments) per meter provider: explicit providers weakly, the global one once set."""
+
+    def __init__(self, factory: Callable[[Meter], M]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._by_provider: weakref.WeakKeyDictionary[MeterProvider, M] = weakref.WeakKeyDictionary()
+        self._global: M | None = None
+
+    def get(self, provider: MeterProvider | None) -> M | None:
+        """The instruments for ``provider`` (``None``: the global provider), or ``None`` if it is a no-op."""
+        if provider is None or type(provider).__name__ == "_ProxyMeterProvider":
+            if not global_meter_provider_set():
+                return None
+            with self._lock:
+                if self._global is None:
+                    real = metrics.get_meter_provider()
+                    if isinstance(real, metrics.NoOpMeterProvider):
+                        return None
+                    self._global = self._factory(_meter(real))
+                return self._global
+        if isinstance(provider, metrics.NoOpMeterProvider):
+            return None
+        with self._lock:
+            found = self._by_provider.get(provider)
+            if found is None:
+                found = self._by_provider[provider] = self._factory(_meter(provider))
+            return found
+
+
+#: Mesh transports that report to the global meter provider (read by its instruments once it exists).
+GLOBAL_SOURCES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+_client_metrics: _PerProvider[MeshMetrics] = _PerProvider(MeshMetrics)
+_global_client_metrics: _PerProvider[MeshMetrics] = _PerProvider(lambda meter: MeshMetrics(meter, GLOBAL_SOURCES))
+_server_metrics: _PerProvider[ServerMetrics] = _PerProvider(ServerMetrics)
+
+
+def client_metrics_for(provider: MeterProvider | None) -> MeshMetrics | None:
+    """The shared client instruments of ``provider`` (``None``: the global one, once set; else ``None``)."""
+    if provider is None or type(provider).__name__ == "_ProxyMeterProvider":
+        return _global_client_metrics.get(None)
+    return _client_metrics.get(provider)
+
+
+def server_metrics_for(provider: MeterProvider | None) -> ServerMetrics | None:
+    """The shared server instruments of ``provider`` (``None``: the global one, once set; else ``None``)."""
+    return _server_metrics.get(provider)
