@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 import meshlib
-from benchmarks.harness import pin_client
+from benchmarks.harness import CpuMeter, Histogram, pin_client
 from benchmarks.load import ClosedResult, closed_async, closed_sync
 from benchmarks.servers import Nginx
 
@@ -37,7 +39,25 @@ def _async_client(variant: str, transport: str, port: int) -> tuple[httpx.AsyncC
     return httpx.AsyncClient(**kwargs), f"http://127.0.0.1:{port}/"
 
 
-def loop(variant: str, mode: str, transport: str, concurrency: int, seconds: float, port: int) -> ClosedResult:
+def _inline(send: Callable[[], object], seconds: float) -> ClosedResult:
+    """Closed loop at concurrency 1 on the calling thread."""
+    for _ in range(50):
+        send()
+    hist = Histogram()
+    meter = CpuMeter()
+    meter.start()
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while (now := time.perf_counter()) < end:
+        send()
+        hist.record(time.perf_counter() - now)
+    meter.stop()
+    return ClosedResult(len(hist), 0, time.perf_counter() - t0, hist, meter)
+
+
+def loop(  # noqa: PLR0917
+    variant: str, mode: str, transport: str, concurrency: int, seconds: float, port: int
+) -> ClosedResult:
     """One closed-loop run against ``port``."""
     if mode == "sync":
         if variant == "meshlib":
@@ -46,6 +66,8 @@ def loop(variant: str, mode: str, transport: str, concurrency: int, seconds: flo
         else:
             client, url = httpx.Client(), f"http://127.0.0.1:{port}/"
         with client:
+            if concurrency == 1:  # on this thread, so pyinstrument (which samples one thread) sees it
+                return _inline(lambda: client.get(url), seconds)
             return closed_sync(lambda: client.get(url), concurrency=concurrency, duration=seconds)
 
     async def go() -> ClosedResult:

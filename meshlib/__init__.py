@@ -22,6 +22,8 @@ from meshlib.errors import (
     OverloadedError,
 )
 from meshlib.policy import Policy, current_deadline, policy
+from meshlib.security import IdentityError, TLSSettings, find_identity_error
+from meshlib.status import MeshStatus
 
 __version__ = "0.1.0"
 
@@ -34,14 +36,18 @@ __all__ = [
     "DeadlineExceeded",
     "DiscoveryError",
     "Endpoint",
+    "IdentityError",
     "MeshConfig",
     "MeshError",
+    "MeshStatus",
     "NoEndpointsError",
     "OverloadedError",
     "Policy",
     "ResilienceSettings",
     "ServiceConfig",
+    "TLSSettings",
     "__version__",
     "current_deadline",
+    "find_identity_error",
     "policy",
 ]

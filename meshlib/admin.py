@@ -275,3 +275,13 @@ def running() -> dict[Address, AdminServer]:
     """The admin servers of this process, by requested address (for tests and diagnostics)."""
     with _LOCK:
         return dict(_SERVERS)
+
+
+def fetch_status(address: Address, timeout: float = 5.0) -> dict[str, Any]:
+    """``GET /status`` from the admin endpoint at ``address`` (no proxy: it is on this host)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{_format(address)}/status", timeout=timeout) as answer:
+        payload: dict[str, Any] = json.loads(answer.read())
+    return payload

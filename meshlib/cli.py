@@ -1,31 +1,41 @@
-"""The ``meshlib`` command: ``meshlib demo``, ``meshlib resolve <service>``, ``meshlib --version``.
+"""The ``meshlib`` command: ``meshlib demo``, ``meshlib resolve <service>``, ``meshlib status``, ``--version``.
 
 ``demo`` shows balancing, retries, circuit breakers and outlier ejection on real loopback backends (see
 :mod:`meshlib.demo`). ``resolve`` answers "what
 would my application's client see for this service?": it builds ``meshlib.Client()`` from the same
 ``MESHLIB_*`` environment the application reads and asks that service's discovery source once, so a typo
-in a variable or an unreachable DNS server shows up before deploying. Configuration problems are reported
+in a variable or an unreachable DNS server shows up before deploying. ``status`` prints the live mesh of a
+running process that opted in to the loopback admin endpoint (``MESHLIB_ADMIN_ADDR``, :mod:`meshlib.admin`):
+services, endpoints, EWMA latency, in-flight, breakers, ejections, discovery. Configuration problems are reported
 as one line on stderr with exit code 2 (the usual "usage error" code), never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 
 from meshlib import __version__
+from meshlib.admin import fetch_status
 from meshlib.client import Client
-from meshlib.config import SERVICE_PREFIX, service_key
+from meshlib.config import SERVICE_PREFIX, parse_admin_addr, service_key
 from meshlib.demo import DemoOptions, run_demo
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.errors import ConfigError, DiscoveryError
+from meshlib.status import format_status
 
 EXIT_OK = 0
 #: Discovery could not answer (DNS down, ...): the configuration is fine, the world is not.
 EXIT_DISCOVERY_FAILED = 1
 #: Bad usage or configuration: unknown service, invalid ``MESHLIB_*`` value.
 EXIT_USAGE = 2
+#: ``meshlib status`` could not reach the admin endpoint.
+EXIT_UNREACHABLE = 1
+#: Where ``meshlib status`` looks when neither ``--addr`` nor ``MESHLIB_ADMIN_ADDR`` says (Envoy's admin port).
+DEFAULT_ADMIN_ADDR = "127.0.0.1:9901"
 
 
 class UsageError(Exception):
@@ -75,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resolve.add_argument("service", metavar="SERVICE-HOST", help="the host a request would name, e.g. payments")
     resolve.set_defaults(handler=run_resolve_command)
+
+    status = commands.add_parser(
+        "status",
+        help="print the live mesh of a running process (its MESHLIB_ADMIN_ADDR admin endpoint)",
+        description="Ask a running process's loopback admin endpoint for /status and print it as a table: "
+        "services, endpoints, EWMA latency, in-flight, breakers, ejections, discovery and retry budget.",
+    )
+    status.add_argument(
+        "--addr",
+        metavar="HOST:PORT",
+        help=f"the admin endpoint (default: $MESHLIB_ADMIN_ADDR, else {DEFAULT_ADMIN_ADDR}); loopback only",
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON the endpoint answered")
+    status.set_defaults(handler=run_status_command)
     return parser
 
 
@@ -99,6 +123,28 @@ def run_resolve_command(args: argparse.Namespace) -> int:
         print(f"  balancer {service.lb_name}, {_describe_ttl(resolution)}")
         for endpoint in resolution.endpoints:
             print(f"  {_describe_endpoint(endpoint)}")
+    return EXIT_OK
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    """``meshlib status``: fetch ``/status`` from the admin endpoint and print it."""
+    if args.addr:
+        address = parse_admin_addr("--addr", args.addr)
+    else:
+        raw = os.environ.get("MESHLIB_ADMIN_ADDR", "").strip()
+        address = parse_admin_addr("MESHLIB_ADMIN_ADDR" if raw else "default", raw or DEFAULT_ADMIN_ADDR)
+    host, port = address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        payload = fetch_status(address)
+    except (OSError, ValueError) as exc:
+        print(
+            f"meshlib: no admin endpoint answered at http://{where}/status ({exc}); start the process with "
+            f"MESHLIB_ADMIN_ADDR={where} (or pass --addr)",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    print(json.dumps(payload, indent=2) if args.json else format_status(payload))
     return EXIT_OK
 
 

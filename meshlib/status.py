@@ -176,3 +176,58 @@ def _service(service: Service[Any]) -> ServiceStatus:
         ejections=service.detector.ejections,
         endpoints=endpoints,
     )
+
+
+_COLUMNS = (
+    ("ENDPOINT", "address", "<"),
+    ("INFLIGHT", "inflight", ">"),
+    ("EWMA ms", "latency_ms", ">"),
+    ("REQUESTS", "requests", ">"),
+    ("FAILURES", "failures", ">"),
+    ("BREAKER", "breaker", "<"),
+    ("OPENS", "breaker_opens", ">"),
+    ("EJECTED", "ejected", "<"),
+)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
+def format_status(payload: Mapping[str, Any]) -> str:
+    """The admin endpoint's ``/status`` JSON as the table ``meshlib status`` prints."""
+    clients = payload.get("clients") or []
+    lines = [f"meshlib {payload.get('meshlib', '?')}, pid {payload.get('pid', '?')}: {len(clients)} client(s)"]
+    for number, client in enumerate(clients, 1):
+        services = client.get("services") or []
+        lines.append(f"client {number} ({client.get('client', '?')}): {len(services)} service(s)")
+        for service in services:
+            discovery, budget = service["discovery"], service["budget"]
+            age = discovery["age_s"]
+            state = "" if service["started"] else " (not used yet)"
+            lines.append(f"  {service['name']}{state}  balancer {service['balancer']}  source {discovery['source']}")
+            lines.append(
+                f"    discovery: {len(service['endpoints'])} endpoint(s), version {_cell(discovery['version'])}, "
+                f"age {'-' if age is None else f'{age:.1f} s'}, {discovery['refreshes']} refreshes, "
+                f"{discovery['failures']} failures"
+                + (f" (failing: {discovery['last_error']})" if discovery["consecutive_failures"] else "")
+            )
+            lines.append(
+                f"    retries: {budget['retries']} made, {budget['available']:.1f} available, "
+                f"{budget['exhausted']} refused by the budget; "
+                f"in flight {budget['inflight']}/{budget['max_inflight']}, {budget['overloaded']} overloaded; "
+                f"{service['ejections']} ejection(s)"
+            )
+            rows = [[header for header, _, _ in _COLUMNS]]
+            rows.extend([_cell(endpoint[key]) for _, key, _ in _COLUMNS] for endpoint in service["endpoints"])
+            widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+            for row in rows:
+                cells = [
+                    f"{cell:{align}{width}}" for cell, width, (_, _, align) in zip(row, widths, _COLUMNS, strict=True)
+                ]
+                lines.append("    " + "  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -332,13 +332,15 @@ class ReloadingContext(ssl.SSLContext):
         *,
         not_after: datetime.datetime | None = None,
         trust_env: bool = True,
+        signature: _Signature | None = None,
     ) -> None:
         self.settings = settings
         self._inner = inner
         self._trust_env = trust_env
         self._alpn: list[str] | None = None
         self._not_after = not_after
-        self._signature = _signature(settings.files)
+        # The files' state when ``inner`` was loaded (taken before loading, so a change during it is seen).
+        self._signature = signature if signature is not None else _signature(settings.files)
         self._failed: _Signature | None = None
         self._expiry_logged = False
         self._check_lock = threading.Lock()
@@ -353,6 +355,7 @@ class ReloadingContext(ssl.SSLContext):
     @classmethod
     def create(cls, settings: TLSSettings, *, trust_env: bool = True) -> ReloadingContext:
         """Load ``settings`` now; a file that cannot be used raises :class:`~meshlib.ConfigError` naming it."""
+        signature = _signature(settings.files)
         try:
             inner, not_after = build_context(settings, trust_env=trust_env)
         except _MaterialError as error:
@@ -360,7 +363,7 @@ class ReloadingContext(ssl.SSLContext):
         except ImportError as error:
             attr = "server_id" if settings.server_id is not None else "cert_file"
             raise ConfigError(settings.variable(attr), getattr(settings, attr), str(error)) from None
-        return cls(settings, inner, not_after=not_after, trust_env=trust_env)
+        return cls(settings, inner, not_after=not_after, trust_env=trust_env, signature=signature)
 
     # -- what httpcore and anyio call -------------------------------------------------------------------------
 

@@ -1,28 +1,44 @@
 """Inbound (server-side) helpers: ASGI and WSGI middleware that turn request headers into meshlib context.
 
-Today that is the deadline: a request carrying ``grpc-timeout`` (or Envoy's/Finagle's deadline headers) is
-handled inside a deadline scope, so the mesh calls its handler makes get at most the caller's remaining
-budget. See :mod:`meshlib.server.middleware`.
+The deadline (a request carrying ``grpc-timeout``, or Envoy's/Finagle's deadline headers, is handled inside a
+deadline scope, so the mesh calls its handler makes get at most the caller's remaining budget), and with
+:class:`MeshMiddleware` / :class:`WSGIMeshMiddleware` the rest of the inbound half: trace context and a
+SERVER span, server metrics, the peer's SPIFFE ID. See :mod:`meshlib.server.middleware`.
 """
 
 from __future__ import annotations
 
 from meshlib.server.middleware import (
+    PEER_IDENTITY_KEY,
     ASGIInboundMiddleware,
     DeadlineHook,
     DeadlineMiddleware,
     Hook,
     InboundRequest,
+    MeshMiddleware,
+    PeerIdentityHook,
     WSGIDeadlineMiddleware,
     WSGIInboundMiddleware,
+    WSGIMeshMiddleware,
+    mesh_hooks,
+    peer_identity,
 )
+from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
 
 __all__ = [
+    "PEER_IDENTITY_KEY",
     "ASGIInboundMiddleware",
     "DeadlineHook",
     "DeadlineMiddleware",
     "Hook",
     "InboundRequest",
+    "MeshMiddleware",
+    "PeerIdentityHook",
+    "ServerMetricsHook",
+    "ServerTraceHook",
     "WSGIDeadlineMiddleware",
     "WSGIInboundMiddleware",
+    "WSGIMeshMiddleware",
+    "mesh_hooks",
+    "peer_identity",
 ]

@@ -15,18 +15,38 @@ hooks need; the wrappers stay the same::
 Hooks are entered in order and exited in reverse, around the whole request: for ASGI the app call, for WSGI
 the app call *and* the iteration of its response body (a streaming body that makes mesh calls still sees
 the scope). Starlette: ``Starlette(middleware=[Middleware(DeadlineMiddleware)])``; sync endpoints run in
-a thread pool that copies the context, so they inherit the deadline too.
+a thread pool that copies the context, so they inherit the deadline too. On exit a hook can read the
+response status (``request.status``), captured from ``http.response.start`` / ``start_response``.
+
+:class:`MeshMiddleware` / :class:`WSGIMeshMiddleware` run the whole inbound half, outermost first:
+server metrics (:class:`~meshlib.telemetry.inbound.ServerMetricsHook`), the SERVER span and trace context
+(:class:`~meshlib.telemetry.inbound.ServerTraceHook`), the peer's SPIFFE ID (:class:`PeerIdentityHook`) and
+the deadline (:class:`DeadlineHook`).
+
+**Peer identity** needs the client's certificate, which only some servers hand to the app: ASGI servers that
+implement the ASGI TLS extension put the chain in ``scope["extensions"]["tls"]["client_cert_chain"]``
+(uvicorn does not implement it, and neither does the stdlib's wsgiref); Apache ``mod_ssl`` + ``mod_wsgi``
+export ``SSL_CLIENT_CERT`` (``SSLOptions +ExportCertData``); gunicorn passes its TLS socket as
+``environ["gunicorn.socket"]``. Those are read by default. Anything else (a server that terminates TLS
+another way, a proxy that forwards a verified identity) is supplied by the application:
+``PeerIdentityHook(resolve=lambda request: ...)``.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
+import ssl
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Protocol
 
 from meshlib.deadline import INBOUND_HEADERS, budget_from_headers, deadline_scope
+from meshlib.security.identity import SpiffeId, presented_identity
+from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
+
+logger = logging.getLogger("meshlib.server")
 
 __all__ = [
     "ASGIApp",
@@ -35,9 +55,14 @@ __all__ = [
     "DeadlineMiddleware",
     "Hook",
     "InboundRequest",
+    "MeshMiddleware",
+    "PeerIdentityHook",
     "WSGIApp",
     "WSGIDeadlineMiddleware",
     "WSGIInboundMiddleware",
+    "WSGIMeshMiddleware",
+    "mesh_hooks",
+    "peer_identity",
 ]
 
 ASGIScope = MutableMapping[str, Any]
@@ -57,8 +82,34 @@ class InboundRequest(Protocol):
     @property
     def path(self) -> str: ...
 
+    @property
+    def scheme(self) -> str:
+        """``http`` or ``https``."""
+        ...
+
+    @property
+    def status(self) -> int | None:
+        """The response status once the app has started its response (read it on exit), else ``None``."""
+        ...
+
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (any case), or ``None``."""
+        ...
+
+    def header_names(self) -> list[str]:
+        """Every request header name, lower-cased."""
+        ...
+
+    def peer_address(self) -> tuple[str, int] | None:
+        """The client's (IP, port) as the server saw it, when known."""
+        ...
+
+    def peer_certificate(self) -> bytes | None:
+        """The client's TLS certificate (DER) when the server exposes it (see the module docstring)."""
+        ...
+
+    def annotate(self, key: str, value: object) -> None:
+        """Store ``value`` where the app can read it: the ASGI ``scope`` or the WSGI ``environ``."""
         ...
 
 
@@ -66,11 +117,32 @@ Hook = Callable[[InboundRequest], "AbstractContextManager[object] | None"]
 
 
 class _ASGIRequest:
-    __slots__ = ("_headers", "scope")
+    __slots__ = ("_headers", "scope", "status")
 
     def __init__(self, scope: ASGIScope) -> None:
         self.scope = scope
         self._headers: dict[str, str] | None = None
+        self.status: int | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.scope.get("scheme") in ("https", "wss") else "http"
+
+    def header_names(self) -> list[str]:
+        self.header("")
+        return list(self._headers or ())
+
+    def peer_address(self) -> tuple[str, int] | None:
+        client = self.scope.get("client")
+        return (str(client[0]), int(client[1])) if client else None
+
+    def peer_certificate(self) -> bytes | None:
+        tls = (self.scope.get("extensions") or {}).get("tls") or {}
+        chain = tls.get("client_cert_chain") or ()
+        return _der(chain[0]) if chain else None
+
+    def annotate(self, key: str, value: object) -> None:
+        self.scope[key] = value
 
     @property
     def method(self) -> str:
@@ -90,10 +162,60 @@ class _ASGIRequest:
 
 
 class _WSGIRequest:
-    __slots__ = ("environ",)
+    __slots__ = ("environ", "status")
 
-    def __init__(self, environ: Mapping[str, Any]) -> None:
+    def __init__(self, environ: MutableMapping[str, Any]) -> None:
         self.environ = environ
+        self.status: int | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.environ.get("wsgi.url_scheme") == "https" else "http"
+
+    def header_names(self) -> list[str]:
+        names = [key[5:].lower().replace("_", "-") for key in self.environ if key.startswith("HTTP_")]
+        names.extend(key.lower().replace("_", "-") for key in ("CONTENT_TYPE", "CONTENT_LENGTH") if key in self.environ)
+        return names
+
+    def peer_address(self) -> tuple[str, int] | None:
+        address, port = self.environ.get("REMOTE_ADDR"), self.environ.get("REMOTE_PORT")
+        if not address:
+            return None
+        try:
+            return str(address), int(port or 0)
+        except ValueError:
+            return str(address), 0
+
+    def peer_certificate(self) -> bytes | None:
+        pem = self.environ.get("SSL_CLIENT_CERT")  # Apache mod_ssl with SSLOptions +ExportCertData
+        if pem:
+            return _der(str(pem))
+        sock = self.environ.get("gunicorn.socket")
+        getpeercert = getattr(sock, "getpeercert", None)
+        if getpeercert is not None:
+            try:
+                der: bytes | None = getpeercert(binary_form=True)
+            except (OSError, ValueError):
+                return None
+            return der
+        return None
+
+    def annotate(self, key: str, value: object) -> None:
+        self.environ[key] = value
+
+    def _start_response(self, start_response: WSGIStartResponse) -> WSGIStartResponse:
+        """``start_response`` that also notes the status for the hooks."""
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            try:
+                self.status = int(status.split(" ", 1)[0])
+            except ValueError:
+                self.status = None
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        return capture
 
     @property
     def method(self) -> str:
@@ -106,6 +228,14 @@ class _WSGIRequest:
     def header(self, name: str) -> str | None:
         value = self.environ.get("HTTP_" + name.upper().replace("-", "_"))
         return None if value is None else str(value)
+
+
+def _der(pem: str) -> bytes | None:
+    """DER bytes of a PEM certificate, ``None`` if it is not one."""
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.strip())
+    except ValueError:
+        return None
 
 
 class DeadlineHook:
@@ -153,9 +283,16 @@ class ASGIInboundMiddleware:
         if scope["type"] not in ("http", "websocket") or not self.hooks:
             await self.app(scope, receive, send)
             return
+        request = _ASGIRequest(scope)
+
+        async def send_noting_status(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                request.status = int(message["status"])
+            await send(message)
+
         with ExitStack() as stack:  # same task throughout: the scope set here is the handler's context
-            _enter(stack, self.hooks, _ASGIRequest(scope))
-            await self.app(scope, receive, send)
+            _enter(stack, self.hooks, request)
+            await self.app(scope, receive, send_noting_status)
 
 
 class DeadlineMiddleware(ASGIInboundMiddleware):
@@ -214,9 +351,10 @@ class WSGIInboundMiddleware:
             return self.app(environ, start_response)
         context = contextvars.copy_context()
         stack = ExitStack()
+        request = _WSGIRequest(environ)
         try:
-            entered = context.run(_enter, stack, self.hooks, _WSGIRequest(environ))
-            body = context.run(self.app, environ, start_response)
+            entered = context.run(_enter, stack, self.hooks, request)
+            body = context.run(self.app, environ, request._start_response(start_response))
         except BaseException:
             context.run(stack.__exit__, *sys.exc_info())
             raise
@@ -234,3 +372,139 @@ class WSGIDeadlineMiddleware(WSGIInboundMiddleware):
 
     def __init__(self, app: WSGIApp, *, headers: Iterable[str] | None = None, hooks: Sequence[Hook] = ()) -> None:
         super().__init__(app, hooks=(DeadlineHook(headers), *hooks))
+
+
+#: Where :class:`PeerIdentityHook` puts the peer's :class:`~meshlib.security.identity.SpiffeId` for the app:
+#: ``scope[PEER_IDENTITY_KEY]`` (Starlette: ``request.scope[...]``) or ``environ[PEER_IDENTITY_KEY]``.
+PEER_IDENTITY_KEY = "meshlib.peer_identity"
+_peer: contextvars.ContextVar[SpiffeId | None] = contextvars.ContextVar("meshlib.peer_identity", default=None)
+_CACHE_SIZE = 256
+
+PeerResolver = Callable[[InboundRequest], "SpiffeId | str | bytes | None"]
+
+
+def peer_identity() -> SpiffeId | None:
+    """The SPIFFE ID of the client of the inbound request being handled (mTLS), or ``None``."""
+    return _peer.get()
+
+
+class PeerIdentityHook:
+    """Exposes the caller's SPIFFE ID to the app: :func:`peer_identity`, and ``scope``/``environ`` key
+    :data:`PEER_IDENTITY_KEY`.
+
+    By default the ID comes from the client certificate the server exposes (module docstring), parsed as an
+    X.509-SVID (its one ``spiffe://`` URI SAN; see :mod:`meshlib.security.identity`); results are cached per
+    certificate. ``resolve`` replaces that for servers that do not expose certificates: it gets the request
+    and returns a :class:`~meshlib.security.identity.SpiffeId`, an ID string, DER certificate bytes, or
+    ``None``. The hook only *reports* who called; it rejects nothing -- the TLS server's client-certificate
+    verification authenticates the peer, and authorisation is the application's decision.
+    """
+
+    __slots__ = ("_cache", "_resolve")
+
+    def __init__(self, resolve: PeerResolver | None = None) -> None:
+        self._resolve = resolve
+        self._cache: dict[bytes, SpiffeId | None] = {}
+
+    def identify(self, request: InboundRequest) -> SpiffeId | None:
+        """The peer's SPIFFE ID, or ``None`` when it is unknown or not a valid X.509-SVID."""
+        found = self._resolve(request) if self._resolve is not None else request.peer_certificate()
+        if found is None or isinstance(found, SpiffeId):
+            return found
+        if isinstance(found, str):
+            try:
+                return SpiffeId.parse(found)
+            except ValueError as error:
+                logger.debug("peer identity %r is not a SPIFFE ID: %s", found[:200], error)
+                return None
+        cached = self._cache.get(found, False)
+        if cached is not False:
+            return cached  # type: ignore[return-value]
+        spiffe_id, presented = presented_identity(found)
+        if spiffe_id is None:
+            logger.debug("peer certificate is not an X.509-SVID: %s", presented)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[found] = spiffe_id
+        return spiffe_id
+
+    def __call__(self, request: InboundRequest) -> AbstractContextManager[object] | None:
+        spiffe_id = self.identify(request)
+        if spiffe_id is None:
+            return None
+        request.annotate(PEER_IDENTITY_KEY, spiffe_id)
+        return _peer_scope(spiffe_id)
+
+
+@contextmanager
+def _peer_scope(spiffe_id: SpiffeId) -> Iterator[SpiffeId]:
+    token = _peer.set(spiffe_id)
+    try:
+        yield spiffe_id
+    finally:
+        _peer.reset(token)
+
+
+def mesh_hooks(
+    *,
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
+    peer_identity: PeerIdentityHook | None = None,
+    deadline_headers: Iterable[str] | None = None,
+) -> tuple[Hook, ...]:
+    """The inbound half's hooks, outermost first: server metrics, server span, peer identity, deadline."""
+    return (
+        ServerMetricsHook(meter_provider),
+        ServerTraceHook(tracer_provider),
+        peer_identity or PeerIdentityHook(),
+        DeadlineHook(deadline_headers),
+    )
+
+
+class MeshMiddleware(ASGIInboundMiddleware):
+    """ASGI middleware for the whole inbound half: metrics, trace context and span, peer identity, deadline.
+
+    ``Starlette(middleware=[Middleware(MeshMiddleware)])`` or ``MeshMiddleware(app, tracer_provider=...)``.
+    ``tracer_provider`` / ``meter_provider`` default to the global providers; ``peer_identity`` replaces the
+    default :class:`PeerIdentityHook` (say, one with a ``resolve`` function); ``hooks`` run innermost.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        peer_identity: PeerIdentityHook | None = None,
+        deadline_headers: Iterable[str] | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        base = mesh_hooks(
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            peer_identity=peer_identity,
+            deadline_headers=deadline_headers,
+        )
+        super().__init__(app, hooks=(*base, *hooks))
+
+
+class WSGIMeshMiddleware(WSGIInboundMiddleware):
+    """WSGI twin of :class:`MeshMiddleware`: ``app.wsgi_app = WSGIMeshMiddleware(app.wsgi_app)`` (Flask)."""
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        peer_identity: PeerIdentityHook | None = None,
+        deadline_headers: Iterable[str] | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        base = mesh_hooks(
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            peer_identity=peer_identity,
+            deadline_headers=deadline_headers,
+        )
+        super().__init__(app, hooks=(*base, *hooks))
