@@ -43,11 +43,18 @@ case "${1:-help}" in
     ;;
   bench)
     venv
+    need_debian /usr/sbin/nginx nginx-light
+    need_debian /usr/sbin/haproxy haproxy
+    bench_stamp="$VENV/.bench-$(sha1sum pyproject.toml | cut -c1-12)"
+    if [ ! -f "$bench_stamp" ]; then
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev,bench]' 2>&1 | grep -v 'is ignored' || true
+      rm -f "$VENV"/.bench-* && touch "$bench_stamp"
+    fi
     shift
     exec "$VENV/bin/python" -m benchmarks "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo | test [pytest args] | bench" >&2
+    echo "usage: ./dev.sh demo | test [pytest args] | bench [s1 ... s7] [--quick]" >&2
     exit 2
     ;;
 esac

@@ -24,8 +24,9 @@ import shutil
 import statistics
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
+_np: Any
 try:  # optional: faster percentiles
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is in the bench extra
@@ -233,18 +234,17 @@ class ScenarioResult:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN turned into ``None``)."""
-        return _clean(
-            {
-                "name": self.name,
-                "title": self.title,
-                "seconds": round(self.seconds, 1),
-                "columns": self.columns,
-                "rows": self.rows,
-                "checks": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in self.checks],
-                "notes": self.notes,
-                "series": self.series,
-            }
-        )
+        data: dict[str, Any] = {
+            "name": self.name,
+            "title": self.title,
+            "seconds": round(self.seconds, 1),
+            "columns": self.columns,
+            "rows": self.rows,
+            "checks": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in self.checks],
+            "notes": self.notes,
+            "series": self.series,
+        }
+        return cast("dict[str, Any]", _clean(data))
 
 
 def _clean(value: Any) -> Any:
@@ -267,6 +267,8 @@ def fmt(value: Any) -> str:
         if math.isnan(value):
             return "-"
         magnitude = abs(value)
+        if 99.0 <= magnitude < 100.0:  # success rates: 99.9 vs 99.99 is the whole story
+            return f"{value:.2f}"
         if magnitude >= 1000:
             return f"{value:,.0f}"
         if magnitude >= 100:

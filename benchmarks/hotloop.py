@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pinning = pin_client()
     with Nginx(1, pinning.server_prefix) as nginx:
-        run = lambda: loop(  # noqa: E731
-            args.variant, args.mode, args.transport, args.concurrency, args.seconds, nginx.ports[0]
-        )
+
+        def run() -> ClosedResult:
+            return loop(args.variant, args.mode, args.transport, args.concurrency, args.seconds, nginx.ports[0])
+
         if args.profile:
             from pyinstrument import Profiler
 

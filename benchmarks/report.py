@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +58,7 @@ def machine(pinning: Pinning) -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pass
     return {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_kb / 1024 / 1024, 1),

@@ -2,16 +2,18 @@
 
 Path A is what a sidecar mesh does: the application's plain httpx client talks to a local HAProxy (Debian,
 HTTP mode, keep-alive both sides, one thread, round robin), which balances over the backends. Path B is
-meshlib balancing in-process (P2C peak EWMA, all policies on). Both run against the same nginx process
-serving ``n`` ports (2 and 10 backends), sync ``Client``, closed loop at concurrency 1 (latency) and 16
-(throughput). CPU per request counts the client (getrusage) plus the proxy (/proc) -- the cost a sidecar
-adds to every pod; nginx's CPU is the same work in both paths and is reported apart.
+meshlib balancing in-process (P2C peak EWMA, all policies on). Raw httpx straight to one nginx port is
+measured too, as the client's own floor. All run against the same nginx process serving ``n`` ports (2 and
+10 backends), sync ``Client``, closed loop at concurrency 1 (latency) and 16 (throughput). CPU per request
+counts the client (getrusage) plus the proxy (/proc) -- the cost a sidecar adds to every pod; nginx's CPU
+is the same work in every path and is reported apart.
 
 Targets (issue 6): meshlib lower latency at p50 and p99, and lower total CPU per request (client + proxy).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,10 @@ from benchmarks.load import closed_sync
 from benchmarks.report import bar_chart
 from benchmarks.servers import HAProxy, Nginx
 
-VARIANTS = ("httpx+haproxy", "meshlib")
+VARIANTS = ("httpx+haproxy", "meshlib", "httpx direct")
+#: The two paths compared; "httpx direct" (raw httpx to the first nginx port, no balancing) is a reference
+#: that shows what the client alone costs, so a tail both direct paths share is not blamed on the mesh.
+COMPARED = VARIANTS[:2]
 
 
 def _run(variant: str, nginx: Nginx, proxy: HAProxy, concurrency: int, duration: float) -> dict[str, Any]:
@@ -31,6 +36,9 @@ def _run(variant: str, nginx: Nginx, proxy: HAProxy, concurrency: int, duration:
         target = "static://" + ",".join(nginx.addresses)
         client: httpx.Client = meshlib.Client(services={"bench": target}, environ={})
         url = "http://bench/"
+    elif variant == "httpx direct":
+        client = httpx.Client()
+        url = f"http://{nginx.addresses[0]}/"
     else:
         client = httpx.Client()
         url = f"http://127.0.0.1:{proxy.port}/"
@@ -44,7 +52,7 @@ def _run(variant: str, nginx: Nginx, proxy: HAProxy, concurrency: int, duration:
             send, concurrency=concurrency, duration=duration, pids={"proxy": proxy.pid, "nginx": nginx.pid}
         )
     s = result.hist.summary_us()
-    proxy_cpu = result.cpu_us_per_request("proxy") if variant != "meshlib" else 0.0
+    proxy_cpu = result.cpu_us_per_request("proxy") if variant == "httpx+haproxy" else 0.0
     client_cpu = result.cpu_us_per_request()
     return {
         "rps": result.rps,
@@ -59,6 +67,10 @@ def _run(variant: str, nginx: Nginx, proxy: HAProxy, concurrency: int, duration:
     }
 
 
+def _one(variant: str, repeat: int, *, nginx: Nginx, proxy: HAProxy, c: int, d: float) -> dict[str, Any]:
+    return _run(variant, nginx, proxy, c, d)
+
+
 def run(ctx: Context) -> ScenarioResult:
     """2 and 10 backends x concurrency 1 and 16, HAProxy path vs meshlib, interleaved."""
     duration = ctx.scale(2.0, 0.4)
@@ -69,7 +81,8 @@ def run(ctx: Context) -> ScenarioResult:
         with Nginx(n, ctx.pinning.server_prefix) as nginx, HAProxy(nginx.addresses, ctx.pinning.server_prefix) as proxy:
             for concurrency in (1, 16):
                 name = f"{n} backends c={concurrency}"
-                runs = interleave(VARIANTS, ctx.repeats, lambda v, r, c=concurrency: _run(v, nginx, proxy, c, duration))
+                one = functools.partial(_one, nginx=nginx, proxy=proxy, c=concurrency, d=duration)
+                runs = interleave(VARIANTS, ctx.repeats, one)
                 rows.extend({"config": name, "variant": v, **median_row(runs[v])} for v in VARIANTS)
                 pairs = list(zip(runs["meshlib"], runs["httpx+haproxy"], strict=True))
                 p50_gain = median(h["p50_us"] - m["p50_us"] for m, h in pairs)
@@ -109,6 +122,10 @@ def run(ctx: Context) -> ScenarioResult:
         rows,
         checks,
         notes=[
+            "httpx direct: raw httpx to one nginx port, no proxy, no balancing: the client's own floor "
+            "(at c=16 its tail is the 16 client threads sharing one CPU and the GIL)",
+            "nginx_cpu_us is not in total_cpu_us: nginx does the same work on both paths (it measures lower "
+            "behind HAProxy, which shares its CPU and wakes it without a cross-CPU wakeup)",
             "'meshlib vs proxy' rows: rps and total_cpu_us are meshlib/proxy-path ratios; "
             "p50_us/p99_us are meshlib minus proxy path (negative = meshlib faster)",
             f"{ctx.repeats} interleaved repeats of {duration}s; medians; sync Client, closed loop",
@@ -124,7 +141,7 @@ def plot(result: ScenarioResult, out: Path) -> list[Path]:
     for metric, label in (("total_cpu_us", "µs CPU / request (client + proxy)"), ("p50_us", "p50 latency (µs)")):
         values = {
             v: [next(r[metric] for r in result.rows if r["config"] == g and r["variant"] == v) for g in groups]
-            for v in VARIANTS
+            for v in COMPARED
         }
         path = out / f"s2_{metric}.png"
         if bar_chart(path, f"S2: {label}, HAProxy sidecar vs meshlib", groups, values, label):

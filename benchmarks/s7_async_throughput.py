@@ -18,6 +18,7 @@ Targets (issue 6): meshlib >= 1.0x raw httpx throughput with the default transpo
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from benchmarks.load import closed_async
 from benchmarks.report import bar_chart
 from benchmarks.servers import Nginx
 
+AiohttpTransport: type[httpx.AsyncBaseTransport] | None
 try:
     from httpx_aiohttp import AiohttpTransport
 except ImportError:  # pragma: no cover - the bench extra installs it
@@ -73,6 +75,10 @@ def _run(variant: str, port: int, concurrency: int, duration: float) -> dict[str
     return asyncio.run(go())
 
 
+def _one(variant: str, repeat: int, *, port: int, c: int, d: float) -> dict[str, Any]:
+    return _run(variant, port, c, d)
+
+
 def run(ctx: Context) -> ScenarioResult:
     """Both concurrencies, every variant interleaved; ratios against raw httpx of the same repeat."""
     variants = BASE + (FAST if AiohttpTransport is not None else ())
@@ -83,7 +89,7 @@ def run(ctx: Context) -> ScenarioResult:
     with Nginx(1, ctx.pinning.server_prefix) as nginx:
         port = nginx.ports[0]
         for concurrency in (16, 128):
-            runs = interleave(variants, ctx.repeats, lambda v, r, c=concurrency: _run(v, port, c, duration))
+            runs = interleave(variants, ctx.repeats, functools.partial(_one, port=port, c=concurrency, d=duration))
             for variant in variants:
                 row = {"concurrency": concurrency, "variant": variant, **median_row(runs[variant])}
                 row["vs_httpx"] = median(

@@ -25,7 +25,6 @@ apply to it. Every other service uses the client's ``verify=``/``cert=``, exactl
 
 from __future__ import annotations
 
-import functools
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -40,7 +39,6 @@ from meshlib import admin
 from meshlib.config import MeshConfig, ServiceConfig
 from meshlib.discovery.base import Endpoint
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
-from meshlib.service import Service
 from meshlib.status import MeshStatus, snapshot
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.propagation import AsyncPropagatingTransport, PropagatingTransport, PropagationRule
@@ -110,40 +108,24 @@ class _PoolFactory:
             self._ssl = httpx.create_ssl_context(verify=self._verify, cert=self._cert, trust_env=self._trust_env)
         return self._ssl
 
-    def _context_for(self, key: str | None) -> ssl.SSLContext:
-        context = self.contexts.get(key) if key is not None else None
+    def _context_for(self, key: str) -> ssl.SSLContext:
+        context = self.contexts.get(key)
         if context is None:
             return self._context()
         self.tls.watch(context)  # rotation starts with the first connection pool that uses the context
         return context
 
-    def sync(self, endpoint: Endpoint, service: str | None = None) -> httpx.BaseTransport:
+    def sync(self, endpoint: Endpoint, service: str) -> httpx.BaseTransport:
         """A new pooled sync transport for ``endpoint`` (of the service whose key is ``service``)."""
         return httpx.HTTPTransport(verify=self._context_for(service), **self._pool)
 
-    def async_(self, endpoint: Endpoint, service: str | None = None) -> httpx.AsyncBaseTransport:
+    def async_(self, endpoint: Endpoint, service: str) -> httpx.AsyncBaseTransport:
         """A new pooled async transport for ``endpoint`` (of the service whose key is ``service``)."""
         return httpx.AsyncHTTPTransport(verify=self._context_for(service), **self._pool)
-
-    def bind(self, services: Mapping[str, Service[T]], make: Callable[[Endpoint, str | None], T]) -> None:
-        """Give each service with TLS settings a transport factory that knows the service.
-
-        ``Service`` calls its factory with the endpoint only; until the transport passes the service along
-        (see issue 4 notes), the factory of each TLS service is replaced here, right after construction and
-        before any endpoint transport exists.
-        """
-        for key in self.contexts:
-            service = services.get(key)
-            if service is not None:
-                service._new_transport = functools.partial(_with_service, make, key)
 
     def close(self) -> None:
         """Stop watching certificate files."""
         self.tls.close()
-
-
-def _with_service(make: Callable[[Endpoint, str | None], T], key: str, endpoint: Endpoint) -> T:
-    return make(endpoint, key)
 
 
 def _warn_tls_ignored(mesh: MeshConfig) -> None:
@@ -186,7 +168,61 @@ class _Observability:
         return wrapper
 
 
-class Client(httpx.Client):
+class _MeshClient:
+    """What ``Client`` and ``AsyncClient`` share: building the mesh from the arguments, and its views.
+
+    A mixin rather than a base class because the two must subclass ``httpx.Client`` and
+    ``httpx.AsyncClient`` respectively; only their I/O (``close`` / ``aclose``) differs.
+    """
+
+    _mesh: MeshTransport | AsyncMeshTransport
+    _pools: _PoolFactory | None
+    _observability: _Observability
+
+    def _prepare(
+        self,
+        kwargs: Mapping[str, Any],
+        *,
+        config: MeshConfig | None,
+        services: Mapping[str, str | ServiceConfig] | None,
+        lb: str | None,
+        dns_servers: str | list[str] | tuple[str, ...] | None,
+        environ: Mapping[str, str] | None,
+        tls: TLSSettings | None,
+        tracer_provider: TracerProvider | None,
+        meter_provider: MeterProvider | None,
+    ) -> tuple[MeshConfig, _PoolFactory | None]:
+        """Validate the mesh settings (``ConfigError`` here, not later) and build the pools and telemetry."""
+        mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
+        self._observability = _Observability(mesh, tracer_provider, meter_provider)
+        self._pools = None if kwargs.get("transport") is not None else _PoolFactory(kwargs, mesh)
+        if self._pools is None:
+            _warn_tls_ignored(mesh)
+        return mesh, self._pools
+
+    @property
+    def tls_contexts(self) -> Mapping[str, ReloadingContext]:
+        """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
+        return dict(self._pools.contexts) if self._pools is not None else {}
+
+    def mesh_status(self) -> MeshStatus:
+        """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
+        return snapshot(self._mesh.services, "sync" if isinstance(self._mesh, MeshTransport) else "async")
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The address the admin endpoint this client reports to listens on (``None``: none)."""
+        server = self._observability.admin
+        return None if server is None else server.address
+
+    def _stop_background(self) -> None:
+        """Leave the admin endpoint and stop watching certificate files (the mesh transport closes apart)."""
+        self._observability.stop(self._mesh)
+        if self._pools is not None:
+            self._pools.close()
+
+
+class Client(_MeshClient, httpx.Client):
     """A thread-safe ``httpx.Client`` that discovers, balances and sends to mesh services in-process.
 
     Mesh settings come from ``MESHLIB_*`` environment variables (``environ`` replaces ``os.environ``,
@@ -196,6 +232,8 @@ class Client(httpx.Client):
     raises :class:`meshlib.ConfigError` here. ``tracer_provider`` / ``meter_provider``: OpenTelemetry
     providers for this client's spans and metrics (default: the global ones, once the application sets them).
     """
+
+    _mesh: MeshTransport
 
     def __init__(
         self,
@@ -210,42 +248,34 @@ class Client(httpx.Client):
         meter_provider: MeterProvider | None = None,
         **kwargs: Any,
     ) -> None:
-        mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
-        self._observability = _Observability(mesh, tracer_provider, meter_provider)
-        telemetry = self._observability.telemetry
+        mesh, pools = self._prepare(
+            kwargs,
+            config=config,
+            services=services,
+            lb=lb,
+            dns_servers=dns_servers,
+            environ=environ,
+            tls=tls,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         user_transport: httpx.BaseTransport | None = kwargs.get("transport")
-        pools = None if user_transport is not None else _PoolFactory(kwargs, mesh)
         super().__init__(**kwargs)
-        self._pools = pools
+        telemetry = self._observability.telemetry
         if pools is None:
             assert user_transport is not None
             shared = user_transport
-            _warn_tls_ignored(mesh)
-            self._mesh = MeshTransport(mesh, lambda endpoint: shared, owns_transports=False, telemetry=telemetry)
+            self._mesh = MeshTransport(
+                mesh, lambda endpoint, service: shared, owns_transports=False, telemetry=telemetry
+            )
         else:
             self._mesh = MeshTransport(mesh, pools.sync, telemetry=telemetry)
-            pools.bind(self._mesh.services, pools.sync)
         self._observability.start(self._mesh, "sync")
 
     @property
     def mesh(self) -> MeshTransport:
         """The mesh transport (services, endpoint stats), for status views and tests."""
         return self._mesh
-
-    @property
-    def tls_contexts(self) -> Mapping[str, ReloadingContext]:
-        """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
-        return dict(self._pools.contexts) if self._pools is not None else {}
-
-    def mesh_status(self) -> MeshStatus:
-        """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
-        return snapshot(self._mesh.services, "sync")
-
-    @property
-    def admin_address(self) -> tuple[str, int] | None:
-        """The address the admin endpoint this client reports to listens on (``None``: none)."""
-        server = self._observability.admin
-        return None if server is None else server.address
 
     def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
         if self._mesh.routes(url.host):
@@ -257,10 +287,8 @@ class Client(httpx.Client):
         try:
             super().close()
         finally:
-            self._observability.stop(self._mesh)
+            self._stop_background()
             self._mesh.close()
-            if self._pools is not None:
-                self._pools.close()
 
     def __exit__(
         self,
@@ -271,18 +299,18 @@ class Client(httpx.Client):
         try:
             super().__exit__(exc_type, exc_value, traceback)
         finally:
-            self._observability.stop(self._mesh)
+            self._stop_background()
             self._mesh.close()
-            if self._pools is not None:
-                self._pools.close()
 
 
-class AsyncClient(httpx.AsyncClient):
+class AsyncClient(_MeshClient, httpx.AsyncClient):
     """An ``httpx.AsyncClient`` that discovers, balances and sends to mesh services in-process.
 
     Same arguments as :class:`Client`. Background discovery runs as tasks on the event loop that first
     uses each service; ``aclose()`` (or leaving ``async with``) stops them.
     """
+
+    _mesh: AsyncMeshTransport
 
     def __init__(
         self,
@@ -297,21 +325,28 @@ class AsyncClient(httpx.AsyncClient):
         meter_provider: MeterProvider | None = None,
         **kwargs: Any,
     ) -> None:
-        mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
-        self._observability = _Observability(mesh, tracer_provider, meter_provider)
-        telemetry = self._observability.telemetry
+        mesh, pools = self._prepare(
+            kwargs,
+            config=config,
+            services=services,
+            lb=lb,
+            dns_servers=dns_servers,
+            environ=environ,
+            tls=tls,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         user_transport: httpx.AsyncBaseTransport | None = kwargs.get("transport")
-        pools = None if user_transport is not None else _PoolFactory(kwargs, mesh)
         super().__init__(**kwargs)
-        self._pools = pools
+        telemetry = self._observability.telemetry
         if pools is None:
             assert user_transport is not None
             shared = user_transport
-            _warn_tls_ignored(mesh)
-            self._mesh = AsyncMeshTransport(mesh, lambda endpoint: shared, owns_transports=False, telemetry=telemetry)
+            self._mesh = AsyncMeshTransport(
+                mesh, lambda endpoint, service: shared, owns_transports=False, telemetry=telemetry
+            )
         else:
             self._mesh = AsyncMeshTransport(mesh, pools.async_, telemetry=telemetry)
-            pools.bind(self._mesh.services, pools.async_)
         self._observability.start(self._mesh, "async")
 
     @property
@@ -319,35 +354,18 @@ class AsyncClient(httpx.AsyncClient):
         """The mesh transport (services, endpoint stats), for status views and tests."""
         return self._mesh
 
-    @property
-    def tls_contexts(self) -> Mapping[str, ReloadingContext]:
-        """Service key -> the reloading TLS context of each service with TLS settings (status views, tests)."""
-        return dict(self._pools.contexts) if self._pools is not None else {}
-
-    def mesh_status(self) -> MeshStatus:
-        """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
-        return snapshot(self._mesh.services, "async")
-
-    @property
-    def admin_address(self) -> tuple[str, int] | None:
-        """The address the admin endpoint this client reports to listens on (``None``: none)."""
-        server = self._observability.admin
-        return None if server is None else server.address
-
     def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
         if self._mesh.routes(url.host):
             return self._mesh
         return self._observability.outside(url, super()._transport_for_url(url), AsyncPropagatingTransport)
 
     async def aclose(self) -> None:
-        """Close the client: httpx's pools, discovery tasks and every endpoint's pool."""
+        """Close the client: httpx's pools, discovery tasks, every endpoint's pool, the certificate watcher."""
         try:
             await super().aclose()
         finally:
-            self._observability.stop(self._mesh)
+            self._stop_background()
             await self._mesh.aclose()
-            if self._pools is not None:
-                self._pools.close()
 
     async def __aexit__(
         self,
@@ -358,7 +376,5 @@ class AsyncClient(httpx.AsyncClient):
         try:
             await super().__aexit__(exc_type, exc_value, traceback)
         finally:
-            self._observability.stop(self._mesh)
+            self._stop_background()
             await self._mesh.aclose()
-            if self._pools is not None:
-                self._pools.close()

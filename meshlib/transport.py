@@ -14,6 +14,7 @@ modified, so ``response.url`` and redirects keep the logical URL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -40,10 +41,15 @@ T = TypeVar("T")
 _ROUTE_CACHE_SIZE = 1024
 
 
+def _for_service(new_transport: Callable[[Endpoint, str], T], key: str, endpoint: Endpoint) -> T:
+    """The transport factory as one service sees it: the service key is bound (its TLS settings depend on it)."""
+    return new_transport(endpoint, key)
+
+
 class _Router(Generic[T]):
     """Host -> Service lookup, shared by both transports; caches host normalisation for hot hosts."""
 
-    def __init__(self, config: MeshConfig, new_transport: Callable[[Endpoint], T]) -> None:
+    def __init__(self, config: MeshConfig, new_transport: Callable[[Endpoint, str], T]) -> None:
         settings = DiscoverySettings(
             dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ
         )
@@ -53,7 +59,7 @@ class _Router(Generic[T]):
             resolver = build_resolver(
                 svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]"
             )
-            self.services[key] = Service(svc, config, resolver, new_transport)
+            self.services[key] = Service(svc, config, resolver, functools.partial(_for_service, new_transport, key))
         self._cache: dict[str, Service[T] | None] = {}
 
     def route(self, host: str) -> Service[T] | None:
@@ -111,8 +117,8 @@ class _AsyncTrackedStream(httpx.AsyncByteStream):
 class MeshTransport(httpx.BaseTransport):
     """The sync mesh transport: ``meshlib.Client`` sends every mesh request through it.
 
-    ``new_transport`` makes the pooled inner transport of one endpoint (called once per endpoint, on the
-    slow path); ``owns_transports=False`` when it returns a transport the caller owns (a user's
+    ``new_transport(endpoint, service_key)`` makes the pooled inner transport of one endpoint (called once per
+    endpoint, on the slow path); ``owns_transports=False`` when it returns a transport the caller owns (a user's
     ``transport=``), which is then never closed here. ``passthrough`` serves hosts outside the mesh when
     the transport is used on its own (``meshlib.Client`` routes those itself).
     """
@@ -120,7 +126,7 @@ class MeshTransport(httpx.BaseTransport):
     def __init__(
         self,
         config: MeshConfig,
-        new_transport: Callable[[Endpoint], httpx.BaseTransport],
+        new_transport: Callable[[Endpoint, str], httpx.BaseTransport],
         *,
         owns_transports: bool = True,
         passthrough: httpx.BaseTransport | None = None,
@@ -300,7 +306,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         config: MeshConfig,
-        new_transport: Callable[[Endpoint], httpx.AsyncBaseTransport],
+        new_transport: Callable[[Endpoint, str], httpx.AsyncBaseTransport],
         *,
         owns_transports: bool = True,
         passthrough: httpx.AsyncBaseTransport | None = None,

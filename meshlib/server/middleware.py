@@ -18,10 +18,10 @@ the scope). Starlette: ``Starlette(middleware=[Middleware(DeadlineMiddleware)])`
 a thread pool that copies the context, so they inherit the deadline too. On exit a hook can read the
 response status (``request.status``), captured from ``http.response.start`` / ``start_response``.
 
-:class:`MeshMiddleware` / :class:`WSGIMeshMiddleware` run the whole inbound half, outermost first:
-server metrics (:class:`~meshlib.telemetry.inbound.ServerMetricsHook`), the SERVER span and trace context
-(:class:`~meshlib.telemetry.inbound.ServerTraceHook`), the peer's SPIFFE ID (:class:`PeerIdentityHook`) and
-the deadline (:class:`DeadlineHook`).
+:class:`MeshMiddleware` / :class:`WSGIMeshMiddleware` run the whole inbound half, outermost first: the
+SERVER span and trace context (:class:`~meshlib.telemetry.inbound.ServerTraceHook`), server metrics
+(:class:`~meshlib.telemetry.inbound.ServerMetricsHook`), the peer's SPIFFE ID (:class:`PeerIdentityHook`)
+and the deadline (:class:`DeadlineHook`).
 
 **Peer identity** needs the client's certificate, which only some servers hand to the app: ASGI servers that
 implement the ASGI TLS extension put the chain in ``scope["extensions"]["tls"]["client_cert_chain"]``
@@ -452,10 +452,14 @@ def mesh_hooks(
     peer_identity: PeerIdentityHook | None = None,
     deadline_headers: Iterable[str] | None = None,
 ) -> tuple[Hook, ...]:
-    """The inbound half's hooks, outermost first: server metrics, server span, peer identity, deadline."""
+    """The inbound half's hooks, outermost first: server span, server metrics, peer identity, deadline.
+
+    The span is outermost so the duration is recorded while it is current (an SDK with exemplars links the
+    measurement to the trace) and so the span ends last: once it is exported, the request is fully accounted.
+    """
     return (
-        ServerMetricsHook(meter_provider),
         ServerTraceHook(tracer_provider),
+        ServerMetricsHook(meter_provider),
         peer_identity or PeerIdentityHook(),
         DeadlineHook(deadline_headers),
     )

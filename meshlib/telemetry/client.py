@@ -110,7 +110,7 @@ class ClientTelemetry:
         """Start the call's CLIENT span when a tracer is configured (parented on the current context)."""
         tracer = self.traces.tracer()
         if tracer is not None:
-            span = start_call_span(tracer, call.request, call.service.name)
+            span = start_call_span(tracer, call.request)
             call.span = span
             call.span_context = trace.set_span_in_context(span)
 
@@ -130,7 +130,7 @@ class ClientTelemetry:
     def call_finished(self, call: Call[Any], response: httpx.Response | None, error: BaseException | None) -> None:
         """End the span and record the duration: the response headers arrived, or the call failed."""
         span = call.span
-        sinks = self.sinks()
+        sinks = self._sinks if not self._global_pending else self.sinks()
         if span is None and not sinks:
             return
         status = response.status_code if response is not None else None
@@ -173,4 +173,5 @@ class ClientTelemetry:
                     error_type=error_type,
                     peer=call.peer,
                     outcome=outcome,
+                    context=call.span_context,
                 )

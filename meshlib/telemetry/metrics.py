@@ -24,13 +24,15 @@ endpoint counts and discovery age report the widest view. Names, units and attri
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, MeterProvider, Observation
 
 from meshlib.resilience.breaker import STATE_OPEN
 from meshlib.service import Service
@@ -71,6 +73,8 @@ def global_meter_provider_set() -> bool:
 
 
 _HAS_PRIVATE_GLOBAL = hasattr(metrics, "_internal") and hasattr(metrics._internal, "_METER_PROVIDER")
+#: Whether ``Histogram.record`` accepts ``context=`` (API >= 1.28): exemplars that point at the call's trace.
+_RECORD_TAKES_CONTEXT = "context" in inspect.signature(Histogram.record).parameters
 
 
 def _meter(provider: MeterProvider) -> Meter:
@@ -182,8 +186,12 @@ class MeshMetrics:
         error_type: str | None,
         peer: tuple[str, int] | None,
         outcome: str,
+        context: Context | None = None,
     ) -> None:
-        """Record one logical call's duration with its attributes (dictionaries cached per combination)."""
+        """Record one logical call's duration with its attributes (dictionaries cached per combination).
+
+        ``context`` (the call's span, when traced) lets an SDK with exemplars link the point to the trace.
+        """
         key = (host, port, method, status, error_type, peer, outcome)
         attributes = self._attributes.get(key)
         if attributes is None:
@@ -199,7 +207,10 @@ class MeshMetrics:
             if len(self._attributes) >= _ATTRIBUTE_CACHE_SIZE:
                 self._attributes.clear()
             self._attributes[key] = attributes
-        self.duration.record(seconds, attributes)
+        if context is not None and _RECORD_TAKES_CONTEXT:
+            self.duration.record(seconds, attributes, context=context)
+        else:
+            self.duration.record(seconds, attributes)
 
     # -- collection time -------------------------------------------------------------------------------------
 

@@ -43,9 +43,12 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
 import httpx
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
     from meshlib.resilience.classify import Classification
@@ -114,6 +117,8 @@ class TracerSource:
         """The tracer to create spans with, or ``None`` when no tracer provider is configured."""
         if self._resolved:
             return self._tracer
+        if _HAS_PRIVATE_GLOBAL and trace._TRACER_PROVIDER is None:  # inlined: this runs on every request
+            return None
         if not _global_tracer_provider_set():
             return None
         self._resolve(trace.get_tracer_provider())
@@ -157,7 +162,7 @@ def redact_url(url: httpx.URL) -> str:
     return str(url)
 
 
-def start_call_span(tracer: trace.Tracer, request: httpx.Request, service: str) -> trace.Span:
+def start_call_span(tracer: trace.Tracer, request: httpx.Request) -> trace.Span:
     """Start the CLIENT span of one logical mesh call (parented on the caller's current context)."""
     url = request.url
     name, method = method_attributes(request.method)
@@ -167,7 +172,6 @@ def start_call_span(tracer: trace.Tracer, request: httpx.Request, service: str) 
         "server.address": url.host,
         "server.port": port,
         "url.full": redact_url(url),
-        "meshlib.service": service,
     }
     if method == "_OTHER":
         attributes["http.request.method_original"] = request.method
@@ -184,7 +188,7 @@ def finish_call_span(
     attempts: int,
 ) -> None:
     """Set the outcome attributes of a logical call's span and end it."""
-    attributes: dict[str, str | int] = {"meshlib.attempts": attempts}
+    attributes: dict[str, str | int] = {}
     if status_code is not None:
         attributes["http.response.status_code"] = status_code
     if peer is not None:
@@ -255,12 +259,42 @@ def inject(headers: MutableMapping[str, str], span_context: otel_context.Context
     """Write the propagation headers of ``span_context`` (a call's span), or of the current context.
 
     With no span and an empty current context there is nothing to propagate, and no propagator is called:
-    the common case of an application without tracing costs one dictionary check.
+    the common case of an application without tracing costs one dictionary check. With the default
+    propagators (W3C trace context and baggage, unless ``OTEL_PROPAGATORS`` or ``set_global_textmap`` says
+    otherwise) ``traceparent`` is formatted here, as ``TraceContextTextMapPropagator`` would, in a third of
+    its time; any other propagator set is called as configured.
     """
-    if span_context is not None:
-        propagate.inject(headers, context=span_context)
-    elif otel_context.get_current():
-        propagate.inject(headers)
+    if span_context is None:
+        span_context = otel_context.get_current()
+        if not span_context:
+            return
+    textmap = propagate.get_global_textmap()
+    if textmap is not _default_textmap[0] and not _is_default(textmap):
+        textmap.inject(headers, context=span_context)
+        return
+    parent = trace.get_current_span(span_context).get_span_context()
+    if parent.is_valid:
+        headers["traceparent"] = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{parent.trace_flags:02x}"
+        if parent.trace_state:
+            headers["tracestate"] = parent.trace_state.to_header()
+    if baggage.get_all(span_context):
+        _BAGGAGE.inject(headers, context=span_context)
+
+
+_BAGGAGE = W3CBaggagePropagator()
+#: The global propagator last found to be the default W3C pair (compared by identity on each call).
+_default_textmap: list[object] = [None]
+
+
+def _is_default(textmap: object) -> bool:
+    """Whether ``textmap`` is exactly the API's default: a composite of W3C trace context and W3C baggage."""
+    members = getattr(textmap, "_propagators", None)  # CompositePropagator keeps them there
+    if not isinstance(textmap, CompositePropagator) or members is None:
+        return False
+    if [type(member) for member in members] != [TraceContextTextMapPropagator, W3CBaggagePropagator]:
+        return False
+    _default_textmap[0] = textmap
+    return True
 
 
 def suppressed_context() -> otel_context.Context | None:
