@@ -97,6 +97,7 @@ def endpoint_url(url: httpx.URL, endpoint: Endpoint) -> httpx.URL:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_NO_STATUSES: frozenset[int] = frozenset()
 
 
 class RetrySignal(Exception):
@@ -153,7 +154,7 @@ class Call(Generic[T]):
         self.policy, self.deadline = effective(service.policy, rules if isinstance(rules, Policy) else None)
         self.attempts = 0
         self.tried: list[str] = []
-        self.tried_addresses: set[Address] = set()
+        self.tried_addresses: set[Address] | None = None  # made on a retry: the first attempt needs none
         # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
         self.replayable = isinstance(request.stream, httpx.ByteStream)
         self.limited = False
@@ -205,7 +206,8 @@ class Call(Generic[T]):
         self.attempts += 1
         self.tried.append(endpoint.address)
         self.peer = address = (endpoint.host, endpoint.port)
-        self.tried_addresses.add(address)
+        if self.tried_addresses is not None:
+            self.tried_addresses.add(address)
         telemetry = self.telemetry
         if telemetry is not None and self.span is not None:
             telemetry.attempt_started(self)
@@ -221,8 +223,11 @@ class Call(Generic[T]):
         for _ in range(len(active.stats) + 1):
             excluded = set(unhealthy) | refused
             stats = None
-            if self.tried_addresses:  # a retry prefers an endpoint this call has not tried
-                stats = active.pick(key, _ByAddress(excluded | self.tried_addresses))
+            if self.peer is not None:  # a retry prefers an endpoint this call has not tried
+                tried = self.tried_addresses
+                if tried is None:
+                    tried = self.tried_addresses = {self.peer}
+                stats = active.pick(key, _ByAddress(excluded | tried))
             if stats is None:
                 stats = active.pick(key, _ByAddress(excluded) if excluded else ())
             if stats is None:
@@ -290,7 +295,7 @@ class Call(Generic[T]):
         return classify_response(
             response.status_code,
             response.headers,
-            retry_statuses=frozenset(self.policy.retry_on or ()),
+            retry_statuses=self.policy.retry_on or _NO_STATUSES,  # a frozenset already (Policy normalises it)
             retry_after_cap=self.policy.retry_after_cap or 300.0,
         )
 

@@ -31,11 +31,16 @@ class Endpoint:
     zone: str | None = None
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY_META, compare=False, hash=False)
+    _address: str = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: the request path reads it for every response (response.extensions) and span.
+        object.__setattr__(self, "_address", f"{_url_host(self.host)}:{self.port}")
 
     @property
     def address(self) -> str:
         """``host:port``, with IPv6 literals bracketed, as used in URLs and logs."""
-        return f"{_url_host(self.host)}:{self.port}"
+        return self._address
 
     @property
     def url_host(self) -> str:

@@ -32,6 +32,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import timezone
 
@@ -133,7 +134,7 @@ def classify_response(
     response_status: int,
     headers: Mapping[str, str],
     *,
-    retry_statuses: frozenset[int] = DEFAULT_RETRY_STATUSES,
+    retry_statuses: AbstractSet[int] = DEFAULT_RETRY_STATUSES,
     retry_rate_limited: bool = True,
     retry_after_cap: float = RETRY_AFTER_CAP,
     now_wall: Callable[[], float] = time.time,
