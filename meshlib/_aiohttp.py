@@ -13,6 +13,8 @@ as with the default ``httpx.AsyncHTTPTransport``. What this adds to the upstream
 * httpx's request headers sent as they are: no cookie jar (aiohttp's would store ``Set-Cookie`` answers and
   replay them on later requests of other callers), no ``Accept``/``Accept-Encoding``/``User-Agent`` added
   back when the caller removed them;
+* no retry of its own (aiohttp re-sends idempotent requests once after a disconnect): meshlib's retries,
+  budget and attempt counts stay the only ones;
 * exceptions mapped by what meshlib's retry rules need to know, whether the request may have been sent:
   upstream maps every ``aiohttp.ClientConnectionError`` (a server that closed the connection after reading the
   request included) to ``httpx.ConnectTimeout``, which reads as "never sent" and would let a POST be re-sent.
@@ -43,9 +45,8 @@ def _translated(error: BaseException) -> httpx.TransportError | None:
         exc_type = httpx.ReadTimeout
     elif isinstance(error, aiohttp.ClientConnectorError):  # refused, unreachable, DNS, TLS handshake/verification
         exc_type = httpx.ConnectError
-    elif isinstance(error, aiohttp.ServerDisconnectedError):  # closed after (part of) the request was written
-        exc_type = httpx.RemoteProtocolError
-    elif isinstance(error, aiohttp.ClientResponseError):  # a malformed response
+    elif isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError)):
+        # Closed after (part of) the request was written, or a malformed response: it may have been processed.
         exc_type = httpx.RemoteProtocolError
     elif isinstance(error, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
         exc_type = httpx.ReadError
@@ -102,12 +103,19 @@ class EndpointAiohttpTransport(AiohttpTransport):
             limit=0 if limit is None else limit,  # aiohttp: 0 is no limit
             keepalive_timeout=self.limits.keepalive_expiry,
         )
-        return aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=_NOT_ADDED,
             trust_env=False,  # mesh traffic goes to the endpoint itself, never through HTTP(S)_PROXY
         )
+        # aiohttp re-sends an idempotent request once, on a new connection, when the server closed or reset
+        # the connection: a second attempt meshlib would not see (no retry budget, no attempt count, the same
+        # endpoint), doubling the load on a failing endpoint. meshlib's retries decide. There is no public switch;
+        # aiohttp's own test client turns it off the same way.
+        if hasattr(session, "_retry_connection"):
+            session._retry_connection = False
+        return session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through this endpoint's session (SNI from the ``sni_hostname`` extension)."""

@@ -280,14 +280,15 @@ class Call(Generic[T]):
         if self.record is not None:
             self.record.finish(verdict, error)
         service = self.service
-        breaker = service.breakers.get(address)
-        if breaker is not None:
-            if verdict.endpoint_failure:
-                breaker.record_failure()
-            elif verdict.sent or verdict.outcome is Outcome.SUCCESS:
-                breaker.record_success()
-            else:
-                breaker.release()
+        if verdict.endpoint_failure:
+            service.breaker_for(address).record_failure()
+        else:
+            breaker = service.breakers.get(address)  # none yet: the endpoint never failed, nothing to reset
+            if breaker is not None:
+                if verdict.sent or verdict.outcome is Outcome.SUCCESS:
+                    breaker.record_success()
+                else:
+                    breaker.release()
         service.detector.record(address, verdict.endpoint_failure)
 
     def classify(self, response: httpx.Response) -> Classification:

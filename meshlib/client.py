@@ -7,9 +7,21 @@ request takes exactly the path plain httpx would (mounts, proxies from the envir
 configured by ``HTTP_PROXY`` never captures mesh traffic.
 
 A user's ``transport=`` is also the inner transport every endpoint sends through (shared, not owned), so
-``httpx.MockTransport`` and respx keep working for code that uses meshlib. Otherwise each endpoint gets its
-own pooled ``httpx.HTTPTransport`` built from the client's ``verify``, ``cert``, ``http1``, ``http2`` and
-``limits``.
+``httpx.MockTransport`` and respx keep working for code that uses meshlib: that is the form for tests.
+Otherwise each endpoint gets its own pooled transport, created when the endpoint is first used and closed
+when it leaves discovery (or the client closes), connecting with the SSL context of its service (below):
+
+* by default an ``httpx.HTTPTransport`` / ``AsyncHTTPTransport`` built from the client's ``http1``,
+  ``http2`` and ``limits``;
+* ``MESHLIB_INNER_TRANSPORT=aiohttp`` (or ``inner_transport="aiohttp"``; ``AsyncClient`` only, the
+  ``aiohttp`` extra): an ``httpx_aiohttp.AiohttpTransport`` with its own ``aiohttp.ClientSession`` and the
+  client's ``limits`` (HTTP/1.1; several times httpx's async throughput under concurrency, see
+  ``docs/performance.md`` S7);
+* ``inner_transport=<callable>``: anything else (another pool, httpx2...). It is called once per endpoint
+  (and per service, when two services share an address) as ``inner_transport(endpoint, ssl_context)``, with
+  the :class:`~meshlib.discovery.base.Endpoint` and the ``ssl.SSLContext`` meshlib chose for its service,
+  and must return an ``httpx.BaseTransport`` (``Client``) or ``httpx.AsyncBaseTransport`` (``AsyncClient``)
+  that meshlib then owns and closes. The client's ``http1``/``http2``/``limits`` are the factory's business.
 
 Telemetry (``docs/observability.md``): ``tracer_provider=`` / ``meter_provider=`` send the client's spans
 and metrics to the given OpenTelemetry providers instead of the global ones; ``mesh_status()`` returns a
@@ -29,15 +41,16 @@ import logging
 import ssl
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from meshlib import admin
-from meshlib.config import MeshConfig, ServiceConfig
+from meshlib.config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib.discovery.base import Endpoint
+from meshlib.errors import ConfigError
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
 from meshlib.status import MeshStatus, snapshot
 from meshlib.telemetry.client import ClientTelemetry
@@ -47,6 +60,14 @@ from meshlib.transport import AsyncMeshTransport, MeshTransport
 logger = logging.getLogger("meshlib")
 
 T = TypeVar("T")
+
+#: ``inner_transport=`` of :class:`Client`: ``"httpx"`` or a factory ``(endpoint, ssl_context) -> transport``.
+InnerTransport = Literal["httpx"] | Callable[[Endpoint, ssl.SSLContext], httpx.BaseTransport]
+#: ``inner_transport=`` of :class:`AsyncClient`: ``"httpx"``, ``"aiohttp"`` or a factory.
+AsyncInnerTransport = Literal["httpx", "aiohttp"] | Callable[[Endpoint, ssl.SSLContext], httpx.AsyncBaseTransport]
+
+_VARIABLE = "MESHLIB_INNER_TRANSPORT"
+_ARGUMENT = "inner_transport (argument)"
 
 
 def _mesh_config(
@@ -68,6 +89,11 @@ def _mesh_config(
 class _PoolFactory:
     """Makes each endpoint's pooled transport from the client's httpx arguments and the mesh TLS settings.
 
+    Which transport: ``inner`` (the client's ``inner_transport=`` argument) if given, else
+    ``MESHLIB_INNER_TRANSPORT``; ``kind`` is ``"sync"`` or ``"async"``, the client it is for. An unusable choice
+    (``aiohttp`` for the sync client, or without ``httpx-aiohttp`` installed) is a :class:`meshlib.ConfigError`
+    here.
+
     Services without meshlib TLS settings share one SSL context per client, built on first use from the
     client's ``verify``/``cert``: httpx would otherwise load the CA bundle again for each endpoint transport
     (20-40 ms each, on the first request). Services with TLS settings get a
@@ -75,7 +101,13 @@ class _PoolFactory:
     construction so a bad file is a :class:`meshlib.ConfigError` now rather than a failed request later.
     """
 
-    def __init__(self, kwargs: Mapping[str, Any], mesh: MeshConfig) -> None:
+    def __init__(self, kwargs: Mapping[str, Any], mesh: MeshConfig, inner: object, kind: str) -> None:
+        self._factory: Callable[[Endpoint, ssl.SSLContext], Any] | None = None
+        self._aiohttp: Callable[[ssl.SSLContext, httpx.Limits], httpx.AsyncBaseTransport] | None = None
+        if callable(inner):
+            self._factory = inner
+        else:
+            self._choose(kwargs, mesh, inner, kind)
         self._verify = kwargs.get("verify", True)
         self._cert = kwargs.get("cert")
         self._trust_env = kwargs.get("trust_env", True)
@@ -103,6 +135,38 @@ class _PoolFactory:
                 ", ".join(sorted(mesh.services[key].name for key in self.contexts)),
             )
 
+    def _choose(self, kwargs: Mapping[str, Any], mesh: MeshConfig, inner: object, kind: str) -> None:
+        """Resolve a named inner transport (argument, else ``MESHLIB_INNER_TRANSPORT``)."""
+        if inner is None:
+            variable, name = _VARIABLE, mesh.inner_transport
+        elif isinstance(inner, str):
+            variable, name = _ARGUMENT, parse_inner_transport(_ARGUMENT, inner)
+        else:
+            raise TypeError(
+                f"inner_transport= must be 'httpx', 'aiohttp' or a callable (endpoint, ssl_context) -> transport, "
+                f"not {type(inner).__name__}"
+            )
+        if name != "aiohttp":
+            return
+        if kind != "async":
+            raise ConfigError(
+                variable,
+                name,
+                "httpx for meshlib.Client: aiohttp is asyncio-only, use it with meshlib.AsyncClient "
+                "(a sync client in the same process can pass inner_transport='httpx')",
+            )
+        try:
+            from meshlib._aiohttp import EndpointAiohttpTransport
+        except ImportError as error:
+            raise ConfigError(
+                variable, name, f"httpx, or install httpx-aiohttp first: pip install 'meshlib[aiohttp]' ({error})"
+            ) from None
+        self._aiohttp = EndpointAiohttpTransport
+        if kwargs.get("http2"):
+            logger.warning(
+                "http2=True does not apply to mesh endpoints with %s=aiohttp: aiohttp speaks HTTP/1.1", variable
+            )
+
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = httpx.create_ssl_context(verify=self._verify, cert=self._cert, trust_env=self._trust_env)
@@ -115,13 +179,35 @@ class _PoolFactory:
         self.tls.watch(context)  # rotation starts with the first connection pool that uses the context
         return context
 
+    def _made(self, endpoint: Endpoint, context: ssl.SSLContext, method: str) -> Any:
+        """The factory's transport for ``endpoint``, checked to be of the client's kind (sync or async)."""
+        assert self._factory is not None
+        transport = self._factory(endpoint, context)
+        if not callable(getattr(transport, method, None)):
+            kind = "httpx.AsyncBaseTransport" if method == "handle_async_request" else "httpx.BaseTransport"
+            raise TypeError(
+                f"inner_transport= returned {type(transport).__name__} for endpoint {endpoint}: "
+                f"expected an {kind} (with {method}) for this client"
+            )
+        return transport
+
     def sync(self, endpoint: Endpoint, service: str) -> httpx.BaseTransport:
         """A new pooled sync transport for ``endpoint`` (of the service whose key is ``service``)."""
-        return httpx.HTTPTransport(verify=self._context_for(service), **self._pool)
+        context = self._context_for(service)
+        if self._factory is not None:
+            transport: httpx.BaseTransport = self._made(endpoint, context, "handle_request")
+            return transport
+        return httpx.HTTPTransport(verify=context, **self._pool)
 
     def async_(self, endpoint: Endpoint, service: str) -> httpx.AsyncBaseTransport:
         """A new pooled async transport for ``endpoint`` (of the service whose key is ``service``)."""
-        return httpx.AsyncHTTPTransport(verify=self._context_for(service), **self._pool)
+        context = self._context_for(service)
+        if self._factory is not None:
+            inner: httpx.AsyncBaseTransport = self._made(endpoint, context, "handle_async_request")
+            return inner
+        if self._aiohttp is not None:
+            return self._aiohttp(context, self._pool["limits"])
+        return httpx.AsyncHTTPTransport(verify=context, **self._pool)
 
     def close(self) -> None:
         """Stop watching certificate files."""
@@ -191,11 +277,19 @@ class _MeshClient:
         tls: TLSSettings | None,
         tracer_provider: TracerProvider | None,
         meter_provider: MeterProvider | None,
+        inner_transport: object = None,
+        kind: str = "sync",
     ) -> tuple[MeshConfig, _PoolFactory | None]:
         """Validate the mesh settings (``ConfigError`` here, not later) and build the pools and telemetry."""
         mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
+        shared = kwargs.get("transport") is not None
+        if shared and inner_transport is not None:
+            raise TypeError(
+                "pass either transport= (one shared inner transport, e.g. httpx.MockTransport in tests) or "
+                "inner_transport= (one transport per endpoint), not both"
+            )
         self._observability = _Observability(mesh, tracer_provider, meter_provider)
-        self._pools = None if kwargs.get("transport") is not None else _PoolFactory(kwargs, mesh)
+        self._pools = None if shared else _PoolFactory(kwargs, mesh, inner_transport, kind)
         if self._pools is None:
             _warn_tls_ignored(mesh)
         return mesh, self._pools
@@ -231,6 +325,9 @@ class Client(_MeshClient, httpx.Client):
     :class:`~meshlib.config.MeshConfig` as ``config``. A bad value, or a TLS file that cannot be loaded,
     raises :class:`meshlib.ConfigError` here. ``tracer_provider`` / ``meter_provider``: OpenTelemetry
     providers for this client's spans and metrics (default: the global ones, once the application sets them).
+    ``inner_transport``: ``"httpx"`` (the default) or a factory ``(endpoint, ssl_context) -> httpx.BaseTransport``
+    called once per endpoint (see the module docstring); overrides ``MESHLIB_INNER_TRANSPORT``. ``transport=``
+    instead makes every endpoint share that one transport (tests: ``httpx.MockTransport``, respx).
     """
 
     _mesh: MeshTransport
@@ -246,6 +343,7 @@ class Client(_MeshClient, httpx.Client):
         tls: TLSSettings | None = None,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        inner_transport: InnerTransport | None = None,
         **kwargs: Any,
     ) -> None:
         mesh, pools = self._prepare(
@@ -258,6 +356,8 @@ class Client(_MeshClient, httpx.Client):
             tls=tls,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            inner_transport=inner_transport,
+            kind="sync",
         )
         user_transport: httpx.BaseTransport | None = kwargs.get("transport")
         super().__init__(**kwargs)
@@ -307,7 +407,8 @@ class AsyncClient(_MeshClient, httpx.AsyncClient):
     """An ``httpx.AsyncClient`` that discovers, balances and sends to mesh services in-process.
 
     Same arguments as :class:`Client`. Background discovery runs as tasks on the event loop that first
-    uses each service; ``aclose()`` (or leaving ``async with``) stops them.
+    uses each service; ``aclose()`` (or leaving ``async with``) stops them. ``inner_transport`` may also be
+    ``"aiohttp"`` (``MESHLIB_INNER_TRANSPORT=aiohttp``), and a factory returns ``httpx.AsyncBaseTransport`` objects.
     """
 
     _mesh: AsyncMeshTransport
@@ -323,6 +424,7 @@ class AsyncClient(_MeshClient, httpx.AsyncClient):
         tls: TLSSettings | None = None,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        inner_transport: AsyncInnerTransport | None = None,
         **kwargs: Any,
     ) -> None:
         mesh, pools = self._prepare(
@@ -335,6 +437,8 @@ class AsyncClient(_MeshClient, httpx.AsyncClient):
             tls=tls,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            inner_transport=inner_transport,
+            kind="async",
         )
         user_transport: httpx.AsyncBaseTransport | None = kwargs.get("transport")
         super().__init__(**kwargs)

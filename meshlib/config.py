@@ -39,6 +39,9 @@ SERVICE_SETTING_SEPARATOR = "__"
 
 LB_NAMES = ("p2c_ewma", "round_robin", "least_request", "random", "ring_hash")
 
+#: ``MESHLIB_INNER_TRANSPORT``: what each mesh endpoint's pooled transport is built with (see ``meshlib.client``).
+INNER_TRANSPORTS = ("httpx", "aiohttp")
+
 #: Per-service settings: suffix after ``MESHLIB_SERVICE_<NAME>__`` -> ServiceConfig field. Every policy and
 #: resilience suffix (``TIMEOUT``, ``RETRIES``, ``BREAKER_FAILURES``...) is added below, after their tables.
 SERVICE_SETTINGS = {"LB": "lb", "HASH_HEADER": "hash_header"}
@@ -166,6 +169,9 @@ class MeshConfig:
       (``/status``, ``/metrics``; see :mod:`meshlib.admin`), or ``None`` for none (the default).
     * ``propagate_to=()`` -- ``MESHLIB_PROPAGATE_TO``: hosts outside the mesh that may receive the mesh's
       trace, baggage and deadline headers (see :mod:`meshlib.telemetry.propagation`); none by default.
+    * ``inner_transport="httpx"`` -- ``MESHLIB_INNER_TRANSPORT``: each endpoint's pooled transport, ``httpx``
+      (``httpx.HTTPTransport`` / ``AsyncHTTPTransport``) or ``aiohttp`` (``httpx-aiohttp``, ``AsyncClient`` only,
+      the ``aiohttp`` extra); a client's ``inner_transport=`` argument overrides it.
 
     :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
     """
@@ -186,6 +192,7 @@ class MeshConfig:
     tls_reload_interval: float = DEFAULT_RELOAD_INTERVAL
     admin_addr: tuple[str, int] | None = None
     propagate_to: tuple[str, ...] = ()
+    inner_transport: str = "httpx"
     #: The environment the settings were read from (``Client(environ=...)`` or ``os.environ``), for sources that
     #: read their own ecosystem's variables (``CONSUL_*``). Kept out of repr and comparisons: it holds secrets.
     environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
@@ -193,6 +200,8 @@ class MeshConfig:
     _service_resilience: Mapping[str, ResilienceSettings] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        transport = self.inner_transport
+        _check("MeshConfig", "inner_transport", transport, transport in INNER_TRANSPORTS, _INNER_EXPECTED)
         if not self.policy.complete:
             object.__setattr__(self, "policy", self.policy.resolved())
         policies = {key: self.policy.merge(svc.policy) for key, svc in self.services.items() if svc.policy is not None}
@@ -504,6 +513,17 @@ def parse_port(variable: str, raw: str) -> int:
     return port
 
 
+_INNER_EXPECTED = "one of httpx, aiohttp (aiohttp: meshlib.AsyncClient only, pip install 'meshlib[aiohttp]')"
+
+
+def parse_inner_transport(variable: str, raw: str) -> str:
+    """``MESHLIB_INNER_TRANSPORT``: ``httpx`` or ``aiohttp`` (case-insensitive)."""
+    name = raw.strip().lower()
+    if name not in INNER_TRANSPORTS:
+        raise ConfigError(variable, raw, _INNER_EXPECTED)
+    return name
+
+
 def _parse_lb(variable: str, raw: str) -> str:
     name = raw.strip().lower()
     if name not in LB_NAMES:
@@ -629,6 +649,7 @@ _GLOBALS = {
     "MESHLIB_TLS_RELOAD_INTERVAL": ("tls_reload_interval", _duration_or_zero),
     "MESHLIB_ADMIN_ADDR": ("admin_addr", parse_admin_addr),
     "MESHLIB_PROPAGATE_TO": ("propagate_to", _parse_propagate_to),
+    "MESHLIB_INNER_TRANSPORT": ("inner_transport", parse_inner_transport),
 }
 
 #: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``

@@ -101,7 +101,8 @@ class Service(Generic[T]):
             settings.outlier_max_percent,
             name=config.name,
         )
-        #: One breaker per endpoint address, kept across refreshes like the stats.
+        #: Breakers by endpoint address, created on an endpoint's first failure (:meth:`breaker_for`) and kept
+        #: across refreshes like the stats. Replaced, never mutated, so the request path reads it without a lock.
         self.breakers: dict[Address, EndpointBreaker] = {}
         # Addresses whose breaker is not closed: maintained by the breakers' listener, read per attempt.
         self._not_closed: frozenset[Address] = frozenset()
@@ -121,30 +122,19 @@ class Service(Generic[T]):
         return active
 
     def apply(self, snapshot: Snapshot) -> list[T]:
-        """Build and swap in the view for ``snapshot``; returns transports to close now (nothing in flight)."""
+        """Build and swap in the view for ``snapshot``; returns transports to close now (nothing in flight).
+
+        After the first set, only the difference is applied (set operations in C, then work per changed
+        endpoint), so 1 % churn on 10,000 endpoints does not walk every endpoint in Python; the pickers are
+        rebuilt whole, as they must be.
+        """
         with self._update_lock:
             old = self.active
-            stats: dict[Address, EndpointStats] = {}
-            transports: dict[Address, T] = {}
-            for endpoint in snapshot.endpoints:
-                address = (endpoint.host, endpoint.port)
-                if address in stats:
-                    continue  # the same address listed twice: keep the first
-                if old is not None and address in old.stats:
-                    existing = old.stats[address]
-                    existing.endpoint = endpoint  # weight or metadata may have changed; history stays
-                    stats[address] = existing
-                    transports[address] = old.transports[address]
-                elif address in self.retiring:  # came back before its old requests finished
-                    existing, transport = self.retiring.pop(address)
-                    existing.endpoint = endpoint
-                    stats[address] = existing
-                    transports[address] = transport
-                else:
-                    stats[address] = EndpointStats(
-                        endpoint, default_rtt=self._mesh.default_rtt, decay=self._mesh.ewma_decay
-                    )
-                    transports[address] = self._new_transport(endpoint)
+            if old is None:
+                stats, transports = self._build(snapshot.endpoints)
+                to_close: list[T] = []
+            else:
+                stats, transports, to_close = self._diff(old, snapshot.endpoints)
             self._update_breakers(stats)
             self.detector.set_endpoints(stats.keys())
             levels: dict[int, list[EndpointStats]] = {}
@@ -153,33 +143,83 @@ class Service(Generic[T]):
             pickers = tuple(self.balancer.build(levels[p]) for p in sorted(levels))
             self.active = Active(snapshot=snapshot, stats=stats, transports=transports, pickers=pickers)
             _log_change(self.name, old.stats if old else {}, stats)
-            to_close: list[T] = []
-            if old is not None:
-                for address, s in old.stats.items():
-                    if address in stats:
-                        continue
-                    if s.inflight > 0:
-                        self.retiring[address] = (s, old.transports[address])
-                    else:
-                        to_close.append(old.transports[address])
             return to_close
 
+    def _build(self, endpoints: tuple[Endpoint, ...]) -> tuple[dict[Address, EndpointStats], dict[Address, T]]:
+        """Stats and transports for a first endpoint set (an address listed twice keeps its first entry)."""
+        stats: dict[Address, EndpointStats] = {}
+        transports: dict[Address, T] = {}
+        for endpoint in endpoints:
+            address = (endpoint.host, endpoint.port)
+            if address not in stats:
+                stats[address], transports[address] = self._admit(address, endpoint)
+        return stats, transports
+
+    def _admit(self, address: Address, endpoint: Endpoint) -> tuple[EndpointStats, T]:
+        """Stats and transport of an endpoint joining the set: new, or back before its old requests ended."""
+        if address in self.retiring:
+            existing, transport = self.retiring.pop(address)
+            existing.endpoint = endpoint
+            return existing, transport
+        stats = EndpointStats(endpoint, default_rtt=self._mesh.default_rtt, decay=self._mesh.ewma_decay)
+        return stats, self._new_transport(endpoint)
+
+    def _diff(
+        self, old: Active[T], endpoints: tuple[Endpoint, ...]
+    ) -> tuple[dict[Address, EndpointStats], dict[Address, T], list[T]]:
+        """The new stats and transports from the old ones plus the difference; transports to close now."""
+        before, after = frozenset(old.snapshot.endpoints), frozenset(endpoints)
+        joined: dict[Address, Endpoint] = {}
+        for endpoint in after - before:
+            joined.setdefault((endpoint.host, endpoint.port), endpoint)
+        stats = dict(old.stats)
+        transports = dict(old.transports)
+        to_close: list[T] = []
+        for endpoint in before - after:
+            address = (endpoint.host, endpoint.port)
+            if address in joined or address not in stats or stats[address].endpoint in after:
+                continue  # still there with new weight or metadata (updated below), or a duplicate entry
+            gone, transport = stats.pop(address), transports.pop(address)
+            if gone.inflight > 0:
+                self.retiring[address] = (gone, transport)  # closed when its last request ends
+            else:
+                to_close.append(transport)
+        for address, endpoint in joined.items():
+            existing = stats.get(address)
+            if existing is not None:
+                existing.endpoint = endpoint  # weight or metadata changed; latency history and pool stay
+            else:
+                stats[address], transports[address] = self._admit(address, endpoint)
+        return stats, transports, to_close
+
     def _update_breakers(self, stats: dict[Address, EndpointStats]) -> None:
+        """Forget the breakers of endpoints that left (the others keep their state)."""
+        if any(address not in stats for address in self.breakers):
+            self.breakers = {a: b for a, b in self.breakers.items() if a in stats}
+            self._not_closed = frozenset(a for a, b in self.breakers.items() if b.state is not STATE_CLOSED)
+
+    def breaker_for(self, address: Address) -> EndpointBreaker:
+        """The endpoint's breaker, created on its first failure.
+
+        Lazily, because a breaker costs about 25 µs to build and healthy endpoints never need one: building
+        them for every endpoint of a 10,000-endpoint service would stall the event loop applying the set.
+        """
+        breaker = self.breakers.get(address)
+        if breaker is not None:
+            return breaker
         settings = self.settings
-        breakers: dict[Address, EndpointBreaker] = {}
-        for address, s in stats.items():
+        with self._update_lock:
             breaker = self.breakers.get(address)
             if breaker is None:
                 breaker = EndpointBreaker(
-                    f"{self.name}/{s.endpoint.address}",
+                    f"{self.name}/{address[0]}:{address[1]}",
                     fail_max=settings.breaker_failures,
                     reset_timeout=settings.breaker_reset,
                     max_reset_timeout=max(settings.breaker_reset, 60.0),
                     listeners=(self._breaker_changed,),
                 )
-            breakers[address] = breaker
-        self.breakers = breakers
-        self._not_closed = frozenset(a for a, b in breakers.items() if b.state is not STATE_CLOSED)
+                self.breakers = {**self.breakers, address: breaker}  # copy-on-write: readers take no lock
+            return breaker
 
     def _breaker_changed(self, breaker: EndpointBreaker, old: str, new: str) -> None:
         with self._update_lock:

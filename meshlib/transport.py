@@ -39,6 +39,8 @@ logger = logging.getLogger("meshlib")
 T = TypeVar("T")
 
 _ROUTE_CACHE_SIZE = 1024
+#: Endpoint sets at least this large are applied off the event loop (AsyncMeshTransport._publish).
+_APPLY_IN_THREAD = 500
 
 
 def _for_service(new_transport: Callable[[Endpoint, str], T], key: str, endpoint: Endpoint) -> T:
@@ -359,8 +361,17 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return service.current()
 
     async def _publish(self, service: Service[httpx.AsyncBaseTransport]) -> None:
-        if service.cache.snapshot is not None:
-            await self._aclose_all(service.apply(service.cache.snapshot))
+        snapshot = service.cache.snapshot
+        if snapshot is None:
+            return
+        if len(snapshot.endpoints) >= _APPLY_IN_THREAD:
+            # Building the view of a large set (stats, pools, pickers) is milliseconds of pure Python: do it in
+            # a worker thread so the event loop keeps running (the GIL is handed back every few ms) instead of
+            # stalling every request for the whole build. Service.apply is thread-safe and swaps atomically.
+            retired = await asyncio.to_thread(service.apply, snapshot)
+        else:
+            retired = service.apply(snapshot)
+        await self._aclose_all(retired)
 
     async def _aclose_all(self, transports: list[httpx.AsyncBaseTransport]) -> None:
         if not self._owns:

@@ -59,17 +59,23 @@ class WeightedSampler:
         self.random = rng.random
         starts: list[int] = []
         cum: list[float] = []
-        acc = 0
-        for w in self.weights:
-            starts.append(acc)
-            acc += w
-            cum.append(float(acc))
-        if cum:
-            # ``random() * total`` may round up to ``total``; an infinite last bound keeps bisect in range.
-            cum[-1] = float("inf")
+        if self.uniform:
+            # Equal weights (the common case) draw by multiplication alone: no tables to build, so applying
+            # a large endpoint set costs only the tuples above.
+            self.prob: list[float] = []
+            self.alias: list[int] = []
+        else:
+            acc = 0
+            for w in self.weights:
+                starts.append(acc)
+                acc += w
+                cum.append(float(acc))
+            if cum:
+                # ``random() * total`` may round up to ``total``; an infinite last bound keeps bisect in range.
+                cum[-1] = float("inf")
+            self.prob, self.alias = _alias_table(self.weights, self.total)
         self._cum = cum
         self._starts = starts
-        self.prob, self.alias = _alias_table(self.weights, self.total)
 
     def __len__(self) -> int:
         """Number of endpoints."""
