@@ -2,7 +2,7 @@
 
 A :class:`Policy` is an immutable value: deadline, retry and backoff rules for one logical call. Every field
 may be ``None``, meaning "not set at this layer", so policies stack. The transport resolves, for each request
-(see DESIGN.md, step 2)::
+(see docs/design.md, step 2)::
 
     DEFAULT_POLICY  <  MESHLIB_* env  <  MESHLIB_SERVICE_<NAME>__*  <  policy() scopes  <  request extension
 
@@ -98,14 +98,15 @@ class Policy:
     * ``retries`` -- retries after the first attempt, 0..10; attempts are clamped to :data:`MAX_ATTEMPTS`
       (5, as gRPC). Default 1: Envoy's ``num_retries``, Linkerd's and Istio's default (2 attempts).
     * ``retry_on`` -- response statuses that are retried (idempotency rules permitting). Default
-      {502, 503, 504}. 429 is always considered, and only with a usable ``Retry-After``.
+      {502, 503, 504}. 429 is always retried (on another endpoint), after its ``Retry-After`` when usable,
+      else after the usual backoff.
     * ``retry_non_idempotent`` -- allow retrying POST/PATCH after the request may have reached a server
       (an ``Idempotency-Key`` header does the same per request). Default False: istio/istio#13851 is what
       happens otherwise. Requests provably never sent are retried whatever this says.
     * ``backoff_base`` / ``backoff_cap`` -- exponential backoff with full jitter,
       ``uniform(0, min(cap, base * 2**n))``. Defaults 25 ms / 250 ms: Envoy's router and Linkerd.
-    * ``retry_after_cap`` -- a ``Retry-After`` longer than this is not waited for (the attempt is not
-      retried on that answer). Default 300 s: Envoy's ``rate_limited_retry_back_off`` max, Linkerd's too.
+    * ``retry_after_cap`` -- a ``Retry-After`` longer than this is ignored and the retry waits the usual
+      backoff instead. Default 300 s: Envoy's ``rate_limited_retry_back_off`` max, Linkerd's too.
 
     Invalid values raise :class:`meshlib.ConfigError` (a ``ValueError``) naming the field.
     """

@@ -1,6 +1,6 @@
 """The mesh transports: route -> endpoints -> pick -> send -> observe, for sync and async httpx.
 
-Only wiring lives here; every decision is made by objects shared with the other transport (see DESIGN.md):
+Only wiring lives here; every decision is made by objects shared with the other transport (see docs/design.md):
 :class:`~meshlib.service.Service` (snapshot, picker, stats), the discovery cache and the balancers. The two
 classes differ only in how they do I/O: a thread and blocking calls for :class:`MeshTransport`, a task and
 ``await`` for :class:`AsyncMeshTransport`.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,7 @@ def load_example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look a class's module up there
     spec.loader.exec_module(module)
     return module
 
@@ -42,3 +44,44 @@ def test_getting_started_mock_transport_snippet_passes() -> None:
     test = namespace["test_charge_goes_to_payments"]
     assert callable(test)
     test()
+
+
+def test_mtls_authenticates_both_sides_and_refuses_a_wrong_identity_unsent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    example = load_example("mtls")
+    assert example.main([]) == 0
+    out = capsys.readouterr().out
+    assert "GET https://payments/charge -> answered by payments-1" in out
+    assert "GET https://users/users/7 -> answered by users-1" in out
+    # What the client verified, and what each server verified of the client (mutual TLS).
+    assert "server presented spiffe://example.org/ns/shop/sa/payments" in out
+    assert "server presented spiffe://example.org/ns/shop/sa/users" in out
+    assert out.count("it saw the caller as spiffe://example.org/ns/shop/sa/frontend") == 2
+    # The mismatched expectation fails in the handshake: nothing reached the server.
+    assert (
+        "expecting spiffe://example.org/ns/shop/sa/billing -> ConnectError: "
+        "presented spiffe://example.org/ns/shop/sa/payments" in out
+    )
+    assert "requests payments received from that client: 0" in out
+    assert "mutual TLS with SPIFFE IDs: OK" in out
+
+
+def test_resilience_keeps_callers_error_free_and_holds_the_scope_deadline() -> None:
+    example = load_example("resilience")
+    outcome = example.run()
+    assert outcome.caller_errors == 0
+    assert outcome.retried_requests >= 1
+    assert outcome.failing_backend_attempts <= 6  # out after 5 consecutive failures (a probe at most besides)
+    assert outcome.breaker == "open" or outcome.ejected
+    assert re.fullmatch(r"[1-9][0-9]{0,7}[un]", outcome.grpc_timeout_seen)  # what was left of the 0.5 s
+    assert outcome.deadline_error == "DeadlineExceeded"
+    assert example.DEADLINE - 0.05 <= outcome.deadline_elapsed < example.DEADLINE + 0.5
+
+
+def test_resilience_main_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("resilience")
+    assert example.main([]) == 0
+    out = capsys.readouterr().out
+    assert f"{example.REQUESTS} requests, 0 errors seen by callers" in out
+    assert "resilience: OK" in out

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 _EMPTY_META: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Endpoint:
     """One address of a service: where to connect, and how much traffic it should get.
 
@@ -32,10 +32,25 @@ class Endpoint:
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY_META, compare=False, hash=False)
     _address: str = field(init=False, repr=False, compare=False, hash=False)
+    _key: tuple[object, ...] = field(init=False, repr=False, compare=False, hash=False)
+    _hash: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        # Computed once: the request path reads it for every response (response.extensions) and span.
+        # Computed once: the request path reads the address for every response (response.extensions) and
+        # span, and discovery compares sets of thousands of endpoints on every refresh.
         object.__setattr__(self, "_address", f"{_url_host(self.host)}:{self.port}")
+        key = (self.host, self.port, self.weight, self.priority, self.zone, self.tags)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_hash", hash(key))
+
+    # Equality and hash over the fields that define an endpoint (not ``meta``), from values computed once.
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Endpoint:
+            return NotImplemented
+        return self._key == other._key
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def address(self) -> str:

@@ -10,7 +10,8 @@ Defaults and their sources:
 
 * ``fail_max=5`` consecutive failures: Finagle ``FailureAccrualFactory`` (``consecutiveFailures(5, ...)``),
   Linkerd 1.x failure accrual, Envoy ``outlier_detection.consecutive_5xx``.
-* penalty ``reset_timeout=1 s`` doubling on every failed probe up to ``max_reset_timeout=60 s``, each
+* penalty ``reset_timeout=1 s`` (the class default; meshlib's clients pass ``MESHLIB_BREAKER_RESET``, 10 s)
+  doubling on every failed probe up to ``max_reset_timeout=60 s``, each
   stretched by up to ``jitter=0.5`` (50 %): linkerd2-proxy's consecutive-failure accrual
   (``failure-accrual-consecutive-min-penalty: 1s``, ``max-penalty: 1m``, ``jitter-ratio: 0.5``). A short
   first penalty finds a blip's end quickly; the doubling keeps a dead endpoint from being probed more than
