@@ -34,6 +34,7 @@ import httpx
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
+from meshlib import pushback
 from meshlib.balance.base import EndpointStats
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
 from meshlib.discovery.base import Endpoint
@@ -292,13 +293,22 @@ class Call(Generic[T]):
         service.detector.record(address, verdict.endpoint_failure)
 
     def classify(self, response: httpx.Response) -> Classification:
-        """The verdict on a response, under this call's retry rules."""
-        return classify_response(
+        """The verdict on a response, under this call's retry rules.
+
+        A retryable answer that carries :data:`~meshlib.pushback.NO_RETRY_HEADER` was already retried by the
+        hop that sent it (its own mesh client gave up): it is final here, so layers do not multiply retries.
+        """
+        verdict = classify_response(
             response.status_code,
             response.headers,
             retry_statuses=self.policy.retry_on or _NO_STATUSES,  # a frozenset already (Policy normalises it)
             retry_after_cap=self.policy.retry_after_cap or 300.0,
         )
+        if verdict.outcome is Outcome.RETRYABLE and pushback.NO_RETRY_HEADER in response.headers:
+            return Classification(
+                Outcome.FAILURE, verdict.sent, "retried-downstream", verdict.status, None, verdict.endpoint_failure
+            )
+        return verdict
 
     def classify_error(self, exc: BaseException) -> Classification:
         """The verdict on an exception raised while sending."""
@@ -311,19 +321,25 @@ class Call(Generic[T]):
         response: httpx.Response | None = None,
         error: BaseException | None = None,
     ) -> RetrySignal | None:
-        """A :class:`RetrySignal` when another attempt is wanted and safe, else ``None``."""
+        """A :class:`RetrySignal` when another attempt is wanted and safe, else ``None``.
+
+        A retryable failure that is not retried here is the final answer of this call: while serving an
+        inbound request, that is noted so the answer upstream says "already retried" (:mod:`meshlib.pushback`).
+        """
         if verdict.outcome is not Outcome.RETRYABLE:
             return None
-        if self.attempts >= self.policy.max_attempts or self.remaining() <= 0:
-            return None
-        if verdict.sent and not self.replayable:
-            return None  # a one-shot stream was consumed: it cannot be sent again
-        if not may_resend(
-            self.method,
-            verdict,
-            retry_non_idempotent=bool(self.policy.retry_non_idempotent),
-            has_idempotency_key=IDEMPOTENCY_KEY_HEADER in self.request.headers,
+        if (
+            self.attempts >= self.policy.max_attempts
+            or self.remaining() <= 0
+            or (verdict.sent and not self.replayable)  # a one-shot stream was consumed: it cannot be sent again
+            or not may_resend(
+                self.method,
+                verdict,
+                retry_non_idempotent=bool(self.policy.retry_non_idempotent),
+                has_idempotency_key=IDEMPOTENCY_KEY_HEADER in self.request.headers,
+            )
         ):
+            pushback.note_exhausted()
             return None
         return RetrySignal(self, verdict, response=response, error=error)
 

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 
 import httpx
 
+from meshlib import pushback
 from meshlib.balance.base import EndpointStats
 from meshlib.call import Call, RetrySignal
 from meshlib.config import MeshConfig, service_key
@@ -511,6 +512,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
 def _give_up(call: Call[T], last: RetrySignal) -> httpx.Response:
     """No more retries: the last response goes to the caller as it is, or the last error, made clear."""
+    pushback.note_exhausted()  # the caller's caller must not retry this again (meshlib.pushback)
     response = last.response
     if response is not None:
         _track(response, call.release)

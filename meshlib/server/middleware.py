@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Protocol
 
+from meshlib import pushback
 from meshlib.deadline import INBOUND_HEADERS, budget_from_headers, deadline_scope
 from meshlib.security.identity import SpiffeId, presented_identity
 from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
@@ -203,14 +204,18 @@ class _WSGIRequest:
     def annotate(self, key: str, value: object) -> None:
         self.environ[key] = value
 
-    def _start_response(self, start_response: WSGIStartResponse) -> WSGIStartResponse:
-        """``start_response`` that also notes the status for the hooks."""
+    def _start_response(
+        self, start_response: WSGIStartResponse, state: pushback.InboundState | None = None
+    ) -> WSGIStartResponse:
+        """``start_response`` that notes the status for the hooks and adds the retry pushback header."""
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             try:
                 self.status = int(status.split(" ", 1)[0])
             except ValueError:
                 self.status = None
+            if state is not None and self.status is not None and pushback.should_mark(state, self.status):
+                headers = [*headers, (pushback.NO_RETRY_HEADER, "1")]  # downstream already retried
             if exc_info is None:
                 return start_response(status, headers)
             return start_response(status, headers, exc_info)
@@ -272,6 +277,9 @@ def _enter(stack: ExitStack, hooks: Sequence[Hook], request: InboundRequest) -> 
     return entered
 
 
+_NO_RETRY = (pushback.NO_RETRY_HEADER.encode(), b"1")
+
+
 class ASGIInboundMiddleware:
     """Runs ``hooks`` around every ``http`` and ``websocket`` request of an ASGI app (lifespan untouched)."""
 
@@ -284,15 +292,21 @@ class ASGIInboundMiddleware:
             await self.app(scope, receive, send)
             return
         request = _ASGIRequest(scope)
+        state, token = pushback.begin_inbound()
 
         async def send_noting_status(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                request.status = int(message["status"])
+                request.status = status = int(message["status"])
+                if pushback.should_mark(state, status):  # downstream already retried: callers must not
+                    message = {**message, "headers": [*message.get("headers", ()), _NO_RETRY]}
             await send(message)
 
-        with ExitStack() as stack:  # same task throughout: the scope set here is the handler's context
-            _enter(stack, self.hooks, request)
-            await self.app(scope, receive, send_noting_status)
+        try:
+            with ExitStack() as stack:  # same task throughout: the scope set here is the handler's context
+                _enter(stack, self.hooks, request)
+                await self.app(scope, receive, send_noting_status)
+        finally:
+            pushback.end_inbound(token)
 
 
 class DeadlineMiddleware(ASGIInboundMiddleware):
@@ -352,9 +366,10 @@ class WSGIInboundMiddleware:
         context = contextvars.copy_context()
         stack = ExitStack()
         request = _WSGIRequest(environ)
+        state, _ = context.run(pushback.begin_inbound)  # the copied context ends with the request
         try:
             entered = context.run(_enter, stack, self.hooks, request)
-            body = context.run(self.app, environ, request._start_response(start_response))
+            body = context.run(self.app, environ, request._start_response(start_response, state))
         except BaseException:
             context.run(stack.__exit__, *sys.exc_info())
             raise
