@@ -1,16 +1,16 @@
 """S7 -- async throughput: ``AsyncClient`` at 16 and 128 concurrent requests vs raw ``httpx.AsyncClient``.
 
 httpx's default async pool (httpcore + anyio) is known to be slow under concurrency (encode/httpx#3215).
-meshlib sends through whatever inner transport it is given, so the fast path is
-``meshlib.AsyncClient(transport=httpx_aiohttp.AiohttpTransport())`` (the ``bench`` extra installs
-``httpx-aiohttp``): the same API, aiohttp's connection pool underneath. Four variants against one nginx
-endpoint (1 KiB), closed loop:
+meshlib's fast path is ``MESHLIB_INNER_TRANSPORT=aiohttp`` (here ``environ=``): each endpoint's pool is an
+``httpx_aiohttp.AiohttpTransport`` with its own ``aiohttp.ClientSession``, built with the service's SSL context
+and closed when the endpoint leaves (the ``bench`` extra installs ``httpx-aiohttp``): the same API, aiohttp's
+connection pool underneath. Four variants against one nginx endpoint (1 KiB), closed loop:
 
 * ``httpx``            raw ``httpx.AsyncClient()``
 * ``meshlib``          ``meshlib.AsyncClient()`` with its default per-endpoint ``AsyncHTTPTransport``
 * ``httpx+aiohttp``    raw ``httpx.AsyncClient(transport=AiohttpTransport())``
-* ``meshlib+aiohttp``  ``meshlib.AsyncClient(transport=AiohttpTransport())`` (one shared transport: meshlib
-  has no per-endpoint transport factory argument; aiohttp pools per host:port itself, so sharing works)
+* ``meshlib+aiohttp``  ``meshlib.AsyncClient()`` with ``MESHLIB_INNER_TRANSPORT=aiohttp``: one aiohttp pool per
+  endpoint, as in production (not the shared ``transport=`` form, which skips per-service TLS and closing)
 
 Targets (issue 6): meshlib >= 1.0x raw httpx throughput with the default transport, >= 3x with the fast one.
 """
@@ -41,13 +41,15 @@ FAST = ("httpx+aiohttp", "meshlib+aiohttp")
 
 
 def _client(variant: str, port: int) -> tuple[httpx.AsyncClient, str]:
+    fast = variant.endswith("+aiohttp")
+    if variant.startswith("meshlib"):
+        environ = {"MESHLIB_INNER_TRANSPORT": "aiohttp"} if fast else {}
+        client = meshlib.AsyncClient(services={"bench": f"static://127.0.0.1:{port}"}, environ=environ)
+        return client, "http://bench/"
     kwargs: dict[str, Any] = {}
-    if variant.endswith("+aiohttp"):
+    if fast:
         assert AiohttpTransport is not None
         kwargs["transport"] = AiohttpTransport()
-    if variant.startswith("meshlib"):
-        client = meshlib.AsyncClient(services={"bench": f"static://127.0.0.1:{port}"}, environ={}, **kwargs)
-        return client, "http://bench/"
     return httpx.AsyncClient(**kwargs), f"http://127.0.0.1:{port}/"
 
 

@@ -111,7 +111,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def run_resolve_command(args: argparse.Namespace) -> int:
     """``meshlib resolve HOST``: print the service's discovery answer, one endpoint per line."""
     host: str = args.service
-    with Client() as client:
+    with Client(inner_transport="httpx") as client:  # resolving needs no endpoint pools, sync or not
         services = client.mesh.services
         service = services.get(service_key(host))
         if service is None:
