@@ -51,7 +51,22 @@ def _tried(endpoints: tuple[str, ...]) -> str:
     return f"endpoints tried: {', '.join(endpoints)}" if endpoints else "no endpoint tried"
 
 
-class CircuitOpenError(MeshError, httpx.ConnectError):
+class _CallError(MeshError):
+    """What the errors about one call to a service share: the service, the reason, the endpoints tried."""
+
+    service: str
+    reason: str
+    endpoints: tuple[str, ...]
+
+    def _record(self, service: str, reason: str, endpoints: Iterable[str]) -> str:
+        """Keep the details as attributes; return ``"<reason> (endpoints tried: ...)"`` for the message."""
+        self.service = service
+        self.reason = reason
+        self.endpoints = tuple(endpoints)
+        return f"{reason} ({_tried(self.endpoints)})"
+
+
+class CircuitOpenError(_CallError, httpx.ConnectError):
     """Every usable endpoint of a service has its circuit breaker open: the call failed fast, nothing was sent.
 
     Subclasses :class:`httpx.ConnectError` because that is what the caller would have seen had meshlib tried
@@ -68,13 +83,11 @@ class CircuitOpenError(MeshError, httpx.ConnectError):
         endpoints: Iterable[str] = (),
         request: httpx.Request | None = None,
     ) -> None:
-        self.service = service
-        self.endpoints = tuple(endpoints)
-        self.reason = reason
-        super().__init__(f"circuit open for service {service!r}: {reason} ({_tried(self.endpoints)})", request=request)
+        details = self._record(service, reason, endpoints)
+        super().__init__(f"circuit open for service {service!r}: {details}", request=request)
 
 
-class OverloadedError(MeshError, httpx.PoolTimeout):
+class OverloadedError(_CallError, httpx.PoolTimeout):
     """The client already has the service's maximum number of requests in flight: refused at once, nothing sent.
 
     Subclasses :class:`httpx.PoolTimeout` because it is the same event as httpx's own: its connection pool
@@ -92,13 +105,11 @@ class OverloadedError(MeshError, httpx.PoolTimeout):
         endpoints: Iterable[str] = (),
         request: httpx.Request | None = None,
     ) -> None:
-        self.service = service
-        self.endpoints = tuple(endpoints)
-        self.reason = reason
-        super().__init__(f"service {service!r} overloaded: {reason} ({_tried(self.endpoints)})", request=request)
+        details = self._record(service, reason, endpoints)
+        super().__init__(f"service {service!r} overloaded: {details}", request=request)
 
 
-class DeadlineExceeded(MeshError, httpx.TimeoutException):
+class DeadlineExceeded(_CallError, httpx.TimeoutException):
     """The call's overall deadline (covering every attempt and backoff) ran out before an answer arrived.
 
     Subclasses :class:`httpx.TimeoutException` so ``except httpx.TimeoutException`` keeps catching mesh calls
@@ -115,15 +126,10 @@ class DeadlineExceeded(MeshError, httpx.TimeoutException):
         timeout: float | None = None,
         request: httpx.Request | None = None,
     ) -> None:
-        self.service = service
-        self.endpoints = tuple(endpoints)
-        self.reason = reason
+        details = self._record(service, reason, endpoints)
         self.timeout = timeout
         budget = f" of {timeout:g} s" if timeout is not None else ""
-        super().__init__(
-            f"deadline{budget} exceeded calling service {service!r}: {reason} ({_tried(self.endpoints)})",
-            request=request,
-        )
+        super().__init__(f"deadline{budget} exceeded calling service {service!r}: {details}", request=request)
 
 
 class ConsulACLError(DiscoveryError):

@@ -40,7 +40,7 @@ from meshlib.discovery.consul import (
     WatchOptions,
 )
 from meshlib.errors import ConsulACLError
-from tests.conftest import BackendFactory
+from tests.conftest import BackendFactory, LogWatch
 from tests.servers.consul import ConsulEmulator
 
 #: The loop without its rate limit and with millisecond backoffs: client tests drive several changes in a row.
@@ -107,26 +107,9 @@ def endpoint_of(response: httpx.Response) -> str:
     return str(response.extensions["meshlib.endpoint"])
 
 
-class LogEvent(logging.Handler):
-    """Sets an event when a log message containing ``needle`` is emitted: synchronisation without sleeping."""
-
-    def __init__(self, needle: str) -> None:
-        super().__init__()
-        self.needle = needle
-        self.event = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.needle in record.getMessage():
-            self.event.set()
-
-
 @pytest.fixture
-def discovery_failed() -> Iterator[threading.Event]:
-    handler = LogEvent("discovery failed for service payments")
-    logger = logging.getLogger("meshlib.discovery")
-    logger.addHandler(handler)
-    yield handler.event
-    logger.removeHandler(handler)
+def discovery_failed(log_event: LogWatch) -> threading.Event:
+    return log_event("discovery failed for service payments")
 
 
 # --- the clients follow Consul -------------------------------------------------------------------------------
