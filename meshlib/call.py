@@ -305,6 +305,7 @@ class Call(Generic[T]):
             retry_after_cap=self.policy.retry_after_cap or 300.0,
         )
         if verdict.outcome is Outcome.RETRYABLE and pushback.NO_RETRY_HEADER in response.headers:
+            pushback.note_exhausted()  # and say so upstream in turn: no layer above retries it either
             return Classification(
                 Outcome.FAILURE, verdict.sent, "retried-downstream", verdict.status, None, verdict.endpoint_failure
             )

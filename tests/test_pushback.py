@@ -43,6 +43,28 @@ def test_asgi_hop_marks_its_5xx_and_the_caller_does_not_retry(start_backends: Ba
     assert service_c.count == 4  # B's first attempt and its 3 retries, once for A's single request
 
 
+def test_pushback_propagates_through_every_hop(start_backends: BackendFactory) -> None:
+    (service_d,) = start_backends(1, behavior=Behavior(status=503))
+
+    def hop(next_target: str) -> Starlette:
+        async def handler(request: Request) -> Response:
+            async with meshlib.AsyncClient(environ={"MESHLIB_SERVICE_NEXT": next_target, **RETRIES}) as client:
+                answer = await client.get("http://next/")
+            return Response(status_code=answer.status_code)
+
+        return Starlette(routes=[Route("/", handler)])
+
+    with (
+        serve_asgi(DeadlineMiddleware(hop(static_target([service_d])))) as c_url,
+        serve_asgi(DeadlineMiddleware(hop(f"static://127.0.0.1:{_port(c_url)}"))) as b_url,
+        meshlib.Client(environ={"MESHLIB_SERVICE_B": f"static://127.0.0.1:{_port(b_url)}", **RETRIES}) as client,
+    ):
+        response = client.get("http://b/")
+    assert response.status_code == 503 and response.headers[NO_RETRY_HEADER] == "1"
+    assert response.extensions["meshlib.attempts"] == 1
+    assert service_d.count == 4  # only the hop next to the failure (C) retried: 1 + 3, not 4 x 4 x 4
+
+
 def test_wsgi_hop_marks_its_5xx(start_backends: BackendFactory) -> None:
     (service_c,) = start_backends(1, behavior=Behavior(status=503))
     env_b = {"MESHLIB_SERVICE_C": static_target([service_c]), "MESHLIB_RETRIES": "1"}
