@@ -292,6 +292,27 @@ class Call(Generic[T]):
                     breaker.release()
         service.detector.record(address, verdict.endpoint_failure)
 
+    def errored(self, address: Address, exc: Exception) -> BaseException:
+        """Steps 5-6 for an attempt that raised: record the verdict; the exception the transport raises next.
+
+        A :class:`RetrySignal` when a retry is wanted; else the caller's final error (``exc`` itself, or a
+        clearer one of the same httpx type saying what failed and why it was not re-sent).
+        """
+        verdict = self.classify_error(exc)
+        self.observe(address, verdict, exc)
+        signal = self.retry_signal(verdict, error=exc)
+        return signal if signal is not None else self.failure(exc, verdict)
+
+    def answered(self, address: Address, response: httpx.Response) -> tuple[bool, RetrySignal | None]:
+        """Steps 5-6 for an attempt that got a response: record the verdict.
+
+        Returns whether the answer counts against the endpoint, and a :class:`RetrySignal` when a retry is
+        wanted (the response is then still open, for the retry loop to close or to return).
+        """
+        verdict = self.classify(response)
+        self.observe(address, verdict)
+        return verdict.endpoint_failure, self.retry_signal(verdict, response=response)
+
     def classify(self, response: httpx.Response) -> Classification:
         """The verdict on a response, under this call's retry rules.
 

@@ -240,15 +240,10 @@ class MeshTransport(httpx.BaseTransport):
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
             self._after(call.service, stats)
-            verdict = call.classify_error(exc)
-            call.observe(address, verdict, exc)
-            signal = call.retry_signal(verdict, error=exc)
-            if signal is not None:
-                raise signal from exc
-            final = call.failure(exc, verdict)
-            if final is exc:
+            raised = call.errored(address, exc)
+            if raised is exc:
                 raise
-            raise final from exc
+            raise raised from exc
         except BaseException:  # interrupted: no verdict on the endpoint
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
@@ -256,10 +251,7 @@ class MeshTransport(httpx.BaseTransport):
             call.abandon(address)
             raise
         rtt = time.monotonic() - start
-        verdict = call.classify(response)
-        call.observe(address, verdict)
-        failed = verdict.endpoint_failure
-        signal = call.retry_signal(verdict, response=response)
+        failed, signal = call.answered(address, response)
         if signal is not None:
             stats.end(rtt, start + rtt, failed=failed)
             self._after(call.service, stats)
@@ -442,15 +434,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
             await self._after(call.service, stats)
-            verdict = call.classify_error(exc)
-            call.observe(address, verdict, exc)
-            signal = call.retry_signal(verdict, error=exc)
-            if signal is not None:
-                raise signal from exc
-            final = call.failure(exc, verdict)
-            if final is exc:
+            raised = call.errored(address, exc)
+            if raised is exc:
                 raise
-            raise final from exc
+            raise raised from exc
         except BaseException:  # cancelled: no verdict on the endpoint
             now = time.monotonic()
             stats.end(now - start, now, failed=True)
@@ -461,10 +448,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     self._close_later(idle)
             raise
         rtt = time.monotonic() - start
-        verdict = call.classify(response)
-        call.observe(address, verdict)
-        failed = verdict.endpoint_failure
-        signal = call.retry_signal(verdict, response=response)
+        failed, signal = call.answered(address, response)
         if signal is not None:
             stats.end(rtt, start + rtt, failed=failed)
             await self._after(call.service, stats)

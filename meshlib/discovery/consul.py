@@ -981,18 +981,24 @@ class ConsulResolver:
             return self.watch.answer
         raise DiscoveryError("the Consul resolver was closed", service=self.service, source=self.source)
 
+    def _client_options(self) -> dict[str, Any]:
+        """What both HTTP clients to the agent share: its address, TLS, auth, no keep-alive, no proxies."""
+        return {
+            "verify": self.agent.tls or True,
+            "uds": self.agent.uds,
+            "limits": httpx.Limits(max_keepalive_connections=0),
+        }
+
     def _client(self) -> httpx.Client:
         with self._lock:
             if self._closed.is_set():
                 raise _Closed
             if self._sync_client is None:
-                transport = httpx.HTTPTransport(
-                    verify=self.agent.tls or True,
-                    uds=self.agent.uds,
-                    limits=httpx.Limits(max_keepalive_connections=0),
-                )
                 self._sync_client = httpx.Client(
-                    base_url=self.agent.base_url, transport=transport, auth=self.agent.auth, trust_env=False
+                    base_url=self.agent.base_url,
+                    transport=httpx.HTTPTransport(**self._client_options()),
+                    auth=self.agent.auth,
+                    trust_env=False,
                 )
             return self._sync_client
 
@@ -1001,13 +1007,11 @@ class ConsulResolver:
             if self._closed.is_set():
                 raise _Closed
             if self._async_client is None:
-                transport = httpx.AsyncHTTPTransport(
-                    verify=self.agent.tls or True,
-                    uds=self.agent.uds,
-                    limits=httpx.Limits(max_keepalive_connections=0),
-                )
                 self._async_client = httpx.AsyncClient(
-                    base_url=self.agent.base_url, transport=transport, auth=self.agent.auth, trust_env=False
+                    base_url=self.agent.base_url,
+                    transport=httpx.AsyncHTTPTransport(**self._client_options()),
+                    auth=self.agent.auth,
+                    trust_env=False,
                 )
             return self._async_client
 
