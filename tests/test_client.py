@@ -210,3 +210,13 @@ def test_server_errors_are_returned_not_raised(start_backends: BackendFactory) -
     (backend,) = start_backends(1, behavior=Behavior(status=503))
     with meshlib.Client(services={"payments": static_target([backend])}) as client:
         assert client.get("http://payments/").status_code == 503
+
+
+@pytest.mark.anyio
+async def test_async_close_closes_every_endpoint_connection(start_backends: BackendFactory) -> None:
+    backends = start_backends(2)
+    client = meshlib.AsyncClient(environ={"MESHLIB_SERVICE_PAYMENTS": static_target(backends)})
+    await asyncio.gather(*(client.get("http://payments/") for _ in range(20)))
+    await client.aclose()  # (refresh tasks stopping on close: tests/discovery/test_client_dns.py)
+    for backend in backends:
+        assert await asyncio.to_thread(backend.wait_idle, 5.0)  # every pooled connection was closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 
@@ -128,3 +129,17 @@ def test_empty_first_answer_is_a_clear_error(dns: Dnsmasq) -> None:
     ):
         client.get("http://users/")
     assert "'users'" in str(info.value) and SRV_NAME in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_async_close_stops_the_refresh_task(dns: Dnsmasq, start_backends: BackendFactory) -> None:
+    backends = start_backends(2)
+    _point_srv(dns, backends)
+    client = meshlib.AsyncClient(environ=_env(dns, f"dns+srv://{SRV_NAME}"))
+    assert (await client.get("http://users/")).status_code == 200
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert "meshlib-discovery-users" in names  # refreshing in the background...
+    await client.aclose()
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("meshlib-")]  # ...until closed
+    for backend in backends:
+        assert await asyncio.to_thread(backend.wait_idle, 5.0)
