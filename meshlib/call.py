@@ -212,7 +212,7 @@ class Call(Generic[T]):
         telemetry = self.telemetry
         if telemetry is not None and self.span is not None:
             telemetry.attempt_started(self)
-        return stats, active.transports[address], self._outgoing(endpoint, remaining)
+        return stats, self.service.transport_for(stats), self._outgoing(endpoint, remaining)
 
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service

@@ -1,11 +1,11 @@
 """One mesh service inside one client: discovery cache, balancer, per-endpoint stats and transports.
 
 A :class:`Service` turns each new discovery :class:`~meshlib.discovery.cache.Snapshot` into an immutable
-:class:`Active` view (endpoint stats, inner transports, one picker per SRV priority level) and swaps it in
-with a single attribute assignment, so the request path reads ``service.active`` without a lock (grpc-go's
-picker-per-state model). Stats and transports of endpoints that stay are carried over, so latency history
-and pooled connections survive refreshes; transports of endpoints that leave are closed once their last
-in-flight request is done.
+:class:`Active` view (endpoint stats, one picker per SRV priority level) and swaps it in with a single
+attribute assignment, so the request path reads ``service.active`` without a lock (grpc-go's
+picker-per-state model). Each endpoint's pooled inner transport is made on its first request. Stats and
+transports of endpoints that stay are carried over, so latency history and pooled connections survive
+refreshes; transports of endpoints that leave are closed once their last in-flight request is done.
 
 The class is generic over the transport type so ``Client`` (``httpx.BaseTransport``) and ``AsyncClient``
 (``httpx.AsyncBaseTransport``) share every decision; only creating and closing transports differs.
@@ -46,7 +46,6 @@ class Active(Generic[T]):
 
     snapshot: Snapshot
     stats: dict[Address, EndpointStats]
-    transports: dict[Address, T]
     #: One picker per SRV priority level, lowest (most preferred) first.
     pickers: tuple[Picker, ...]
 
@@ -108,6 +107,10 @@ class Service(Generic[T]):
         self._not_closed: frozenset[Address] = frozenset()
         self._budget_logged = 0.0
         self.active: Active[T] | None = None
+        #: Each endpoint's pooled inner transport, made on its first request (:meth:`transport_for`): a
+        #: service with 10,000 endpoints does not open 10,000 pools, nor build them on its first request.
+        #: Only ever added to under the update lock; the request path reads it without one.
+        self.transports: dict[Address, T] = {}
         #: Transports of endpoints that left while requests were still using them: closed when those end.
         self.retiring: dict[Address, tuple[EndpointStats, T]] = {}
         self._update_lock = threading.Lock()
@@ -131,55 +134,75 @@ class Service(Generic[T]):
         with self._update_lock:
             old = self.active
             if old is None:
-                stats, transports = self._build(snapshot.endpoints)
+                stats = self._build(snapshot.endpoints)
                 to_close: list[T] = []
             else:
-                stats, transports, to_close = self._diff(old, snapshot.endpoints)
+                stats, to_close = self._diff(old, snapshot.endpoints)
             self._update_breakers(stats)
             self.detector.set_endpoints(stats.keys())
             levels: dict[int, list[EndpointStats]] = {}
             for s in stats.values():
                 levels.setdefault(s.endpoint.priority, []).append(s)
             pickers = tuple(self.balancer.build(levels[p]) for p in sorted(levels))
-            self.active = Active(snapshot=snapshot, stats=stats, transports=transports, pickers=pickers)
+            self.active = Active(snapshot=snapshot, stats=stats, pickers=pickers)
             _log_change(self.name, old.stats if old else {}, stats)
             return to_close
 
-    def _build(self, endpoints: tuple[Endpoint, ...]) -> tuple[dict[Address, EndpointStats], dict[Address, T]]:
-        """Stats and transports for a first endpoint set (an address listed twice keeps its first entry)."""
+    def _build(self, endpoints: tuple[Endpoint, ...]) -> dict[Address, EndpointStats]:
+        """Stats for a first endpoint set (an address listed twice keeps its first entry)."""
         stats: dict[Address, EndpointStats] = {}
-        transports: dict[Address, T] = {}
         for endpoint in endpoints:
             address = (endpoint.host, endpoint.port)
             if address not in stats:
-                stats[address], transports[address] = self._admit(address, endpoint)
-        return stats, transports
+                stats[address] = self._admit(address, endpoint)
+        return stats
 
-    def _admit(self, address: Address, endpoint: Endpoint) -> tuple[EndpointStats, T]:
-        """Stats and transport of an endpoint joining the set: new, or back before its old requests ended."""
+    def _admit(self, address: Address, endpoint: Endpoint) -> EndpointStats:
+        """Stats of an endpoint joining the set: new, or back (with its pool) before its old requests ended."""
         if address in self.retiring:
             existing, transport = self.retiring.pop(address)
             existing.endpoint = endpoint
-            return existing, transport
-        stats = EndpointStats(endpoint, default_rtt=self._mesh.default_rtt, decay=self._mesh.ewma_decay)
-        return stats, self._new_transport(endpoint)
+            self.transports[address] = transport
+            return existing
+        return EndpointStats(endpoint, default_rtt=self._mesh.default_rtt, decay=self._mesh.ewma_decay)
 
-    def _diff(
-        self, old: Active[T], endpoints: tuple[Endpoint, ...]
-    ) -> tuple[dict[Address, EndpointStats], dict[Address, T], list[T]]:
-        """The new stats and transports from the old ones plus the difference; transports to close now."""
+    def transport_for(self, stats: EndpointStats) -> T:
+        """The endpoint's pooled inner transport, made on first use (once: the update lock orders makers)."""
+        endpoint = stats.endpoint
+        address = (endpoint.host, endpoint.port)
+        transport = self.transports.get(address)
+        if transport is not None:
+            return transport
+        with self._update_lock:
+            transport = self.transports.get(address)
+            if transport is not None:
+                return transport
+            retired = self.retiring.get(address)
+            if retired is not None:
+                return retired[1]
+            transport = self._new_transport(endpoint)
+            active = self.active
+            if active is not None and active.stats.get(address) is stats:
+                self.transports[address] = transport
+            else:  # the endpoint left between the pick and now: serve this attempt, close the pool after it
+                self.retiring[address] = (stats, transport)
+            return transport
+
+    def _diff(self, old: Active[T], endpoints: tuple[Endpoint, ...]) -> tuple[dict[Address, EndpointStats], list[T]]:
+        """The new stats from the old ones plus the difference; transports of departed endpoints to close now."""
         before, after = frozenset(old.snapshot.endpoints), frozenset(endpoints)
         joined: dict[Address, Endpoint] = {}
         for endpoint in after - before:
             joined.setdefault((endpoint.host, endpoint.port), endpoint)
         stats = dict(old.stats)
-        transports = dict(old.transports)
         to_close: list[T] = []
         for endpoint in before - after:
             address = (endpoint.host, endpoint.port)
             if address in joined or address not in stats or stats[address].endpoint in after:
                 continue  # still there with new weight or metadata (updated below), or a duplicate entry
-            gone, transport = stats.pop(address), transports.pop(address)
+            gone, transport = stats.pop(address), self.transports.pop(address, None)
+            if transport is None:
+                continue  # never used: no pool was ever made
             if gone.inflight > 0:
                 self.retiring[address] = (gone, transport)  # closed when its last request ends
             else:
@@ -189,8 +212,8 @@ class Service(Generic[T]):
             if existing is not None:
                 existing.endpoint = endpoint  # weight or metadata changed; latency history and pool stay
             else:
-                stats[address], transports[address] = self._admit(address, endpoint)
-        return stats, transports, to_close
+                stats[address] = self._admit(address, endpoint)
+        return stats, to_close
 
     def _update_breakers(self, stats: dict[Address, EndpointStats]) -> None:
         """Forget the breakers of endpoints that left (the others keep their state)."""
@@ -271,8 +294,9 @@ class Service(Generic[T]):
     def all_transports(self) -> list[T]:
         """Every transport this service owns (active and retiring), for closing the client."""
         with self._update_lock:
-            found = list(self.active.transports.values()) if self.active else []
+            found = list(self.transports.values())
             found.extend(t for _, t in self.retiring.values())
+            self.transports = {}
             self.retiring.clear()
             self.active = None
             return found

@@ -191,10 +191,9 @@ async def test_aiohttp_serves_200_concurrent_requests_with_logical_host(start_ba
             return str(response.extensions["meshlib.endpoint"]), body["backend"]
 
         results = await asyncio.gather(*(call(i) for i in range(200)))
-        active = client.mesh.services["PAYMENTS"].active
-        assert active is not None
-        assert all(isinstance(t, EndpointAiohttpTransport) for t in active.transports.values())
-        assert len(active.transports) == 3
+        transports = client.mesh.services["PAYMENTS"].transports
+        assert all(isinstance(t, EndpointAiohttpTransport) for t in transports.values())
+        assert len(transports) == 3
     by_name = {b.name: b.address for b in backends}
     assert all(endpoint == by_name[name] for endpoint, name in results)  # the extension names who answered
     assert sorted(Counter(endpoint for endpoint, _ in results).values()) == [66, 67, 67]  # round robin
@@ -239,9 +238,7 @@ async def test_aiohttp_uses_the_services_tls_settings(
         response = await client.get("https://payments/")
         assert response.status_code == 200
         assert response.json()["host"] == "payments"
-        active = client.mesh.services["PAYMENTS"].active
-        assert active is not None
-        (transport,) = active.transports.values()
+        (transport,) = client.mesh.services["PAYMENTS"].transports.values()
         assert transport.ssl_context is client.tls_contexts["PAYMENTS"]  # type: ignore[attr-defined]
 
 
