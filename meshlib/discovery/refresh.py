@@ -18,6 +18,9 @@ from meshlib.errors import DiscoveryError
 
 logger = logging.getLogger("meshlib.discovery")
 
+#: Answers at least this large are compared with the last one in a worker thread (the async loop keeps running).
+COMPARE_IN_THREAD = 500
+
 #: How long ``close()`` waits for a refresh thread blocked in a query before leaving it (daemon) behind.
 JOIN_TIMEOUT = 5.0
 
@@ -43,6 +46,9 @@ async def arefresh_once(resolver: Resolver, cache: DiscoveryCache) -> tuple[bool
         raise
     except Exception as exc:
         return False, cache.on_failure(_describe(exc))
+    if len(answer.endpoints) >= COMPARE_IN_THREAD:
+        # Comparing thousands of endpoints with the last answer takes milliseconds of Python: off the loop.
+        return await asyncio.to_thread(cache.on_answer, answer)
     return cache.on_answer(answer)
 
 
