@@ -240,10 +240,12 @@ async def test_async_deadline_exceeded(start_backends: BackendFactory) -> None:
 
 def test_expired_inbound_budget_sends_nothing(start_backends: BackendFactory) -> None:
     (backend,) = start_backends(1)
-    with _client([backend]) as client, meshlib.policy(deadline=0.0001):
-        threading.Event().wait(0.001)  # let the tiny scope deadline pass (the subject here is an expired budget)
-        with pytest.raises(meshlib.DeadlineExceeded):
-            client.get("http://payments/")
+    with (
+        _client([backend]) as client,
+        meshlib.policy(deadline=0),  # an inbound budget already spent
+        pytest.raises(meshlib.DeadlineExceeded),
+    ):
+        client.get("http://payments/")
     assert backend.count == 0
 
 
@@ -283,10 +285,15 @@ def test_three_hop_chain_shrinks_the_budget(start_backends: BackendFactory) -> N
 
 
 def test_breaker_does_not_serialise_concurrent_requests(start_backends: BackendFactory) -> None:
-    (backend,) = start_backends(1, behavior=Behavior(delay=0.2))
+    (backend,) = start_backends(1, behavior=FAIL)
     threads = 16
     start = threading.Barrier(threads)
-    with _client([backend]) as client:
+    with _client([backend], MESHLIB_RETRIES="0") as client:
+        assert client.get("http://payments/").status_code == 503  # a failure: the endpoint now has a breaker
+        breaker = next(iter(_service(client).breakers.values()))
+        assert breaker.state == "closed" and breaker.failures == 1
+        backend.behavior = Behavior(delay=0.5)
+        backend.reset()
 
         def call(_: int) -> int:
             start.wait()
@@ -294,9 +301,12 @@ def test_breaker_does_not_serialise_concurrent_requests(start_backends: BackendF
 
         with ThreadPoolExecutor(threads) as pool:
             statuses = list(pool.map(call, range(threads)))
+        assert breaker.failures == 0  # every request went through that breaker and reset its count
     assert statuses == [200] * threads
-    # Serialised requests would have reused one keep-alive connection; overlapping ones each needed their own.
-    assert backend.connections_total == threads
+    # Requests serialised by a lock held across I/O would all have gone, one after another, over the one
+    # keep-alive connection the first request opened: no new connection. Overlapping ones needed new ones
+    # (on a loaded machine a late thread may reuse one freed by an early finisher, so not one each).
+    assert backend.connections_total >= 1
 
 
 def test_breaker_opens_then_circuit_open_error_names_the_service(start_backends: BackendFactory) -> None:
