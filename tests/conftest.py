@@ -7,8 +7,14 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from meshlib.testing import Backend, Behavior
+
+# Property tests check invariants, not speed: no per-example deadline, so a loaded CI machine (or a GC pause)
+# cannot fail an example that is merely slow. Speed is measured in benchmarks/.
+settings.register_profile("meshlib", deadline=None, print_blob=True)
+settings.load_profile("meshlib")
 
 
 @pytest.fixture
