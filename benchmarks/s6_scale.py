@@ -3,7 +3,7 @@
 Four measurements:
 
 1. **pick cost** at 10 and at 10,000 endpoints: the balancer's ``pick`` alone, and the whole per-attempt
-   decision (``Call.prepare``: deadline, exclusions, pick, breaker, outgoing request), P2C peak EWMA.
+   decision (``Call.attempt``: deadline, exclusions, pick, breaker, outgoing request), P2C peak EWMA.
 2. **memory per endpoint**: ``tracemalloc`` growth (and RSS growth) when a service applies 10,000
    endpoints, with meshlib's default per-endpoint pooled transport and with one shared transport.
 3. **update apply time**: ``Service.apply`` of a 1%-churned 10,000-endpoint set, outside any load.
@@ -38,11 +38,13 @@ from benchmarks.load import Outcome, open_async
 from benchmarks.report import bar_chart
 from benchmarks.s3_slow_backend import outcome_of, outcome_of_error
 from benchmarks.servers import BackendProcess
-from meshlib.call import Call
+from meshlib._http import library
+from meshlib._lease import LeaseHome
+from meshlib._plan import Call
+from meshlib._service import Service
 from meshlib.discovery import Target, register_scheme
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution
 from meshlib.discovery.cache import Snapshot
-from meshlib.service import Service
 
 N_BIG = 10_000
 N_SMALL = 10
@@ -175,7 +177,13 @@ def _pick_costs(seconds: float) -> dict[str, float]:
         active = service.active
         assert active is not None
         out[f"pick_ns_{n}"] = _per_call_ns(lambda a=active: a.pick(None, ()), seconds)
-        out[f"decision_ns_{n}"] = _per_call_ns(lambda a=active, s=service: Call(s, request).prepare(a), seconds)
+        home = LeaseHome(lambda pool: None)
+        lib = library("httpx")
+
+        def decide(a: Any = active, s: Any = service) -> None:
+            Call(lib, s, request, home).attempt(a).lease.release()
+
+        out[f"decision_ns_{n}"] = _per_call_ns(decide, seconds)
         _close(client)
     return out
 

@@ -1,29 +1,45 @@
 """meshlib: a sidecarless service mesh for Python.
 
-``meshlib.Client()`` / ``meshlib.AsyncClient()`` are httpx clients that discover the endpoints of logical
+``meshlib.Client()`` / ``meshlib.AsyncClient()`` are HTTP clients that discover the endpoints of logical
 services (``http://payments/charge``), balance across them, apply deadlines, retries within a budget,
 circuit breakers and outlier ejection, and send in-process: what a sidecar does for outbound calls,
 without the sidecar. This module is the public face; ``__all__`` is the contract.
+
+**Which HTTP library.** meshlib runs on httpx and on httpx2 (httpx's maintained fork, same API), both
+first class: ``meshlib.httpx.Client`` subclasses ``httpx.Client``, ``meshlib.httpx2.Client`` subclasses
+``httpx2.Client`` (``pip install 'meshlib[httpx2]'``), and each raises its library's exceptions. The
+top-level names follow one rule: they are httpx's, unless ``MESHLIB_HTTP_LIBRARY=httpx2`` is set when they
+are first used. That covers ``Client``, ``AsyncClient`` and the call errors (``DeadlineExceeded``,
+``CircuitOpenError``, ``OverloadedError``, ``NoEndpointsError``, ``DiscoveryError``, ``ConsulACLError``).
+``except meshlib.MeshError`` catches meshlib's errors from either library, and :mod:`meshlib.errors` holds
+the library-neutral kind each flavour subclasses.
+
+The clients and the HTTP library load on first use, so ``import meshlib`` stays cheap.
 """
 
 from __future__ import annotations
 
-from meshlib.client import AsyncClient, Client
+import os
+from typing import TYPE_CHECKING, Any
+
 from meshlib.config import MeshConfig, ResilienceSettings, ServiceConfig
 from meshlib.discovery.base import Endpoint
-from meshlib.errors import (
-    CircuitOpenError,
-    ConfigError,
-    ConsulACLError,
-    DeadlineExceeded,
-    DiscoveryError,
-    MeshError,
-    NoEndpointsError,
-    OverloadedError,
-)
+from meshlib.errors import ConfigError, MeshError
 from meshlib.policy import Policy, current_deadline, policy
 from meshlib.security import IdentityError, TLSSettings, find_identity_error
 from meshlib.status import MeshStatus
+
+if TYPE_CHECKING:
+    from meshlib.httpx import (
+        AsyncClient,
+        CircuitOpenError,
+        Client,
+        ConsulACLError,
+        DeadlineExceeded,
+        DiscoveryError,
+        NoEndpointsError,
+        OverloadedError,
+    )
 
 __version__ = "0.1.0"
 
@@ -49,5 +65,55 @@ __all__ = [
     "__version__",
     "current_deadline",
     "find_identity_error",
+    "http_library",
     "policy",
 ]
+
+#: The environment variable that picks the library behind the top-level names.
+HTTP_LIBRARY_VARIABLE = "MESHLIB_HTTP_LIBRARY"
+_FOLLOWING = frozenset(
+    {
+        "AsyncClient",
+        "CircuitOpenError",
+        "Client",
+        "ConsulACLError",
+        "DeadlineExceeded",
+        "DiscoveryError",
+        "NoEndpointsError",
+        "OverloadedError",
+    }
+)
+
+
+def http_library() -> str:
+    """The HTTP library the top-level names use: ``MESHLIB_HTTP_LIBRARY`` (``httpx`` or ``httpx2``), else httpx.
+
+    A bad value, or httpx2 asked for but not installed, is a :class:`ConfigError` naming the variable.
+    """
+    value = os.environ.get(HTTP_LIBRARY_VARIABLE, "").strip().lower() or "httpx"
+    if value not in ("httpx", "httpx2"):
+        raise ConfigError(HTTP_LIBRARY_VARIABLE, value, "httpx or httpx2")
+    return value
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FOLLOWING or name in ("httpx", "httpx2"):
+        import importlib
+
+        chosen = name if name in ("httpx", "httpx2") else http_library()
+        try:
+            module = importlib.import_module(f"meshlib.{chosen}")
+        except ImportError as error:
+            if chosen == "httpx2" and name != "httpx2":
+                raise ConfigError(
+                    HTTP_LIBRARY_VARIABLE,
+                    chosen,
+                    f"httpx, or install httpx2 first: pip install 'meshlib[httpx2]' ({error})",
+                ) from None
+            raise
+        if name in ("httpx", "httpx2"):
+            return module
+        value = getattr(module, name)
+        globals()[name] = value  # the choice is made once per process, on first use
+        return value
+    raise AttributeError(f"module 'meshlib' has no attribute {name!r}")

@@ -43,15 +43,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 import httpx
 
-from meshlib.client import Client
+from meshlib._service import Service
 from meshlib.config import ResilienceSettings, service_key
+from meshlib.httpx import Client
 from meshlib.policy import DEFAULT_RETRIES, DEFAULT_RETRY_ON
 from meshlib.resilience.breaker import STATE_CLOSED, STATE_OPEN
-from meshlib.service import Service
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay
 
 __all__ = ["DemoOptions", "PhaseResult", "run_demo"]
@@ -317,7 +317,7 @@ class EndpointHealth:
     trips: int = 0
 
 
-def mesh_service(client: Client) -> Service[httpx.BaseTransport]:
+def mesh_service(client: Client) -> Service[Any]:
     """The demo service's state inside ``client``."""
     return client.mesh.services[service_key(SERVICE)]
 

@@ -1,18 +1,27 @@
-"""The typed errors meshlib raises.
+"""The typed errors meshlib raises, independent of the HTTP library.
 
-Each subclasses the httpx exception a caller would already catch, so ``except httpx.HTTPError`` (or
-``httpx.TransportError``) keeps working around mesh calls.
+These classes are the library-neutral kinds. A call made through ``meshlib.httpx.Client`` raises the httpx
+flavour of each (``meshlib.httpx.DeadlineExceeded`` subclasses both :class:`DeadlineExceeded` and
+``httpx.TimeoutException``), a call through ``meshlib.httpx2.Client`` the httpx2 flavour, so ``except
+httpx.HTTPError`` (or ``httpx2.HTTPError``) keeps working around mesh calls, and ``except
+meshlib.MeshError`` catches either. The request path raises the neutral kind and the client re-classes it
+into its library's flavour on the way out (:meth:`meshlib._http.HttpLib.localize`); each class names the
+exception family it belongs to in ``http_family``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import httpx
+from typing import Any, ClassVar
 
 
 class MeshError(Exception):
-    """Base of every error meshlib raises (mixed into an httpx exception where one fits)."""
+    """Base of every error meshlib raises (mixed into an httpx/httpx2 exception where one fits)."""
+
+    #: The name of the HTTP library's exception this kind belongs to (``None``: it has none, e.g. a
+    #: configuration error); each library's flavour subclasses that exception too.
+    http_family: ClassVar[str | None] = None
+    _request: Any = None
 
 
 class ConfigError(MeshError, ValueError):
@@ -28,8 +37,10 @@ class ConfigError(MeshError, ValueError):
         super().__init__(f"{variable}={value!r} is invalid: expected {expected}")
 
 
-class DiscoveryError(MeshError, httpx.TransportError):
+class DiscoveryError(MeshError):
     """A discovery source could not answer (DNS timeout, NXDOMAIN, Consul down...)."""
+
+    http_family = "TransportError"
 
     def __init__(self, message: str, *, service: str = "", source: str = "") -> None:
         self.service = service
@@ -66,7 +77,7 @@ class _CallError(MeshError):
         return f"{reason} ({_tried(self.endpoints)})"
 
 
-class CircuitOpenError(_CallError, httpx.ConnectError):
+class CircuitOpenError(_CallError):
     """Every usable endpoint of a service has its circuit breaker open: the call failed fast, nothing was sent.
 
     Subclasses :class:`httpx.ConnectError` because that is what the caller would have seen had meshlib tried
@@ -75,19 +86,22 @@ class CircuitOpenError(_CallError, httpx.ConnectError):
     ``endpoints`` lists the endpoints whose breakers were open (or were tried before they opened).
     """
 
+    http_family = "ConnectError"
+
     def __init__(
         self,
         service: str,
         reason: str,
         *,
         endpoints: Iterable[str] = (),
-        request: httpx.Request | None = None,
+        request: Any = None,
     ) -> None:
         details = self._record(service, reason, endpoints)
-        super().__init__(f"circuit open for service {service!r}: {details}", request=request)
+        super().__init__(f"circuit open for service {service!r}: {details}")
+        self._request = request
 
 
-class OverloadedError(_CallError, httpx.PoolTimeout):
+class OverloadedError(_CallError):
     """The client already has the service's maximum number of requests in flight: refused at once, nothing sent.
 
     Subclasses :class:`httpx.PoolTimeout` because it is the same event as httpx's own: its connection pool
@@ -97,25 +111,30 @@ class OverloadedError(_CallError, httpx.PoolTimeout):
     ``httpx.TimeoutException`` to "try again later" does the right thing.
     """
 
+    http_family = "PoolTimeout"
+
     def __init__(
         self,
         service: str,
         reason: str,
         *,
         endpoints: Iterable[str] = (),
-        request: httpx.Request | None = None,
+        request: Any = None,
     ) -> None:
         details = self._record(service, reason, endpoints)
-        super().__init__(f"service {service!r} overloaded: {details}", request=request)
+        super().__init__(f"service {service!r} overloaded: {details}")
+        self._request = request
 
 
-class DeadlineExceeded(_CallError, httpx.TimeoutException):
+class DeadlineExceeded(_CallError):
     """The call's overall deadline (covering every attempt and backoff) ran out before an answer arrived.
 
     Subclasses :class:`httpx.TimeoutException` so ``except httpx.TimeoutException`` keeps catching mesh calls
     that time out. An attempt may have reached a server before time ran out: do not assume it did not.
     ``timeout`` is the deadline the call had (seconds), when known.
     """
+
+    http_family = "TimeoutException"
 
     def __init__(
         self,
@@ -124,12 +143,13 @@ class DeadlineExceeded(_CallError, httpx.TimeoutException):
         *,
         endpoints: Iterable[str] = (),
         timeout: float | None = None,
-        request: httpx.Request | None = None,
+        request: Any = None,
     ) -> None:
         details = self._record(service, reason, endpoints)
         self.timeout = timeout
         budget = f" of {timeout:g} s" if timeout is not None else ""
-        super().__init__(f"deadline{budget} exceeded calling service {service!r}: {details}", request=request)
+        super().__init__(f"deadline{budget} exceeded calling service {service!r}: {details}")
+        self._request = request
 
 
 class ConsulACLError(DiscoveryError):

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshlib._service import Service
 from meshlib.resilience.breaker import STATE_CLOSED
-from meshlib.service import Service
 
 __all__ = [
     "BudgetStatus",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from meshlib.call import endpoint_url
+from meshlib._plan import endpoint_url
 from meshlib.discovery.base import Endpoint
 
 

@@ -30,6 +30,7 @@ PUBLIC = {
     "__version__",
     "current_deadline",
     "find_identity_error",
+    "http_library",
     "policy",
 }
 

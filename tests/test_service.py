@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshlib._service import Service
 from meshlib.balance.base import EndpointStats
 from meshlib.config import MeshConfig
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.discovery.cache import Snapshot
-from meshlib.service import Service
 
 
 class _Transport:
@@ -116,7 +116,7 @@ def test_pool_made_after_its_endpoint_left_is_closed_when_its_request_ends() -> 
     pool = service.transport_for(b_stats)  # the attempt still gets one
     b_stats.begin()
     b_stats.end(0.001, 1.0)
-    assert service.release(b_stats) is pool  # and it is handed back for closing once the request is over
+    assert service.retire(b_stats) is pool  # and it is handed back for closing once the request is over
     assert service.retiring == {}
 
 
@@ -132,5 +132,5 @@ def test_closing_returns_every_pool_once() -> None:
     service, _ = _service()
     _apply(service, 1, A, B)
     pools = {service.transport_for(_stats(service, "10.0.0.1")), service.transport_for(_stats(service, "10.0.0.2"))}
-    assert set(service.all_transports()) == pools
-    assert service.all_transports() == []
+    assert set(service.take_pools()) == pools
+    assert service.take_pools() == []

@@ -36,8 +36,6 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import timezone
 
-import httpx
-
 from meshlib.errors import (
     CircuitOpenError,
     DeadlineExceeded,
@@ -149,8 +147,8 @@ def classify_response(
     * ``Retry-After`` is read on retryable 429 and 503 responses only (RFC 6585 section 4, RFC 9110 section
       10.2.3): see :func:`parse_retry_after`.
 
-    ``headers`` may be an :class:`httpx.Headers` or any mapping (looked up case-insensitively). It is not
-    touched for ordinary answers, so classifying a 200 costs a few dictionary lookups.
+    ``headers`` may be an ``httpx.Headers`` / ``httpx2.Headers`` or any mapping (looked up case-insensitively).
+    It is not touched for ordinary answers, so classifying a 200 costs a few dictionary lookups.
     """
     if response_status == 429:
         retryable = retry_rate_limited or 429 in retry_statuses
@@ -172,7 +170,7 @@ def classify_response(
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
-    if isinstance(headers, httpx.Headers):
+    if type(headers).__name__ == "Headers":  # httpx's or httpx2's: already case-insensitive
         found: str | None = headers.get(name)
         return found
     value = headers.get(name)
@@ -213,39 +211,46 @@ def parse_retry_after(
     return delay
 
 
-# Exceptions, most specific first: meshlib's own errors subclass httpx ones (CircuitOpenError is a
-# ConnectError) and must be matched before them.
+# Exceptions. meshlib's own errors first (they are mixed into httpx exception classes: a CircuitOpenError is a
+# ConnectError); then the HTTP library's exceptions, by class *name*, so httpx's and httpx2's (the same
+# hierarchy under another module) classify alike; then plain OSErrors from a custom inner transport.
 def _verdict(outcome: Outcome, sent: bool, reason: str, endpoint_failure: bool) -> Classification:
     return Classification(outcome, sent, reason, None, None, endpoint_failure)
 
 
 _R, _F = Outcome.RETRYABLE, Outcome.FAILURE
 _CONNECT_REFUSED = _verdict(_R, False, "connect-refused", True)
-_EXCEPTION_RULES: tuple[tuple[type[BaseException], Classification], ...] = (
+_MESH_RULES: tuple[tuple[type[BaseException], Classification], ...] = (
     (CircuitOpenError, _verdict(_F, False, "circuit-open", False)),
     (OverloadedError, _verdict(_F, False, "overloaded", False)),
     (NoEndpointsError, _verdict(_F, False, "no-endpoints", False)),
     (DiscoveryError, _verdict(_F, False, "discovery-error", False)),
     # Time ran out; an attempt may have been in flight, so assume it was sent.
     (DeadlineExceeded, _verdict(_F, True, "deadline-exceeded", False)),
+)
+#: The HTTP library's exceptions by class name (httpx and httpx2 alike), most specific first.
+_HTTP_RULES: tuple[tuple[str, Classification], ...] = (
     # Never sent: no connection was made, so no byte of the request left.
-    (httpx.ConnectTimeout, _verdict(_R, False, "connect-timeout", True)),
-    (httpx.ConnectError, _verdict(_R, False, "connect-error", True)),
+    ("ConnectTimeout", _verdict(_R, False, "connect-timeout", True)),
+    ("ConnectError", _verdict(_R, False, "connect-error", True)),
     # Waiting for one of our own pooled connections: a local condition, not the endpoint's fault.
-    (httpx.PoolTimeout, _verdict(_R, False, "pool-timeout", False)),
+    ("PoolTimeout", _verdict(_R, False, "pool-timeout", False)),
     # Maybe sent: the request may be (partly) written and processed.
-    (httpx.ReadTimeout, _verdict(_R, True, "read-timeout", True)),
-    (httpx.WriteTimeout, _verdict(_R, True, "write-timeout", True)),
-    (httpx.TimeoutException, _verdict(_R, True, "timeout", True)),
-    (httpx.ReadError, _verdict(_R, True, "read-error", True)),
-    (httpx.WriteError, _verdict(_R, True, "write-error", True)),
-    (httpx.RemoteProtocolError, _verdict(_R, True, "remote-protocol-error", True)),
+    ("ReadTimeout", _verdict(_R, True, "read-timeout", True)),
+    ("WriteTimeout", _verdict(_R, True, "write-timeout", True)),
+    ("TimeoutException", _verdict(_R, True, "timeout", True)),
+    ("ReadError", _verdict(_R, True, "read-error", True)),
+    ("WriteError", _verdict(_R, True, "write-error", True)),
+    ("RemoteProtocolError", _verdict(_R, True, "remote-protocol-error", True)),
     # h11/h2 refused to emit an invalid request: nothing went out, and another try would fail the same way.
-    (httpx.LocalProtocolError, _verdict(_F, False, "local-protocol-error", False)),
-    (httpx.UnsupportedProtocol, _verdict(_F, False, "unsupported-protocol", False)),
-    (httpx.ProxyError, _verdict(_R, True, "proxy-error", True)),
-    (httpx.NetworkError, _verdict(_R, True, "network-error", True)),
-    (httpx.TransportError, _verdict(_R, True, "transport-error", True)),
+    ("LocalProtocolError", _verdict(_F, False, "local-protocol-error", False)),
+    ("UnsupportedProtocol", _verdict(_F, False, "unsupported-protocol", False)),
+    ("ProxyError", _verdict(_R, True, "proxy-error", True)),
+    ("NetworkError", _verdict(_R, True, "network-error", True)),
+    ("TransportError", _verdict(_R, True, "transport-error", True)),
+)
+_HTTP_MODULES = frozenset({"httpx", "httpx2"})
+_OTHER_RULES: tuple[tuple[type[BaseException], Classification], ...] = (
     # Plain OSErrors from a custom inner transport.
     (ConnectionRefusedError, _CONNECT_REFUSED),
     (ConnectionError, _verdict(_R, True, "connection-error", True)),
@@ -254,6 +259,23 @@ _EXCEPTION_RULES: tuple[tuple[type[BaseException], Classification], ...] = (
     (Exception, _verdict(_F, True, "error", False)),
     (BaseException, _verdict(_F, True, "cancelled", False)),
 )
+#: Exception type -> its verdict (before the connect-refused refinement), filled on first sight of each type.
+_BY_TYPE: dict[type[BaseException], Classification] = {}
+
+
+def _rule_for(exc_type: type[BaseException]) -> Classification:
+    for mesh_type, verdict in _MESH_RULES:
+        if issubclass(exc_type, mesh_type):
+            return verdict
+    names = {cls.__name__ for cls in exc_type.__mro__ if cls.__module__.partition(".")[0] in _HTTP_MODULES}
+    if names:
+        for name, verdict in _HTTP_RULES:
+            if name in names:
+                return verdict
+    for other_type, verdict in _OTHER_RULES:
+        if issubclass(exc_type, other_type):
+            return verdict
+    raise AssertionError("unreachable: BaseException matches every exception")  # pragma: no cover
 
 
 def classify_exception(exc: BaseException) -> Classification:
@@ -264,14 +286,17 @@ def classify_exception(exc: BaseException) -> Classification:
     protocol errors are ``sent=True``. meshlib's own refusals (circuit open, overloaded, no endpoints) are
     never-sent :attr:`Outcome.FAILURE`\\ s that do not count against any endpoint. Anything that is not a
     transport error (a bug, ``asyncio.CancelledError``) is a non-retryable failure that does not count
-    against the endpoint either.
+    against the endpoint either. httpx's and httpx2's exceptions classify alike.
     """
-    for exc_type, verdict in _EXCEPTION_RULES:
-        if isinstance(exc, exc_type):
-            if verdict.reason == "connect-error" and _caused_by(exc, ConnectionRefusedError):
-                return _CONNECT_REFUSED
-            return verdict
-    raise AssertionError("unreachable: BaseException matches every exception")  # pragma: no cover
+    exc_type = type(exc)
+    verdict = _BY_TYPE.get(exc_type)
+    if verdict is None:
+        if len(_BY_TYPE) >= 256:  # bounded: exception types are few, but a transport could mint new ones
+            _BY_TYPE.clear()
+        verdict = _BY_TYPE[exc_type] = _rule_for(exc_type)
+    if verdict.reason == "connect-error" and _caused_by(exc, ConnectionRefusedError):
+        return _CONNECT_REFUSED
+    return verdict
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -1,132 +1,137 @@
-"""The retry loop: tenacity drives it, meshlib's classifier and budget decide it.
+"""The retry rule: one object per call answers "retry after X" or "give up, because Y".
 
-Why tenacity only on the retry path: a ``tenacity.Retrying`` call costs about 9 µs even when the first try
-succeeds, more than the rest of the mesh decision put together. So the transport makes the first attempt
-itself and hands over to tenacity only when that attempt raised a :class:`~meshlib.call.RetrySignal`; the
-first failure is replayed as tenacity's attempt 1 (no I/O), so every retry -- including the first -- goes
-through the same predicate, wait, stop and hook:
+Finagle keeps *which* failures retry (``ResponseClassifier``), *how many* (``RetryBudget``) and *when*
+(``Backoff``) apart, and tower's ``retry::Policy`` makes the decision one value. :class:`RetryRule` is that
+decision for one call, in one place, read by the call plan (:mod:`meshlib._plan`) after every attempt:
 
-* **retry** (:func:`_budget_allows`): the attempt asked for a retry *and* the service's retry budget has a
-  token. An exhausted budget means no retry, counted by the budget and logged (rate-limited), and the last
-  answer or error goes back to the caller: not an error of its own.
-* **wait** (:class:`_RetryAfterOrBackoff`): the server's ``Retry-After`` when it gave one (jittered up to
-  1.5x, as Envoy's rate-limited backoff), else exponential backoff with full jitter (tenacity's
-  ``wait_random_exponential``; base 25 ms, cap 250 ms: Envoy's and Linkerd's defaults).
-* **stop** (:class:`_AttemptsOrDeadline`): the policy's attempts are used up, or the sleep would end past the
-  call's deadline: no attempt ever starts after the deadline.
-* **before_sleep**: the retried response is closed first, so its connection goes back to the pool.
+1. **worth it** -- the classifier said :attr:`~meshlib.resilience.classify.Outcome.RETRYABLE` (a 5xx marked
+   by pushback as already retried downstream is not: :mod:`meshlib.pushback`);
+2. **safe** -- never sent, or idempotent / ``Idempotency-Key`` / ``retry_non_idempotent``, and a body that
+   can be sent again (a one-shot stream that was consumed cannot);
+3. **allowed** -- attempts left (``max_attempts``), time left before the deadline;
+4. **when** -- the server's ``Retry-After`` (jittered up to 1.5x, as Envoy's rate-limited backoff), else
+   exponential backoff with full jitter (base 25 ms, cap 250 ms: Envoy's and Linkerd's defaults); a sleep
+   that would end past the deadline is no retry: no attempt ever starts after the deadline;
+5. **affordable** -- last, the service's retry budget gives a token (an exhausted budget is counted and
+   logged, rate-limited); asked last so a retry refused for any other reason costs no token.
 
-Each call gets its own copy of the configured ``Retrying`` (tenacity keeps per-call state on the object,
-and concurrent asyncio tasks on one thread would share it otherwise); the configured objects are built
-once per policy and reused.
+Giving up for any reason after a retryable outcome notes the exhaustion for pushback, so the answer this hop
+returns upstream says "already retried" and the layers above do not multiply the retries.
+
+Where tenacity still earns its place: its wait strategies (``wait_random_exponential`` is the full-jitter
+backoff). Its loop does not: the call plan is a sans-I/O generator driven by a blocking and an awaiting
+driver, and tenacity's ``Retrying``/``AsyncRetrying`` loops would need the request path written twice again
+(and cost ~9 µs per call even when nothing fails).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import tenacity
 
-from meshlib.call import RetrySignal
+from meshlib import pushback
 from meshlib.policy import Policy
+from meshlib.resilience.budget import RetryBudget
+from meshlib.resilience.classify import IDEMPOTENT_METHODS, Classification, Outcome
 
-__all__ = ["RetryLoops"]
-
-
-def _signal(retry_state: tenacity.RetryCallState) -> RetrySignal | None:
-    outcome = retry_state.outcome
-    if outcome is None or not outcome.failed:
-        return None
-    exc = outcome.exception()
-    return exc if isinstance(exc, RetrySignal) else None
+__all__ = ["GiveUp", "RetryRule"]
 
 
-def _budget_allows(retry_state: tenacity.RetryCallState) -> bool:
-    signal = _signal(retry_state)
-    if signal is None:
-        return False
-    service = signal.call.service
-    if service.budget.try_withdraw():
-        return True
-    service.log_budget_exhausted()
-    return False
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """No further attempt, and why (for the caller's error message and the logs)."""
+
+    reason: str
 
 
-class _RetryAfterOrBackoff(tenacity.wait.wait_base):
-    """``Retry-After`` when the server gave one, else full-jitter exponential backoff."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self._backoff = tenacity.wait_random_exponential(multiplier=base, max=cap)
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        signal = _signal(retry_state)
-        if signal is not None and signal.classification.retry_after is not None:
-            delay = signal.classification.retry_after
-            return delay * random.uniform(1.0, 1.5)
-        return float(self._backoff(retry_state))
+#: The shared "not worth retrying" answer (the outcome itself was final): no message needed.
+FINAL = GiveUp("final")
 
 
-class _AttemptsOrDeadline(tenacity.stop.stop_base):
-    """Stop when the attempts are used up or the next sleep would end past the call's deadline."""
+class RetryRule:
+    """The retry decision of one call: attempts, safety, deadline, Retry-After, backoff and budget together."""
 
-    def __init__(self, max_attempts: int) -> None:
-        self._max_attempts = max_attempts
+    __slots__ = ("_backoff", "_budget", "_exhausted", "deadline", "method", "policy", "replayable", "resend_ok")
 
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        if retry_state.attempt_number >= self._max_attempts:
-            return True
-        signal = _signal(retry_state)
-        if signal is None:
-            return True
-        return time.monotonic() + (retry_state.upcoming_sleep or 0.0) >= signal.call.deadline
+    def __init__(
+        self,
+        policy: Policy,
+        deadline: float,
+        budget: RetryBudget,
+        *,
+        method: str,
+        replayable: bool,
+        has_idempotency_key: bool,
+        on_budget_exhausted: Callable[[], None],
+    ) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.method = method
+        self.replayable = replayable
+        #: Whether a request that may have reached the server may be sent again (RFC 9110 9.2.2 or opt-in).
+        self.resend_ok = bool(
+            policy.retry_non_idempotent or has_idempotency_key or method.upper() in IDEMPOTENT_METHODS
+        )
+        self._budget = budget
+        self._exhausted = on_budget_exhausted
+        self._backoff: tenacity.wait.wait_base | None = None
 
+    def why_not_resent(self, verdict: Classification, attempts: int) -> str | None:
+        """Why a retryable failure was not re-sent, for the caller's error (``None``: it was final anyway)."""
+        if verdict.outcome is not Outcome.RETRYABLE:
+            return None
+        if verdict.sent and not self.replayable:
+            return "not re-sent: the request body was a one-shot stream that has been consumed"
+        if verdict.sent and not self.resend_ok:
+            return (
+                f"not re-sent: the server may have received it and {self.method} is not idempotent "
+                "(send an Idempotency-Key header or use Policy(retry_non_idempotent=True) to allow it)"
+            )
+        return f"gave up after {attempts} attempt(s)"
 
-def _close_response(retry_state: tenacity.RetryCallState) -> None:
-    signal = _signal(retry_state)
-    if signal is not None and signal.response is not None:
-        signal.response.close()
+    def after(self, verdict: Classification, attempts: int) -> float | GiveUp:
+        """After attempt number ``attempts`` ended with ``verdict``: seconds to wait before the next, or why not."""
+        if verdict.outcome is not Outcome.RETRYABLE:
+            return FINAL
+        answer = self._decide(verdict, attempts)
+        if isinstance(answer, GiveUp):
+            pushback.note_exhausted()  # this hop gave up: the hop above must not retry it again
+        return answer
 
+    def _decide(self, verdict: Classification, attempts: int) -> float | GiveUp:
+        if verdict.sent and not self.replayable:
+            return GiveUp("one-shot body consumed")
+        if verdict.sent and not self.resend_ok:
+            return GiveUp("not idempotent")
+        if attempts >= self.policy.max_attempts:
+            return GiveUp("attempts used up")
+        now = time.monotonic()
+        if now >= self.deadline:
+            return GiveUp("deadline")
+        delay = self._wait(verdict, attempts)
+        if now + delay >= self.deadline:
+            return GiveUp("deadline")
+        if not self._budget.try_withdraw():
+            self._exhausted()
+            return GiveUp("retry budget exhausted")
+        return delay
 
-async def _aclose_response(retry_state: tenacity.RetryCallState) -> None:
-    signal = _signal(retry_state)
-    if signal is not None and signal.response is not None:
-        await signal.response.aclose()
-
-
-class RetryLoops:
-    """Configured ``Retrying`` / ``AsyncRetrying`` objects per policy, built once and copied per call."""
-
-    def __init__(self) -> None:
-        self._sync: dict[tuple[int, float, float], tenacity.Retrying] = {}
-        self._async: dict[tuple[int, float, float], tenacity.AsyncRetrying] = {}
-
-    @staticmethod
-    def _key(policy: Policy) -> tuple[int, float, float]:
-        return (policy.max_attempts, policy.backoff_base or 0.025, policy.backoff_cap or 0.25)
-
-    def _options(self, key: tuple[int, float, float]) -> dict[str, Any]:
-        attempts, base, cap = key
-        return {
-            "retry": _budget_allows,
-            "wait": _RetryAfterOrBackoff(base, cap),
-            "stop": _AttemptsOrDeadline(attempts),
-            "reraise": True,
-        }
-
-    def sync(self, policy: Policy) -> tenacity.Retrying:
-        """A fresh sync retry loop for one call under ``policy``."""
-        key = self._key(policy)
-        loop = self._sync.get(key)
-        if loop is None:
-            loop = self._sync[key] = tenacity.Retrying(before_sleep=_close_response, **self._options(key))
-        return loop.copy()
-
-    def asynchronous(self, policy: Policy) -> tenacity.AsyncRetrying:
-        """A fresh async retry loop for one call under ``policy`` (sleeps with ``asyncio.sleep``)."""
-        key = self._key(policy)
-        loop = self._async.get(key)
-        if loop is None:
-            loop = self._async[key] = tenacity.AsyncRetrying(before_sleep=_aclose_response, **self._options(key))
-        return loop.copy()
+    def _wait(self, verdict: Classification, attempts: int) -> float:
+        if verdict.retry_after is not None:
+            return verdict.retry_after * random.uniform(1.0, 1.5)
+        backoff = self._backoff
+        if backoff is None:
+            policy = self.policy
+            backoff = self._backoff = tenacity.wait_random_exponential(
+                multiplier=policy.backoff_base or 0.025, max=policy.backoff_cap or 0.25
+            )
+        state = tenacity.RetryCallState(
+            cast(tenacity.BaseRetrying, None), None, (), {}
+        )  # the waits read only attempt_number
+        state.attempt_number = attempts
+        return float(backoff(state))

@@ -2,14 +2,12 @@
 
 :class:`ClientTelemetry` is built once per ``meshlib.Client`` / ``AsyncClient`` (``tracer_provider=`` and
 ``meter_provider=`` arguments, else the global providers, picked up as soon as the application installs
-them) and handed to its mesh transport. :class:`~meshlib.call.Call` calls the ``call_*`` / ``attempt_*``
-methods at the steps of a call; each returns at once when there is nothing to record, so a client in an
-application without an OpenTelemetry SDK pays a few attribute reads per request:
-
-* ``call_started``   -- start the logical CLIENT span (tracing on);
-* ``attempt_started``/``attempt_finished`` -- keep an attempt's timestamps and verdict (tracing on), and
-  write the previous attempt's span when a retry begins;
-* ``call_finished``  -- end the span with the outcome, and record ``http.client.request.duration``.
+them) and handed to its mesh. It is an *observer* of the call plan (:mod:`meshlib._plan`): the plan tells it
+that a call started (:meth:`ClientTelemetry.call_started`), and gets back a :class:`CallTrace` to which it
+reports the call's events (attempt started, attempt finished, call finished). Telemetry keeps its own state
+there; nothing writes into the call. With nothing to record (no tracer, no meter) ``call_started`` returns
+``None`` and the call reports nothing, so a client in an application without an OpenTelemetry SDK pays one
+method call per request.
 """
 
 from __future__ import annotations
@@ -18,8 +16,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 
 from meshlib.resilience.classify import Outcome, classify_exception
 from meshlib.telemetry.metrics import GLOBAL_SOURCES, MeshMetrics, client_metrics_for, global_meter_provider_set
@@ -33,9 +31,9 @@ from meshlib.telemetry.tracing import (
 )
 
 if TYPE_CHECKING:
-    from meshlib.call import Call
+    from meshlib.resilience.classify import Classification
 
-__all__ = ["ClientTelemetry"]
+__all__ = ["CallTrace", "ClientTelemetry"]
 
 
 class ClientTelemetry:
@@ -104,35 +102,72 @@ class ClientTelemetry:
                 self._sinks = (found, *self._sinks)
         return self._sinks
 
-    # -- the steps of a call ---------------------------------------------------------------------------------
+    # -- the events of a call ---------------------------------------------------------------------------------
 
-    def call_started(self, call: Call[Any]) -> None:
-        """Start the call's CLIENT span when a tracer is configured (parented on the current context)."""
+    def call_started(self, request: Any) -> CallTrace | None:
+        """A mesh call begins: its :class:`CallTrace` (span and measurement), or ``None`` with nothing to record."""
         tracer = self.traces.tracer()
-        if tracer is not None:
-            span = start_call_span(tracer, call.request)
-            call.span = span
-            call.span_context = trace.set_span_in_context(span)
-
-    def attempt_started(self, call: Call[Any]) -> None:
-        """(Tracing on.) A new attempt: write the previous one's span, start keeping this one's timestamps."""
-        previous = call.record
-        if previous is not None:
-            self._attempt_span(call, previous)
-        assert call.peer is not None
-        call.record = AttemptRecord(call.attempts, time.time_ns(), call.peer)
-
-    def _attempt_span(self, call: Call[Any], record: AttemptRecord) -> None:
-        tracer = self.traces.tracer()
-        if tracer is not None and call.span_context is not None:
-            start_attempt_span(tracer, call.span_context, method_attributes(call.method)[0], record)
-
-    def call_finished(self, call: Call[Any], response: httpx.Response | None, error: BaseException | None) -> None:
-        """End the span and record the duration: the response headers arrived, or the call failed."""
-        span = call.span
         sinks = self._sinks if not self._global_pending else self.sinks()
-        if span is None and not sinks:
+        if tracer is None and not sinks:
+            return None
+        return CallTrace(self, tracer, sinks, request)
+
+
+class CallTrace:
+    """What telemetry keeps about one call, fed by the call plan's events; the plan only reads :attr:`context`.
+
+    * ``attempt_started``/``attempt_finished`` -- keep an attempt's timestamps and verdict (tracing on), and
+      write the previous attempt's span when a retry begins;
+    * ``call_finished`` -- end the span with the outcome, and record ``http.client.request.duration``.
+    """
+
+    __slots__ = ("_method", "_record", "_request", "_sinks", "_started", "_tracer", "context", "span")
+
+    def __init__(
+        self, owner: ClientTelemetry, tracer: trace.Tracer | None, sinks: tuple[MeshMetrics, ...], request: Any
+    ) -> None:
+        self._started = time.monotonic()
+        self._request = request
+        self._method = request.method
+        self._tracer = tracer
+        self._sinks = sinks
+        self._record: AttemptRecord | None = None
+        self.span: trace.Span | None = None
+        #: The context injected into each attempt's headers: the call span's, while tracing.
+        self.context: Context | None = None
+        if tracer is not None:
+            self.span = start_call_span(tracer, request)
+            self.context = trace.set_span_in_context(self.span)
+
+    def attempt_started(self, number: int, peer: tuple[str, int]) -> None:
+        """(Tracing on.) A new attempt: write the previous one's span, start keeping this one's timestamps."""
+        if self.span is None:
             return
+        previous = self._record
+        if previous is not None:
+            self._attempt_span(previous)
+        self._record = AttemptRecord(number, time.time_ns(), peer)
+
+    def attempt_finished(self, verdict: Classification | None, error: BaseException | None) -> None:
+        """An attempt ended: its verdict (``None``: cancelled) and exception, kept for its span."""
+        record = self._record
+        if record is not None:
+            record.finish(verdict, error)
+
+    def _attempt_span(self, record: AttemptRecord) -> None:
+        if self._tracer is not None and self.context is not None:
+            start_attempt_span(self._tracer, self.context, method_attributes(self._method)[0], record)
+
+    def call_finished(
+        self,
+        response: Any,
+        error: BaseException | None,
+        *,
+        attempts: int,
+        peer: tuple[str, int] | None,
+        verdict: Classification | None,
+    ) -> None:
+        """End the span and record the duration: the response headers arrived, or the call failed."""
         status = response.status_code if response is not None else None
         description: str | None = None
         if error is not None:
@@ -140,30 +175,30 @@ class ClientTelemetry:
             outcome = "failure"
             description = classify_exception(error).reason
         else:
-            verdict = call.verdict
             outcome = "success" if verdict is None or verdict.outcome is Outcome.SUCCESS else "failure"
             error_type = str(status) if status is not None and status >= 400 else None
             if error_type is not None and verdict is not None:
                 description = verdict.reason
+        span = self.span
         if span is not None:
-            record = call.record
-            if record is not None and call.attempts > 1:
-                self._attempt_span(call, record)
-            call.record = None
+            record = self._record
+            if record is not None and attempts > 1:
+                self._attempt_span(record)
+            self._record = None
             finish_call_span(
                 span,
                 status_code=status,
                 error_type=error_type,
                 description=description,
-                peer=call.peer,
-                attempts=call.attempts,
+                peer=peer,
+                attempts=attempts,
             )
-        if sinks:
-            seconds = time.monotonic() - call.started
-            url = call.request.url
+        if self._sinks:
+            seconds = time.monotonic() - self._started
+            url = self._request.url
             port = url.port or (443 if url.scheme == "https" else 80)
-            method = method_attributes(call.method)[1]
-            for sink in sinks:
+            method = method_attributes(self._method)[1]
+            for sink in self._sinks:
                 sink.record_call(
                     seconds,
                     host=url.host,
@@ -171,7 +206,7 @@ class ClientTelemetry:
                     method=method,
                     status=status,
                     error_type=error_type,
-                    peer=call.peer,
+                    peer=peer,
                     outcome=outcome,
-                    context=call.span_context,
+                    context=self.context,
                 )

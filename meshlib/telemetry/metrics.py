@@ -34,8 +34,8 @@ from opentelemetry import metrics
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, MeterProvider, Observation
 
+from meshlib._service import Service
 from meshlib.resilience.breaker import STATE_OPEN
-from meshlib.service import Service
 from meshlib.telemetry.tracing import INSTRUMENTATION_NAME, SCHEMA_URL, _version
 
 __all__ = [

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-
-import httpx
+from typing import Any
 
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
 from meshlib.policy import current_deadline
@@ -54,7 +53,7 @@ class PropagationRule:
         return host in self._exact or (bool(self._suffixes) and host.endswith(self._suffixes))
 
 
-def stamp(headers: httpx.Headers) -> None:
+def stamp(headers: Any) -> None:
     """Write the current trace context, baggage and deadline into ``headers`` (replacing any present)."""
     inject(headers, None)
     deadline = current_deadline()
@@ -62,23 +61,26 @@ def stamp(headers: httpx.Headers) -> None:
         headers[DEADLINE_HEADER] = encode_timeout(deadline - time.monotonic())
 
 
-class PropagatingTransport(httpx.BaseTransport):
-    """Stamps mesh headers on each request, then sends it with ``inner`` (which it does not own)."""
+class PropagatingTransport:
+    """Stamps mesh headers on each request, then sends it with ``inner`` (which it does not own).
 
-    def __init__(self, inner: httpx.BaseTransport) -> None:
+    Duck-typed as a transport of whichever library ``inner`` belongs to (httpx or httpx2).
+    """
+
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def handle_request(self, request: Any) -> Any:
         stamp(request.headers)
         return self.inner.handle_request(request)
 
 
-class AsyncPropagatingTransport(httpx.AsyncBaseTransport):
+class AsyncPropagatingTransport:
     """Async twin of :class:`PropagatingTransport`."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: Any) -> Any:
         stamp(request.headers)
         return await self.inner.handle_async_request(request)

@@ -40,9 +40,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -148,7 +147,7 @@ def method_attributes(method: str) -> tuple[str, str]:
     return "HTTP", "_OTHER"
 
 
-def redact_url(url: httpx.URL) -> str:
+def redact_url(url: Any) -> str:
     """``url.full`` as the conventions want it: no user info, signature-like query values redacted."""
     if not url.userinfo and not url.query:
         return str(url)
@@ -162,7 +161,7 @@ def redact_url(url: httpx.URL) -> str:
     return str(url)
 
 
-def start_call_span(tracer: trace.Tracer, request: httpx.Request) -> trace.Span:
+def start_call_span(tracer: trace.Tracer, request: Any) -> trace.Span:
     """Start the CLIENT span of one logical mesh call (parented on the caller's current context)."""
     url = request.url
     name, method = method_attributes(request.method)
@@ -304,7 +303,7 @@ def suppressed_context() -> otel_context.Context | None:
     return otel_context.set_value(SUPPRESS_HTTP_KEY, True)
 
 
-def send_suppressed(transport: httpx.BaseTransport, request: httpx.Request) -> httpx.Response:
+def send_suppressed(transport: Any, request: Any) -> Any:
     """``transport.handle_request(request)`` with HTTP instrumentations suppressed (meshlib traces it)."""
     token = otel_context.attach(suppressed_context() or otel_context.get_current())
     try:
@@ -313,7 +312,7 @@ def send_suppressed(transport: httpx.BaseTransport, request: httpx.Request) -> h
         otel_context.detach(token)
 
 
-async def asend_suppressed(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
+async def asend_suppressed(transport: Any, request: Any) -> Any:
     """Async twin of :func:`send_suppressed`."""
     token = otel_context.attach(suppressed_context() or otel_context.get_current())
     try:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshlib.errors import (
+from meshlib import (
     CircuitOpenError,
     DeadlineExceeded,
     MeshError,

@@ -18,9 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import Generic, TypeVar
-
-import httpx
+from typing import Any, Generic, TypeVar
 
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
@@ -263,7 +261,7 @@ class Service(Generic[T]):
             return ejected
         return ejected | self.open_breakers()
 
-    def hash_key(self, request: httpx.Request) -> bytes | None:
+    def hash_key(self, request: Any) -> bytes | None:
         """The request's consistent-hashing key (ring_hash only)."""
         if self.lb_name != "ring_hash":
             return None
@@ -281,8 +279,8 @@ class Service(Generic[T]):
                 self.budget.exhausted,
             )
 
-    def release(self, stats: EndpointStats) -> T | None:
-        """After a request on a retiring endpoint ends: its transport, if it is now idle and should close."""
+    def retire(self, stats: EndpointStats) -> T | None:
+        """After a request on a retiring endpoint ends: its pool, if it is now idle and should be closed."""
         address = (stats.endpoint.host, stats.endpoint.port)
         with self._update_lock:
             entry = self.retiring.get(address)
@@ -291,8 +289,8 @@ class Service(Generic[T]):
             del self.retiring[address]
             return entry[1]
 
-    def all_transports(self) -> list[T]:
-        """Every transport this service owns (active and retiring), for closing the client."""
+    def take_pools(self) -> list[T]:
+        """Empty the service for closing the client: every pool it owns (active and retiring), to be closed."""
         with self._update_lock:
             found = list(self.transports.values())
             found.extend(t for _, t in self.retiring.values())

@@ -1,7 +1,8 @@
-"""``meshlib.Client`` and ``meshlib.AsyncClient``: httpx clients whose mesh hosts go through the mesh.
+"""What ``meshlib.httpx.Client`` and ``meshlib.httpx2.Client`` (and their async twins) share.
 
-They are ``httpx.Client`` / ``httpx.AsyncClient`` subclasses and accept every httpx argument. Requests to
-a host that names a mesh service are sent through :class:`~meshlib.transport.MeshTransport`; every other
+The public classes (:mod:`meshlib.httpx`, :mod:`meshlib.httpx2`) are subclasses of the library's own clients
+with its typed constructor; everything else lives here, written once for both libraries and both I/O styles.
+Requests to a host that names a mesh service are sent through the mesh (:mod:`meshlib._mesh`); every other
 request takes exactly the path plain httpx would (mounts, proxies from the environment, the user's
 ``transport=``). Routing happens in ``_transport_for_url``, httpx's own per-URL transport choice, so a proxy
 configured by ``HTTP_PROXY`` never captures mesh traffic.
@@ -43,11 +44,12 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-import httpx
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from meshlib import admin
+from meshlib._http import HttpLib, library_of
+from meshlib._mesh import AsyncMeshTransport, MeshTransport
 from meshlib.config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
@@ -55,16 +57,16 @@ from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
 from meshlib.status import MeshStatus, snapshot
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.propagation import AsyncPropagatingTransport, PropagatingTransport, PropagationRule
-from meshlib.transport import AsyncMeshTransport, MeshTransport
 
 logger = logging.getLogger("meshlib")
 
 T = TypeVar("T")
 
-#: ``inner_transport=`` of :class:`Client`: ``"httpx"`` or a factory ``(endpoint, ssl_context) -> transport``.
-InnerTransport = Literal["httpx"] | Callable[[Endpoint, ssl.SSLContext], httpx.BaseTransport]
-#: ``inner_transport=`` of :class:`AsyncClient`: ``"httpx"``, ``"aiohttp"`` or a factory.
-AsyncInnerTransport = Literal["httpx", "aiohttp"] | Callable[[Endpoint, ssl.SSLContext], httpx.AsyncBaseTransport]
+#: ``inner_transport=`` of a sync client: ``"httpx"`` (the client's own library) or a factory
+#: ``(endpoint, ssl_context) -> transport``.
+InnerTransport = Literal["httpx"] | Callable[[Endpoint, ssl.SSLContext], Any]
+#: ``inner_transport=`` of an async client: ``"httpx"``, ``"aiohttp"`` (httpx only) or a factory.
+AsyncInnerTransport = Literal["httpx", "aiohttp"] | Callable[[Endpoint, ssl.SSLContext], Any]
 
 _VARIABLE = "MESHLIB_INNER_TRANSPORT"
 _ARGUMENT = "inner_transport (argument)"
@@ -101,9 +103,10 @@ class _PoolFactory:
     construction so a bad file is a :class:`meshlib.ConfigError` now rather than a failed request later.
     """
 
-    def __init__(self, kwargs: Mapping[str, Any], mesh: MeshConfig, inner: object, kind: str) -> None:
+    def __init__(self, lib: HttpLib, kwargs: Mapping[str, Any], mesh: MeshConfig, inner: object, kind: str) -> None:
+        self._lib = lib
         self._factory: Callable[[Endpoint, ssl.SSLContext], Any] | None = None
-        self._aiohttp: Callable[[ssl.SSLContext, httpx.Limits], httpx.AsyncBaseTransport] | None = None
+        self._aiohttp: Callable[[ssl.SSLContext, Any], Any] | None = None
         if callable(inner):
             self._factory = inner
         else:
@@ -112,7 +115,7 @@ class _PoolFactory:
         self._cert = kwargs.get("cert")
         self._trust_env = kwargs.get("trust_env", True)
         self._pool = {name: kwargs[name] for name in ("http1", "http2", "limits") if name in kwargs}
-        self._pool.setdefault("limits", httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        self._pool.setdefault("limits", lib.Limits(max_connections=100, max_keepalive_connections=20))
         self._ssl: ssl.SSLContext | None = None
         self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
         #: Service key -> the context its endpoints connect with, for services with TLS settings.
@@ -148,6 +151,13 @@ class _PoolFactory:
             )
         if name != "aiohttp":
             return
+        if self._lib.name != "httpx":
+            raise ConfigError(
+                variable,
+                name,
+                f"httpx for a {self._lib.name} client: httpx-aiohttp plugs aiohttp into httpx, not {self._lib.name} "
+                "(use meshlib.httpx.AsyncClient for aiohttp)",
+            )
         if kind != "async":
             raise ConfigError(
                 variable,
@@ -169,7 +179,7 @@ class _PoolFactory:
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            self._ssl = httpx.create_ssl_context(verify=self._verify, cert=self._cert, trust_env=self._trust_env)
+            self._ssl = self._lib.create_ssl_context(verify=self._verify, cert=self._cert, trust_env=self._trust_env)
         return self._ssl
 
     def _context_for(self, key: str) -> ssl.SSLContext:
@@ -183,31 +193,30 @@ class _PoolFactory:
         """The factory's transport for ``endpoint``, checked to be of the client's kind (sync or async)."""
         assert self._factory is not None
         transport = self._factory(endpoint, context)
-        if not callable(getattr(transport, method, None)):
-            kind = "httpx.AsyncBaseTransport" if method == "handle_async_request" else "httpx.BaseTransport"
+        if not callable(getattr(transport, method, None)) or library_of(transport) not in (None, self._lib):
+            name = self._lib.name
+            kind = f"{name}.AsyncBaseTransport" if method == "handle_async_request" else f"{name}.BaseTransport"
             raise TypeError(
                 f"inner_transport= returned {type(transport).__name__} for endpoint {endpoint}: "
                 f"expected an {kind} (with {method}) for this client"
             )
         return transport
 
-    def sync(self, endpoint: Endpoint, service: str) -> httpx.BaseTransport:
+    def sync(self, endpoint: Endpoint, service: str) -> Any:
         """A new pooled sync transport for ``endpoint`` (of the service whose key is ``service``)."""
         context = self._context_for(service)
         if self._factory is not None:
-            transport: httpx.BaseTransport = self._made(endpoint, context, "handle_request")
-            return transport
-        return httpx.HTTPTransport(verify=context, **self._pool)
+            return self._made(endpoint, context, "handle_request")
+        return self._lib.HTTPTransport(verify=context, **self._pool)
 
-    def async_(self, endpoint: Endpoint, service: str) -> httpx.AsyncBaseTransport:
+    def async_(self, endpoint: Endpoint, service: str) -> Any:
         """A new pooled async transport for ``endpoint`` (of the service whose key is ``service``)."""
         context = self._context_for(service)
         if self._factory is not None:
-            inner: httpx.AsyncBaseTransport = self._made(endpoint, context, "handle_async_request")
-            return inner
+            return self._made(endpoint, context, "handle_async_request")
         if self._aiohttp is not None:
             return self._aiohttp(context, self._pool["limits"])
-        return httpx.AsyncHTTPTransport(verify=context, **self._pool)
+        return self._lib.AsyncHTTPTransport(verify=context, **self._pool)
 
     def close(self) -> None:
         """Stop watching certificate files."""
@@ -243,7 +252,7 @@ class _Observability:
         if server is not None:
             admin.detach(server, transport, self.telemetry)
 
-    def outside(self, url: httpx.URL, transport: T, wrap: Callable[[T], T]) -> T:
+    def outside(self, url: Any, transport: T, wrap: Callable[[T], T]) -> T:
         """``transport`` for a non-mesh URL, wrapped to stamp mesh headers if its host is in the rule."""
         if not self.rule or not self.rule.matches(url.host):
             return transport
@@ -255,12 +264,13 @@ class _Observability:
 
 
 class _MeshClient:
-    """What ``Client`` and ``AsyncClient`` share: building the mesh from the arguments, and its views.
+    """What every meshlib client shares: building the mesh from the arguments, and its views.
 
-    A mixin rather than a base class because the two must subclass ``httpx.Client`` and
-    ``httpx.AsyncClient`` respectively; only their I/O (``close`` / ``aclose``) differs.
+    A mixin rather than a base class because the clients must subclass their library's ``Client`` or
+    ``AsyncClient``; :class:`SyncMesh` and :class:`AsyncMesh` add the I/O of each (``close`` / ``aclose``).
     """
 
+    _lib: HttpLib
     _mesh: MeshTransport | AsyncMeshTransport
     _pools: _PoolFactory | None
     _observability: _Observability
@@ -282,17 +292,47 @@ class _MeshClient:
     ) -> tuple[MeshConfig, _PoolFactory | None]:
         """Validate the mesh settings (``ConfigError`` here, not later) and build the pools and telemetry."""
         mesh = _mesh_config(config, services, lb, dns_servers, environ, tls=tls)
-        shared = kwargs.get("transport") is not None
+        user_transport = kwargs.get("transport")
+        shared = user_transport is not None
         if shared and inner_transport is not None:
             raise TypeError(
                 "pass either transport= (one shared inner transport, e.g. httpx.MockTransport in tests) or "
                 "inner_transport= (one transport per endpoint), not both"
             )
+        if shared:
+            self._check_library(user_transport, "transport=")
+        for mounted in (kwargs.get("mounts") or {}).values():
+            if mounted is not None:
+                self._check_library(mounted, "mounts=")
         self._observability = _Observability(mesh, tracer_provider, meter_provider)
-        self._pools = None if shared else _PoolFactory(kwargs, mesh, inner_transport, kind)
+        self._pools = None if shared else _PoolFactory(self._lib, kwargs, mesh, inner_transport, kind)
         if self._pools is None:
             _warn_tls_ignored(mesh)
         return mesh, self._pools
+
+    def _check_library(self, transport: object, argument: str) -> None:
+        """A transport of the other HTTP library cannot work (its responses are not this library's): say so."""
+        found = library_of(transport)
+        if found is not None and found is not self._lib:
+            raise TypeError(
+                f"{argument} is a {found.name} transport ({type(transport).__name__}) but this client is "
+                f"meshlib.{self._lib.name}.{type(self).__name__}: use meshlib.{found.name}.{type(self).__name__}, "
+                f"or a {self._lib.name} transport"
+            )
+
+    def _build_mesh(self, mesh: MeshConfig, pools: _PoolFactory | None, user_transport: Any, kind: str) -> None:
+        telemetry = self._observability.telemetry
+        driver = MeshTransport if kind == "sync" else AsyncMeshTransport
+        if pools is None:
+            shared = user_transport
+
+            def same(endpoint: Endpoint, service: str) -> Any:
+                return shared
+
+            self._mesh = driver(self._lib, mesh, same, owns_transports=False, telemetry=telemetry)
+        else:
+            self._mesh = driver(self._lib, mesh, pools.sync if kind == "sync" else pools.async_, telemetry=telemetry)
+        self._observability.start(self._mesh, kind)
 
     @property
     def tls_contexts(self) -> Mapping[str, ReloadingContext]:
@@ -301,7 +341,13 @@ class _MeshClient:
 
     def mesh_status(self) -> MeshStatus:
         """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
+        self._mesh.home.settle()
         return snapshot(self._mesh.services, "sync" if isinstance(self._mesh, MeshTransport) else "async")
+
+    @property
+    def http_library(self) -> str:
+        """The HTTP library this client is built on: ``"httpx"`` or ``"httpx2"``."""
+        return self._lib.name
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -316,76 +362,25 @@ class _MeshClient:
             self._pools.close()
 
 
-class Client(_MeshClient, httpx.Client):
-    """A thread-safe ``httpx.Client`` that discovers, balances and sends to mesh services in-process.
-
-    Mesh settings come from ``MESHLIB_*`` environment variables (``environ`` replaces ``os.environ``,
-    useful in tests); ``services``, ``lb``, ``dns_servers`` and ``tls`` (mesh-wide
-    :class:`~meshlib.security.tls.TLSSettings`) override them, or pass a whole
-    :class:`~meshlib.config.MeshConfig` as ``config``. A bad value, or a TLS file that cannot be loaded,
-    raises :class:`meshlib.ConfigError` here. ``tracer_provider`` / ``meter_provider``: OpenTelemetry
-    providers for this client's spans and metrics (default: the global ones, once the application sets them).
-    ``inner_transport``: ``"httpx"`` (the default) or a factory ``(endpoint, ssl_context) -> httpx.BaseTransport``
-    called once per endpoint (see the module docstring); overrides ``MESHLIB_INNER_TRANSPORT``. ``transport=``
-    instead makes every endpoint share that one transport (tests: ``httpx.MockTransport``, respx).
-    """
+class SyncMesh(_MeshClient):
+    """The sync clients' half: mesh hosts routed to the blocking driver, and closing it with the client."""
 
     _mesh: MeshTransport
-
-    def __init__(
-        self,
-        *,
-        services: Mapping[str, str | ServiceConfig] | None = None,
-        lb: str | None = None,
-        dns_servers: str | list[str] | tuple[str, ...] | None = None,
-        config: MeshConfig | None = None,
-        environ: Mapping[str, str] | None = None,
-        tls: TLSSettings | None = None,
-        tracer_provider: TracerProvider | None = None,
-        meter_provider: MeterProvider | None = None,
-        inner_transport: InnerTransport | None = None,
-        **kwargs: Any,
-    ) -> None:
-        mesh, pools = self._prepare(
-            kwargs,
-            config=config,
-            services=services,
-            lb=lb,
-            dns_servers=dns_servers,
-            environ=environ,
-            tls=tls,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            inner_transport=inner_transport,
-            kind="sync",
-        )
-        user_transport: httpx.BaseTransport | None = kwargs.get("transport")
-        super().__init__(**kwargs)
-        telemetry = self._observability.telemetry
-        if pools is None:
-            assert user_transport is not None
-            shared = user_transport
-            self._mesh = MeshTransport(
-                mesh, lambda endpoint, service: shared, owns_transports=False, telemetry=telemetry
-            )
-        else:
-            self._mesh = MeshTransport(mesh, pools.sync, telemetry=telemetry)
-        self._observability.start(self._mesh, "sync")
 
     @property
     def mesh(self) -> MeshTransport:
         """The mesh transport (services, endpoint stats), for status views and tests."""
         return self._mesh
 
-    def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
+    def _transport_for_url(self, url: Any) -> Any:
         if self._mesh.routes(url.host):
             return self._mesh
-        return self._observability.outside(url, super()._transport_for_url(url), PropagatingTransport)
+        return self._observability.outside(url, super()._transport_for_url(url), PropagatingTransport)  # type: ignore[misc]
 
     def close(self) -> None:
-        """Close the client: httpx's pools, discovery threads, every endpoint's pool, the certificate watcher."""
+        """Close the client: its library's pools, discovery threads, every endpoint's pool, the certificate watcher."""
         try:
-            super().close()
+            super().close()  # type: ignore[misc]
         finally:
             self._stop_background()
             self._mesh.close()
@@ -397,76 +392,31 @@ class Client(_MeshClient, httpx.Client):
         traceback: TracebackType | None = None,
     ) -> None:
         try:
-            super().__exit__(exc_type, exc_value, traceback)
+            super().__exit__(exc_type, exc_value, traceback)  # type: ignore[misc]
         finally:
             self._stop_background()
             self._mesh.close()
 
 
-class AsyncClient(_MeshClient, httpx.AsyncClient):
-    """An ``httpx.AsyncClient`` that discovers, balances and sends to mesh services in-process.
-
-    Same arguments as :class:`Client`. Background discovery runs as tasks on the event loop that first
-    uses each service; ``aclose()`` (or leaving ``async with``) stops them. ``inner_transport`` may also be
-    ``"aiohttp"`` (``MESHLIB_INNER_TRANSPORT=aiohttp``), and a factory returns ``httpx.AsyncBaseTransport`` objects.
-    """
+class AsyncMesh(_MeshClient):
+    """The async clients' half: mesh hosts routed to the awaiting driver, and closing it with the client."""
 
     _mesh: AsyncMeshTransport
-
-    def __init__(
-        self,
-        *,
-        services: Mapping[str, str | ServiceConfig] | None = None,
-        lb: str | None = None,
-        dns_servers: str | list[str] | tuple[str, ...] | None = None,
-        config: MeshConfig | None = None,
-        environ: Mapping[str, str] | None = None,
-        tls: TLSSettings | None = None,
-        tracer_provider: TracerProvider | None = None,
-        meter_provider: MeterProvider | None = None,
-        inner_transport: AsyncInnerTransport | None = None,
-        **kwargs: Any,
-    ) -> None:
-        mesh, pools = self._prepare(
-            kwargs,
-            config=config,
-            services=services,
-            lb=lb,
-            dns_servers=dns_servers,
-            environ=environ,
-            tls=tls,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            inner_transport=inner_transport,
-            kind="async",
-        )
-        user_transport: httpx.AsyncBaseTransport | None = kwargs.get("transport")
-        super().__init__(**kwargs)
-        telemetry = self._observability.telemetry
-        if pools is None:
-            assert user_transport is not None
-            shared = user_transport
-            self._mesh = AsyncMeshTransport(
-                mesh, lambda endpoint, service: shared, owns_transports=False, telemetry=telemetry
-            )
-        else:
-            self._mesh = AsyncMeshTransport(mesh, pools.async_, telemetry=telemetry)
-        self._observability.start(self._mesh, "async")
 
     @property
     def mesh(self) -> AsyncMeshTransport:
         """The mesh transport (services, endpoint stats), for status views and tests."""
         return self._mesh
 
-    def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
+    def _transport_for_url(self, url: Any) -> Any:
         if self._mesh.routes(url.host):
             return self._mesh
-        return self._observability.outside(url, super()._transport_for_url(url), AsyncPropagatingTransport)
+        return self._observability.outside(url, super()._transport_for_url(url), AsyncPropagatingTransport)  # type: ignore[misc]
 
     async def aclose(self) -> None:
-        """Close the client: httpx's pools, discovery tasks, every endpoint's pool, the certificate watcher."""
+        """Close the client: its library's pools, discovery tasks, every endpoint's pool, the certificate watcher."""
         try:
-            await super().aclose()
+            await super().aclose()  # type: ignore[misc]
         finally:
             self._stop_background()
             await self._mesh.aclose()
@@ -478,7 +428,7 @@ class AsyncClient(_MeshClient, httpx.AsyncClient):
         traceback: TracebackType | None = None,
     ) -> None:
         try:
-            await super().__aexit__(exc_type, exc_value, traceback)
+            await super().__aexit__(exc_type, exc_value, traceback)  # type: ignore[misc]
         finally:
             self._stop_background()
             await self._mesh.aclose()

@@ -1,0 +1,134 @@
+"""An attempt's lease: everything one attempt holds, given back exactly once on every path.
+
+grpc-go's ``PickResult.Done`` and tower's concurrency permit are the model. When the call plan picks an
+endpoint it takes a :class:`Lease`, and the lease owns the attempt's bookkeeping:
+
+* the endpoint's load (``EndpointStats.begin``/``end``: in-flight count and peak-EWMA latency);
+* the breaker's half-open probe, when the pick took it (given back unused if the attempt ends without a
+  verdict, so a cancelled probe does not leave the breaker refusing forever);
+* the verdict, fed once to the endpoint's breaker and the service's outlier detector (:meth:`judge`);
+* the call's in-flight slot (``MESHLIB_MAX_INFLIGHT``), when the attempt's response is the one the caller
+  gets (:attr:`permit`): it is held until that response's body is closed;
+* the endpoint's pool when the endpoint has left discovery meanwhile: the last lease to end closes it.
+
+:meth:`release` gives all of that back and runs once, whichever path comes first: an error, a retried answer
+closed, cancellation, the body read to its end or closed, or a response dropped without closing. The last is
+:meth:`drop`, called from a stream's ``__del__``: the garbage collector may run it inside any lock the thread
+holds, so it only queues the release, and the mesh runs queued releases before its next call (and on close).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from meshlib.resilience.classify import Outcome
+
+if TYPE_CHECKING:
+    from meshlib._service import Address, Service
+    from meshlib.balance.base import EndpointStats
+    from meshlib.resilience.classify import Classification
+    from meshlib.resilience.limit import ConcurrencyLimit
+
+__all__ = ["Lease", "LeaseHome"]
+
+
+class LeaseHome:
+    """Where a mesh's leases hand back what outlives them: idle pools to close, releases queued by the GC."""
+
+    __slots__ = ("close_pool", "dropped")
+
+    def __init__(self, close_pool: Callable[[Any], None]) -> None:
+        #: Closes a retired endpoint's pool once its last lease ends (the driver's way: now, or on the loop).
+        self.close_pool = close_pool
+        #: Releases queued by :meth:`Lease.drop`; the mesh runs them before its next call (:meth:`settle`).
+        self.dropped: deque[Callable[[], None]] = deque()
+
+    def settle(self) -> None:
+        """Run the releases the garbage collector queued (cheap when there are none: one truth test)."""
+        dropped = self.dropped
+        while dropped:
+            try:
+                release = dropped.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            release()
+
+
+class Lease:
+    """One attempt's hold on an endpoint. Made by the plan when it picks; released exactly once."""
+
+    __slots__ = (
+        "address",
+        "failed",
+        "home",
+        "judged",
+        "permit",
+        "released",
+        "rtt",
+        "service",
+        "started",
+        "stats",
+        "transport",
+    )
+
+    def __init__(self, service: Service[Any], stats: EndpointStats, transport: Any, home: LeaseHome) -> None:
+        endpoint = stats.endpoint
+        self.service = service
+        self.stats = stats
+        self.address: Address = (endpoint.host, endpoint.port)
+        self.transport = transport
+        self.home = home
+        #: The call's in-flight slot, handed to this lease when its response goes to the caller.
+        self.permit: ConcurrencyLimit | None = None
+        self.judged = False
+        self.released = False
+        self.failed = True
+        self.rtt = 0.0
+        stats.begin()
+        self.started = time.monotonic()
+
+    def judge(self, verdict: Classification) -> None:
+        """Record the attempt's verdict (once): latency until now, the breaker, outlier detection."""
+        self.rtt = time.monotonic() - self.started
+        self.judged = True
+        self.failed = failed = verdict.endpoint_failure
+        service = self.service
+        address = self.address
+        if failed:
+            service.breaker_for(address).record_failure()
+        else:
+            breaker = service.breakers.get(address)  # none yet: the endpoint never failed, nothing to reset
+            if breaker is not None:
+                if verdict.sent or verdict.outcome is Outcome.SUCCESS:
+                    breaker.record_success()
+                else:
+                    breaker.release()
+        service.detector.record(address, failed)
+
+    def release(self) -> None:
+        """Give everything back (idempotent: the first call does it, later calls do nothing)."""
+        if self.released:
+            return
+        self.released = True
+        if not self.judged:  # interrupted: no verdict on the endpoint; give back a probe the pick took
+            self.rtt = time.monotonic() - self.started
+            breaker = self.service.breakers.get(self.address)
+            if breaker is not None:
+                breaker.release()
+        self.stats.end(self.rtt, self.started + self.rtt, failed=self.failed)
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            permit.release()
+        service = self.service
+        if service.retiring:
+            idle = service.retire(self.stats)
+            if idle is not None:
+                self.home.close_pool(idle)
+
+    def drop(self) -> None:
+        """The response holding this lease was garbage-collected unclosed: release before the next call."""
+        if not self.released:
+            self.home.dropped.append(self.release)

@@ -1,0 +1,496 @@
+"""The mesh inside a client: host -> service routing, first discovery, and the two drivers of the call plan.
+
+Every decision of a call is made by :meth:`meshlib._plan.Call.plan`, a sans-I/O generator. This module holds
+what is left, the I/O, twice and small:
+
+* :class:`MeshTransport` (``meshlib.Client``): the **blocking driver**. ``Send`` calls the endpoint's pool
+  on this thread, ``Sleep`` sleeps, ``Start``/``WaitFirst`` use a thread pool made on first use (only plans
+  with several attempts in flight need it), ``Cancel`` closes the attempt's response (a blocking attempt
+  already on the wire cannot be interrupted: it is released when it returns);
+* :class:`AsyncMeshTransport` (``meshlib.AsyncClient``): the **awaiting driver**. ``Send`` awaits the pool,
+  ``Start`` makes a task, ``WaitFirst`` is ``asyncio.wait``, ``Cancel`` cancels the task.
+
+Both run the same loop (:func:`_drive` / :func:`_adrive`): take a step, do it, send the outcome back; an
+interruption (cancellation, ``KeyboardInterrupt``) is thrown into the plan, which releases what it holds.
+
+The request that reaches an endpoint is a new request whose URL names the endpoint's address, while the
+``Host`` header (and, for https, the TLS server name via the ``sni_hostname`` extension, so the certificate
+is checked against the logical name) stay the logical service name. The caller's request is not modified,
+so ``response.url`` and redirects keep the logical URL. Meshlib's errors leave in the client library's
+flavour (:meth:`meshlib._http.HttpLib.localize`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from meshlib._http import HttpLib
+from meshlib._lease import LeaseHome
+from meshlib._plan import Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._service import Active, Service
+from meshlib.config import MeshConfig, service_key
+from meshlib.discovery import build_resolver
+from meshlib.discovery.base import DiscoverySettings, Endpoint
+from meshlib.discovery.refresh import RefreshTask, RefreshThread, arefresh_once, refresh_once
+from meshlib.errors import MeshError
+from meshlib.telemetry.client import ClientTelemetry
+from meshlib.telemetry.tracing import asend_suppressed, send_suppressed
+
+logger = logging.getLogger("meshlib")
+
+T = TypeVar("T")
+
+_ROUTE_CACHE_SIZE = 1024
+#: Endpoint sets at least this large are applied off the event loop (AsyncMeshTransport._publish).
+_APPLY_IN_THREAD = 500
+
+
+def _for_service(new_transport: Callable[[Endpoint, str], T], key: str, endpoint: Endpoint) -> T:
+    """The pool factory as one service sees it: the service key is bound (its TLS settings depend on it)."""
+    return new_transport(endpoint, key)
+
+
+class _Router(Generic[T]):
+    """Host -> Service lookup, shared by both drivers; caches host normalisation for hot hosts."""
+
+    def __init__(self, config: MeshConfig, new_transport: Callable[[Endpoint, str], T]) -> None:
+        settings = DiscoverySettings(
+            dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ
+        )
+        self.services: dict[str, Service[T]] = {}
+        for key, svc in config.services.items():
+            resolver = build_resolver(
+                svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]"
+            )
+            self.services[key] = Service(svc, config, resolver, functools.partial(_for_service, new_transport, key))
+        self._cache: dict[str, Service[T] | None] = {}
+
+    def route(self, host: str) -> Service[T] | None:
+        """The mesh service a request host names, or ``None`` for hosts outside the mesh."""
+        try:
+            return self._cache[host]
+        except KeyError:
+            pass
+        found = self.services.get(service_key(host)) if self.services else None
+        if len(self._cache) >= _ROUTE_CACHE_SIZE:
+            self._cache.clear()  # bounded: arbitrary outside hosts must not grow memory
+        self._cache[host] = found
+        return found
+
+
+class _Mesh(Generic[T]):
+    """What both drivers share: the services, their pools' owner, telemetry, and where leases hand back."""
+
+    def __init__(
+        self,
+        lib: HttpLib,
+        config: MeshConfig,
+        new_transport: Callable[[Endpoint, str], T],
+        *,
+        owns_transports: bool,
+        passthrough: T | None,
+        telemetry: ClientTelemetry | None,
+    ) -> None:
+        self.lib = lib
+        self.config = config
+        self._router: _Router[T] = _Router(config, new_transport)
+        self.telemetry = telemetry if telemetry is not None else ClientTelemetry()
+        self.telemetry.bind(self)
+        self._owns = owns_transports
+        self._passthrough = passthrough
+        self._closed = False
+
+    @property
+    def services(self) -> dict[str, Service[T]]:
+        """The mesh services by normalised name (read-only use: status, tests)."""
+        return self._router.services
+
+    def routes(self, host: str) -> bool:
+        """Whether ``host`` is a mesh service."""
+        return self._router.route(host) is not None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("cannot send a request through a closed meshlib client")
+
+
+# -- the blocking driver ---------------------------------------------------------------------------------------
+
+
+class MeshTransport(_Mesh[Any]):
+    """The blocking driver: ``meshlib.Client`` sends every mesh request through it (an httpx/httpx2 transport).
+
+    ``new_transport(endpoint, service_key)`` makes the pooled inner transport of one endpoint (called once per
+    endpoint, on the slow path); ``owns_transports=False`` when it returns a transport the caller owns (a user's
+    ``transport=``), which is then never closed here. ``passthrough`` serves hosts outside the mesh when the
+    transport is used on its own (``meshlib.Client`` routes those itself).
+    """
+
+    def __init__(
+        self,
+        lib: HttpLib,
+        config: MeshConfig,
+        new_transport: Callable[[Endpoint, str], Any],
+        *,
+        owns_transports: bool = True,
+        passthrough: Any = None,
+        telemetry: ClientTelemetry | None = None,
+    ) -> None:
+        super().__init__(
+            lib, config, new_transport, owns_transports=owns_transports, passthrough=passthrough, telemetry=telemetry
+        )
+        self.home = LeaseHome(self._close_pool)
+        self._refreshers: dict[str, RefreshThread] = {}
+        # One lock per service for its first discovery: a slow first lookup of one service holds up no other.
+        self._start_locks = {svc.name: threading.Lock() for svc in self.services.values()}
+        self._started: set[str] = set()
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers_lock = threading.Lock()
+
+    def _activate(self, service: Service[Any]) -> Active[Any]:
+        """First use of a service: resolve on this thread (once), then refresh in the background."""
+        with self._start_locks[service.name]:
+            self._check_open()
+            if service.name not in self._started:
+                _, delay = refresh_once(service.resolver, service.cache)
+                if service.cache.snapshot is not None:
+                    self._close_pools(service.apply(service.cache.snapshot))
+                self._started.add(service.name)
+                if delay is not None:
+                    thread = RefreshThread(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    self._refreshers[service.name] = thread
+                    thread.start()
+        return service.current()
+
+    def _publish(self, service: Service[Any]) -> None:
+        if service.cache.snapshot is not None:
+            self._close_pools(service.apply(service.cache.snapshot))
+
+    def _close_pool(self, transport: Any) -> None:
+        if not self._owns:
+            return
+        try:
+            transport.close()
+        except Exception:
+            logger.exception("closing an endpoint transport failed")
+
+    def _close_pools(self, transports: list[Any]) -> None:
+        for transport in transports:
+            self._close_pool(transport)
+
+    def handle_request(self, request: Any) -> Any:
+        """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
+        service = self._router.route(request.url.host)
+        if service is None:
+            if self._passthrough is None:
+                self._passthrough = self.lib.HTTPTransport()
+            return self._passthrough.handle_request(request)
+        self.home.settle()
+        call: Call[Any] = Call(self.lib, service, request, self.home, self.telemetry)
+        try:
+            active = service.active
+            if active is None:
+                active = self._activate(service)  # first use: waits (once) for discovery's first answer
+            elif service.cache.consecutive_failures:
+                active = service.current()  # discovery failing: still usable unless too stale
+        except BaseException as exc:
+            call.finished(None, exc)
+            if isinstance(exc, MeshError):
+                self.lib.localize(exc)
+            raise
+        try:
+            return self.drive(call, call.plan(active))
+        except MeshError as exc:
+            self.lib.localize(exc)
+            raise
+
+    def drive(self, call: Call[Any], plan: Plan) -> Any:
+        """Run ``plan`` to its end, doing each step's I/O on this thread; its response (or its error)."""
+        outcome: Attempt | None = None
+        started: list[Attempt] = []
+        while True:
+            try:
+                step = plan.send(outcome)
+            except StopIteration as done:
+                return done.value
+            try:
+                outcome = self._do(call, step, started)
+            except BaseException as exc:  # interrupted (KeyboardInterrupt...): the plan lets go, then re-raises
+                for attempt in started:  # attempts still on the wire in workers: their answers are closed
+                    if attempt.task is not None and not attempt.task.done():
+                        attempt.task.add_done_callback(lambda _, a=attempt: self._close_answer(a))
+                plan.throw(exc)
+                raise  # pragma: no cover - a plan always re-raises what it is thrown
+
+    def _do(self, call: Call[Any], step: Step, started: list[Attempt]) -> Attempt | None:
+        if isinstance(step, Send):
+            self._send(call, step.attempt)
+            return step.attempt
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+        elif isinstance(step, Start):
+            step.attempt.task = self._pool().submit(self._send, call, step.attempt)
+            started.append(step.attempt)
+        elif isinstance(step, WaitFirst):
+            futures = {a.task: a for a in step.attempts}
+            done, _ = concurrent.futures.wait(futures, step.timeout, concurrent.futures.FIRST_COMPLETED)
+            return next((futures[f] for f in futures if f in done), None)
+        elif isinstance(step, Cancel):
+            attempt = step.attempt
+            task = attempt.task
+            if task is not None and not task.done():  # on the wire in a worker: let go when it returns
+                task.add_done_callback(lambda _: self._discard(attempt))
+            else:
+                self._discard(attempt)
+        return None
+
+    @staticmethod
+    def _send(call: Call[Any], attempt: Attempt) -> None:
+        """One attempt's I/O: its outcome is left on the attempt for the plan."""
+        try:
+            if call.trace is None or call.trace.span is None:
+                attempt.response = attempt.transport.handle_request(attempt.request)
+            else:  # meshlib traces this call: keep HTTP instrumentation from adding a span of its own
+                attempt.response = send_suppressed(attempt.transport, attempt.request)
+        except Exception as exc:
+            attempt.error = exc
+
+    @staticmethod
+    def _close_answer(attempt: Attempt) -> None:
+        if attempt.response is not None:
+            attempt.response.close()
+
+    def _discard(self, attempt: Attempt) -> None:
+        try:
+            self._close_answer(attempt)
+        finally:
+            attempt.lease.release()
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        workers = self._workers
+        if workers is None:
+            with self._workers_lock:
+                self._check_open()
+                workers = self._workers
+                if workers is None:
+                    workers = self._workers = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=32, thread_name_prefix="meshlib-attempt"
+                    )
+        return workers
+
+    def close(self) -> None:
+        """Stop discovery refreshes and close every endpoint transport this mesh created."""
+        with self._workers_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for lock in self._start_locks.values():  # wait for first lookups under way; none starts after
+            with lock:
+                pass
+        self.telemetry.unbind(self)
+        for thread in self._refreshers.values():
+            thread.stop()
+        self._refreshers.clear()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False)
+        self.home.settle()
+        for service in self.services.values():
+            self._close_pools(service.take_pools())
+            service.resolver.close()
+        if self._passthrough is not None:
+            self._passthrough.close()
+
+
+# -- the awaiting driver ---------------------------------------------------------------------------------------
+
+
+class AsyncMeshTransport(_Mesh[Any]):
+    """The awaiting driver: ``meshlib.AsyncClient`` sends every mesh request through it.
+
+    Same contract as :class:`MeshTransport`. Discovery refreshes run as tasks on the loop that first used
+    each service; the first request for a service awaits its first answer, concurrent first requests share
+    that one query.
+    """
+
+    def __init__(
+        self,
+        lib: HttpLib,
+        config: MeshConfig,
+        new_transport: Callable[[Endpoint, str], Any],
+        *,
+        owns_transports: bool = True,
+        passthrough: Any = None,
+        telemetry: ClientTelemetry | None = None,
+    ) -> None:
+        super().__init__(
+            lib, config, new_transport, owns_transports=owns_transports, passthrough=passthrough, telemetry=telemetry
+        )
+        self.home = LeaseHome(self._close_later)
+        self._refreshers: dict[str, RefreshTask] = {}
+        # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
+        self._first: dict[str, asyncio.Event] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    async def _activate(self, service: Service[Any]) -> Active[Any]:
+        self._check_open()
+        first = self._first.get(service.name)
+        if first is None:
+            first = self._first[service.name] = asyncio.Event()
+            try:
+                _, delay = await arefresh_once(service.resolver, service.cache)
+                if service.cache.snapshot is not None:
+                    await self._aclose_pools(service.apply(service.cache.snapshot))
+                if delay is not None and not self._closed:
+                    task = RefreshTask(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    self._refreshers[service.name] = task
+                    task.start()
+            except BaseException:
+                # Cancelled (or failed) before an answer: let the next request try again.
+                del self._first[service.name]
+                first.set()
+                raise
+            first.set()
+        else:
+            await first.wait()
+        return service.current()
+
+    async def _publish(self, service: Service[Any]) -> None:
+        snapshot = service.cache.snapshot
+        if snapshot is None:
+            return
+        if len(snapshot.endpoints) >= _APPLY_IN_THREAD:
+            # Building the view of a large set (stats, pools, pickers) is milliseconds of pure Python: do it in
+            # a worker thread so the event loop keeps running (the GIL is handed back every few ms) instead of
+            # stalling every request for the whole build. Service.apply is thread-safe and swaps atomically.
+            retired = await asyncio.to_thread(service.apply, snapshot)
+        else:
+            retired = service.apply(snapshot)
+        await self._aclose_pools(retired)
+
+    async def _aclose_pools(self, transports: list[Any]) -> None:
+        if not self._owns:
+            return
+        for transport in transports:
+            try:
+                await transport.aclose()
+            except Exception:
+                logger.exception("closing an endpoint transport failed")
+
+    def _close_later(self, transport: Any) -> None:
+        """Close a retired endpoint's pool from a sync callback (a stream's close) on the running loop."""
+        if not self._owns:
+            return
+        task = asyncio.get_running_loop().create_task(transport.aclose())
+        self._closing.add(task)  # keep a reference until done, as asyncio's docs require
+        task.add_done_callback(self._closing.discard)
+
+    async def handle_async_request(self, request: Any) -> Any:
+        """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
+        service = self._router.route(request.url.host)
+        if service is None:
+            if self._passthrough is None:
+                self._passthrough = self.lib.AsyncHTTPTransport()
+            return await self._passthrough.handle_async_request(request)
+        self.home.settle()
+        call: Call[Any] = Call(self.lib, service, request, self.home, self.telemetry)
+        try:
+            active = service.active
+            if active is None:
+                active = await self._activate(service)
+            elif service.cache.consecutive_failures:
+                active = service.current()
+        except BaseException as exc:
+            call.finished(None, exc)
+            if isinstance(exc, MeshError):
+                self.lib.localize(exc)
+            raise
+        try:
+            return await self.drive(call, call.plan(active))
+        except MeshError as exc:
+            self.lib.localize(exc)
+            raise
+
+    async def drive(self, call: Call[Any], plan: Plan) -> Any:
+        """Run ``plan`` to its end, awaiting each step's I/O; its response (or its error)."""
+        outcome: Attempt | None = None
+        started: list[Attempt] = []
+        while True:
+            try:
+                step = plan.send(outcome)
+            except StopIteration as done:
+                return done.value
+            try:
+                outcome = await self._do(call, step, started)
+            except BaseException as exc:  # cancelled: the plan lets go, then re-raises
+                for attempt in started:  # attempts still in flight are cancelled with the call
+                    if attempt.task is not None and not attempt.task.done():
+                        attempt.task.cancel()
+                        attempt.task.add_done_callback(lambda _, a=attempt: self._close_answer_later(a))
+                plan.throw(exc)
+                raise  # pragma: no cover - a plan always re-raises what it is thrown
+
+    def _close_answer_later(self, attempt: Attempt) -> None:
+        if attempt.response is not None:
+            task = asyncio.get_running_loop().create_task(attempt.response.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _do(self, call: Call[Any], step: Step, started: list[Attempt]) -> Attempt | None:
+        if isinstance(step, Send):
+            await self._send(call, step.attempt)
+            return step.attempt
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+        elif isinstance(step, Start):
+            step.attempt.task = asyncio.ensure_future(self._send(call, step.attempt))
+            started.append(step.attempt)
+        elif isinstance(step, WaitFirst):
+            tasks = {a.task: a for a in step.attempts}
+            done, _ = await asyncio.wait(tasks, timeout=step.timeout, return_when=asyncio.FIRST_COMPLETED)
+            return next((tasks[t] for t in tasks if t in done), None)
+        elif isinstance(step, Cancel):
+            attempt = step.attempt
+            task = attempt.task
+            try:
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait([task])  # its transport unwinds; the caller's own cancel still reaches us
+                if attempt.response is not None:
+                    await attempt.response.aclose()
+            finally:
+                attempt.lease.release()
+        return None
+
+    @staticmethod
+    async def _send(call: Call[Any], attempt: Attempt) -> None:
+        """One attempt's I/O: its outcome is left on the attempt for the plan."""
+        try:
+            if call.trace is None or call.trace.span is None:
+                attempt.response = await attempt.transport.handle_async_request(attempt.request)
+            else:  # meshlib traces this call: keep HTTP instrumentation from adding a span of its own
+                attempt.response = await asend_suppressed(attempt.transport, attempt.request)
+        except Exception as exc:
+            attempt.error = exc
+
+    async def aclose(self) -> None:
+        """Stop discovery tasks and close every endpoint transport this mesh created."""
+        if self._closed:
+            return
+        self._closed = True
+        self.telemetry.unbind(self)
+        for task in self._refreshers.values():
+            await task.stop()
+        self._refreshers.clear()
+        self.home.settle()
+        for service in self.services.values():
+            await self._aclose_pools(service.take_pools())
+            service.resolver.close()
+        if self._passthrough is not None:
+            await self._passthrough.aclose()

@@ -1,0 +1,509 @@
+"""The call plan: every decision of one mesh call, written once, as a sans-I/O generator.
+
+:meth:`Call.plan` is a generator (the shape of httpx's ``Auth.auth_flow`` and of the discovery resolvers'
+``_plan``): it yields *steps* and receives their outcomes, and never does I/O itself. Two drivers run it
+(:mod:`meshlib._mesh`): a blocking one for ``Client`` and an awaiting one for ``AsyncClient``, each a few
+dozen lines holding all the sending, sleeping and cancelling. The steps:
+
+* :class:`Send` -- send one attempt now and come back with its outcome (the fast path: no task, no thread);
+* :class:`Start` -- start an attempt and come back at once (several may then be in flight: hedging,
+  mirroring);
+* :class:`WaitFirst` -- wait until one of the started attempts has an outcome, or ``timeout`` seconds; the
+  driver sends back that attempt, or ``None``;
+* :class:`Cancel` -- stop an attempt (in flight: cancel it; answered: close its response) and release its
+  lease;
+* :class:`Sleep` -- wait (backoff between attempts).
+
+The plan returns the caller's response (``StopIteration.value``) or raises the caller's error. Outcomes
+reach the plan on the :class:`Attempt` object (``response`` or ``error``); an interruption of the driver
+(cancellation, ``KeyboardInterrupt``) is thrown into the plan at its current step, so the plan releases what
+it holds and re-raises.
+
+One attempt, in order (docs/design.md):
+
+1. **deadline** -- no attempt starts once the call's deadline has passed: ``DeadlineExceeded``;
+2. **pick** -- the balancer chooses among endpoints not ejected and whose breaker is not open, preferring
+   one this call has not tried; fewer than half healthy: ejections are ignored (panic mode, as Envoy);
+3. **lease** -- the picked endpoint's breaker ``allow()`` (a half-open breaker lets one probe through), then
+   a :class:`~meshlib._lease.Lease` that owns the attempt's bookkeeping until it is released;
+4. **send** -- the request carries the endpoint's URL, the logical ``Host`` and TLS name, timeouts no longer
+   than the time left (and the per-try timeout), the time left in ``grpc-timeout``, and trace context;
+5. **observe** -- one :class:`~meshlib.resilience.classify.Classification` of the outcome is the lease's
+   verdict (EWMA, breaker, outlier detection) and the observers' event;
+6. **next** -- the call's :class:`~meshlib.resilience.retry.RetryRule` says "retry after X" or "give up".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from meshlib._lease import Lease, LeaseHome
+from meshlib.deadline import DEADLINE_HEADER, encode_timeout
+from meshlib.discovery.base import Endpoint
+from meshlib.errors import CircuitOpenError, DeadlineExceeded, NoEndpointsError, OverloadedError
+from meshlib.policy import POLICY_EXTENSION, Policy, effective
+from meshlib.pushback import NO_RETRY_HEADER, note_exhausted
+from meshlib.resilience.classify import (
+    IDEMPOTENCY_KEY_HEADER,
+    Classification,
+    Outcome,
+    classify_exception,
+    classify_response,
+)
+from meshlib.resilience.retry import GiveUp, RetryRule
+from meshlib.telemetry.tracing import inject
+
+if TYPE_CHECKING:
+    from meshlib._http import HttpLib
+    from meshlib._service import Active, Address, Service
+    from meshlib.balance.base import EndpointStats
+    from meshlib.resilience.limit import ConcurrencyLimit
+    from meshlib.telemetry.client import CallTrace, ClientTelemetry
+
+__all__ = [
+    "EXT_ATTEMPTS",
+    "EXT_ENDPOINT",
+    "EXT_SERVICE",
+    "Attempt",
+    "Call",
+    "Cancel",
+    "Send",
+    "Sleep",
+    "Start",
+    "Step",
+    "WaitFirst",
+    "endpoint_url",
+]
+
+T = TypeVar("T")
+
+#: ``response.extensions`` keys meshlib sets on mesh responses.
+EXT_ENDPOINT = "meshlib.endpoint"
+EXT_SERVICE = "meshlib.service"
+EXT_ATTEMPTS = "meshlib.attempts"
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_NO_STATUSES: frozenset[int] = frozenset()
+
+
+# -- the steps --------------------------------------------------------------------------------------------------
+
+
+class Attempt:
+    """One attempt: the lease it holds, the request it sends, and (once the driver has it) its outcome."""
+
+    __slots__ = ("error", "lease", "number", "request", "response", "task")
+
+    def __init__(self, number: int, lease: Lease, request: Any) -> None:
+        self.number = number
+        self.lease = lease
+        self.request = request
+        self.response: Any = None
+        self.error: Exception | None = None
+        #: The driver's handle on a started attempt (a future or a task); ``None`` for a :class:`Send`.
+        self.task: Any = None
+
+    @property
+    def transport(self) -> Any:
+        """The endpoint's pooled inner transport to send through."""
+        return self.lease.transport
+
+
+class Send:
+    """Send ``attempt`` now; the plan resumes when it has a response or an error."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+
+
+class Start:
+    """Start ``attempt`` in the background; the plan resumes at once."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+
+
+class WaitFirst:
+    """Wait for the first of ``attempts`` to finish (sent back) or ``timeout`` seconds (``None`` sent back)."""
+
+    __slots__ = ("attempts", "timeout")
+
+    def __init__(self, attempts: list[Attempt], timeout: float | None) -> None:
+        self.attempts = attempts
+        self.timeout = timeout
+
+
+class Cancel:
+    """Stop ``attempt`` (cancel it, or close the response it got) and release its lease."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+
+
+class Sleep:
+    """Wait ``seconds`` before the plan goes on."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+Step = Send | Start | WaitFirst | Cancel | Sleep
+#: What a plan is: it yields steps, is sent attempts (or ``None``), and returns the caller's response.
+Plan = Generator[Step, "Attempt | None", Any]
+
+
+# -- the call -----------------------------------------------------------------------------------------------------
+
+
+class _ByAddress:
+    """An ``exclude`` container for pickers: endpoints matched by address, whatever their weight or metadata."""
+
+    __slots__ = ("addresses",)
+
+    def __init__(self, addresses: set[Address] | frozenset[Address]) -> None:
+        self.addresses = addresses
+
+    def __contains__(self, endpoint: object) -> bool:
+        return isinstance(endpoint, Endpoint) and (endpoint.host, endpoint.port) in self.addresses
+
+
+def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
+    """``url`` with the endpoint's host and port: the same as ``url.copy_with(host=..., port=...)``.
+
+    ``URL.copy_with`` re-parses and re-validates the whole URL (about 20 µs, most of the mesh's per-request
+    cost). The URL was validated when the request was built and the endpoint's address when discovery
+    returned it, so this replaces the two fields of the parsed form directly. That form is private to httpx
+    and httpx2 alike (hence the pinned version ranges and the fallback); ``tests/test_call.py`` checks that both
+    paths give the same URL.
+    """
+    parsed = getattr(url, "_uri_reference", None)
+    replace = getattr(parsed, "_replace", None)
+    if replace is None:  # a future release: take the documented, slower path
+        return url.copy_with(host=endpoint.url_host, port=endpoint.port)
+    port: int | None = endpoint.port
+    if _DEFAULT_PORTS.get(url.scheme) == port:
+        port = None  # httpx normalises a scheme's default port away
+    url_type = type(url)
+    fast = object.__new__(url_type)
+    fast._uri_reference = replace(host=endpoint.host.lower(), port=port)
+    return fast
+
+
+class Call(Generic[T]):
+    """One logical call to a mesh service: its policy, deadline, attempts, and the plan that runs them.
+
+    Created per mesh request by the driver, which then runs :meth:`plan`. Not shared between threads or tasks.
+    """
+
+    __slots__ = (
+        "attempts",
+        "deadline",
+        "home",
+        "lib",
+        "method",
+        "peer",
+        "permit",
+        "policy",
+        "replayable",
+        "request",
+        "rule",
+        "service",
+        "trace",
+        "tried",
+        "tried_addresses",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        lib: HttpLib,
+        service: Service[T],
+        request: Any,
+        home: LeaseHome,
+        telemetry: ClientTelemetry | None = None,
+    ) -> None:
+        self.lib = lib
+        self.service = service
+        self.request = request
+        self.home = home
+        self.method = request.method
+        rules = request.extensions.get(POLICY_EXTENSION)
+        self.policy, self.deadline = effective(service.policy, rules if isinstance(rules, Policy) else None)
+        # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
+        self.replayable = isinstance(request.stream, lib.ByteStream)
+        self.rule = RetryRule(
+            self.policy,
+            self.deadline,
+            service.budget,
+            method=self.method,
+            replayable=self.replayable,
+            has_idempotency_key=IDEMPOTENCY_KEY_HEADER in request.headers,
+            on_budget_exhausted=service.log_budget_exhausted,
+        )
+        self.attempts = 0
+        self.tried: list[str] = []
+        self.tried_addresses: set[Address] | None = None  # made on a retry: the first attempt needs none
+        self.peer: Address | None = None
+        self.verdict: Classification | None = None
+        #: The call's slot of the service's in-flight limit, until handed to the lease of the final answer.
+        self.permit: ConcurrencyLimit | None = None
+        self.trace: CallTrace | None = telemetry.call_started(request) if telemetry is not None else None
+
+    # -- the plan -------------------------------------------------------------------------------------------------
+
+    def plan(self, active: Active[T]) -> Plan:
+        """Attempts until an answer is final, retrying as the call's :class:`RetryRule` allows."""
+        sent: list[Attempt] = []  # attempts whose lease this plan must still settle if interrupted
+        try:
+            self._admit()
+            while True:
+                attempt = self.attempt(active)
+                sent.append(attempt)
+                yield Send(attempt)
+                verdict = self.judge(attempt)
+                decision = self.rule.after(verdict, self.attempts)
+                if isinstance(decision, GiveUp):
+                    sent.clear()
+                    response = self.finish(attempt, verdict)
+                    break
+                sent.clear()
+                yield Cancel(attempt)  # close the retried answer (its connection goes back to the pool)
+                if decision > 0:
+                    yield Sleep(decision)
+                active = self.service.current()
+        except BaseException as exc:
+            for attempt in sent:  # interrupted with an attempt out: no verdict, give its lease back
+                self.abandon(attempt)
+            self.release_permit()
+            self.finished(None, exc)
+            raise
+        self.finished(response, None)
+        return response
+
+    # -- the decisions ------------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Take a slot of the service's concurrency limit and count the call in the retry budget."""
+        service = self.service
+        limit = service.limit
+        if not limit.try_acquire():
+            raise OverloadedError(
+                service.name,
+                f"{limit.max_inflight} requests already in flight (MESHLIB_MAX_INFLIGHT)",
+                request=self.request,
+            )
+        self.permit = limit
+        service.budget.deposit()
+
+    def release_permit(self) -> None:
+        """Give back the call's in-flight slot if no lease took it (the call ended without an answer)."""
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            permit.release()
+
+    def remaining(self) -> float:
+        """Seconds left before the call's deadline (may be negative)."""
+        return self.deadline - time.monotonic()
+
+    def attempt(self, active: Active[T]) -> Attempt:
+        """Steps 1-4 up to the send: check the deadline, pick an endpoint, take its lease, build the request."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise self.deadline_exceeded("the deadline passed before an attempt could start")
+        stats = self._pick(active)
+        endpoint = stats.endpoint
+        self.attempts += 1
+        self.tried.append(endpoint.address)
+        self.peer = address = (endpoint.host, endpoint.port)
+        if self.tried_addresses is not None:
+            self.tried_addresses.add(address)
+        lease = Lease(self.service, stats, self.service.transport_for(stats), self.home)
+        trace = self.trace
+        if trace is not None:
+            trace.attempt_started(self.attempts, address)
+        return Attempt(self.attempts, lease, self._outgoing(endpoint, remaining))
+
+    def _pick(self, active: Active[T]) -> EndpointStats:
+        service = self.service
+        key = service.hash_key(self.request)
+        unhealthy = service.unhealthy()
+        if unhealthy and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy)):
+            unhealthy = service.open_breakers()  # panic: ignore ejections, never open breakers
+        refused: set[Address] = set()
+        for _ in range(len(active.stats) + 1):
+            excluded = set(unhealthy) | refused
+            stats = None
+            if self.peer is not None:  # a retry prefers an endpoint this call has not tried
+                tried = self.tried_addresses
+                if tried is None:
+                    tried = self.tried_addresses = {self.peer}
+                stats = active.pick(key, _ByAddress(excluded | tried))
+            if stats is None:
+                stats = active.pick(key, _ByAddress(excluded) if excluded else ())
+            if stats is None:
+                break
+            address = (stats.endpoint.host, stats.endpoint.port)
+            breaker = service.breakers.get(address)
+            if breaker is None or breaker.allow():
+                return stats
+            refused.add(address)  # half-open with its probe already out: choose another
+        if refused or service.open_breakers():
+            raise CircuitOpenError(
+                service.name,
+                "every usable endpoint's circuit breaker is open",
+                endpoints=sorted(a.endpoint.address for a in active.stats.values()),
+                request=self.request,
+            )
+        raise NoEndpointsError(service.name, service.resolver.source, "every endpoint is ejected or excluded")
+
+    def _outgoing(self, endpoint: Endpoint, remaining: float) -> Any:
+        """The request as sent to ``endpoint``: endpoint URL, logical Host and SNI, budgeted timeouts."""
+        request = self.request
+        extensions = dict(request.extensions)
+        if request.url.scheme == "https" and "sni_hostname" not in extensions:
+            extensions["sni_hostname"] = request.url.host
+        per_try = self.policy.per_try_timeout
+        budget = remaining if per_try is None or per_try <= 0 or per_try > remaining else per_try
+        timeout = extensions.get("timeout")
+        if isinstance(timeout, dict):
+            extensions["timeout"] = {k: budget if v is None or v > budget else v for k, v in timeout.items()}
+        else:
+            extensions["timeout"] = {"connect": budget, "read": budget, "write": budget, "pool": budget}
+        # A shallow clone, not Request(...): the constructor re-encodes and re-validates what the library
+        # already did for the caller's request. Same method, body stream and headers (copied, so the caller's
+        # request is never modified); the endpoint's URL; this attempt's extensions.
+        request_type = type(request)
+        outgoing = object.__new__(request_type)
+        outgoing.__dict__.update(request.__dict__)
+        outgoing.url = endpoint_url(request.url, endpoint)
+        outgoing.headers = headers = type(request.headers)(request.headers)
+        outgoing.extensions = extensions
+        if math.isfinite(remaining):
+            headers[DEADLINE_HEADER] = encode_timeout(remaining)
+        trace = self.trace
+        inject(headers, trace.context if trace is not None else None)  # to mesh endpoints only
+        return outgoing
+
+    def judge(self, attempt: Attempt) -> Classification:
+        """Step 5: the verdict on an attempt's outcome, recorded by its lease and reported to the observers."""
+        error = attempt.error
+        verdict = classify_exception(error) if error is not None else self.classify(attempt.response)
+        self.verdict = verdict
+        attempt.lease.judge(verdict)
+        trace = self.trace
+        if trace is not None:
+            trace.attempt_finished(verdict, error)
+        return verdict
+
+    def classify(self, response: Any) -> Classification:
+        """The verdict on a response, under this call's retry rules.
+
+        A retryable answer that carries :data:`~meshlib.pushback.NO_RETRY_HEADER` was already retried by the
+        hop that sent it (its own mesh client gave up): it is final here, so layers do not multiply retries.
+        """
+        policy = self.policy
+        verdict = classify_response(
+            response.status_code,
+            response.headers,
+            retry_statuses=policy.retry_on or _NO_STATUSES,  # a frozenset already (Policy normalises it)
+            retry_after_cap=policy.retry_after_cap or 300.0,
+        )
+        if verdict.outcome is Outcome.RETRYABLE and NO_RETRY_HEADER in response.headers:
+            note_exhausted()  # and say so upstream in turn: no layer above retries it either
+            return Classification(
+                Outcome.FAILURE, verdict.sent, "retried-downstream", verdict.status, None, verdict.endpoint_failure
+            )
+        return verdict
+
+    def finish(self, attempt: Attempt, verdict: Classification) -> Any:
+        """The final attempt: its response goes to the caller holding the lease (and the call's slot) until the
+        body is closed; or its error is raised, made clear, with the lease released now."""
+        lease = attempt.lease
+        error = attempt.error
+        if error is not None:
+            lease.release()
+            final = self.failure(error, verdict)
+            raise final from (error if final is not error else error.__cause__)
+        lease.permit, self.permit = self.permit, None
+        response = attempt.response
+        self._track(response, lease)
+        extensions = response.extensions
+        extensions[EXT_ENDPOINT] = self.tried[attempt.number - 1]
+        extensions[EXT_SERVICE] = self.service.name
+        extensions[EXT_ATTEMPTS] = self.attempts
+        return response
+
+    def _track(self, response: Any, lease: Lease) -> None:
+        """Release ``lease`` when the response body is closed, or now if it already is.
+
+        A response built with its content in memory (``MockTransport``, respx) arrives already read and closed,
+        and the library never closes its stream again: waiting for that would leak in-flight counts.
+        """
+        lib = self.lib
+        if response.is_closed:
+            lease.release()
+        elif isinstance(response.stream, lib.SyncByteStream):
+            response.stream = lib.TrackedStream(response.stream, lease)
+        elif isinstance(response.stream, lib.AsyncByteStream):
+            response.stream = lib.AsyncTrackedStream(response.stream, lease)
+        else:  # an inner transport returned something that is no stream: nothing will close it
+            lease.release()
+
+    def cancel(self, attempt: Attempt) -> Cancel:
+        """The step that stops ``attempt`` (a losing hedge, a race): reported as cancelled if it had no verdict."""
+        if not attempt.lease.judged:
+            trace = self.trace
+            if trace is not None:
+                trace.attempt_finished(None, None)
+        return Cancel(attempt)
+
+    def abandon(self, attempt: Attempt) -> None:
+        """An attempt was interrupted (cancelled) or lost a race: no verdict, and its lease released."""
+        if not attempt.lease.judged:
+            trace = self.trace
+            if trace is not None:
+                trace.attempt_finished(None, None)
+        attempt.lease.release()
+
+    def failure(self, exc: BaseException, verdict: Classification) -> BaseException:
+        """The exception the caller gets when an attempt's error is final: clear about what and why."""
+        lib = self.lib
+        if isinstance(exc, lib.TimeoutException) and self.remaining() <= 0.001:
+            return self.deadline_exceeded(f"the last attempt timed out ({verdict.reason})")
+        if not isinstance(exc, lib.TransportError) or not isinstance(exc, Exception):
+            return exc
+        why = self.rule.why_not_resent(verdict, self.attempts)
+        if why is None:
+            return exc
+        message = (
+            f"{self.method} {self.request.url} (service {self.service.name!r}) failed on "
+            f"{', '.join(self.tried)}: {exc} [{verdict.reason}]; {why}"
+        )
+        try:
+            exc_type: Any = type(exc)
+            clear: BaseException = exc_type(message, request=self.request)
+        except Exception:  # an exception type with another constructor: keep the original
+            return exc
+        clear.__cause__ = exc
+        return clear
+
+    def deadline_exceeded(self, reason: str) -> DeadlineExceeded:
+        """The error for a call whose deadline ran out."""
+        return DeadlineExceeded(self.service.name, reason, endpoints=self.tried, request=self.request)
+
+    def finished(self, response: Any, error: BaseException | None) -> None:
+        """The call is over for the caller (response headers arrived, or ``error``): tell the observers."""
+        trace = self.trace
+        if trace is not None:
+            trace.call_finished(response, error, attempts=self.attempts, peer=self.peer, verdict=self.verdict)
