@@ -1,0 +1,132 @@
+"""Consul's ``/v1/health/service/<name>`` answers to meshlib endpoints: pure functions, no I/O.
+
+Kept apart from the HTTP and the query loop so that it can be checked against the bodies published in
+Consul's documentation (``tests/discovery/test_consul_contract.py``) without an agent, a clock or a socket.
+
+How an answer becomes endpoints (:func:`endpoints_from_health`): the address is ``Service.Address``, else
+``Node.Address``; an instance's health is the worst of all its checks, the node's ``serfHealth`` included
+(``passing`` < ``warning`` < ``critical``; maintenance and unknown statuses count as critical); a passing
+instance gets ``Service.Weights.Passing``, a warning one ``Weights.Warning`` (default 1 and 1, as Consul
+does), and weight 0 removes it, as in Consul's DNS. ``Service.Tags`` go to ``Endpoint.tags``,
+``Service.Meta`` to ``Endpoint.meta``, ``Node.Datacenter`` to ``Endpoint.zone``. Unknown fields are ignored.
+
+:func:`_payload_key` says when two answers are the same (the blocking-query loop compares answers, not
+indexes, because the index moves on unrelated writes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from meshlib.discovery.base import Endpoint
+
+__all__ = [
+    "aggregate_status",
+    "endpoints_from_health",
+]
+
+logger = logging.getLogger("meshlib.discovery")
+
+_PASSING, _WARNING, _CRITICAL, _MAINTENANCE = "passing", "warning", "critical", "maintenance"
+_SEVERITY = {_PASSING: 0, _WARNING: 1, _CRITICAL: 2, _MAINTENANCE: 3}
+#: CheckIDs of Consul's maintenance mode (``api.NodeMaint``, ``api.ServiceMaintPrefix``).
+_NODE_MAINTENANCE = "_node_maintenance"
+_SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
+
+
+def aggregate_status(checks: object) -> str:
+    """The worst status of an instance's checks: ``passing``, ``warning``, ``critical`` or ``maintenance``.
+
+    Maintenance mode is recognised by Consul's check IDs (``_node_maintenance``,
+    ``_service_maintenance:<id>``) or a ``maintenance`` status; an unknown status counts as critical; an
+    instance without checks is passing (as ``api.HealthChecks.AggregatedStatus``).
+    """
+    worst = _PASSING
+    for check in checks if isinstance(checks, list) else ():
+        if not isinstance(check, dict):
+            continue
+        check_id = str(check.get("CheckID") or "")
+        if check_id == _NODE_MAINTENANCE or check_id.startswith(_SERVICE_MAINTENANCE_PREFIX):
+            status = _MAINTENANCE
+        else:
+            status = str(check.get("Status") or "").lower()
+            if status not in _SEVERITY:
+                status = _CRITICAL
+        if _SEVERITY[status] > _SEVERITY[worst]:
+            worst = status
+    return worst
+
+
+def _int_field(value: object, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return default
+
+
+def _weights(service: Mapping[str, Any]) -> tuple[int, int]:
+    weights = service.get("Weights")
+    if not isinstance(weights, dict):
+        return 1, 1  # Consul's default when a registration sets none
+    return _int_field(weights.get("Passing"), 1), _int_field(weights.get("Warning"), 1)
+
+
+def endpoints_from_health(
+    entries: object, *, passing_only: bool = True, tags: Iterable[str] = ()
+) -> tuple[Endpoint, ...]:
+    """Endpoints from a ``/v1/health/service/<name>`` body (decoded JSON), in Consul's order.
+
+    Raises :class:`ValueError` when the body is not a JSON array. Entries that cannot be used (no address,
+    no valid port, critical or in maintenance, weight 0, missing a required tag, warning while
+    ``passing_only``) are left out; unknown fields are ignored.
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"expected a JSON array of service instances, got {type(entries).__name__}")
+    required = tuple(tags)
+    found: list[Endpoint] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        node: Mapping[str, Any] = entry["Node"] if isinstance(entry.get("Node"), dict) else {}
+        if not isinstance(entry.get("Service"), dict):
+            continue
+        service: Mapping[str, Any] = entry["Service"]
+        status = aggregate_status(entry.get("Checks"))
+        passing_weight, warning_weight = _weights(service)
+        if status == _PASSING:
+            weight = passing_weight
+        elif status == _WARNING and not passing_only:
+            weight = warning_weight
+        else:
+            continue
+        if weight <= 0:
+            continue
+        host = str(service.get("Address") or "") or str(node.get("Address") or "")
+        port = _int_field(service.get("Port"), 0)
+        if not host or not 1 <= port <= 65535:
+            logger.debug("Consul instance %r has no usable address or port; skipped", service.get("ID"))
+            continue
+        raw_tags = service.get("Tags")
+        endpoint_tags = tuple(str(t) for t in raw_tags) if isinstance(raw_tags, list) else ()
+        if any(tag not in endpoint_tags for tag in required):
+            continue
+        raw_meta = service.get("Meta")
+        meta = MappingProxyType({str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {})
+        zone = str(node.get("Datacenter") or "") or None
+        found.append(Endpoint(host, port, weight=weight, zone=zone, tags=endpoint_tags, meta=meta))
+    return tuple(found)
+
+
+def _payload_key(endpoints: tuple[Endpoint, ...]) -> frozenset[tuple[Any, ...]]:
+    """What "the same answer" means: the same endpoints with the same weights, tags and metadata."""
+    return frozenset(
+        (e.host, e.port, e.weight, e.priority, e.zone, e.tags, tuple(sorted(e.meta.items()))) for e in endpoints
+    )
