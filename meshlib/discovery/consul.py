@@ -88,7 +88,7 @@ from urllib.parse import parse_qsl, quote
 
 import httpx
 
-from meshlib.config import parse_duration
+from meshlib._config import parse_duration
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution
 from meshlib.errors import ConfigError, ConsulACLError, DiscoveryError
 
