@@ -47,6 +47,8 @@ from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution
 from meshlib.discovery.cache import Snapshot
 
 N_BIG = 10_000
+LIB = library("httpx")
+HOME = LeaseHome(lambda pool: None)  # decision timing only: no pool is ever retired
 N_SMALL = 10
 CHURN = 0.01
 
@@ -177,10 +179,8 @@ def _pick_costs(seconds: float) -> dict[str, float]:
         active = service.active
         assert active is not None
         out[f"pick_ns_{n}"] = _per_call_ns(lambda a=active: a.pick(None, ()), seconds)
-        home = LeaseHome(lambda pool: None)
-        lib = library("httpx")
 
-        def decide(a: Any = active, s: Any = service) -> None:
+        def decide(a: Any = active, s: Any = service, lib: Any = LIB, home: Any = HOME) -> None:
             Call(lib, s, request, home).attempt(a).lease.release()
 
         out[f"decision_ns_{n}"] = _per_call_ns(decide, seconds)

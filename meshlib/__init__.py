@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from meshlib.config import MeshConfig, ResilienceSettings, ServiceConfig
+from meshlib._config import MeshConfig, ResilienceSettings, ServiceConfig
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError, MeshError
 from meshlib.policy import Policy, current_deadline, policy

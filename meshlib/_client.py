@@ -48,9 +48,9 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from meshlib import admin
+from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib._http import HttpLib, library_of
 from meshlib._mesh import AsyncMeshTransport, MeshTransport
-from meshlib.config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings

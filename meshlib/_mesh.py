@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from meshlib._config import MeshConfig, service_key
 from meshlib._http import HttpLib
 from meshlib._lease import LeaseHome
 from meshlib._plan import Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
-from meshlib.config import MeshConfig, service_key
 from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshTask, RefreshThread, arefresh_once, refresh_once

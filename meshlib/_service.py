@@ -20,9 +20,9 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from meshlib._config import MeshConfig, ServiceConfig, service_key
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
-from meshlib.config import MeshConfig, ServiceConfig, service_key
 from meshlib.discovery.base import Endpoint, Resolver
 from meshlib.discovery.cache import DiscoveryCache, Snapshot
 from meshlib.errors import NoEndpointsError
@@ -88,7 +88,7 @@ class Service(Generic[T]):
         self.budget = RetryBudget(
             ttl=settings.retry_budget_ttl,
             min_retries_per_second=settings.retry_budget_min_per_second,
-            percent_can_retry=settings.retry_budget_percent,
+            percent_can_retry=settings.retry_budget_fraction,
         )
         self.limit = ConcurrencyLimit(settings.max_inflight)
         self.detector: OutlierDetector[Address] = OutlierDetector(

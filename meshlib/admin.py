@@ -1,6 +1,6 @@
 """The admin endpoint: Envoy-admin-style ``/status`` and ``/metrics`` on loopback, for ``meshlib status``.
 
-Opt in with ``MESHLIB_ADMIN_ADDR=127.0.0.1:9901`` (loopback only: :mod:`meshlib.config` refuses anything
+Opt in with ``MESHLIB_ADMIN_ADDR=127.0.0.1:9901`` (loopback only: :mod:`meshlib._config.parse` refuses anything
 else, as Envoy's docs say its admin must never be exposed). Every ``meshlib.Client`` / ``AsyncClient``
 created with it registers with a small stdlib HTTP server running in a daemon thread:
 

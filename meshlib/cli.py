@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 
 from meshlib import __version__
+from meshlib._config import SERVICE_PREFIX, parse_admin_addr, service_key
 from meshlib.admin import fetch_status
-from meshlib.config import SERVICE_PREFIX, parse_admin_addr, service_key
 from meshlib.demo import DemoOptions, run_demo
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.errors import ConfigError, DiscoveryError

@@ -47,8 +47,8 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
+from meshlib._config import ResilienceSettings, service_key
 from meshlib._service import Service
-from meshlib.config import ResilienceSettings, service_key
 from meshlib.httpx import Client
 from meshlib.policy import DEFAULT_RETRIES, DEFAULT_RETRY_ON
 from meshlib.resilience.breaker import STATE_CLOSED, STATE_OPEN
@@ -544,7 +544,7 @@ def explain(results: Sequence[PhaseResult], width: int = 106) -> list[str]:
             f"{_each(results, lambda r: r.role_attempts(FAILING), 'attempts')}, not 1 in 5."
         )
     budget = (
-        f"the retry budget ({_percent(settings.retry_budget_percent)} of requests + "
+        f"the retry budget ({_percent(settings.retry_budget_fraction)} of requests + "
         f"{settings.retry_budget_min_per_second}/s)"
     )
     if any(r.refused for r in results):
@@ -737,7 +737,7 @@ def describe(fleet: Fleet, options: DemoOptions) -> list[str]:
     statuses = "/".join(str(status) for status in sorted(DEFAULT_RETRY_ON))
     lines += [
         f"Mesh defaults: {DEFAULT_RETRIES} retry on {statuses} and connect failures within a retry budget "
-        f"({_percent(mesh.retry_budget_percent)} of requests",
+        f"({_percent(mesh.retry_budget_fraction)} of requests",
         f"+ {mesh.retry_budget_min_per_second}/s); the breaker opens after {mesh.breaker_failures} consecutive "
         f"failures, outlier detection ejects ({mesh.outlier_base_ejection:g} s) after {mesh.outlier_failures}.",
         "Per endpoint: attempts it received (first tries and retries), their latency to headers and errors",

@@ -30,8 +30,8 @@ from opentelemetry.trace import TracerProvider
 
 from meshlib import errors as _errors
 from meshlib._client import AsyncInnerTransport, AsyncMesh, InnerTransport, SyncMesh
+from meshlib._config import MeshConfig, ServiceConfig
 from meshlib._http import library
-from meshlib.config import MeshConfig, ServiceConfig
 from meshlib.security.tls import TLSSettings
 
 __all__ = [

@@ -21,7 +21,7 @@ def test_defaults_without_environment() -> None:
     assert config.policy_for("ANYTHING") is config.policy
     assert config.resilience_for("ANYTHING") is config.resilience
     r = config.resilience
-    assert (r.retry_budget_percent, r.retry_budget_min_per_second, r.retry_budget_ttl) == (0.2, 10, 10.0)
+    assert (r.retry_budget_fraction, r.retry_budget_min_per_second, r.retry_budget_ttl) == (0.2, 10, 10.0)
     assert (r.breaker_failures, r.breaker_reset) == (5, 10.0)
     assert (r.outlier_failures, r.outlier_base_ejection, r.outlier_max_ejection, r.outlier_max_percent) == (
         5,
@@ -83,7 +83,7 @@ def test_mesh_wide_resilience_variables() -> None:
         }
     )
     assert config.resilience == ResilienceSettings(
-        retry_budget_percent=0.25,
+        retry_budget_fraction=0.25,
         retry_budget_min_per_second=0,
         retry_budget_ttl=30.0,
         breaker_failures=7,
@@ -94,7 +94,7 @@ def test_mesh_wide_resilience_variables() -> None:
         outlier_max_percent=50.0,
         max_inflight=64,
     )
-    assert MeshConfig.from_env({"MESHLIB_RETRY_BUDGET_PERCENT": "0.1"}).resilience.retry_budget_percent == 0.1
+    assert MeshConfig.from_env({"MESHLIB_RETRY_BUDGET_PERCENT": "0.1"}).resilience.retry_budget_fraction == 0.1
 
 
 def test_per_service_settings_override_the_mesh_wide_ones() -> None:
@@ -267,7 +267,7 @@ def test_bad_policy_variable_fails_at_client_construction() -> None:
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        ({"retry_budget_percent": 2.0}, "retry_budget_percent"),
+        ({"retry_budget_fraction": 2.0}, "retry_budget_fraction"),
         ({"retry_budget_ttl": 0.5}, "retry_budget_ttl"),
         ({"breaker_failures": 0}, "breaker_failures"),
         ({"max_inflight": 1.5}, "max_inflight"),

@@ -115,7 +115,7 @@ class Picker(ABC):
 
 @dataclass(frozen=True, slots=True)
 class BalancerOptions:
-    """Tunables shared by the balancers; defaults cite their sources in :mod:`meshlib.config`."""
+    """Tunables shared by the balancers; defaults cite their sources in :class:`~meshlib._config.model.MeshConfig`."""
 
     default_rtt: float = DEFAULT_RTT
     decay: float = DEFAULT_DECAY

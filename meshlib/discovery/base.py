@@ -117,7 +117,7 @@ class Resolver(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DiscoverySettings:
-    """Settings a resolver factory may need, already validated by :mod:`meshlib.config`.
+    """Settings a resolver factory may need, already validated by :mod:`meshlib._config`.
 
     ``dns_servers`` is ``None`` for the system resolver (``/etc/resolv.conf``), else ``(ip, port)`` pairs.
     """

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
-from meshlib.config import parse_duration
+from meshlib._config import parse_duration
 from meshlib.discovery.base import DiscoverySettings, Resolution
 from meshlib.discovery.consul.agent import AgentClient, ConsulAgent, Reply, Request, _Closed, _redact
 from meshlib.discovery.consul.query import DEFAULT_WAIT, MAX_WAIT, BlockingQuery, ConsulQuery, WatchOptions

@@ -1,0 +1,320 @@
+"""``MESHLIB_*`` environment variables (and constructor arguments) read into a :class:`MeshConfig`.
+
+Every ``MESHLIB_*`` variable a client uses is read here (the tables below), so ``docs/configuration.md`` can
+list them all; only ``meshlib status`` (:mod:`meshlib.cli`) also reads ``MESHLIB_ADMIN_ADDR``, with the same
+parser. A bad value raises :class:`meshlib.ConfigError` naming the variable, the value and what was expected,
+at client construction; nothing is validated lazily on the request path.
+
+Naming: ``MESHLIB_SERVICE_<NAME>=<target URI>`` declares a mesh service, where ``<NAME>`` is the request
+host upper-cased with ``-`` and ``.`` as ``_`` (``user-api.internal`` -> ``USER_API_INTERNAL``). A
+per-service setting is the global variable's suffix after a double underscore:
+``MESHLIB_SERVICE_PAYMENTS__LB=ring_hash`` overrides ``MESHLIB_LB`` for ``payments`` only.
+
+Call policies (``MESHLIB_TIMEOUT``, ``MESHLIB_RETRIES``...) become :class:`~meshlib.policy.Policy` layers and
+resilience knobs (``MESHLIB_MAX_INFLIGHT``, ``MESHLIB_BREAKER_FAILURES``...) a :class:`ResilienceSettings`;
+both work per service with the same suffix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from types import MappingProxyType
+
+from meshlib._config.model import MeshConfig, ResilienceSettings, ServiceConfig, service_key
+from meshlib._config.parse import (
+    parse_admin_addr,
+    parse_bool,
+    parse_dns_servers,
+    parse_duration_or_zero,
+    parse_fraction,
+    parse_header,
+    parse_inner_transport,
+    parse_int,
+    parse_lb,
+    parse_percent,
+    parse_positive_duration,
+    parse_propagate_to,
+    parse_server_name,
+    parse_statuses,
+    parse_text,
+)
+from meshlib.errors import ConfigError
+from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.security.tls import TLSSettings
+
+#: Unknown-variable warnings keep the logger name of the module that used to hold all of this.
+logger = logging.getLogger("meshlib.config")
+
+ENV_PREFIX = "MESHLIB_"
+SERVICE_PREFIX = "MESHLIB_SERVICE_"
+#: Separates a service name from a per-service setting: ``MESHLIB_SERVICE_PAYMENTS__LB``.
+SERVICE_SETTING_SEPARATOR = "__"
+
+#: Per-service settings: suffix after ``MESHLIB_SERVICE_<NAME>__`` -> ServiceConfig field. Every policy and
+#: resilience suffix (``TIMEOUT``, ``RETRIES``, ``BREAKER_FAILURES``...) is added below, after their tables.
+SERVICE_SETTINGS = {"LB": "lb", "HASH_HEADER": "hash_header"}
+
+_Parser = Callable[[str, str], object]
+
+#: Mesh-wide only: variable -> MeshConfig field.
+_GLOBALS: dict[str, tuple[str, _Parser]] = {
+    "MESHLIB_LB": ("lb", parse_lb),
+    "MESHLIB_HASH_HEADER": ("hash_header", parse_header),
+    "MESHLIB_DNS_SERVERS": ("dns_servers", parse_dns_servers),
+    "MESHLIB_DNS_TIMEOUT": ("dns_timeout", parse_positive_duration),
+    "MESHLIB_DNS_TTL_MIN": ("ttl_min", parse_positive_duration),
+    "MESHLIB_DNS_TTL_MAX": ("ttl_max", parse_positive_duration),
+    "MESHLIB_DISCOVERY_MAX_STALE": ("max_stale", parse_positive_duration),
+    "MESHLIB_EWMA_DECAY": ("ewma_decay", parse_positive_duration),
+    "MESHLIB_EWMA_DEFAULT_RTT": ("default_rtt", parse_positive_duration),
+    "MESHLIB_TLS_RELOAD_INTERVAL": ("tls_reload_interval", parse_duration_or_zero),
+    "MESHLIB_ADMIN_ADDR": ("admin_addr", parse_admin_addr),
+    "MESHLIB_PROPAGATE_TO": ("propagate_to", parse_propagate_to),
+    "MESHLIB_INNER_TRANSPORT": ("inner_transport", parse_inner_transport),
+}
+
+#: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``
+#: per service.
+_POLICY_SETTINGS: dict[str, tuple[str, _Parser]] = {
+    "TIMEOUT": ("timeout", parse_positive_duration),
+    "PER_TRY_TIMEOUT": ("per_try_timeout", parse_positive_duration),
+    "RETRIES": ("retries", parse_int),
+    "RETRY_ON": ("retry_on", parse_statuses),
+    "RETRY_NON_IDEMPOTENT": ("retry_non_idempotent", parse_bool),
+    "RETRY_BACKOFF_BASE": ("backoff_base", parse_duration_or_zero),
+    "RETRY_BACKOFF_CAP": ("backoff_cap", parse_duration_or_zero),
+    "RETRY_AFTER_CAP": ("retry_after_cap", parse_duration_or_zero),
+}
+
+#: Resilience variables: suffix -> ResilienceSettings field, mesh-wide and per service like the above.
+#: ``RETRY_BUDGET_PERCENT`` keeps its published name but sets a fraction (it accepts ``0.2`` or ``20%``).
+_RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
+    "RETRY_BUDGET_PERCENT": ("retry_budget_fraction", parse_fraction),
+    "RETRY_BUDGET_MIN_PER_SECOND": ("retry_budget_min_per_second", parse_int),
+    "RETRY_BUDGET_TTL": ("retry_budget_ttl", parse_positive_duration),
+    "BREAKER_FAILURES": ("breaker_failures", parse_int),
+    "BREAKER_RESET": ("breaker_reset", parse_positive_duration),
+    "OUTLIER_FAILURES": ("outlier_failures", parse_int),
+    "OUTLIER_BASE_EJECTION": ("outlier_base_ejection", parse_positive_duration),
+    "OUTLIER_MAX_EJECTION": ("outlier_max_ejection", parse_positive_duration),
+    "OUTLIER_MAX_PERCENT": ("outlier_max_percent", parse_percent),
+    "MAX_INFLIGHT": ("max_inflight", parse_int),
+}
+
+#: TLS variables: suffix -> TLSSettings field, ``MESHLIB_TLS_*`` mesh-wide (except ``SERVER_NAME`` and ``VERIFY``,
+#: per service only) and ``MESHLIB_SERVICE_<NAME>__TLS_*``. Files are checked when the client loads them.
+_TLS_SETTINGS: dict[str, tuple[str, _Parser]] = {
+    "TLS_CA_FILE": ("ca_file", parse_text),
+    "TLS_CERT_FILE": ("cert_file", parse_text),
+    "TLS_KEY_FILE": ("key_file", parse_text),
+    "TLS_SERVER_NAME": ("server_name", parse_server_name),
+    "TLS_SERVER_ID": ("server_id", parse_text),
+    "TLS_VERIFY": ("verify", parse_bool),
+}
+
+_LAYERED = {**_POLICY_SETTINGS, **_RESILIENCE_SETTINGS, **_TLS_SETTINGS}
+SERVICE_SETTINGS.update({suffix: "policy" for suffix in _POLICY_SETTINGS})
+SERVICE_SETTINGS.update({suffix: "resilience" for suffix in _RESILIENCE_SETTINGS})
+SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
+
+#: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
+KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED}
+
+
+def mesh_config_from_env(
+    cls: type[MeshConfig],
+    environ: Mapping[str, str] | None = None,
+    *,
+    services: Mapping[str, str | ServiceConfig] | None = None,
+    lb: str | None = None,
+    dns_servers: str | list[str] | tuple[str, ...] | None = None,
+    policy: Policy | None = None,
+    tls: TLSSettings | None = None,
+) -> MeshConfig:
+    """:meth:`MeshConfig.from_env` (which calls this with its class): ``MESHLIB_*`` of ``environ``, arguments win."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, (attr, parse) in _GLOBALS.items():
+        raw = env.get(name)
+        if raw is not None and raw.strip() != "":
+            values[attr] = parse(name, raw.strip())
+    global_settings = {suffix: (f"{ENV_PREFIX}{suffix}", env.get(f"{ENV_PREFIX}{suffix}")) for suffix in _LAYERED}
+    mesh_policy = _policy_layer(DEFAULT_POLICY, global_settings)
+    if policy is not None:
+        mesh_policy = mesh_policy.merge(policy)
+    values["policy"] = mesh_policy
+    values["resilience"] = _resilience_layer(ResilienceSettings(), global_settings)
+    values["tls"] = tls if tls is not None else _tls_layer(None, global_settings, mesh_wide=True)
+    if lb is not None:
+        values["lb"] = parse_lb("lb (argument)", lb)
+    if dns_servers is not None:
+        raw_servers = dns_servers if isinstance(dns_servers, str) else ",".join(dns_servers)
+        values["dns_servers"] = parse_dns_servers("dns_servers (argument)", raw_servers)
+    config = cls(**values)  # type: ignore[arg-type]
+    if config.ttl_min > config.ttl_max:
+        raise ConfigError(
+            "MESHLIB_DNS_TTL_MIN",
+            config.ttl_min,
+            f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})",
+        )
+    found = _services_from_env(env, config.policy, config.resilience, config.tls)
+    _warn_unknown(env)
+    for host, spec in (services or {}).items():
+        if isinstance(spec, ServiceConfig):
+            found[service_key(spec.name or host)] = replace(spec, name=spec.name or host.lower())
+        else:
+            key = service_key(host)
+            previous = found.get(key)
+            variable = f"services[{host!r}] (argument)"
+            if previous is not None:  # keep the per-service settings of the environment
+                found[key] = replace(previous, name=host.lower(), target=spec, variable=variable)
+            else:
+                found[key] = ServiceConfig(name=host.lower(), target=spec, variable=variable)
+    for svc in found.values():
+        if svc.lb is not None:
+            parse_lb(f"{SERVICE_PREFIX}{service_key(svc.name)}__LB", svc.lb)
+    return replace(config, services=MappingProxyType(found), environ=environ)
+
+
+def _services_from_env(
+    env: Mapping[str, str],
+    mesh_policy: Policy,
+    mesh_resilience: ResilienceSettings,
+    mesh_tls: TLSSettings | None = None,
+) -> dict[str, ServiceConfig]:
+    targets: dict[str, ServiceConfig] = {}
+    settings: dict[str, dict[str, tuple[str, str]]] = {}  # key -> suffix -> (variable, raw)
+    for variable, raw in env.items():
+        if not variable.startswith(SERVICE_PREFIX):
+            continue
+        rest = variable[len(SERVICE_PREFIX) :]
+        if SERVICE_SETTING_SEPARATOR in rest:
+            key, setting = rest.split(SERVICE_SETTING_SEPARATOR, 1)
+            if setting not in SERVICE_SETTINGS:
+                raise ConfigError(variable, raw, f"a per-service setting, one of {', '.join(sorted(SERVICE_SETTINGS))}")
+            settings.setdefault(key, {})[setting] = (variable, raw)
+            continue
+        if not rest or not re.fullmatch(r"[A-Z0-9_]+", rest):
+            raise ConfigError(
+                variable, raw, "a service name of upper-case letters, digits and '_' after MESHLIB_SERVICE_"
+            )
+        if not raw.strip():
+            raise ConfigError(variable, raw, "a discovery target URI such as static://10.0.0.5:8080")
+        targets[rest] = ServiceConfig(name=rest.lower(), target=raw.strip(), variable=variable)
+    for key, extra in settings.items():
+        if key not in targets:
+            variable, raw = next(iter(extra.values()))
+            raise ConfigError(variable, raw, f"a service declared by {SERVICE_PREFIX}{key}")
+        fields: dict[str, object] = {
+            SERVICE_SETTINGS[suffix]: raw.strip() for suffix, (_, raw) in extra.items() if suffix not in _LAYERED
+        }
+        layered = {suffix: pair for suffix, pair in extra.items() if suffix in _LAYERED}
+        if any(suffix in _POLICY_SETTINGS for suffix in layered):
+            layer = _policy_layer(Policy(), layered)
+            _check_backoff(mesh_policy.merge(layer), layered)
+            fields["policy"] = layer
+        if any(suffix in _RESILIENCE_SETTINGS for suffix in layered):
+            fields["resilience"] = _resilience_layer(mesh_resilience, layered)
+        if any(suffix in _TLS_SETTINGS for suffix in layered):
+            fields["tls"] = _tls_layer(mesh_tls, layered)
+        targets[key] = replace(targets[key], **fields)  # type: ignore[arg-type]
+    return targets
+
+
+def _parsed(
+    table: Mapping[str, tuple[str, _Parser]], found: Mapping[str, tuple[str, str | None]]
+) -> dict[str, tuple[str, str, object]]:
+    """attr -> (variable, raw, value) for the settings of ``table`` present (and non-empty) in ``found``."""
+    parsed: dict[str, tuple[str, str, object]] = {}
+    for suffix, (attr, parse) in table.items():
+        variable, raw = found.get(suffix, ("", None))
+        if raw is not None and raw.strip() != "":
+            parsed[attr] = (variable, raw, parse(variable, raw.strip()))
+    return parsed
+
+
+def _policy_layer(base: Policy, found: Mapping[str, tuple[str, str | None]]) -> Policy:
+    """``base`` overridden by the policy variables in ``found`` (suffix -> (variable, raw))."""
+    parsed = _parsed(_POLICY_SETTINGS, found)
+    try:
+        layer = Policy(**{attr: value for attr, (_, _, value) in parsed.items()})  # type: ignore[arg-type]
+    except ConfigError as error:  # the parsers check syntax; Policy checks ranges: report the variable
+        variable, raw, _ = parsed[error.variable.rpartition(".")[2]]
+        raise ConfigError(variable, raw, error.expected) from None
+    merged = base.merge(layer)
+    _check_backoff(merged, found)
+    return merged
+
+
+def _check_backoff(merged: Policy, found: Mapping[str, tuple[str, str | None]]) -> None:
+    if merged.backoff_base is None or merged.backoff_cap is None or merged.backoff_base <= merged.backoff_cap:
+        return
+    cap_variable, cap_raw = found.get("RETRY_BACKOFF_CAP", ("", None))
+    if cap_raw is not None and cap_raw.strip():
+        raise ConfigError(
+            cap_variable, cap_raw, f"a duration no shorter than the backoff base ({merged.backoff_base}s)"
+        )
+    base_variable, base_raw = found["RETRY_BACKOFF_BASE"]
+    raise ConfigError(base_variable, base_raw, f"a duration no longer than the backoff cap ({merged.backoff_cap}s)")
+
+
+def _resilience_layer(base: ResilienceSettings, found: Mapping[str, tuple[str, str | None]]) -> ResilienceSettings:
+    """``base`` overridden by the resilience variables in ``found`` (suffix -> (variable, raw))."""
+    parsed = _parsed(_RESILIENCE_SETTINGS, found)
+    if not parsed:
+        return base
+    try:
+        return replace(base, **{attr: value for attr, (_, _, value) in parsed.items()})  # type: ignore[arg-type]
+    except ConfigError as error:
+        attr = error.variable.rpartition(".")[2]
+        if attr in parsed:
+            variable, raw, _ = parsed[attr]
+            raise ConfigError(variable, raw, error.expected) from None
+        # outlier_max_ejection < outlier_base_ejection, where only the base was set here
+        variable, raw, _ = parsed["outlier_base_ejection"]
+        expected = f"a duration no longer than the maximum ejection ({base.outlier_max_ejection}s)"
+        raise ConfigError(variable, raw, expected) from None
+
+
+def _tls_layer(
+    base: TLSSettings | None, found: Mapping[str, tuple[str, str | None]], *, mesh_wide: bool = False
+) -> TLSSettings | None:
+    """``base`` overridden by the TLS variables in ``found`` (suffix -> (variable, raw)); ``None`` if neither.
+
+    A certificate set here comes with its own key (never the key of ``base``); ``verify=false`` here drops an
+    inherited SPIFFE ID. Server name and verification are per-service only: mesh-wide they are an error.
+    """
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for suffix, (attr, parse) in _TLS_SETTINGS.items():
+        variable, raw = found.get(suffix, ("", None))
+        if raw is None or not raw.strip():
+            continue
+        if mesh_wide and attr in ("server_name", "verify"):
+            raise ConfigError(variable, raw, f"a per-service setting: MESHLIB_SERVICE_<NAME>__{suffix}")
+        values[attr] = parse(variable, raw.strip())
+        sources[attr] = variable
+    if not values:
+        return base
+    start = base if base is not None else TLSSettings()
+    if "cert_file" in values:
+        values.setdefault("key_file", None)
+    if values.get("verify") is False:
+        values.setdefault("server_id", None)
+    merged = {
+        attr: variable
+        for attr, variable in {**start.sources, **sources}.items()
+        if attr not in values or values[attr] is not None
+    }
+    return replace(start, **values, sources=MappingProxyType(merged))  # type: ignore[arg-type]
+
+
+def _warn_unknown(env: Mapping[str, str]) -> None:
+    """Log (not fail) ``MESHLIB_*`` variables this version does not know: likely typos, or newer settings."""
+    for variable in env:
+        if variable.startswith(ENV_PREFIX) and not variable.startswith(SERVICE_PREFIX) and variable not in KNOWN:
+            logger.warning("ignoring unknown environment variable %s (known: %s)", variable, ", ".join(sorted(KNOWN)))

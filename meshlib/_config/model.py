@@ -1,0 +1,225 @@
+"""The settings classes: :class:`MeshConfig`, :class:`ServiceConfig` and :class:`ResilienceSettings`.
+
+Immutable and validated at construction (a bad value raises :class:`~meshlib.errors.ConfigError` naming the
+field). :meth:`MeshConfig.policy_for`, :meth:`~MeshConfig.resilience_for` and :meth:`~MeshConfig.tls_for` answer
+per service (by :func:`service_key`) from tables built once, at construction. Reading ``MESHLIB_*`` variables
+into these classes is :mod:`meshlib._config.env`'s job; :meth:`MeshConfig.from_env` delegates to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from meshlib._config.parse import FRACTION_EXPECTED, INNER_TRANSPORT_EXPECTED, INNER_TRANSPORTS, PERCENT_EXPECTED
+from meshlib.errors import ConfigError
+from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
+
+
+def service_key(host: str) -> str:
+    """The ``<NAME>`` part of ``MESHLIB_SERVICE_<NAME>`` for a request host (``user-api`` -> ``USER_API``)."""
+    return host.upper().replace("-", "_").replace(".", "_")
+
+
+def _check(owner: str, name: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{name}", value, expected)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ResilienceSettings:
+    """Per-service resilience machinery settings, read by the transport's budget, breakers and limits.
+
+    Unlike :class:`~meshlib.policy.Policy` (rules of one call, overridable per call), these size state shared
+    by every call to a service, so they are set per client and per service only. Defaults and sources:
+
+    * ``retry_budget_fraction=0.2``, ``retry_budget_min_per_second=10``, ``retry_budget_ttl=10 s`` -- retries
+      may add at most 20 % of requests plus 10 retries/s, over a 10 s window: Finagle's ``RetryBudget()``
+      defaults, also Linkerd's ``retryBudget`` and tower's ``Budget``. The ratio is a fraction (0.2 = 20 %),
+      like Finagle's ``percentCanRetry``, although its variable is ``MESHLIB_RETRY_BUDGET_PERCENT`` (which takes
+      ``0.2`` or ``20%``); the TTL is bounded to 1..60 s as in Finagle.
+    * ``breaker_failures=5``, ``breaker_reset=10 s`` -- an endpoint's breaker opens after 5 consecutive
+      failures (Envoy's and Finagle's failure-accrual count) and lets one probe through after 10 s.
+    * ``outlier_failures=5``, ``outlier_base_ejection=30 s``, ``outlier_max_ejection=300 s``,
+      ``outlier_max_percent=10`` -- Envoy's outlier detection: eject after 5 consecutive gateway failures
+      for 30 s x ejection count, at most 300 s, never more than 10 % of endpoints (at least one). A
+      percentage (0-100), as every ``*_percent`` field; fractions (0-1) are named ``*_fraction``.
+    * ``max_inflight=1024`` -- concurrent requests per service before :class:`OverloadedError`: Envoy's
+      ``max_requests`` circuit-breaker threshold.
+
+    Invalid values raise :class:`meshlib.ConfigError` naming the field.
+    """
+
+    retry_budget_fraction: float = 0.2
+    retry_budget_min_per_second: int = 10
+    retry_budget_ttl: float = 10.0
+    breaker_failures: int = 5
+    breaker_reset: float = 10.0
+    outlier_failures: int = 5
+    outlier_base_ejection: float = 30.0
+    outlier_max_ejection: float = 300.0
+    outlier_max_percent: float = 10.0
+    max_inflight: int = 1024
+
+    def __post_init__(self) -> None:
+        own = "ResilienceSettings"
+        ratio = self.retry_budget_fraction
+        _check(own, "retry_budget_fraction", ratio, _is_number(ratio) and 0 <= ratio <= 1, FRACTION_EXPECTED)
+        floor = self.retry_budget_min_per_second
+        _check(own, "retry_budget_min_per_second", floor, _is_int(floor) and floor >= 0, "an integer >= 0")
+        ttl = self.retry_budget_ttl
+        _check(own, "retry_budget_ttl", ttl, _is_number(ttl) and 1 <= ttl <= 60, "a duration from 1s to 60s")
+        for name in ("breaker_failures", "outlier_failures", "max_inflight"):
+            count = getattr(self, name)
+            _check(own, name, count, _is_int(count) and count >= 1, "an integer >= 1")
+        for name in ("breaker_reset", "outlier_base_ejection", "outlier_max_ejection"):
+            seconds = getattr(self, name)
+            ok = _is_number(seconds) and 0 < seconds < float("inf")
+            _check(own, name, seconds, ok, "a duration greater than zero")
+        base, most = self.outlier_base_ejection, self.outlier_max_ejection
+        _check(own, "outlier_max_ejection", most, most >= base, f"a duration >= outlier_base_ejection ({base})")
+        percent = self.outlier_max_percent
+        ok = _is_number(percent) and 0 <= percent <= 100
+        _check(own, "outlier_max_percent", percent, ok, PERCENT_EXPECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One mesh service: its logical name, discovery target, and settings that override the mesh defaults.
+
+    ``variable`` is where the target came from (an environment variable or a constructor argument), so a
+    bad target can be reported against it.
+    """
+
+    name: str
+    target: str
+    lb: str | None = None
+    hash_header: str | None = None
+    variable: str = ""
+    #: This service's policy layer (``MESHLIB_SERVICE_<NAME>__TIMEOUT``...): set fields override the mesh's.
+    policy: Policy | None = None
+    #: This service's complete resilience settings, or ``None`` for the mesh-wide ones.
+    resilience: ResilienceSettings | None = None
+    #: This service's complete TLS settings (``MESHLIB_SERVICE_<NAME>__TLS_*`` over ``MESHLIB_TLS_*``), or
+    #: ``None`` for the mesh-wide ones.
+    tls: TLSSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """All mesh settings of one client. Immutable; build it with :meth:`from_env`.
+
+    Defaults and where they come from:
+
+    * ``lb="p2c_ewma"`` -- Linkerd's and Finagle's default balancer (P2C over peak-EWMA latency).
+    * ``ewma_decay=10 s``, ``default_rtt=30 ms`` -- Linkerd's peak-EWMA decay and its ``MIN_DEFAULT_RTT``.
+    * ``ttl_min=5 s`` / ``ttl_max=300 s`` -- DNS answers are cached for their TTL clamped to this range
+      (Envoy/Finagle poll every 5 s; Linkerd clamps TTLs the same way).
+    * ``max_stale=3600 s`` -- how long the last good endpoint set keeps serving while discovery fails
+      (Consul's agent cache serves stale for days; an hour bounds how wrong we can be).
+    * ``dns_timeout=2 s`` -- one DNS query's lifetime, all nameservers included.
+    * ``policy`` -- the mesh-wide call policy, :data:`~meshlib.policy.DEFAULT_POLICY` overridden by
+      ``MESHLIB_TIMEOUT``, ``MESHLIB_RETRIES``...; always complete (every field set).
+    * ``resilience`` -- the mesh-wide :class:`ResilienceSettings`.
+    * ``tls`` -- the mesh-wide :class:`~meshlib.security.tls.TLSSettings` (``MESHLIB_TLS_*``), or ``None``:
+      then services without TLS settings of their own connect with the client's httpx ``verify=``/``cert=``.
+    * ``tls_reload_interval=5 s`` -- how often certificate files are checked for changes (0: never); see
+      :data:`~meshlib.security.tls.DEFAULT_RELOAD_INTERVAL`.
+    * ``admin_addr=None`` -- ``MESHLIB_ADMIN_ADDR``: the loopback ``(ip, port)`` of the admin endpoint
+      (``/status``, ``/metrics``; see :mod:`meshlib.admin`), or ``None`` for none (the default).
+    * ``propagate_to=()`` -- ``MESHLIB_PROPAGATE_TO``: hosts outside the mesh that may receive the mesh's
+      trace, baggage and deadline headers (see :mod:`meshlib.telemetry.propagation`); none by default.
+    * ``inner_transport="httpx"`` -- ``MESHLIB_INNER_TRANSPORT``: each endpoint's pooled transport, ``httpx``
+      (``httpx.HTTPTransport`` / ``AsyncHTTPTransport``) or ``aiohttp`` (``httpx-aiohttp``, ``AsyncClient`` only,
+      the ``aiohttp`` extra); a client's ``inner_transport=`` argument overrides it.
+
+    :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
+    """
+
+    services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
+    lb: str = "p2c_ewma"
+    hash_header: str = "x-meshlib-hash-key"
+    dns_servers: tuple[tuple[str, int], ...] | None = None
+    dns_timeout: float = 2.0
+    ttl_min: float = 5.0
+    ttl_max: float = 300.0
+    max_stale: float = 3600.0
+    ewma_decay: float = 10.0
+    default_rtt: float = 0.030
+    policy: Policy = DEFAULT_POLICY
+    resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
+    tls: TLSSettings | None = None
+    tls_reload_interval: float = DEFAULT_RELOAD_INTERVAL
+    admin_addr: tuple[str, int] | None = None
+    propagate_to: tuple[str, ...] = ()
+    inner_transport: str = "httpx"
+    #: The environment the settings were read from (``Client(environ=...)`` or ``os.environ``), for sources that
+    #: read their own ecosystem's variables (``CONSUL_*``). Kept out of repr and comparisons: it holds secrets.
+    environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+    _service_policies: Mapping[str, Policy] = field(init=False, repr=False, compare=False)
+    _service_resilience: Mapping[str, ResilienceSettings] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        transport = self.inner_transport
+        ok = transport in INNER_TRANSPORTS
+        _check("MeshConfig", "inner_transport", transport, ok, INNER_TRANSPORT_EXPECTED)
+        if not self.policy.complete:
+            object.__setattr__(self, "policy", self.policy.resolved())
+        policies = {key: self.policy.merge(svc.policy) for key, svc in self.services.items() if svc.policy is not None}
+        resilience = {key: svc.resilience for key, svc in self.services.items() if svc.resilience is not None}
+        object.__setattr__(self, "_service_policies", MappingProxyType(policies))
+        object.__setattr__(self, "_service_resilience", MappingProxyType(resilience))
+
+    def policy_for(self, key: str) -> Policy:
+        """The complete call policy of service ``key`` (:func:`service_key` of the host): mesh ⊕ service layer."""
+        return self._service_policies.get(key, self.policy)
+
+    def resilience_for(self, key: str) -> ResilienceSettings:
+        """The resilience settings of service ``key`` (:func:`service_key` of the host)."""
+        return self._service_resilience.get(key, self.resilience)
+
+    def tls_for(self, key: str) -> TLSSettings | None:
+        """The TLS settings of service ``key``: its own, else the mesh-wide ones (``None``: none configured)."""
+        svc = self.services.get(key)
+        if svc is not None and svc.tls is not None:
+            return svc.tls
+        return self.tls
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        services: Mapping[str, str | ServiceConfig] | None = None,
+        lb: str | None = None,
+        dns_servers: str | list[str] | tuple[str, ...] | None = None,
+        policy: Policy | None = None,
+        tls: TLSSettings | None = None,
+    ) -> MeshConfig:
+        """Read ``MESHLIB_*`` from ``environ`` (default ``os.environ``); arguments given here win.
+
+        ``policy`` overrides the set fields of the environment's mesh-wide policy (per-service variables
+        still override it for their service). ``tls`` replaces the environment's mesh-wide ``MESHLIB_TLS_*``
+        settings (per-service variables still apply on top of it).
+        """
+        # Imported when called, not at module level: the reader builds these classes, so it imports this module.
+        from meshlib._config.env import mesh_config_from_env
+
+        return mesh_config_from_env(
+            cls, environ, services=services, lb=lb, dns_servers=dns_servers, policy=policy, tls=tls
+        )
+
+    def service(self, host: str) -> ServiceConfig | None:
+        """The service a request host names, or ``None`` when the host is not in the mesh."""
+        return self.services.get(service_key(host))
