@@ -11,7 +11,7 @@ of meshlib, so nothing else is needed): one CA for the trust domain ``spiffe://e
 * ``frontend``  -- ``spiffe://example.org/ns/shop/sa/frontend``, the client.
 
 The two servers are :class:`meshlib.testing.Backend` instances serving HTTPS that *require* a client
-certificate signed by the CA (mutual TLS). The client is a ``meshlib.Client`` configured as a deployment would
+certificate signed by the CA (mutual TLS). The client is a ``meshlib.httpx.Client`` configured as a deployment would
 configure it, with ``MESHLIB_*`` variables (passed as ``environ=`` here so the example does not depend on your
 shell)::
 
@@ -243,7 +243,7 @@ def run(directory: Path) -> tuple[list[Answer], Refusal]:
             ca_file=str(ca_file), cert_file=str(frontend.cert), key_file=str(frontend.key), server_id=TRUST_DOMAIN
         )
         services = {"users": meshlib.ServiceConfig("users", f"static://{users.address}", tls=users_tls)}
-        with meshlib.Client(environ=environ, services=services) as client:
+        with meshlib.httpx.Client(environ=environ, services=services) as client:
             answers = [
                 call(client, "https://payments/charge", payments),
                 call(client, "https://users/users/7", users),
@@ -252,7 +252,7 @@ def run(directory: Path) -> tuple[list[Answer], Refusal]:
         # The same client configuration, except that payments is expected to be another workload.
         wrong = {**environ, "MESHLIB_SERVICE_PAYMENTS__TLS_SERVER_ID": WRONG_ID}
         before = payments.count
-        with meshlib.Client(environ=wrong) as client:
+        with meshlib.httpx.Client(environ=wrong) as client:
             try:
                 client.get("https://payments/charge")
             except httpx.ConnectError as exc:

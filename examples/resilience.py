@@ -3,7 +3,7 @@
     .venv/bin/python examples/resilience.py
 
 Starts three ``api`` backends on loopback with :mod:`meshlib.testing` (the loopback servers meshlib's own tests
-use); ``api-3`` answers every request with a fast ``503``. A ``meshlib.Client`` with the mesh's default
+use); ``api-3`` answers every request with a fast ``503``. A ``meshlib.httpx.Client`` with the mesh's default
 resilience settings (``environ={}``: your ``MESHLIB_*`` variables are ignored) sends a series of GETs to
 ``http://api/``, balanced by ``round_robin`` so the failing backend keeps getting its turn until it is taken out:
 
@@ -51,7 +51,7 @@ class Outcome:
     deadline_elapsed: float = 0.0
 
 
-def failing_backend(client: meshlib.Client, backends: Sequence[Backend]) -> Outcome:
+def failing_backend(client: meshlib.httpx.Client, backends: Sequence[Backend]) -> Outcome:
     """Send ``REQUESTS`` GETs to ``api`` while ``api-3`` answers 503; count what the callers saw."""
     errors = retried = 0
     for number in range(1, REQUESTS + 1):
@@ -90,7 +90,7 @@ def failing_backend(client: meshlib.Client, backends: Sequence[Backend]) -> Outc
     )
 
 
-def shared_deadline(client: meshlib.Client, api: Sequence[Backend]) -> tuple[str, str, float]:
+def shared_deadline(client: meshlib.httpx.Client, api: Sequence[Backend]) -> tuple[str, str, float]:
     """Two calls in one ``meshlib.policy(deadline=...)`` scope: one fast, one that would take too long."""
     started = time.monotonic()
     with meshlib.policy(deadline=DEADLINE):
@@ -115,7 +115,7 @@ def run() -> Outcome:
     ):
         api[2].behavior = Behavior(status=503)
         services = {"api": "static://" + ",".join(api.addresses), "slow": f"static://{slow.address}"}
-        with meshlib.Client(services=services, lb="round_robin", environ={}) as client:
+        with meshlib.httpx.Client(services=services, lb="round_robin", environ={}) as client:
             outcome = failing_backend(client, api)
             budget, error, elapsed = shared_deadline(client, api)
     return replace(outcome, grpc_timeout_seen=budget, deadline_error=error, deadline_elapsed=elapsed)

@@ -4,7 +4,7 @@
 
 starts two instances of a ``users`` service and one ``frontend`` service in this process (each a
 ``http.server.ThreadingHTTPServer`` on a free loopback port). The frontend's handler calls
-``http://users/users/<id>`` through a ``meshlib.Client``; the caller reaches the frontend as
+``http://users/users/<id>`` through a ``meshlib.httpx.Client``; the caller reaches the frontend as
 ``http://frontend/profile/<id>``, also through meshlib. Nobody but the two clients' configuration knows a port.
 A few requests are made, the script prints which ``users`` instance answered each, and exits.
 
@@ -125,9 +125,11 @@ def run_all(requests: int = 6) -> list[str]:
     """Start users x2 and frontend in-process, call the frontend ``requests`` times, stop everything."""
     with serving(users_app("users-1")) as port_1, serving(users_app("users-2")) as port_2:
         # round_robin so a handful of requests visibly alternates; leave it out to get p2c_ewma, the default.
-        users = meshlib.Client(services={"users": f"static://127.0.0.1:{port_1},127.0.0.1:{port_2}"}, lb="round_robin")
+        users = meshlib.httpx.Client(
+            services={"users": f"static://127.0.0.1:{port_1},127.0.0.1:{port_2}"}, lb="round_robin"
+        )
         with users, serving(frontend_app(users)) as frontend_port:
-            caller = meshlib.Client(services={"frontend": f"static://127.0.0.1:{frontend_port}"})
+            caller = meshlib.httpx.Client(services={"frontend": f"static://127.0.0.1:{frontend_port}"})
             with caller:
                 answered = call_frontend(caller, requests)
     print(f"users instances that answered: {', '.join(sorted(set(answered)))}")
@@ -173,10 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "users":
         return serve_forever(users_app(args.name), args.port)
     if args.role == "frontend":
-        with meshlib.Client() as users_client:  # MESHLIB_SERVICE_USERS, MESHLIB_LB, ... from the environment
+        with meshlib.httpx.Client() as users_client:  # MESHLIB_SERVICE_USERS, MESHLIB_LB, ... from the environment
             return serve_forever(frontend_app(users_client), args.port)
     if args.role == "call":
-        with meshlib.Client() as caller:  # MESHLIB_SERVICE_FRONTEND from the environment
+        with meshlib.httpx.Client() as caller:  # MESHLIB_SERVICE_FRONTEND from the environment
             wait_until_up(caller, "http://frontend/healthz")
             call_frontend(caller, args.requests)
         return 0

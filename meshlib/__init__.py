@@ -8,11 +8,12 @@ without the sidecar. This module is the public face; ``__all__`` is the contract
 **Which HTTP library.** meshlib runs on httpx and on httpx2 (httpx's maintained fork, same API), both
 first class: ``meshlib.httpx.Client`` subclasses ``httpx.Client``, ``meshlib.httpx2.Client`` subclasses
 ``httpx2.Client`` (``pip install 'meshlib[httpx2]'``), and each raises its library's exceptions. The
-top-level names follow one rule: they are httpx's, unless ``MESHLIB_HTTP_LIBRARY=httpx2`` is set when they
-are first used. That covers ``Client``, ``AsyncClient`` and the call errors (``DeadlineExceeded``,
-``CircuitOpenError``, ``OverloadedError``, ``NoEndpointsError``, ``DiscoveryError``, ``ConsulACLError``).
-``except meshlib.MeshError`` catches meshlib's errors from either library, and :mod:`meshlib.errors` holds
-the library-neutral kind each flavour subclasses.
+top-level ``Client`` and ``AsyncClient`` follow one rule: they are httpx's, unless ``MESHLIB_HTTP_LIBRARY=httpx2``
+is set when they are first used. The top-level errors (``DeadlineExceeded``, ``CircuitOpenError``,
+``OverloadedError``, ``NoEndpointsError``, ``DiscoveryError``, ``ConsulACLError``) are library-neutral kinds:
+what a client raises is its library's flavour of the kind (``meshlib.httpx.DeadlineExceeded`` subclasses both
+``meshlib.DeadlineExceeded`` and ``httpx.TimeoutException``), so ``except meshlib.DeadlineExceeded`` catches
+it from either library and ``except httpx.TimeoutException`` from an httpx client.
 
 The clients and the HTTP library load on first use, so ``import meshlib`` stays cheap.
 """
@@ -24,22 +25,22 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib._config import MeshConfig, ResilienceSettings, ServiceConfig
 from meshlib.discovery.base import Endpoint
-from meshlib.errors import ConfigError, MeshError
+from meshlib.errors import (
+    CircuitOpenError,
+    ConfigError,
+    ConsulACLError,
+    DeadlineExceeded,
+    DiscoveryError,
+    MeshError,
+    NoEndpointsError,
+    OverloadedError,
+)
 from meshlib.policy import Policy, current_deadline, policy
 from meshlib.security import IdentityError, TLSSettings, find_identity_error
 from meshlib.status import MeshStatus
 
 if TYPE_CHECKING:
-    from meshlib.httpx import (
-        AsyncClient,
-        CircuitOpenError,
-        Client,
-        ConsulACLError,
-        DeadlineExceeded,
-        DiscoveryError,
-        NoEndpointsError,
-        OverloadedError,
-    )
+    from meshlib.httpx import AsyncClient, Client
 
 __version__ = "0.1.0"
 
@@ -71,18 +72,7 @@ __all__ = [
 
 #: The environment variable that picks the library behind the top-level names.
 HTTP_LIBRARY_VARIABLE = "MESHLIB_HTTP_LIBRARY"
-_FOLLOWING = frozenset(
-    {
-        "AsyncClient",
-        "CircuitOpenError",
-        "Client",
-        "ConsulACLError",
-        "DeadlineExceeded",
-        "DiscoveryError",
-        "NoEndpointsError",
-        "OverloadedError",
-    }
-)
+_FOLLOWING = frozenset({"AsyncClient", "Client"})
 
 
 def http_library() -> str:

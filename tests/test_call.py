@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from meshlib._plan import endpoint_url
 from meshlib.discovery.base import Endpoint
+from tests.httplib import httpx
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 import trustme
 
 import meshlib
 from meshlib.testing import Behavior
 from tests.conftest import BackendFactory, static_target
+from tests.httplib import httpx
 
 
 def test_mesh_host_is_balanced_and_keeps_logical_host(start_backends: BackendFactory) -> None:

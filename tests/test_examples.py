@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.httplib import ONLY_HTTPX
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -34,6 +36,7 @@ def test_two_services_reach_both_users_instances_by_name(capsys: pytest.CaptureF
     assert "users instances that answered: users-1, users-2" in out
 
 
+@ONLY_HTTPX  # the snippet is written for httpx, the default library (httpx.MockTransport, meshlib.Client)
 def test_getting_started_mock_transport_snippet_passes() -> None:
     """The MockTransport example in docs/getting-started.md is run as written, so it cannot rot."""
     text = (EXAMPLES.parent / "docs" / "getting-started.md").read_text()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-import httpx
-
 import meshlib
+from tests.httplib import httpx
 
 PUBLIC = {
     "AsyncClient",

@@ -17,9 +17,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
-import httpx
 import pytest
 import trustme
 
@@ -29,6 +29,7 @@ from meshlib.discovery import DiscoverySettings, Target, register_scheme
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, static_target
+from tests.httplib import LIBRARY, ONLY_HTTPX, httpx
 
 try:
     import httpx_aiohttp  # noqa: F401
@@ -39,10 +40,16 @@ except ImportError:  # pragma: no cover - the dev extra installs it
 
 #: Skipped only on a developer machine without the package; in CI (where the dev extra installs it) a missing
 #: httpx-aiohttp fails these tests instead of hiding them.
-needs_aiohttp = pytest.mark.skipif(
+_installed = pytest.mark.skipif(
     not HAVE_AIOHTTP and not os.environ.get("CI"),
     reason="httpx-aiohttp is not installed (pip install -e '.[dev]' or 'meshlib[aiohttp]')",
 )
+
+
+def needs_aiohttp(test: Any) -> Any:
+    """httpx-aiohttp installed, and the suite running on httpx (it plugs aiohttp into httpx only)."""
+    return ONLY_HTTPX(_installed(test))
+
 
 AIOHTTP = {"MESHLIB_INNER_TRANSPORT": "aiohttp"}
 
@@ -286,6 +293,12 @@ async def test_aiohttp_endpoint_leaving_closes_its_connections(
             assert (await client.get("http://payments/")).extensions["meshlib.endpoint"] == stays.address
 
 
+@pytest.mark.skipif(LIBRARY != "httpx2", reason="about httpx2 clients")
+async def test_httpx2_clients_refuse_aiohttp_naming_the_library() -> None:
+    with pytest.raises(meshlib.ConfigError, match=r"MESHLIB_INNER_TRANSPORT='aiohttp'.*not httpx2.*meshlib\.httpx\."):
+        meshlib.AsyncClient(services={"payments": "static://127.0.0.1:1"}, environ=AIOHTTP)
+
+
 def test_sync_client_refuses_aiohttp() -> None:
     with pytest.raises(meshlib.ConfigError, match=r"MESHLIB_INNER_TRANSPORT='aiohttp'.*AsyncClient") as info:
         meshlib.Client(environ={**AIOHTTP, "MESHLIB_SERVICE_PAYMENTS": "static://127.0.0.1:1"})
@@ -302,6 +315,7 @@ def test_a_sync_client_overrides_a_process_wide_aiohttp_setting(start_backends: 
 
 
 @pytest.mark.anyio
+@ONLY_HTTPX
 async def test_aiohttp_without_httpx_aiohttp_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # import fails as if it were not installed
     monkeypatch.delitem(sys.modules, "meshlib._aiohttp", raising=False)
@@ -407,6 +421,6 @@ def test_factory_of_the_wrong_kind_is_a_type_error(start_backends: BackendFactor
             environ={},
             inner_transport=factory.async_,  # type: ignore[arg-type]
         ) as client,
-        pytest.raises(TypeError, match=r"inner_transport= returned _CountedAsync.*httpx\.BaseTransport"),
+        pytest.raises(TypeError, match=rf"inner_transport= returned _CountedAsync.*{LIBRARY}\.BaseTransport"),
     ):
         client.get("http://payments/")

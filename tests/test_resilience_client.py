@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,6 +22,7 @@ from meshlib.deadline import decode_timeout
 from meshlib.server import DeadlineMiddleware
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, LogWatch, static_target
+from tests.httplib import httpx
 from tests.server.test_middleware import serve_asgi
 
 FAIL = Behavior(status=503)

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import anyio
 import h11
-import httpx
 import pytest
 
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay, start_backends
+from tests.httplib import httpx
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import asyncio
 import threading
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 import meshlib
 from meshlib.testing import Backend
 from tests.conftest import BackendFactory, LogWatch
 from tests.discovery.conftest import require_dnsmasq
+from tests.httplib import httpx
 from tests.servers.dnsmasq import Dnsmasq, SrvRecord
 
 SRV_NAME = "_http._tcp.users.internal"

@@ -243,7 +243,7 @@ def test_acl_errors_from_the_resolver(consul: ConsulEmulator) -> None:
     unknown = resolver_for(consul, CONSUL_HTTP_TOKEN=SECRET)
     with pytest.raises(ConsulACLError) as rejected:
         unknown.resolve()
-    assert isinstance(rejected.value, meshlib.errors.DiscoveryError)
+    assert isinstance(rejected.value, meshlib.DiscoveryError)
     assert "403 ACL not found" in str(rejected.value) and SECRET not in str(rejected.value)
     # A valid token without service:read: Consul filters instead of refusing; still a clear error.
     limited = resolver_for(consul, CONSUL_HTTP_TOKEN="reader")
@@ -381,7 +381,7 @@ def test_tag_and_filter_and_dc_are_passed_to_consul(consul: ConsulEmulator) -> N
     assert remote.host == "127.0.0.13" and remote.zone == "dc2"
     assert consul.requests[-1].params["dc"] == ["dc2"] and "stale" not in consul.requests[-1].params
     nowhere = resolver_for(consul, "consul://payments?dc=mars")
-    with pytest.raises(meshlib.errors.DiscoveryError, match="No path to datacenter"):
+    with pytest.raises(meshlib.DiscoveryError, match="No path to datacenter"):
         nowhere.resolve()
     for resolver in (tagged, filtered, other_dc, nowhere):
         resolver.close()
@@ -401,10 +401,10 @@ def test_429_and_503_back_off_then_recover(consul: ConsulEmulator) -> None:
     resolver = resolver_for(consul)
     consul.fail(429, "rate limit exceeded", times=1)
     consul.fail(503, "", times=1)
-    with pytest.raises(meshlib.errors.DiscoveryError, match=r"429.*rate limit exceeded.*backing off"):
+    with pytest.raises(meshlib.DiscoveryError, match=r"429.*rate limit exceeded.*backing off"):
         resolver.resolve()
     assert resolver.watch.failures == 1 and resolver.watch.pause() > 0
-    with pytest.raises(meshlib.errors.DiscoveryError, match="unavailable"):
+    with pytest.raises(meshlib.DiscoveryError, match="unavailable"):
         resolver.resolve()
     assert resolver.watch.failures == 2
     assert len(resolver.resolve().endpoints) == 1
@@ -418,7 +418,7 @@ def test_unreachable_agent_is_a_discovery_error_without_secrets() -> None:
     with ConsulEmulator() as gone:
         address = gone.address
     resolver = resolver_for(None, CONSUL_HTTP_ADDR=address, CONSUL_HTTP_TOKEN=SECRET, CONSUL_HTTP_AUTH=f"me:{SECRET}x")
-    with pytest.raises(meshlib.errors.DiscoveryError) as info:
+    with pytest.raises(meshlib.DiscoveryError) as info:
         resolver.resolve()
     assert f"Consul agent at http://{address} unreachable" in str(info.value)
     assert SECRET not in str(info.value) and SECRET not in repr(resolver.agent)
@@ -441,7 +441,7 @@ def test_close_interrupts_a_blocking_query_from_another_thread(consul: ConsulEmu
     assert not worker.is_alive(), "close() did not end the blocking query"
     assert results == [first]  # an interrupted resolve returns the last answer: nothing changed
     resolver.close()  # idempotent
-    with pytest.raises(meshlib.errors.DiscoveryError, match="closed"):
+    with pytest.raises(meshlib.DiscoveryError, match="closed"):
         resolver.resolve()  # a loop that was not stopped backs off instead of spinning
 
 
@@ -670,7 +670,7 @@ def test_https_agent_with_ca_client_cert_and_server_name(tls_files: dict[str, ob
         named = resolver_for(None, **env, CONSUL_TLS_SERVER_NAME="consul.test")
         assert len(named.resolve().endpoints) == 1
         mismatch = resolver_for(None, **env)  # the certificate does not name 127.0.0.1
-        with pytest.raises(meshlib.errors.DiscoveryError, match="unreachable"):
+        with pytest.raises(meshlib.DiscoveryError, match="unreachable"):
             mismatch.resolve()
         no_client_cert = resolver_for(
             None,
@@ -678,7 +678,7 @@ def test_https_agent_with_ca_client_cert_and_server_name(tls_files: dict[str, ob
             CONSUL_CACERT=str(tls_files["ca"]),
             CONSUL_TLS_SERVER_NAME="consul.test",
         )
-        with pytest.raises(meshlib.errors.DiscoveryError):
+        with pytest.raises(meshlib.DiscoveryError):
             no_client_cert.resolve()
         for resolver in (named, mismatch, no_client_cert):
             resolver.close()
@@ -794,13 +794,13 @@ def test_errors_back_off_exponentially_with_jitter_capped() -> None:
     full = watch(clock, refill=0.0, random=lambda: 1.0)
     pauses = []
     for _ in range(8):
-        with pytest.raises(meshlib.errors.DiscoveryError):
+        with pytest.raises(meshlib.DiscoveryError):
             full.on_reply(Reply(503, {}, b"No cluster leader"))
         pauses.append(full.pause())
     assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert not full.next_request().blocking  # after an error: a plain query
     half = watch(clock, refill=0.0, random=lambda: 0.0)
-    with pytest.raises(meshlib.errors.DiscoveryError):
+    with pytest.raises(meshlib.DiscoveryError):
         half.on_reply(Reply(error=httpx.ConnectError("refused")))
     assert half.pause() == 0.5
     clock.now += 0.5
@@ -811,7 +811,7 @@ def test_errors_back_off_exponentially_with_jitter_capped() -> None:
 
 def test_unreadable_body_is_an_error() -> None:
     loop = watch(FakeClock())
-    with pytest.raises(meshlib.errors.DiscoveryError, match="unreadable body"):
+    with pytest.raises(meshlib.DiscoveryError, match="unreadable body"):
         loop.on_reply(Reply(200, {"x-consul-index": "3"}, b"<html>proxy error</html>"))
 
 

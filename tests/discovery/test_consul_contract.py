@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from meshlib.discovery.base import Endpoint
 from meshlib.discovery.consul import aggregate_status, endpoints_from_health
+from tests.httplib import httpx
 from tests.servers.consul import ConsulEmulator
 
 FIXTURES = Path(__file__).parent / "consul_fixtures"

@@ -6,7 +6,6 @@ import email.utils
 import errno
 
 import httpcore
-import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +27,7 @@ from meshlib.resilience import (
     parse_retry_after,
     should_retry,
 )
+from tests.httplib import httpx
 
 NOW = 1_700_000_000.0
 

@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import meshlib
 from meshlib.testing import Backend
+from tests.httplib import httpx
 from tests.security.pki import CA, Leaf, server_context
 
 TLSBackendFactory = Callable[..., Backend]

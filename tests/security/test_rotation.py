@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 import meshlib
 from meshlib.security import TLSContexts, TLSSettings
 from meshlib.testing import Backend, Behavior
+from tests.httplib import httpx
 from tests.security.conftest import TLSBackendFactory, mesh_env
 from tests.security.pki import CA, DAY, NOW, Leaf, common_name, replace_file
 

@@ -10,11 +10,11 @@ import logging
 import ssl
 from pathlib import Path
 
-import httpx
 import pytest
 
 import meshlib
 from meshlib.security import IdentityError, find_identity_error
+from tests.httplib import httpx
 from tests.security.conftest import TLSBackendFactory, fetch, mesh_env
 from tests.security.pki import CA, DAY, NOW, common_name
 

@@ -6,12 +6,12 @@ import logging
 import ssl
 from pathlib import Path
 
-import httpx
 import pytest
 
 import meshlib
 from meshlib.config import SERVICE_SETTINGS, MeshConfig, ServiceConfig
 from meshlib.security import TLSSettings
+from tests.httplib import httpx
 from tests.security.pki import CA, DAY, NOW
 
 SERVICES = {"MESHLIB_SERVICE_PAYMENTS": "static://127.0.0.1:8443", "MESHLIB_SERVICE_BILLING": "static://127.0.0.1:9443"}

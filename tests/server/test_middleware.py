@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -34,6 +33,7 @@ from meshlib.server import (
     WSGIDeadlineMiddleware,
     WSGIInboundMiddleware,
 )
+from tests.httplib import httpx
 
 
 def remaining() -> float | None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -36,6 +35,7 @@ from meshlib.server import (
     WSGIMeshMiddleware,
     peer_identity,
 )
+from tests.httplib import httpx
 from tests.security.pki import CA, server_context
 from tests.server.test_middleware import serve_asgi, serve_wsgi
 from tests.telemetry.conftest import Metrics, Traces, ids, traceparent

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 
-import httpx
 import pytest
 
 import meshlib
 from meshlib.telemetry.metrics import DURATION_BUCKETS
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, static_target
+from tests.httplib import httpx
 from tests.telemetry.conftest import Metrics
 
 DURATION = "http.client.request.duration"

@@ -7,7 +7,6 @@ import logging
 import socket
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 import meshlib
@@ -15,6 +14,7 @@ from meshlib import admin
 from meshlib.cli import main
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, static_target
+from tests.httplib import httpx
 
 
 def _env(backends: list[Backend], **settings: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.context import Context
@@ -19,6 +18,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 import meshlib
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, static_target
+from tests.httplib import LIBRARY, httpx
 from tests.telemetry.conftest import Traces, ids, traceparent
 
 MESH_HEADERS = ("traceparent", "tracestate", "baggage", "grpc-timeout")
@@ -213,6 +213,8 @@ async def test_propagate_to_lets_listed_outside_hosts_receive_mesh_headers(
 @pytest.fixture
 def httpx_instrumented(traces: Traces) -> Iterator[None]:
     """The httpx instrumentation, enabled globally for one test (it patches httpx's transport classes)."""
+    if LIBRARY != "httpx":
+        pytest.skip("opentelemetry-instrumentation-httpx instruments httpx only")
     instrumentor = HTTPXClientInstrumentor()
     instrumentor.instrument(tracer_provider=traces.provider)
     try:
