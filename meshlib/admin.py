@@ -30,15 +30,16 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 import threading
 import weakref
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlib.status import snapshot
-from meshlib.telemetry.client import ClientTelemetry
-from meshlib.telemetry.metrics import MeshMetrics
+
+if TYPE_CHECKING:  # telemetry (OpenTelemetry) and http.server are imported by the first admin server
+    from meshlib._admin_http import AdminHTTPServer
+    from meshlib.telemetry.client import ClientTelemetry
+    from meshlib.telemetry.metrics import MeshMetrics
 
 __all__ = ["AdminServer", "attach", "detach", "running"]
 
@@ -53,53 +54,6 @@ METRICS_HINT = (
 )
 #: How often the server thread checks for shutdown (bounds how long the last client's close() waits).
 _POLL_INTERVAL = 0.1
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    admin: AdminServer
-
-    def __init__(self, address: Address) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "meshlib-admin"
-
-    def do_GET(self) -> None:
-        if not _loopback_host(self.headers.get("Host")):
-            self._answer(403, b"meshlib admin answers requests for loopback hosts only\n", "text/plain")
-            return
-        path = self.path.split("?", 1)[0]
-        admin = self.server.admin
-        if path == "/status":
-            body = json.dumps(admin.status(), indent=2).encode() + b"\n"
-            self._answer(200, body, "application/json")
-        elif path == "/metrics":
-            text = admin.metrics_text()
-            if text is None:
-                self._answer(404, METRICS_HINT.encode(), "text/plain")
-            else:
-                self._answer(200, text[0], text[1])
-        elif path == "/":
-            self._answer(
-                200, b"meshlib admin\n  /status   JSON snapshot of every client\n  /metrics  Prometheus\n", "text/plain"
-            )
-        else:
-            self._answer(404, b"not found: try /status or /metrics\n", "text/plain")
-
-    def _answer(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # never a log line per request
-        logger.debug("admin %s " + format, self.address_string(), *args)
 
 
 def _loopback_host(header: str | None) -> bool:
@@ -125,7 +79,10 @@ class AdminServer:
     def __init__(self, address: Address) -> None:
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[weakref.ref[Any], str]] = {}
-        self._server = _Server(address)
+        # http.server is imported here, by the first admin server, not by ``import meshlib``.
+        from meshlib._admin_http import AdminHTTPServer
+
+        self._server: AdminHTTPServer = AdminHTTPServer(address)
         self._server.admin = self
         self.address: Address = self._server.server_address[:2]  # type: ignore[assignment]
         self._prometheus = _Prometheus.create()
@@ -198,7 +155,7 @@ class _Prometheus:
     """A private meter provider whose reader is the OpenTelemetry Prometheus exporter, on its own registry."""
 
     def __init__(self, provider: Any, registry: Any, generate: Any, content_type: str) -> None:
-        from meshlib.telemetry.metrics import _meter
+        from meshlib.telemetry.metrics import MeshMetrics, _meter
 
         self._provider = provider
         self._registry = registry

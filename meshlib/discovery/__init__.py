@@ -11,9 +11,12 @@ Built-in schemes (see :data:`SCHEMES`):
 * ``static://host:port[;weight=N][;zone=Z][,host:port...]`` -- a fixed list (:mod:`meshlib.discovery.static`)
 * ``dns://name:port`` -- A and AAAA records (:mod:`meshlib.discovery.dns`)
 * ``dns+srv://name`` -- SRV records, including Consul's DNS interface (:mod:`meshlib.discovery.dns`)
+* ``consul://service`` -- Consul's health endpoint, watched (:mod:`meshlib.discovery.consul`)
 
-Another module adds a scheme with :func:`register_scheme` (``consul://`` does), without this package
-knowing about it.
+Another module adds a scheme with :func:`register_scheme`, without this package knowing about it. A scheme
+is registered with its factory or with the factory's dotted path; the built-ins are registered by path, so
+their modules (dnspython, the Consul client, asyncio) are imported when a service first uses the scheme,
+not by ``import meshlib``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from meshlib.discovery import dns as _dns
-from meshlib.discovery import static as _static
+from meshlib._lazy import check_dotted_path, load
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution, Resolver
 from meshlib.errors import ConfigError
 
@@ -66,27 +68,45 @@ class Target:
 #: Builds a resolver for one service from its parsed target; raises ``target.invalid(...)`` on a bad target.
 ResolverFactory = Callable[[Target, DiscoverySettings], Resolver]
 
-_FACTORIES: dict[str, ResolverFactory] = {}
+#: scheme -> its factory, or the factory's dotted path (imported by the first :func:`build_resolver` using it).
+_FACTORIES: dict[str, ResolverFactory | str] = {}
 _FORMS: dict[str, str] = {}
 
 #: Registered schemes -> their documented form (a live, read-only view; for docs and error messages).
 SCHEMES: Mapping[str, str] = MappingProxyType(_FORMS)
 
 
-def register_scheme(scheme: str, factory: ResolverFactory, *, form: str, replace: bool = False) -> None:
+def register_scheme(scheme: str, factory: ResolverFactory | str, *, form: str, replace: bool = False) -> None:
     """Make ``<scheme>://`` targets buildable by ``factory``.
 
-    ``form`` documents the URI shape (``"consul://[agent:port]/service[?tag=t]"``); it appears in
-    :data:`SCHEMES` and in error messages. Registering a scheme twice is a programming error unless
-    ``replace=True`` (tests swapping in a fake).
+    ``factory`` is the factory itself or its dotted path (``"mypackage.discovery.from_target"``); a path is
+    imported when a target first uses the scheme (registering does not import it), so a scheme costs nothing
+    until a service uses it. ``form`` documents the URI shape (``"consul://[agent:port]/service[?tag=t]"``);
+    it appears in :data:`SCHEMES` and in error messages. Registering a scheme twice is a programming error
+    unless ``replace=True`` (tests swapping in a fake). A malformed path raises :class:`ValueError`.
     """
     key = scheme.lower()
     if not key or "://" in key or not all(c.isalnum() or c in "+-." for c in key):
         raise ValueError(f"invalid URI scheme {scheme!r}")
+    if isinstance(factory, str):
+        check_dotted_path(factory)
     if key in _FACTORIES and not replace:
         raise ValueError(f"discovery scheme {key!r} is already registered")
     _FACTORIES[key] = factory
     _FORMS[key] = form
+
+
+def _factory(key: str, entry: ResolverFactory | str) -> ResolverFactory:
+    """A registered factory, importing it if it was registered by path."""
+    if not isinstance(entry, str):
+        return entry
+    try:
+        factory: ResolverFactory = load(entry)
+    except ImportError as error:
+        raise ImportError(
+            f"discovery scheme {key}:// is registered as {entry!r}, which cannot be imported: {error}"
+        ) from error
+    return factory
 
 
 def build_resolver(service: str, target: str, settings: DiscoverySettings, *, variable: str) -> Resolver:
@@ -94,24 +114,33 @@ def build_resolver(service: str, target: str, settings: DiscoverySettings, *, va
 
     ``variable`` is where ``target`` came from (``MESHLIB_SERVICE_PAYMENTS`` or a constructor argument);
     any :class:`ConfigError` names it. Raises :class:`ConfigError` for a missing or unknown scheme and for
-    whatever the scheme's factory rejects (bad host, port, weight, empty list...).
+    whatever the scheme's factory rejects (bad host, port, weight, empty list...). The first target of a
+    scheme registered by path imports its module (:class:`ImportError` if that fails).
     """
     known = ", ".join(f"{scheme}://" for scheme in sorted(_FORMS))
     scheme, sep, rest = target.partition("://")
     if not sep or not scheme:
         raise ConfigError(variable, target, f"a discovery target URI with a scheme, one of {known}")
     key = scheme.lower()
-    factory = _FACTORIES.get(key)
-    if factory is None:
+    entry = _FACTORIES.get(key)
+    if entry is None:
         raise ConfigError(variable, target, f"a known discovery scheme, one of {known} (got {scheme!r})")
-    return factory(Target(service, target, key, rest, variable, _FORMS[key]), settings)
+    return _factory(key, entry)(Target(service, target, key, rest, variable, _FORMS[key]), settings)
 
 
-register_scheme("static", _static.from_target, form=_static.FORM)
-register_scheme("dns", _dns.from_target, form=_dns.FORM)
-register_scheme("dns+srv", _dns.srv_from_target, form=_dns.SRV_FORM)
-
-# consul:// registers like any other source; imported last because it builds on this module's Target.
-from meshlib.discovery import consul as _consul  # noqa: E402
-
-register_scheme("consul", _consul.from_target, form=_consul.FORM)
+# The built-in schemes, by path: each module is imported by the first target that uses it. The forms are
+# the modules' FORM constants (tests/discovery/test_registry.py checks they agree).
+register_scheme(
+    "static", "meshlib.discovery.static.from_target", form="static://host:port[;weight=N][;zone=Z][,host:port...]"
+)
+register_scheme("dns", "meshlib.discovery.dns.from_target", form="dns://name:port")
+register_scheme(
+    "dns+srv",
+    "meshlib.discovery.dns.srv_from_target",
+    form="dns+srv://name, e.g. dns+srv://_http._tcp.users.internal or dns+srv://web.payments.service.consul",
+)
+register_scheme(
+    "consul",
+    "meshlib.discovery.consul.from_target",
+    form="consul://service[?tag=t&dc=dc1&passing=true&near=_agent&wait=5m&stale=true]",
+)

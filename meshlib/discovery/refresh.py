@@ -7,14 +7,20 @@ request path never waits for them once a first answer exists.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from meshlib.discovery.base import Resolver
 from meshlib.discovery.cache import DiscoveryCache, Snapshot
 from meshlib.errors import DiscoveryError
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio is imported inside the async functions below (they only run on an event loop, so it is loaded
+# by then): a sync Client does not import it for discovery, nor does ``import meshlib``.
 
 logger = logging.getLogger("meshlib.discovery")
 
@@ -40,6 +46,8 @@ def refresh_once(resolver: Resolver, cache: DiscoveryCache) -> tuple[bool, float
 
 async def arefresh_once(resolver: Resolver, cache: DiscoveryCache) -> tuple[bool, float | None]:
     """Ask the resolver from the event loop and report to the cache: (changed, next delay)."""
+    import asyncio
+
     try:
         answer = await resolver.aresolve()
     except asyncio.CancelledError:
@@ -109,12 +117,16 @@ class RefreshTask:
 
     def start(self) -> None:
         """Start the loop on the running event loop (once)."""
+        import asyncio
+
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"meshlib-discovery-{self._cache.service}"
             )
 
     async def _run(self) -> None:
+        import asyncio
+
         delay: float | None = self._first_delay
         while delay is not None:
             await asyncio.sleep(delay)
@@ -127,6 +139,8 @@ class RefreshTask:
 
     async def stop(self) -> None:
         """Cancel the loop and wait until it has ended."""
+        import asyncio
+
         task, self._task = self._task, None
         if task is None or task.done():
             return
