@@ -39,7 +39,16 @@ case "${1:-help}" in
     shift
     echo "== ruff" && "$VENV/bin/ruff" check meshlib tests examples benchmarks && "$VENV/bin/ruff" format --check meshlib tests examples benchmarks
     echo "== mypy --strict" && "$VENV/bin/mypy" --strict meshlib
-    echo "== pytest" && exec "$VENV/bin/pytest" -q "$@"
+    # The whole suite once per HTTP library: httpx, then httpx2 (Python >= 3.11; the top-level names and the
+    # tests' `httpx` follow MESHLIB_HTTP_LIBRARY, see tests/httplib.py).
+    status=0
+    echo "== pytest on httpx" && MESHLIB_HTTP_LIBRARY=httpx "$VENV/bin/pytest" -q "$@" || status=$?
+    if "$VENV/bin/python" -c 'import httpx2' 2>/dev/null; then
+      echo "== pytest on httpx2" && MESHLIB_HTTP_LIBRARY=httpx2 "$VENV/bin/pytest" -q "$@" || status=$?
+    else
+      echo "== pytest on httpx2: skipped (httpx2 needs Python 3.11 or later)"
+    fi
+    exit $status
     ;;
   bench)
     venv

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import meshlib
 from meshlib import (
     CircuitOpenError,
     DeadlineExceeded,
@@ -27,7 +28,7 @@ from meshlib.resilience import (
     parse_retry_after,
     should_retry,
 )
-from tests.httplib import httpx
+from tests.httplib import LIBRARY, httpx
 
 NOW = 1_700_000_000.0
 
@@ -267,6 +268,12 @@ def test_resend_property(method: str, sent: bool, outcome: Outcome, allow: bool,
 
 
 def test_errors_subclass_the_matching_httpx_exception_and_say_why() -> None:
+    flavour = getattr(meshlib, LIBRARY)  # meshlib.httpx or meshlib.httpx2: what that library's clients raise
+    CircuitOpenError, OverloadedError, DeadlineExceeded = (
+        flavour.CircuitOpenError,
+        flavour.OverloadedError,
+        flavour.DeadlineExceeded,
+    )
     request = httpx.Request("GET", "http://payments/charge")
     err = CircuitOpenError("payments", "every breaker open", endpoints=["10.0.0.1:80", "10.0.0.2:80"], request=request)
     assert isinstance(err, MeshError)
