@@ -266,7 +266,7 @@ class Call(Generic[T]):
         """Attempts until an answer is final, retrying as the call's :class:`RetryRule` allows."""
         sent: list[Attempt] = []  # attempts whose lease this plan must still settle if interrupted
         try:
-            self._admit()
+            self.admit()
             while True:
                 attempt = self.attempt(active)
                 sent.append(attempt)
@@ -293,7 +293,7 @@ class Call(Generic[T]):
 
     # -- the decisions ------------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
         """Take a slot of the service's concurrency limit and count the call in the retry budget."""
         service = self.service
         limit = service.limit
