@@ -26,6 +26,7 @@ __all__ = [
     "EndpointStatus",
     "MeshStatus",
     "ServiceStatus",
+    "format_status",
     "snapshot",
 ]
 

@@ -9,9 +9,9 @@ import re
 import pytest
 
 import meshlib
-from meshlib.cli import main
 from meshlib.config import ResilienceSettings
-from meshlib.demo import DemoOptions, EndpointRow, PhaseResult, percentile, render_comparison, run_demo
+from meshlib.tools.cli import main
+from meshlib.tools.demo import DemoOptions, EndpointRow, PhaseResult, percentile, render_comparison, run_demo
 
 
 @pytest.fixture(autouse=True)

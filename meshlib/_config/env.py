@@ -1,7 +1,7 @@
 """``MESHLIB_*`` environment variables (and constructor arguments) read into a :class:`MeshConfig`.
 
 Every ``MESHLIB_*`` variable a client uses is read here (the tables below), so ``docs/configuration.md`` can
-list them all; only ``meshlib status`` (:mod:`meshlib.cli`) also reads ``MESHLIB_ADMIN_ADDR``, with the same
+list them all; only ``meshlib status`` (:mod:`meshlib.tools.cli`) also reads ``MESHLIB_ADMIN_ADDR``, with the same
 parser. A bad value raises :class:`meshlib.ConfigError` naming the variable, the value and what was expected,
 at client construction; nothing is validated lazily on the request path.
 

@@ -11,8 +11,8 @@ import pytest
 
 import meshlib
 from meshlib import admin
-from meshlib.cli import main
 from meshlib.testing import Backend, Behavior
+from meshlib.tools.cli import main
 from tests.conftest import BackendFactory, static_target
 from tests.httplib import httpx
 

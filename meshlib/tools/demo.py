@@ -7,20 +7,26 @@ sockets, so this module starts five HTTP backends in-process with :mod:`meshlib.
 ones (lognormal latency, ~5 ms median), one slow one (80-150 ms) and one that answers every request with a
 fast 503 -- and sends the same workload through ``meshlib.Client`` twice, first balanced by ``p2c_ewma``,
 then by ``round_robin``. Each phase gets a fresh client, so neither balancer inherits the other's latency
-history, breakers or ejections. Nothing outside the process is needed and the user's ``MESHLIB_*``
-environment is ignored (``environ={}``), so the result does not depend on the machine's configuration: the
-mesh runs with its defaults (1 retry within a budget of 20 % of requests + 10/s, breaker and outlier
-ejection after 5 consecutive failures, ejection for 30 s).
+history, breakers or ejections. Nothing outside the process is needed and the user's ``MESHLIB_*`` mesh
+settings are ignored (the configuration is ``MeshConfig.from_env({})``), so the result does not depend on the
+machine's configuration: the mesh runs with its defaults (1 retry within a budget of 20 % of requests + 10/s,
+breaker and outlier ejection after 5 consecutive failures, ejection for 30 s). Only ``MESHLIB_HTTP_LIBRARY``
+counts: it picks httpx or httpx2, as for any ``meshlib.Client``.
 
 Two levels are measured, because retries make them differ:
 
 * **attempts**, per endpoint: every request the mesh sent to an endpoint (first tries and retries), timed
   from send to response headers by a thin wrapper around the client's inner transport (``transport=``), and
   counted as an error when it failed at the endpoint (5xx, connection failure). Next to them, the mesh's own
-  view of the endpoint: breaker state, ejected or not, requests in flight.
+  view of the endpoint from ``client.mesh_status()``: breaker state, ejected or not, requests in flight.
 * **calls**, per phase: what the application saw -- latency (request sent to body read), errors (a 5xx or an
   exception after the mesh's retries) and attempts per call (retry amplification), plus the retries the
-  retry budget refused.
+  retry budget granted and refused (``mesh_status()``'s retry budget).
+
+The demo is an application of meshlib's public API (see :mod:`meshlib.tools`): ``meshlib.Client`` -- so
+``MESHLIB_HTTP_LIBRARY=httpx2`` runs it on httpx2, the attempt recorder wrapping a transport of whichever
+library the client reports in ``client.http_library`` -- ``meshlib.MeshConfig``, ``mesh_status()`` and the
+loopback backends of :mod:`meshlib.testing`.
 
 While a phase runs, the table is redrawn in place about five times a second when stdout is a terminal;
 otherwise (or with ``live=False``) it is printed once at the end of each phase. The mesh's resilience log
@@ -31,6 +37,7 @@ they would break the redraw. A comparison of the two balancers closes the run.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import os
@@ -45,13 +52,8 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
-import httpx
-
-from meshlib._config import ResilienceSettings, service_key
-from meshlib._service import Service
-from meshlib.httpx import Client
-from meshlib.policy import DEFAULT_RETRIES, DEFAULT_RETRY_ON
-from meshlib.resilience.breaker import STATE_CLOSED, STATE_OPEN
+import meshlib
+from meshlib.status import ServiceStatus
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay
 
 __all__ = ["DemoOptions", "PhaseResult", "run_demo"]
@@ -65,6 +67,10 @@ REFRESH_SECONDS = 0.2
 MAX_EVENTS = 6
 #: The logger whose lines become the table's events.
 EVENTS_LOGGER = "meshlib.resilience"
+
+#: Breaker states as ``mesh_status()`` reports them (:class:`meshlib.status.EndpointStatus`).
+BREAKER_CLOSED = "closed"
+BREAKER_OPEN = "open"
 
 # Roles, as the comparison names them.
 HEALTHY = "healthy"
@@ -225,21 +231,31 @@ class Recorder:
             return list(self._events)
 
 
-class AttemptRecorder(httpx.BaseTransport):
-    """The client's inner transport (``transport=``): sends through ``inner`` and records every attempt.
+class AttemptRecorder:
+    """The client's inner transport (``transport=``): sends through an inner transport and records every attempt.
 
     The mesh hands each attempt to its endpoint's inner transport with the endpoint's address in the URL, so
     this sees exactly what each endpoint got, retries included. Latency runs to the response headers, as the
     mesh's own EWMA measures it.
+
+    It works with either HTTP library: it only forwards ``handle_request`` and ``close``, and the transport it
+    forwards to is made by :meth:`bind` once the client exists, from the library the client says it uses
+    (``client.http_library``), so requests and responses stay that library's own.
     """
 
-    def __init__(self, inner: httpx.BaseTransport, names: dict[str, str], recorder: Recorder) -> None:
-        self._inner = inner
+    def __init__(self, names: dict[str, str], recorder: Recorder) -> None:
+        self._inner: Any = None
         self._names = names
         self._recorder = recorder
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def bind(self, library: str) -> None:
+        """Send through a new ``HTTPTransport`` of ``library`` (``"httpx"`` or ``"httpx2"``, the client's)."""
+        self._inner = importlib.import_module(library).HTTPTransport()
+
+    def handle_request(self, request: Any) -> Any:
         """Send one attempt and count it against the endpoint it went to."""
+        if self._inner is None:
+            raise RuntimeError("AttemptRecorder.bind(client.http_library) was not called")
         address = f"{request.url.host}:{request.url.port}"
         name = self._names.get(address, address)
         start = time.perf_counter()
@@ -253,7 +269,15 @@ class AttemptRecorder(httpx.BaseTransport):
 
     def close(self) -> None:
         """Close the wrapped transport's pool."""
-        self._inner.close()
+        if self._inner is not None:
+            self._inner.close()
+
+    # What the libraries' ``BaseTransport`` does: the client enters and exits its transport with itself.
+    def __enter__(self) -> AttemptRecorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class _EventHandler(logging.Handler):
@@ -292,16 +316,17 @@ def mesh_events(fleet: Fleet, recorder: Recorder) -> Iterator[None]:
         log.propagate = propagate
 
 
-def send_one(client: Client, url: str, recorder: Recorder) -> None:
+def send_one(client: meshlib.Client, url: str, recorder: Recorder) -> None:
     """Send one call through the mesh and record how long the caller waited and whether it failed.
 
-    A 5xx here is what the caller got after the mesh's retries, as is an exception (every endpoint's breaker
-    open, deadline exceeded, ...): both count as caller errors.
+    A 5xx here is what the caller got after the mesh's retries, as is an exception of the client's HTTP
+    library (every endpoint's breaker open, deadline exceeded, ...): both count as caller errors.
     """
+    errors = (importlib.import_module(client.http_library).HTTPError, meshlib.MeshError)
     start = time.perf_counter()
     try:
         response = client.get(url)
-    except httpx.HTTPError:
+    except errors:
         recorder.call(time.perf_counter() - start, error=True)
         return
     recorder.call(time.perf_counter() - start, error=response.status_code >= 500)
@@ -317,28 +342,31 @@ class EndpointHealth:
     trips: int = 0
 
 
-def mesh_service(client: Client) -> Service[Any]:
-    """The demo service's state inside ``client``."""
-    return client.mesh.services[service_key(SERVICE)]
+def service_status(client: meshlib.Client, name: str = SERVICE) -> ServiceStatus | None:
+    """The demo service in a fresh ``client.mesh_status()`` snapshot (``None``: not in it)."""
+    return next((service for service in client.mesh_status().services if service.name == name), None)
 
 
-def health_by_name(service: Service[httpx.BaseTransport], names: dict[str, str]) -> dict[str, EndpointHealth]:
-    """Every endpoint's :class:`EndpointHealth`, by backend name."""
-    active = service.active
-    if active is None:
+def health_by_name(service: ServiceStatus | None, names: dict[str, str]) -> dict[str, EndpointHealth]:
+    """Every endpoint's :class:`EndpointHealth`, by backend name, from the service's ``mesh_status()`` entry."""
+    if service is None:
         return {}
-    ejected = service.detector.ejected()
-    breakers = service.breakers
-    found = {}
-    for address, stats in active.stats.items():
-        breaker = breakers.get(address)
-        found[names.get(stats.endpoint.address, stats.endpoint.address)] = EndpointHealth(
-            inflight=stats.inflight,
-            breaker=breaker.state if breaker is not None else "-",
-            ejected=address in ejected,
-            trips=breaker.trips if breaker is not None else 0,
+    return {
+        names.get(endpoint.address, endpoint.address): EndpointHealth(
+            inflight=endpoint.inflight,
+            breaker=endpoint.breaker,
+            ejected=endpoint.ejected,
+            trips=endpoint.breaker_opens,
         )
-    return found
+        for endpoint in service.endpoints
+    }
+
+
+def retries_of(service: ServiceStatus | None) -> tuple[int, int]:
+    """The retries the service's retry budget granted and refused so far (from ``mesh_status()``)."""
+    if service is None:
+        return 0, 0
+    return service.budget.retries, service.budget.exhausted
 
 
 @dataclass(frozen=True)
@@ -402,7 +430,7 @@ class PhaseResult:
     #: Backends whose breaker opened or that outlier detection ejected during the phase.
     removed: frozenset[str]
     #: The mesh settings the phase ran with (the defaults: the user's environment is ignored).
-    settings: ResilienceSettings
+    settings: meshlib.ResilienceSettings
     events: list[str]
 
     @property
@@ -445,7 +473,7 @@ class PhaseResult:
         parts = []
         if rows and all(row.ejected for row in rows):
             parts.append("ejected")
-        if rows and all(row.breaker not in (STATE_CLOSED, "-") for row in rows):
+        if rows and all(row.breaker not in (BREAKER_CLOSED, "-") for row in rows):
             parts.append(rows[0].breaker if len({row.breaker for row in rows}) == 1 else "not closed")
         return ", ".join(parts) or "in rotation"
 
@@ -666,27 +694,33 @@ def run_phase(balancer: str, fleet: Fleet, options: DemoOptions, view: PhaseView
     """Send ``options.requests`` calls through a fresh ``meshlib.Client`` balanced by ``balancer``.
 
     A fresh client per phase so neither balancer inherits the other's latency history, breakers, ejections
-    or retry budget. ``environ={}`` keeps the user's ``MESHLIB_*`` variables out of the demo. The main thread
-    redraws the view (and notes which endpoints the mesh took out) while a pool of ``options.concurrency``
-    threads sends.
+    or retry budget. Its configuration is read from an empty environment (``MeshConfig.from_env({})``), which
+    keeps the user's ``MESHLIB_*`` variables out of the demo and tells the phase the settings it ran with. The
+    main thread redraws the view (and notes which endpoints the mesh took out) while a pool of
+    ``options.concurrency`` threads sends.
     """
     title = f"[{balancer}] {SERVICE}, {options.concurrency} callers"
     recorder = Recorder()
     url = f"http://{SERVICE}/work"
-    transport = AttemptRecorder(httpx.HTTPTransport(), fleet.names, recorder)
+    config = meshlib.MeshConfig.from_env({}, services={SERVICE: fleet.target}, lb=balancer)
+    own = config.service(SERVICE)  # the service's own settings, if any, else the mesh's (as the client applies them)
+    settings = own.resilience if own is not None and own.resilience is not None else config.resilience
+    recorder_transport = AttemptRecorder(fleet.names, recorder)
+    transport: Any = recorder_transport  # a transport of either library: typed for neither
     removed: set[str] = set()
     with (
         mesh_events(fleet, recorder),
-        Client(services={SERVICE: fleet.target}, lb=balancer, environ={}, transport=transport) as client,
+        meshlib.Client(config=config, transport=transport) as client,
         ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="meshlib-demo") as pool,
     ):
-        service = mesh_service(client)
+        recorder_transport.bind(client.http_library)
 
         def table(elapsed: float | None = None) -> list[str]:
+            service = service_status(client)
             health = health_by_name(service, fleet.names)
-            removed.update(name for name, h in health.items() if h.ejected or h.trips or h.breaker == STATE_OPEN)
+            removed.update(name for name, h in health.items() if h.ejected or h.trips or h.breaker == BREAKER_OPEN)
             rows = build_rows(fleet, recorder, health)
-            retries = (service.budget.withdrawals, service.budget.exhausted)
+            retries = retries_of(service)
             if elapsed is None:
                 elapsed = time.monotonic() - recorder.started
             return render_table(
@@ -703,9 +737,9 @@ def run_phase(balancer: str, fleet: Fleet, options: DemoOptions, view: PhaseView
         wait_all(futures, lambda: view.update(table()))
         elapsed = time.monotonic() - recorder.started
         view.finish(table(elapsed))
+        service = service_status(client)
         rows = build_rows(fleet, recorder, health_by_name(service, fleet.names))
-        retries, refused = service.budget.withdrawals, service.budget.exhausted
-        settings = service.settings
+        retries, refused = retries_of(service)
     calls = recorder.calls()
     return PhaseResult(
         balancer=balancer,
@@ -733,10 +767,11 @@ def describe(fleet: Fleet, options: DemoOptions) -> list[str]:
     lines.extend(
         f"  {backend.name:<12} {backend.address:<22} {detail[fleet.roles[backend.name]]}" for backend in fleet.group
     )
-    mesh = ResilienceSettings()  # what the demo's clients run with: environ={} leaves every default
-    statuses = "/".join(str(status) for status in sorted(DEFAULT_RETRY_ON))
+    defaults = meshlib.MeshConfig.from_env({})  # what the demo's clients run with: no variable, every default
+    mesh, policy = defaults.resilience, defaults.policy
+    statuses = "/".join(str(status) for status in sorted(policy.retry_on or ()))
     lines += [
-        f"Mesh defaults: {DEFAULT_RETRIES} retry on {statuses} and connect failures within a retry budget "
+        f"Mesh defaults: {policy.retries} retry on {statuses} and connect failures within a retry budget "
         f"({_percent(mesh.retry_budget_fraction)} of requests",
         f"+ {mesh.retry_budget_min_per_second}/s); the breaker opens after {mesh.breaker_failures} consecutive "
         f"failures, outlier detection ejects ({mesh.outlier_base_ejection:g} s) after {mesh.outlier_failures}.",

@@ -1,13 +1,17 @@
 """The ``meshlib`` command: ``meshlib demo``, ``meshlib resolve <service>``, ``meshlib status``, ``--version``.
 
 ``demo`` shows balancing, retries, circuit breakers and outlier ejection on real loopback backends (see
-:mod:`meshlib.demo`). ``resolve`` answers "what
-would my application's client see for this service?": it builds ``meshlib.Client()`` from the same
-``MESHLIB_*`` environment the application reads and asks that service's discovery source once, so a typo
-in a variable or an unreachable DNS server shows up before deploying. ``status`` prints the live mesh of a
-running process that opted in to the loopback admin endpoint (``MESHLIB_ADMIN_ADDR``, :mod:`meshlib.admin`):
-services, endpoints, EWMA latency, in-flight, breakers, ejections, discovery. Configuration problems are reported
-as one line on stderr with exit code 2 (the usual "usage error" code), never as a traceback.
+:mod:`meshlib.tools.demo`). ``resolve`` answers "what would my application's client see for this service?":
+it builds ``meshlib.Client()`` from the same ``MESHLIB_*`` environment the application reads (so every setting
+is validated as the application's client would validate it), takes the service's balancer and discovery
+source from ``client.mesh_status()``, and asks that discovery source once (:func:`meshlib.discovery.build_resolver`
+with the client's settings), so a typo in a variable or an unreachable DNS server shows up before deploying.
+``status`` prints the live mesh of a running process that opted in to the loopback admin endpoint
+(``MESHLIB_ADMIN_ADDR``, :mod:`meshlib.admin`): it reads the endpoint's ``/status`` JSON over HTTP and prints it
+with :func:`meshlib.status.format_status`. Configuration problems are reported as one line on stderr with exit
+code 2 (the usual "usage error" code), never as a traceback.
+
+Like everything in :mod:`meshlib.tools`, this module uses meshlib's public API only.
 """
 
 from __future__ import annotations
@@ -16,16 +20,15 @@ import argparse
 import json
 import os
 import sys
+import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
-from meshlib import __version__
-from meshlib._config import SERVICE_PREFIX, parse_admin_addr, service_key
-from meshlib.admin import fetch_status
-from meshlib.demo import DemoOptions, run_demo
-from meshlib.discovery.base import Endpoint, Resolution
-from meshlib.errors import ConfigError, DiscoveryError
-from meshlib.httpx import Client
-from meshlib.status import format_status
+import meshlib
+from meshlib.discovery import DiscoverySettings, Resolution, build_resolver
+from meshlib.errors import DiscoveryError  # the library-neutral kind: discovery raises it, whichever HTTP library
+from meshlib.status import ServiceStatus, format_status
+from meshlib.tools.demo import DemoOptions, run_demo
 
 EXIT_OK = 0
 #: Discovery could not answer (DNS down, ...): the configuration is fine, the world is not.
@@ -36,6 +39,9 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 1
 #: Where ``meshlib status`` looks when neither ``--addr`` nor ``MESHLIB_ADMIN_ADDR`` says (Envoy's admin port).
 DEFAULT_ADMIN_ADDR = "127.0.0.1:9901"
+#: The variable that names a service's discovery target is this prefix and the service's ``<NAME>``.
+SERVICE_VARIABLE_PREFIX = "MESHLIB_SERVICE_"
+ADMIN_ADDR_VARIABLE = "MESHLIB_ADMIN_ADDR"
 
 
 class UsageError(Exception):
@@ -56,7 +62,7 @@ def _positive_int(raw: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per task, each with its own handler in ``handler``."""
     parser = argparse.ArgumentParser(prog="meshlib", description="A sidecarless service mesh for Python.")
-    parser.add_argument("--version", action="version", version=f"meshlib {__version__}")
+    parser.add_argument("--version", action="version", version=f"meshlib {meshlib.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "breakers and outlier ejection at work",
         description="Start 5 loopback backends (3 healthy, 1 slow, 1 failing with 503) and send the same "
         "requests through meshlib.Client balanced by p2c_ewma, then by round_robin, each with a fresh client and "
-        "the mesh's default resilience settings (MESHLIB_* variables are ignored). Shows per endpoint the "
+        "the mesh's default resilience settings (MESHLIB_* mesh settings are ignored; MESHLIB_HTTP_LIBRARY picks "
+        "httpx or httpx2). Shows per endpoint the "
         "attempts, latency, errors, breaker state and ejection; per balancer what callers saw and the retries.",
     )
     defaults = DemoOptions()
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    """``meshlib demo``: run :func:`meshlib.demo.run_demo` with the command-line options."""
+    """``meshlib demo``: run :func:`meshlib.tools.demo.run_demo` with the command-line options."""
     run_demo(DemoOptions(requests=args.requests, concurrency=args.concurrency, live=not args.no_live))
     return EXIT_OK
 
@@ -111,30 +118,82 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def run_resolve_command(args: argparse.Namespace) -> int:
     """``meshlib resolve HOST``: print the service's discovery answer, one endpoint per line."""
     host: str = args.service
-    with Client(inner_transport="httpx") as client:  # resolving needs no endpoint pools, sync or not
-        services = client.mesh.services
-        service = services.get(service_key(host))
+    config = meshlib.MeshConfig.from_env()  # what meshlib.Client() reads: the process's MESHLIB_* variables
+    # The client validates everything the application's would (targets, TLS files, the HTTP library...).
+    with meshlib.Client(config=config, inner_transport="httpx") as client:  # resolving needs no endpoint pools
+        service = config.service(host)
         if service is None:
-            known = ", ".join(sorted(s.name for s in services.values())) or "none"
-            variable = f"{SERVICE_PREFIX}{service_key(host)}"
+            known = ", ".join(sorted(s.name for s in config.services.values())) or "none"
+            variable = service_variable(host)
             raise UsageError(f"unknown service {host!r}: {variable} is not set (configured services: {known})")
-        resolution = service.resolver.resolve()
-        print(f"{service.name}: {len(resolution.endpoints)} endpoint(s) from {service.resolver.source}")
-        print(f"  balancer {service.lb_name}, {_describe_ttl(resolution)}")
+        status = _service_status(client.mesh_status(), service.name)
+        resolution = resolve_once(config, service)
+        print(f"{status.name}: {len(resolution.endpoints)} endpoint(s) from {status.discovery.source}")
+        print(f"  balancer {status.balancer}, {_describe_ttl(resolution)}")
         for endpoint in resolution.endpoints:
             print(f"  {_describe_endpoint(endpoint)}")
     return EXIT_OK
 
 
+def service_variable(host: str) -> str:
+    """``MESHLIB_SERVICE_<NAME>`` for a request host: ``<NAME>`` is the host upper-cased with ``-`` and ``.``
+    written as ``_`` (the rule docs/configuration.md states: ``user-api`` -> ``MESHLIB_SERVICE_USER_API``)."""
+    return SERVICE_VARIABLE_PREFIX + host.upper().replace("-", "_").replace(".", "_")
+
+
+def _service_status(status: meshlib.MeshStatus, name: str) -> ServiceStatus:
+    """The client's view of service ``name`` in a ``mesh_status()`` snapshot (every configured service is in it)."""
+    for service in status.services:
+        if service.name == name:
+            return service
+    raise LookupError(f"mesh_status() has no service {name!r}")  # a configured service always appears
+
+
+def resolve_once(config: meshlib.MeshConfig, service: meshlib.ServiceConfig) -> Resolution:
+    """Ask ``service``'s discovery source once, with the discovery settings a client built from ``config`` uses."""
+    settings = DiscoverySettings(dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ)
+    variable = service.variable or f"services[{service.name!r}]"
+    resolver = build_resolver(service.name, service.target, settings, variable=variable)
+    try:
+        return resolver.resolve()
+    finally:
+        resolver.close()
+
+
+def admin_address(name: str, raw: str) -> tuple[str, int]:
+    """``raw`` read as ``MESHLIB_ADMIN_ADDR`` is (loopback ``ip:port`` only); a :class:`meshlib.ConfigError` names
+    ``name`` (``--addr``, the variable, or ``default``)."""
+    try:
+        address = meshlib.MeshConfig.from_env({ADMIN_ADDR_VARIABLE: raw}).admin_addr
+    except meshlib.ConfigError as error:
+        raise meshlib.ConfigError(name, raw, error.expected) from None
+    if address is None:  # blank
+        expected = "a loopback address and port such as 127.0.0.1:9901 or [::1]:9901"
+        raise meshlib.ConfigError(name, raw, f"{expected} (the admin endpoint is never served beyond this host)")
+    return address
+
+
+def fetch_status(address: tuple[str, int], timeout: float = 5.0) -> dict[str, Any]:
+    """``GET /status`` from the admin endpoint at ``address``: its JSON (no proxy: the endpoint is on this host)."""
+    host, port = address
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{_host_port(host, port)}/status", timeout=timeout) as answer:
+        payload: dict[str, Any] = json.loads(answer.read())
+    return payload
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def run_status_command(args: argparse.Namespace) -> int:
     """``meshlib status``: fetch ``/status`` from the admin endpoint and print it."""
     if args.addr:
-        address = parse_admin_addr("--addr", args.addr)
+        address = admin_address("--addr", args.addr)
     else:
-        raw = os.environ.get("MESHLIB_ADMIN_ADDR", "").strip()
-        address = parse_admin_addr("MESHLIB_ADMIN_ADDR" if raw else "default", raw or DEFAULT_ADMIN_ADDR)
-    host, port = address
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raw = os.environ.get(ADMIN_ADDR_VARIABLE, "").strip()
+        address = admin_address(ADMIN_ADDR_VARIABLE if raw else "default", raw or DEFAULT_ADMIN_ADDR)
+    where = _host_port(*address)
     try:
         payload = fetch_status(address)
     except (OSError, ValueError) as exc:
@@ -157,7 +216,7 @@ def _describe_ttl(resolution: Resolution) -> str:
     return f"ttl {resolution.ttl:g} s"
 
 
-def _describe_endpoint(endpoint: Endpoint) -> str:
+def _describe_endpoint(endpoint: meshlib.Endpoint) -> str:
     """``host:port`` followed by the attributes that differ from their defaults."""
     parts = [endpoint.address, f"weight={endpoint.weight}"]
     if endpoint.priority:
@@ -181,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         code: int = args.handler(args)
-    except (ConfigError, UsageError) as exc:
+    except (meshlib.ConfigError, UsageError) as exc:
         print(f"meshlib: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DiscoveryError as exc:
