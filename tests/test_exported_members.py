@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 
+import httpx as httpx_module
+import pytest
+
 import meshlib
 from tests.httplib import httpx
 
@@ -56,3 +59,20 @@ def test_errors_are_mesh_errors() -> None:
         assert issubclass(getattr(meshlib, name), meshlib.MeshError)
     for name in ("NoEndpointsError", "OverloadedError", "IdentityError"):
         assert issubclass(getattr(meshlib, name), meshlib.MeshError)
+
+
+def test_top_level_clients_follow_the_documented_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHLIB_HTTP_LIBRARY", raising=False)
+    assert meshlib.http_library() == "httpx"  # the default
+    monkeypatch.setenv("MESHLIB_HTTP_LIBRARY", " HTTPX2 ")
+    assert meshlib.http_library() == "httpx2"
+    monkeypatch.setenv("MESHLIB_HTTP_LIBRARY", "requests")
+    with pytest.raises(meshlib.ConfigError, match=r"MESHLIB_HTTP_LIBRARY='requests'.*httpx or httpx2"):
+        meshlib.http_library()
+    assert issubclass(meshlib.httpx.Client, httpx_module.Client)  # the explicit namespaces, whatever the rule
+    assert meshlib.httpx.Client.__init__ is not meshlib.AsyncClient.__init__
+
+
+def test_the_rule_variable_is_a_known_setting(caplog: pytest.LogCaptureFixture) -> None:
+    meshlib.MeshConfig.from_env({"MESHLIB_HTTP_LIBRARY": "httpx2"})
+    assert "unknown environment variable" not in caplog.text

@@ -180,9 +180,11 @@ def test_a_transport_of_the_other_library_is_refused_clearly() -> None:
 
 
 def test_errors_leave_in_the_clients_library_flavour(start_backends: BackendFactory) -> None:
-    with meshlib.Client(services={SERVICE: "static://127.0.0.1:1"}, environ={}) as client:
-        with pytest.raises(meshlib.MeshError) as info:
-            client.get(f"http://{SERVICE}/x", extensions={"meshlib.policy": meshlib.Policy(deadline=0)})
+    with (
+        meshlib.Client(services={SERVICE: "static://127.0.0.1:1"}, environ={}) as client,
+        pytest.raises(meshlib.MeshError) as info,
+    ):
+        client.get(f"http://{SERVICE}/x", extensions={"meshlib.policy": meshlib.Policy(deadline=0)})
     assert isinstance(info.value, meshlib.DeadlineExceeded)  # the library-neutral kind
     assert isinstance(info.value, httpx.TimeoutException)  # and the client library's exception
     assert type(info.value).__module__ == f"meshlib.{client.http_library}"

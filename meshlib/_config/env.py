@@ -122,7 +122,9 @@ SERVICE_SETTINGS.update({suffix: "resilience" for suffix in _RESILIENCE_SETTINGS
 SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
 
 #: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
-KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED}
+#: Read elsewhere, not into MeshConfig: which HTTP library the top-level ``meshlib.Client`` is (``meshlib``).
+_READ_ELSEWHERE = frozenset({"MESHLIB_HTTP_LIBRARY"})
+KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED} | _READ_ELSEWHERE
 
 
 def mesh_config_from_env(
