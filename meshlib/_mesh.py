@@ -86,7 +86,13 @@ class _Router(Generic[T]):
 
 
 class _Mesh(Generic[T]):
-    """What both drivers share: the services, their pools' owner, telemetry, and where leases hand back."""
+    """What both drivers share: the services, their pools' owner, telemetry, and where leases hand back.
+
+    ``new_transport(endpoint, service_key)`` makes the pooled inner transport of one endpoint (called once per
+    endpoint, on the slow path); ``owns_transports=False`` when it returns a transport the caller owns (a user's
+    ``transport=``), which is then never closed here. ``passthrough`` serves hosts outside the mesh when the
+    transport is used on its own (``meshlib.Client`` routes those itself).
+    """
 
     def __init__(
         self,
@@ -94,9 +100,9 @@ class _Mesh(Generic[T]):
         config: MeshConfig,
         new_transport: Callable[[Endpoint, str], T],
         *,
-        owns_transports: bool,
-        passthrough: T | None,
-        telemetry: ClientTelemetry | None,
+        owns_transports: bool = True,
+        passthrough: T | None = None,
+        telemetry: ClientTelemetry | None = None,
     ) -> None:
         self.lib = lib
         self.config = config
@@ -106,6 +112,26 @@ class _Mesh(Generic[T]):
         self._owns = owns_transports
         self._passthrough = passthrough
         self._closed = False
+        self.home = LeaseHome(self._pool_idle)
+        self._driver_state()
+
+    def _driver_state(self) -> None:
+        """The driver's own state (threads or tasks), made at construction."""
+
+    def _pool_idle(self, transport: T) -> None:
+        """A retired endpoint's pool has no request left: close it, the driver's way."""
+        raise NotImplementedError
+
+    def _call(self, service: Service[T], request: Any) -> Call[T]:
+        """A new call (after running releases the garbage collector queued)."""
+        self.home.settle()
+        return Call(self.lib, service, request, self.home, self.telemetry)
+
+    def _failed(self, call: Call[T], exc: BaseException) -> None:
+        """The call failed before its plan ran (first discovery): observers hear of it; the error is localized."""
+        call.finished(None, exc)
+        if isinstance(exc, MeshError):
+            self.lib.localize(exc)
 
     @property
     def services(self) -> dict[str, Service[T]]:
@@ -125,28 +151,9 @@ class _Mesh(Generic[T]):
 
 
 class MeshTransport(_Mesh[Any]):
-    """The blocking driver: ``meshlib.Client`` sends every mesh request through it (an httpx/httpx2 transport).
+    """The blocking driver: ``meshlib.Client`` sends every mesh request through it (an httpx/httpx2 transport)."""
 
-    ``new_transport(endpoint, service_key)`` makes the pooled inner transport of one endpoint (called once per
-    endpoint, on the slow path); ``owns_transports=False`` when it returns a transport the caller owns (a user's
-    ``transport=``), which is then never closed here. ``passthrough`` serves hosts outside the mesh when the
-    transport is used on its own (``meshlib.Client`` routes those itself).
-    """
-
-    def __init__(
-        self,
-        lib: HttpLib,
-        config: MeshConfig,
-        new_transport: Callable[[Endpoint, str], Any],
-        *,
-        owns_transports: bool = True,
-        passthrough: Any = None,
-        telemetry: ClientTelemetry | None = None,
-    ) -> None:
-        super().__init__(
-            lib, config, new_transport, owns_transports=owns_transports, passthrough=passthrough, telemetry=telemetry
-        )
-        self.home = LeaseHome(self._close_pool)
+    def _driver_state(self) -> None:
         self._refreshers: dict[str, RefreshThread] = {}
         # One lock per service for its first discovery: a slow first lookup of one service holds up no other.
         self._start_locks = {svc.name: threading.Lock() for svc in self.services.values()}
@@ -173,7 +180,7 @@ class MeshTransport(_Mesh[Any]):
         if service.cache.snapshot is not None:
             self._close_pools(service.apply(service.cache.snapshot))
 
-    def _close_pool(self, transport: Any) -> None:
+    def _pool_idle(self, transport: Any) -> None:
         if not self._owns:
             return
         try:
@@ -183,7 +190,7 @@ class MeshTransport(_Mesh[Any]):
 
     def _close_pools(self, transports: list[Any]) -> None:
         for transport in transports:
-            self._close_pool(transport)
+            self._pool_idle(transport)
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
@@ -192,8 +199,7 @@ class MeshTransport(_Mesh[Any]):
             if self._passthrough is None:
                 self._passthrough = self.lib.HTTPTransport()
             return self._passthrough.handle_request(request)
-        self.home.settle()
-        call: Call[Any] = Call(self.lib, service, request, self.home, self.telemetry)
+        call = self._call(service, request)
         try:
             active = service.active
             if active is None:
@@ -201,9 +207,7 @@ class MeshTransport(_Mesh[Any]):
             elif service.cache.consecutive_failures:
                 active = service.current()  # discovery failing: still usable unless too stale
         except BaseException as exc:
-            call.finished(None, exc)
-            if isinstance(exc, MeshError):
-                self.lib.localize(exc)
+            self._failed(call, exc)
             raise
         try:
             return self.drive(call, call.plan(active))
@@ -319,20 +323,7 @@ class AsyncMeshTransport(_Mesh[Any]):
     that one query.
     """
 
-    def __init__(
-        self,
-        lib: HttpLib,
-        config: MeshConfig,
-        new_transport: Callable[[Endpoint, str], Any],
-        *,
-        owns_transports: bool = True,
-        passthrough: Any = None,
-        telemetry: ClientTelemetry | None = None,
-    ) -> None:
-        super().__init__(
-            lib, config, new_transport, owns_transports=owns_transports, passthrough=passthrough, telemetry=telemetry
-        )
-        self.home = LeaseHome(self._close_later)
+    def _driver_state(self) -> None:
         self._refreshers: dict[str, RefreshTask] = {}
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
         self._first: dict[str, asyncio.Event] = {}
@@ -383,7 +374,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             except Exception:
                 logger.exception("closing an endpoint transport failed")
 
-    def _close_later(self, transport: Any) -> None:
+    def _pool_idle(self, transport: Any) -> None:
         """Close a retired endpoint's pool from a sync callback (a stream's close) on the running loop."""
         if not self._owns:
             return
@@ -398,8 +389,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             if self._passthrough is None:
                 self._passthrough = self.lib.AsyncHTTPTransport()
             return await self._passthrough.handle_async_request(request)
-        self.home.settle()
-        call: Call[Any] = Call(self.lib, service, request, self.home, self.telemetry)
+        call = self._call(service, request)
         try:
             active = service.active
             if active is None:
@@ -407,9 +397,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             elif service.cache.consecutive_failures:
                 active = service.current()
         except BaseException as exc:
-            call.finished(None, exc)
-            if isinstance(exc, MeshError):
-                self.lib.localize(exc)
+            self._failed(call, exc)
             raise
         try:
             return await self.drive(call, call.plan(active))
