@@ -294,7 +294,7 @@ async def test_aiohttp_endpoint_leaving_closes_its_connections(
 
 
 @pytest.mark.skipif(LIBRARY != "httpx2", reason="about httpx2 clients")
-async def test_httpx2_clients_refuse_aiohttp_naming_the_library() -> None:
+def test_httpx2_clients_refuse_aiohttp_naming_the_library() -> None:
     with pytest.raises(meshlib.ConfigError, match=r"MESHLIB_INNER_TRANSPORT='aiohttp'.*not httpx2.*meshlib\.httpx\."):
         meshlib.AsyncClient(services={"payments": "static://127.0.0.1:1"}, environ=AIOHTTP)
 

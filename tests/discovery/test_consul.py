@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx  # what meshlib's Consul agent client uses, whichever library the mesh clients are on
 import pytest
 
 import meshlib
@@ -41,6 +41,7 @@ from meshlib.discovery.consul import (
 )
 from meshlib.errors import ConsulACLError
 from tests.conftest import BackendFactory, LogWatch
+from tests.httplib import httpx as client_httpx
 from tests.servers.consul import ConsulEmulator
 
 #: The loop without its rate limit and with millisecond backoffs: client tests drive several changes in a row.
@@ -484,7 +485,7 @@ def test_client_close_stops_the_refresh_thread_during_a_blocking_query(
     consul.register("payments", 8080, id="a", address="127.0.0.2")
     client = meshlib.Client(environ=client_env(consul, monkeypatch))
     try:
-        with pytest.raises(httpx.HTTPError):
+        with pytest.raises(client_httpx.HTTPError):
             client.get("http://payments/")  # nothing listens on 8080 of 127.0.0.2: only discovery matters
         consul.wait_for_blocked()
         refresher = client.mesh._refreshers["payments"]
