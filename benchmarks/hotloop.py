@@ -1,9 +1,9 @@
 """A request loop to profile: ``python -m benchmarks.hotloop --variant meshlib --mode sync [--profile]``.
 
-Starts nginx (1 KiB answers), then sends closed-loop requests for ``--seconds`` through raw httpx or
-meshlib, sync or async, with the default or the aiohttp inner transport, and prints requests/s and client
-CPU per request. ``--profile`` wraps the loop in pyinstrument and prints its call tree; for a native
-view, run it under py-spy instead::
+Starts nginx (1 KiB answers), then sends closed-loop requests for ``--seconds`` through raw httpx, raw
+httpx2, meshlib.httpx (``--variant meshlib``) or meshlib.httpx2, sync or async, with the default or the
+aiohttp inner transport, and prints requests/s and client CPU per request. ``--profile`` wraps the loop in
+pyinstrument and prints its call tree; for a native view, run it under py-spy instead::
 
     py-spy record -o /tmp/s1.svg -- .venv/bin/python -m benchmarks.hotloop --variant meshlib --seconds 10
 
@@ -14,29 +14,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-import meshlib
+import meshlib.httpx
 from benchmarks.harness import CpuMeter, Histogram, pin_client
 from benchmarks.load import ClosedResult, closed_async, closed_sync
 from benchmarks.servers import Nginx
 
+VARIANTS = ("httpx", "meshlib", "meshlib.httpx", "httpx2", "meshlib.httpx2")
 
-def _async_client(variant: str, transport: str, port: int) -> tuple[httpx.AsyncClient, str]:
+
+def _library(variant: str) -> Any:
+    """The module whose ``Client``/``AsyncClient`` the variant uses."""
+    if variant in ("meshlib", "meshlib.httpx"):
+        return meshlib.httpx
+    if variant in ("httpx2", "meshlib.httpx2"):
+        return importlib.import_module(variant)
+    return httpx
+
+
+def _client(variant: str, mode: str, port: int, **kwargs: Any) -> tuple[Any, str]:
+    cls = getattr(_library(variant), "Client" if mode == "sync" else "AsyncClient")
+    if variant.startswith("meshlib"):
+        return cls(services={"bench": f"static://127.0.0.1:{port}"}, environ={}, **kwargs), "http://bench/"
+    return cls(**kwargs), f"http://127.0.0.1:{port}/"
+
+
+def _async_client(variant: str, transport: str, port: int) -> tuple[Any, str]:
     kwargs: dict[str, Any] = {}
     if transport == "aiohttp":
         from httpx_aiohttp import AiohttpTransport
 
         kwargs["transport"] = AiohttpTransport()
-    if variant == "meshlib":
-        return meshlib.AsyncClient(
-            services={"bench": f"static://127.0.0.1:{port}"}, environ={}, **kwargs
-        ), "http://bench/"
-    return httpx.AsyncClient(**kwargs), f"http://127.0.0.1:{port}/"
+    return _client(variant, "async", port, **kwargs)
 
 
 def _inline(send: Callable[[], object], seconds: float) -> ClosedResult:
@@ -60,11 +75,7 @@ def loop(  # noqa: PLR0917
 ) -> ClosedResult:
     """One closed-loop run against ``port``."""
     if mode == "sync":
-        if variant == "meshlib":
-            client: httpx.Client = meshlib.Client(services={"bench": f"static://127.0.0.1:{port}"}, environ={})
-            url = "http://bench/"
-        else:
-            client, url = httpx.Client(), f"http://127.0.0.1:{port}/"
+        client, url = _client(variant, "sync", port)
         with client:
             if concurrency == 1:  # on this thread, so pyinstrument (which samples one thread) sees it
                 return _inline(lambda: client.get(url), seconds)
@@ -85,7 +96,7 @@ def loop(  # noqa: PLR0917
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, start nginx, run (and optionally profile) the loop, print the result."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=("httpx", "meshlib"), default="meshlib")
+    parser.add_argument("--variant", choices=VARIANTS, default="meshlib", help="meshlib is meshlib.httpx")
     parser.add_argument("--mode", choices=("sync", "async"), default="sync")
     parser.add_argument("--transport", choices=("default", "aiohttp"), default="default")
     parser.add_argument("--concurrency", type=int, default=1)

@@ -168,6 +168,9 @@ async def closed_async(
                 await send()
             except Exception:
                 errors += 1
+                # A send that fails before its first real suspension (a breaker open, a fail-fast limit) would
+                # otherwise spin here forever: the sleep below never gets the loop back and ``stop`` never flips.
+                await asyncio.sleep(0)
                 continue
             hist.record(perf() - t0)
 

@@ -20,7 +20,19 @@ from typing import Any
 
 from benchmarks.harness import Pinning, ScenarioResult
 
-PACKAGES = ("meshlib", "httpx", "httpcore", "h11", "anyio", "sniffio", "aiohttp", "httpx-aiohttp", "uvicorn", "numpy")
+PACKAGES = (
+    "meshlib",
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "h11",
+    "anyio",
+    "sniffio",
+    "aiohttp",
+    "httpx-aiohttp",
+    "uvicorn",
+    "numpy",
+)
 
 
 def _cpu_model() -> str:
