@@ -11,7 +11,7 @@ import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from meshlib.admin import METRICS_HINT, Address, _loopback_host, logger
+from meshlib.admin import METRICS_HINT, HostPort, _loopback_host, logger
 
 if TYPE_CHECKING:
     from meshlib.admin import AdminServer
@@ -25,7 +25,7 @@ class AdminHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     admin: AdminServer
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: HostPort) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 

@@ -54,7 +54,7 @@ from meshlib._mesh import AsyncMeshTransport, MeshTransport
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
-from meshlib.status import MeshStatus, snapshot
+from meshlib.status import MeshStatus, status_of
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.propagation import AsyncPropagatingTransport, PropagatingTransport, PropagationRule
 
@@ -342,7 +342,7 @@ class _MeshClient:
     def mesh_status(self) -> MeshStatus:
         """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
         self._mesh.home.settle()
-        return snapshot(self._mesh.services, "sync" if isinstance(self._mesh, MeshTransport) else "async")
+        return status_of(self._mesh.services, "sync" if isinstance(self._mesh, MeshTransport) else "async")
 
     @property
     def http_library(self) -> str:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from meshlib.resilience.classify import Outcome
 
 if TYPE_CHECKING:
-    from meshlib._service import Address, Service
+    from meshlib._service import HostPort, Service
     from meshlib.balance.base import EndpointStats
     from meshlib.resilience.classify import Classification
     from meshlib.resilience.limit import ConcurrencyLimit
@@ -78,7 +78,7 @@ class Lease:
         endpoint = stats.endpoint
         self.service = service
         self.stats = stats
-        self.address: Address = (endpoint.host, endpoint.port)
+        self.address: HostPort = (endpoint.host, endpoint.port)
         self.transport = transport
         self.home = home
         #: The call's in-flight slot, handed to this lease when its response goes to the caller.

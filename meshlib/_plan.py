@@ -53,12 +53,12 @@ from meshlib.resilience.classify import (
     classify_exception,
     classify_response,
 )
-from meshlib.resilience.retry import GiveUp, RetryRule
+from meshlib.resilience.retry import FINAL, GiveUp, RetryRule
 from meshlib.telemetry.tracing import inject
 
 if TYPE_CHECKING:
     from meshlib._http import HttpLib
-    from meshlib._service import Active, Address, Service
+    from meshlib._service import Active, HostPort, Service
     from meshlib.balance.base import EndpointStats
     from meshlib.resilience.limit import ConcurrencyLimit
     from meshlib.telemetry.client import CallTrace, ClientTelemetry
@@ -171,7 +171,7 @@ class _ByAddress:
 
     __slots__ = ("addresses",)
 
-    def __init__(self, addresses: set[Address] | frozenset[Address]) -> None:
+    def __init__(self, addresses: set[HostPort] | frozenset[HostPort]) -> None:
         self.addresses = addresses
 
     def __contains__(self, endpoint: object) -> bool:
@@ -207,6 +207,7 @@ class Call(Generic[T]):
     """
 
     __slots__ = (
+        "_rule",
         "attempts",
         "deadline",
         "home",
@@ -217,7 +218,6 @@ class Call(Generic[T]):
         "policy",
         "replayable",
         "request",
-        "rule",
         "service",
         "trace",
         "tried",
@@ -242,23 +242,32 @@ class Call(Generic[T]):
         self.policy, self.deadline = effective(service.policy, rules if isinstance(rules, Policy) else None)
         # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
         self.replayable = isinstance(request.stream, lib.ByteStream)
-        self.rule = RetryRule(
-            self.policy,
-            self.deadline,
-            service.budget,
-            method=self.method,
-            replayable=self.replayable,
-            has_idempotency_key=IDEMPOTENCY_KEY_HEADER in request.headers,
-            on_budget_exhausted=service.log_budget_exhausted,
-        )
+        self._rule: RetryRule | None = None  # made on the first retryable outcome: most calls never need it
         self.attempts = 0
         self.tried: list[str] = []
-        self.tried_addresses: set[Address] | None = None  # made on a retry: the first attempt needs none
-        self.peer: Address | None = None
+        self.tried_addresses: set[HostPort] | None = None  # made on a retry: the first attempt needs none
+        self.peer: HostPort | None = None
         self.verdict: Classification | None = None
         #: The call's slot of the service's in-flight limit, until handed to the lease of the final answer.
         self.permit: ConcurrencyLimit | None = None
         self.trace: CallTrace | None = telemetry.call_started(request) if telemetry is not None else None
+
+    @property
+    def rule(self) -> RetryRule:
+        """The call's retry rule (made on first use: a call that succeeds first time never asks it)."""
+        rule = self._rule
+        if rule is None:
+            service = self.service
+            rule = self._rule = RetryRule(
+                self.policy,
+                self.deadline,
+                service.budget,
+                method=self.method,
+                replayable=self.replayable,
+                has_idempotency_key=IDEMPOTENCY_KEY_HEADER in self.request.headers,
+                on_budget_exhausted=service.log_budget_exhausted,
+            )
+        return rule
 
     # -- the plan -------------------------------------------------------------------------------------------------
 
@@ -272,7 +281,9 @@ class Call(Generic[T]):
                 sent.append(attempt)
                 yield Send(attempt)
                 verdict = self.judge(attempt)
-                decision = self.rule.after(verdict, self.attempts)
+                decision = (
+                    FINAL if verdict.outcome is not Outcome.RETRYABLE else self.rule.after(verdict, self.attempts)
+                )
                 if isinstance(decision, GiveUp):
                     sent.clear()
                     response = self.finish(attempt, verdict)
@@ -338,9 +349,16 @@ class Call(Generic[T]):
         service = self.service
         key = service.hash_key(self.request)
         unhealthy = service.unhealthy()
+        if not unhealthy and self.peer is None:  # the common case: a first attempt, every endpoint usable
+            stats = active.pick(key, ())
+            if stats is not None:
+                endpoint = stats.endpoint
+                breaker = service.breakers.get((endpoint.host, endpoint.port))
+                if breaker is None or breaker.allow():
+                    return stats
         if unhealthy and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy)):
             unhealthy = service.open_breakers()  # panic: ignore ejections, never open breakers
-        refused: set[Address] = set()
+        refused: set[HostPort] = set()
         for _ in range(len(active.stats) + 1):
             excluded = set(unhealthy) | refused
             stats = None

@@ -30,12 +30,15 @@ from meshlib.resilience.breaker import STATE_CLOSED, EndpointBreaker
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.limit import ConcurrencyLimit
 from meshlib.resilience.outlier import OutlierDetector
+from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, ServiceStatus
 
 logger = logging.getLogger("meshlib.discovery")
 
 T = TypeVar("T")
 
-Address = tuple[str, int]
+#: One endpoint's ``(host, port)``: the key of its stats, breaker and pool (``Endpoint.address`` is the
+#: ``host:port`` string shown to people).
+HostPort = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,7 @@ class Active(Generic[T]):
     """What the request path reads: built on the slow path, never mutated afterwards."""
 
     snapshot: Snapshot
-    stats: dict[Address, EndpointStats]
+    stats: dict[HostPort, EndpointStats]
     #: One picker per SRV priority level, lowest (most preferred) first.
     pickers: tuple[Picker, ...]
 
@@ -91,7 +94,7 @@ class Service(Generic[T]):
             percent_can_retry=settings.retry_budget_fraction,
         )
         self.limit = ConcurrencyLimit(settings.max_inflight)
-        self.detector: OutlierDetector[Address] = OutlierDetector(
+        self.detector: OutlierDetector[HostPort] = OutlierDetector(
             settings.outlier_failures,
             settings.outlier_base_ejection,
             settings.outlier_max_ejection,
@@ -100,17 +103,17 @@ class Service(Generic[T]):
         )
         #: Breakers by endpoint address, created on an endpoint's first failure (:meth:`breaker_for`) and kept
         #: across refreshes like the stats. Replaced, never mutated, so the request path reads it without a lock.
-        self.breakers: dict[Address, EndpointBreaker] = {}
+        self.breakers: dict[HostPort, EndpointBreaker] = {}
         # Addresses whose breaker is not closed: maintained by the breakers' listener, read per attempt.
-        self._not_closed: frozenset[Address] = frozenset()
+        self._not_closed: frozenset[HostPort] = frozenset()
         self._budget_logged = 0.0
         self.active: Active[T] | None = None
         #: Each endpoint's pooled inner transport, made on its first request (:meth:`transport_for`): a
         #: service with 10,000 endpoints does not open 10,000 pools, nor build them on its first request.
         #: Only ever added to under the update lock; the request path reads it without one.
-        self.transports: dict[Address, T] = {}
+        self.transports: dict[HostPort, T] = {}
         #: Transports of endpoints that left while requests were still using them: closed when those end.
-        self.retiring: dict[Address, tuple[EndpointStats, T]] = {}
+        self.retiring: dict[HostPort, tuple[EndpointStats, T]] = {}
         self._update_lock = threading.Lock()
 
     def current(self) -> Active[T]:
@@ -146,16 +149,16 @@ class Service(Generic[T]):
             _log_change(self.name, old.stats if old else {}, stats)
             return to_close
 
-    def _build(self, endpoints: tuple[Endpoint, ...]) -> dict[Address, EndpointStats]:
+    def _build(self, endpoints: tuple[Endpoint, ...]) -> dict[HostPort, EndpointStats]:
         """Stats for a first endpoint set (an address listed twice keeps its first entry)."""
-        stats: dict[Address, EndpointStats] = {}
+        stats: dict[HostPort, EndpointStats] = {}
         for endpoint in endpoints:
             address = (endpoint.host, endpoint.port)
             if address not in stats:
                 stats[address] = self._admit(address, endpoint)
         return stats
 
-    def _admit(self, address: Address, endpoint: Endpoint) -> EndpointStats:
+    def _admit(self, address: HostPort, endpoint: Endpoint) -> EndpointStats:
         """Stats of an endpoint joining the set: new, or back (with its pool) before its old requests ended."""
         if address in self.retiring:
             existing, transport = self.retiring.pop(address)
@@ -186,10 +189,10 @@ class Service(Generic[T]):
                 self.retiring[address] = (stats, transport)
             return transport
 
-    def _diff(self, old: Active[T], endpoints: tuple[Endpoint, ...]) -> tuple[dict[Address, EndpointStats], list[T]]:
+    def _diff(self, old: Active[T], endpoints: tuple[Endpoint, ...]) -> tuple[dict[HostPort, EndpointStats], list[T]]:
         """The new stats from the old ones plus the difference; transports of departed endpoints to close now."""
         before, after = frozenset(old.snapshot.endpoints), frozenset(endpoints)
-        joined: dict[Address, Endpoint] = {}
+        joined: dict[HostPort, Endpoint] = {}
         for endpoint in after - before:
             joined.setdefault((endpoint.host, endpoint.port), endpoint)
         stats = dict(old.stats)
@@ -213,13 +216,13 @@ class Service(Generic[T]):
                 stats[address] = self._admit(address, endpoint)
         return stats, to_close
 
-    def _update_breakers(self, stats: dict[Address, EndpointStats]) -> None:
+    def _update_breakers(self, stats: dict[HostPort, EndpointStats]) -> None:
         """Forget the breakers of endpoints that left (the others keep their state)."""
         if any(address not in stats for address in self.breakers):
             self.breakers = {a: b for a, b in self.breakers.items() if a in stats}
             self._not_closed = frozenset(a for a, b in self.breakers.items() if b.state is not STATE_CLOSED)
 
-    def breaker_for(self, address: Address) -> EndpointBreaker:
+    def breaker_for(self, address: HostPort) -> EndpointBreaker:
         """The endpoint's breaker, created on its first failure.
 
         Lazily, because a breaker costs about 25 µs to build and healthy endpoints never need one: building
@@ -246,7 +249,7 @@ class Service(Generic[T]):
         with self._update_lock:
             self._not_closed = frozenset(a for a, b in self.breakers.items() if b.state is not STATE_CLOSED)
 
-    def open_breakers(self) -> frozenset[Address]:
+    def open_breakers(self) -> frozenset[HostPort]:
         """Addresses whose breaker refuses requests right now (open, penalty not yet over)."""
         not_closed = self._not_closed
         if not not_closed:
@@ -254,7 +257,7 @@ class Service(Generic[T]):
         breakers = self.breakers
         return frozenset(a for a in not_closed if a in breakers and not breakers[a].available())
 
-    def unhealthy(self) -> frozenset[Address]:
+    def unhealthy(self) -> frozenset[HostPort]:
         """Addresses the balancer should skip: ejected by outlier detection or behind an open breaker."""
         ejected = self.detector.ejected()
         if not self._not_closed:
@@ -267,6 +270,73 @@ class Service(Generic[T]):
             return None
         value = request.headers.get(self.hash_header)
         return value.encode() if value is not None else None
+
+    def view(self) -> ServiceStatus:
+        """The service's read model, taken now: what status, metrics, the admin endpoint and the demo read.
+
+        Observers read this and receive call events; none of them reaches into the service's parts. It takes no
+        lock the request path takes for long: it reads the immutable endpoint view and the counters requests
+        update, so numbers taken at one instant may disagree by a request in flight.
+        """
+        cache = self.cache
+        published = cache.snapshot
+        age = cache.age()
+        budget = self.budget
+        limit = self.limit
+        active = self.active
+        endpoints: list[EndpointStatus] = []
+        if active is not None:
+            now = time.monotonic()
+            ejected = self.detector.ejected()
+            breakers = self.breakers
+            for address, stats in sorted(active.stats.items()):
+                breaker = breakers.get(address)
+                endpoint = stats.endpoint
+                endpoints.append(
+                    EndpointStatus(
+                        address=endpoint.address,
+                        host=address[0],
+                        port=address[1],
+                        weight=endpoint.weight,
+                        priority=endpoint.priority,
+                        zone=endpoint.zone,
+                        inflight=stats.inflight,
+                        latency_ms=round(stats.cost(now) * 1000.0, 3),
+                        requests=stats.requests,
+                        failures=stats.failures,
+                        breaker=breaker.state if breaker is not None else STATE_CLOSED,
+                        breaker_failures=breaker.failures if breaker is not None else 0,
+                        breaker_opens=breaker.trips if breaker is not None else 0,
+                        ejected=address in ejected,
+                    )
+                )
+        return ServiceStatus(
+            name=self.name,
+            balancer=self.lb_name,
+            started=active is not None,
+            discovery=DiscoveryStatus(
+                source=cache.source,
+                age_s=None if age is None else round(age, 3),
+                version=None if published is None else published.version,
+                refreshes=cache.refreshes,
+                failures=cache.failures,
+                consecutive_failures=cache.consecutive_failures,
+                changes=cache.changes,
+                last_error=cache.last_error,
+            ),
+            budget=BudgetStatus(
+                available=round(budget.balance(), 2),
+                retries=budget.withdrawals,
+                exhausted=budget.exhausted,
+                percent=budget.percent_can_retry,
+                min_per_second=budget.min_retries_per_second,
+                inflight=limit.inflight,
+                max_inflight=limit.max_inflight,
+                overloaded=limit.rejected,
+            ),
+            ejections=self.detector.ejections,
+            endpoints=endpoints,
+        )
 
     def log_budget_exhausted(self) -> None:
         """One WARNING per 10 s at most: the retry budget refused retries (each refusal is counted)."""
@@ -300,7 +370,7 @@ class Service(Generic[T]):
             return found
 
 
-def _log_change(service: str, old: dict[Address, EndpointStats], new: dict[Address, EndpointStats]) -> None:
+def _log_change(service: str, old: dict[HostPort, EndpointStats], new: dict[HostPort, EndpointStats]) -> None:
     """One INFO line per endpoint-set change, after the new set serves traffic."""
     if old.keys() == new.keys():
         return

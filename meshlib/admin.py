@@ -34,7 +34,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from meshlib.status import snapshot
+from meshlib.status import status_of
 
 if TYPE_CHECKING:  # telemetry (OpenTelemetry) and http.server are imported by the first admin server
     from meshlib._admin_http import AdminHTTPServer
@@ -45,7 +45,7 @@ __all__ = ["AdminServer", "attach", "detach", "running"]
 
 logger = logging.getLogger("meshlib.admin")
 
-Address = tuple[str, int]
+HostPort = tuple[str, int]
 
 #: What ``/metrics`` answers when the Prometheus exporter is not installed.
 METRICS_HINT = (
@@ -76,7 +76,7 @@ def _loopback_host(header: str | None) -> bool:
 class AdminServer:
     """One admin HTTP server and the clients it reports (weakly held)."""
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: HostPort) -> None:
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[weakref.ref[Any], str]] = {}
         # http.server is imported here, by the first admin server, not by ``import meshlib``.
@@ -84,7 +84,7 @@ class AdminServer:
 
         self._server: AdminHTTPServer = AdminHTTPServer(address)
         self._server.admin = self
-        self.address: Address = self._server.server_address[:2]  # type: ignore[assignment]
+        self.address: HostPort = self._server.server_address[:2]  # type: ignore[assignment]
         self._prometheus = _Prometheus.create()
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -134,7 +134,7 @@ class AdminServer:
         return {
             "meshlib": __version__,
             "pid": os.getpid(),
-            "clients": [snapshot(mesh.services, kind).to_dict() for mesh, kind in clients if mesh is not None],
+            "clients": [status_of(mesh.services, kind).to_dict() for mesh, kind in clients if mesh is not None],
         }
 
     def metrics_text(self) -> tuple[bytes, str] | None:
@@ -184,17 +184,17 @@ class _Prometheus:
         self._provider.shutdown()
 
 
-def _format(address: Address) -> str:
+def _format(address: HostPort) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _LOCK = threading.Lock()
 #: Running servers by the address they were asked for (port 0 included), so clients that ask alike share.
-_SERVERS: dict[Address, AdminServer] = {}
+_SERVERS: dict[HostPort, AdminServer] = {}
 
 
-def attach(transport: Any, telemetry: ClientTelemetry, address: Address, kind: str) -> AdminServer | None:
+def attach(transport: Any, telemetry: ClientTelemetry, address: HostPort, kind: str) -> AdminServer | None:
     """Register a client's mesh with the admin server at ``address``, starting it if needed.
 
     Returns ``None`` (after one WARNING) when the port is taken by someone else: the client works on.
@@ -228,13 +228,13 @@ def detach(server: AdminServer, transport: Any, telemetry: ClientTelemetry) -> N
         server.close()  # under the lock: a client attaching next finds the port free again
 
 
-def running() -> dict[Address, AdminServer]:
+def running() -> dict[HostPort, AdminServer]:
     """The admin servers of this process, by requested address (for tests and diagnostics)."""
     with _LOCK:
         return dict(_SERVERS)
 
 
-def fetch_status(address: Address, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(address: HostPort, timeout: float = 5.0) -> dict[str, Any]:
     """``GET /status`` from the admin endpoint at ``address`` (no proxy: it is on this host)."""
     import urllib.request
 

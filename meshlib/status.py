@@ -15,10 +15,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from meshlib._service import Service
-from meshlib.resilience.breaker import STATE_CLOSED
+from typing import Any, Protocol
 
 __all__ = [
     "BudgetStatus",
@@ -27,7 +24,7 @@ __all__ = [
     "MeshStatus",
     "ServiceStatus",
     "format_status",
-    "snapshot",
+    "status_of",
 ]
 
 
@@ -35,12 +32,15 @@ __all__ = [
 class EndpointStatus:
     """One endpoint as this client sees it.
 
-    ``latency_ms`` is the balancer's peak-EWMA estimate (decayed to now); ``requests`` and ``failures`` count
+    ``address`` is ``host:port`` as written in discovery (``host`` and ``port`` apart too); ``latency_ms`` is the
+    balancer's peak-EWMA estimate (decayed to now); ``requests`` and ``failures`` count
     attempts since the endpoint joined; ``breaker`` is ``closed``, ``open`` or ``half-open``; ``ejected`` is
     outlier detection's verdict.
     """
 
     address: str
+    host: str
+    port: int
     weight: int
     priority: int
     zone: str | None
@@ -109,73 +109,19 @@ class MeshStatus:
         return dataclasses.asdict(self)
 
 
-def snapshot(services: Mapping[str, Service[Any]], client: str) -> MeshStatus:
-    """A :class:`MeshStatus` of ``services`` (a mesh transport's ``services``) taken now."""
+class _Viewed(Protocol):
+    """Anything that reports its own read model: a mesh service (``meshlib._service.Service.view``)."""
+
+    def view(self) -> ServiceStatus: ...
+
+
+def status_of(services: Mapping[str, _Viewed], client: str) -> MeshStatus:
+    """A :class:`MeshStatus` of ``services`` (a mesh's services, each giving its own view) taken now."""
     return MeshStatus(
         client=client,
         pid=os.getpid(),
         taken_at=time.time(),
-        services=[_service(service) for _, service in sorted(services.items())],
-    )
-
-
-def _service(service: Service[Any]) -> ServiceStatus:
-    cache = service.cache
-    snap = cache.snapshot
-    age = cache.age()
-    budget = service.budget
-    limit = service.limit
-    active = service.active
-    endpoints: list[EndpointStatus] = []
-    if active is not None:
-        now = time.monotonic()
-        ejected = service.detector.ejected()
-        breakers = service.breakers
-        for address, stats in sorted(active.stats.items()):
-            breaker = breakers.get(address)
-            endpoint = stats.endpoint
-            endpoints.append(
-                EndpointStatus(
-                    address=endpoint.address,
-                    weight=endpoint.weight,
-                    priority=endpoint.priority,
-                    zone=endpoint.zone,
-                    inflight=stats.inflight,
-                    latency_ms=round(stats.cost(now) * 1000.0, 3),
-                    requests=stats.requests,
-                    failures=stats.failures,
-                    breaker=breaker.state if breaker is not None else STATE_CLOSED,
-                    breaker_failures=breaker.failures if breaker is not None else 0,
-                    breaker_opens=breaker.trips if breaker is not None else 0,
-                    ejected=address in ejected,
-                )
-            )
-    return ServiceStatus(
-        name=service.name,
-        balancer=service.lb_name,
-        started=active is not None,
-        discovery=DiscoveryStatus(
-            source=cache.source,
-            age_s=None if age is None else round(age, 3),
-            version=None if snap is None else snap.version,
-            refreshes=cache.refreshes,
-            failures=cache.failures,
-            consecutive_failures=cache.consecutive_failures,
-            changes=cache.changes,
-            last_error=cache.last_error,
-        ),
-        budget=BudgetStatus(
-            available=round(budget.balance(), 2),
-            retries=budget.withdrawals,
-            exhausted=budget.exhausted,
-            percent=budget.percent_can_retry,
-            min_per_second=budget.min_retries_per_second,
-            inflight=limit.inflight,
-            max_inflight=limit.max_inflight,
-            overloaded=limit.rejected,
-        ),
-        ejections=service.detector.ejections,
-        endpoints=endpoints,
+        services=[service.view() for _, service in sorted(services.items())],
     )
 
 

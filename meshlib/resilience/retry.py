@@ -39,7 +39,7 @@ from meshlib.policy import Policy
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.classify import IDEMPOTENT_METHODS, Classification, Outcome
 
-__all__ = ["GiveUp", "RetryRule"]
+__all__ = ["FINAL", "GiveUp", "RetryRule"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,15 +27,15 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from opentelemetry import metrics
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, MeterProvider, Observation
 
-from meshlib._service import Service
 from meshlib.resilience.breaker import STATE_OPEN
+from meshlib.status import EndpointStatus, ServiceStatus
 from meshlib.telemetry.tracing import INSTRUMENTATION_NAME, SCHEMA_URL, _version
 
 __all__ = [
@@ -58,11 +58,15 @@ Attributes = dict[str, str | int | bool]
 _Key = tuple[tuple[str, str | int | bool], ...]
 
 
+class _Viewed(Protocol):
+    def view(self) -> ServiceStatus: ...
+
+
 class MetricSource(Protocol):
-    """What observable instruments read: a mesh transport's services (``MeshTransport.services``)."""
+    """What observable instruments read: a mesh's services (``MeshTransport.services``), through their views."""
 
     @property
-    def services(self) -> Mapping[str, Service[Any]]: ...
+    def services(self) -> Mapping[str, _Viewed]: ...
 
 
 def global_meter_provider_set() -> bool:
@@ -214,91 +218,83 @@ class MeshMetrics:
 
     # -- collection time -------------------------------------------------------------------------------------
 
-    def _services(self) -> Iterator[Service[Any]]:
-        for source in list(self.sources):
-            yield from list(source.services.values())
+    def _views(self) -> list[ServiceStatus]:
+        """Every observed service's read model (``Service.view``), taken now."""
+        return [service.view() for source in list(self.sources) for service in list(source.services.values())]
 
     @staticmethod
     def _emit(values: dict[_Key, float]) -> list[Observation]:
         return [Observation(value, dict(key)) for key, value in values.items()]
 
     def _per_service(
-        self, value: Callable[[Service[Any]], float], combine: Callable[[float, float], float]
+        self, value: Callable[[ServiceStatus], float], combine: Callable[[float, float], float]
     ) -> list[Observation]:
         values: dict[_Key, float] = {}
-        for service in self._services():
-            key: _Key = (("server.address", service.name),)
-            found = value(service)
+        for view in self._views():
+            key: _Key = (("server.address", view.name),)
+            found = value(view)
             values[key] = combine(values[key], found) if key in values else found
         return self._emit(values)
 
-    def _per_endpoint(self, value: Callable[[Service[Any], Any], float]) -> list[Observation]:
+    def _per_endpoint(self, value: Callable[[EndpointStatus], float]) -> list[Observation]:
         values: dict[_Key, float] = {}
-        for service in self._services():
-            active = service.active
-            if active is None:
-                continue
-            for (host, port), stats in list(active.stats.items()):
+        for view in self._views():
+            for endpoint in view.endpoints:
                 key: _Key = (
-                    ("server.address", service.name),
-                    ("network.peer.address", host),
-                    ("network.peer.port", port),
+                    ("server.address", view.name),
+                    ("network.peer.address", endpoint.host),
+                    ("network.peer.port", endpoint.port),
                 )
-                values[key] = values.get(key, 0) + value(service, stats)
+                values[key] = values.get(key, 0) + value(endpoint)
         return self._emit(values)
 
     def _active_requests(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.limit.inflight, _add)
+        return self._per_service(lambda v: v.budget.inflight, _add)
 
     def _inflight(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_endpoint(lambda s, stats: stats.inflight)
+        return self._per_endpoint(lambda e: e.inflight)
 
     def _attempts(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_endpoint(lambda s, stats: stats.requests)
+        return self._per_endpoint(lambda e: e.requests)
 
     def _attempt_failures(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_endpoint(lambda s, stats: stats.failures)
+        return self._per_endpoint(lambda e: e.failures)
 
     def _breaker_opens(self, options: CallbackOptions) -> list[Observation]:
-        def trips(service: Service[Any], stats: Any) -> float:
-            breaker = service.breakers.get((stats.endpoint.host, stats.endpoint.port))
-            return 0 if breaker is None else breaker.trips
-
-        return self._per_endpoint(trips)
+        return self._per_endpoint(lambda e: e.breaker_opens)
 
     def _retries(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.budget.withdrawals, _add)
+        return self._per_service(lambda v: v.budget.retries, _add)
 
     def _budget_exhausted(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.budget.exhausted, _add)
+        return self._per_service(lambda v: v.budget.exhausted, _add)
 
     def _overloaded(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.limit.rejected, _add)
+        return self._per_service(lambda v: v.budget.overloaded, _add)
 
     def _ejections(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.detector.ejections, _add)
+        return self._per_service(lambda v: v.ejections, _add)
 
     def _discovery_refreshes(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.cache.refreshes, _add)
+        return self._per_service(lambda v: v.discovery.refreshes, _add)
 
     def _discovery_failures(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda s: s.cache.failures, _add)
+        return self._per_service(lambda v: v.discovery.failures, _add)
 
     def _discovery_age(self, options: CallbackOptions) -> list[Observation]:
         values: dict[_Key, float] = {}
-        for service in self._services():
-            age = service.cache.age()
+        for view in self._views():
+            age = view.discovery.age_s
             if age is not None:
-                key: _Key = (("server.address", service.name),)
+                key: _Key = (("server.address", view.name),)
                 values[key] = max(values.get(key, 0.0), age)
         return self._emit(values)
 
     def _endpoints(self, options: CallbackOptions) -> list[Observation]:
         values: dict[_Key, float] = {}
-        for service in self._services():
-            counts = endpoint_states(service)
-            for state, count in counts.items():
-                key: _Key = (("server.address", service.name), ("meshlib.endpoint.state", state))
+        for view in self._views():
+            for state, count in endpoint_states(view).items():
+                key: _Key = (("server.address", view.name), ("meshlib.endpoint.state", state))
                 values[key] = max(values.get(key, 0), count)
         return self._emit(values)
 
@@ -307,19 +303,13 @@ def _add(a: float, b: float) -> float:
     return a + b
 
 
-def endpoint_states(service: Service[Any]) -> dict[str, int]:
-    """How many endpoints of ``service`` are available, ejected, or behind an open breaker, right now."""
-    active = service.active
+def endpoint_states(view: ServiceStatus) -> dict[str, int]:
+    """How many endpoints of a service (its view) are available, ejected, or behind an open breaker."""
     counts = {"available": 0, "ejected": 0, "open": 0}
-    if active is None:
-        return counts
-    ejected = service.detector.ejected()
-    breakers = service.breakers
-    for address in active.stats:
-        breaker = breakers.get(address)
-        if breaker is not None and breaker.state == STATE_OPEN:
+    for endpoint in view.endpoints:
+        if endpoint.breaker == STATE_OPEN:
             counts["open"] += 1
-        elif address in ejected:
+        elif endpoint.ejected:
             counts["ejected"] += 1
         else:
             counts["available"] += 1
