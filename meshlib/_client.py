@@ -42,7 +42,7 @@ import logging
 import ssl
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -50,13 +50,16 @@ from opentelemetry.trace import TracerProvider
 from meshlib import admin
 from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib._http import HttpLib, library_of
-from meshlib._mesh import AsyncMeshTransport, MeshTransport
+from meshlib._mesh import MeshTransport
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
 from meshlib.status import MeshStatus, status_of
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.propagation import AsyncPropagatingTransport, PropagatingTransport, PropagationRule
+
+if TYPE_CHECKING:
+    from meshlib._amesh import AsyncMeshTransport
 
 logger = logging.getLogger("meshlib")
 
@@ -322,7 +325,12 @@ class _MeshClient:
 
     def _build_mesh(self, mesh: MeshConfig, pools: _PoolFactory | None, user_transport: Any, kind: str) -> None:
         telemetry = self._observability.telemetry
-        driver = MeshTransport if kind == "sync" else AsyncMeshTransport
+        if kind == "sync":
+            driver: type[MeshTransport | AsyncMeshTransport] = MeshTransport
+        else:
+            from meshlib._amesh import AsyncMeshTransport
+
+            driver = AsyncMeshTransport
         if pools is None:
             shared = user_transport
 

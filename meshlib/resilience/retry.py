@@ -30,14 +30,15 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
-
-import tenacity
+from typing import TYPE_CHECKING, cast
 
 from meshlib import pushback
 from meshlib.policy import Policy
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.classify import IDEMPOTENT_METHODS, Classification, Outcome
+
+if TYPE_CHECKING:
+    import tenacity
 
 __all__ = ["FINAL", "GiveUp", "RetryRule"]
 
@@ -124,6 +125,8 @@ class RetryRule:
     def _wait(self, verdict: Classification, attempts: int) -> float:
         if verdict.retry_after is not None:
             return verdict.retry_after * random.uniform(1.0, 1.5)
+        import tenacity  # on the first retry only: a process whose calls never fail never loads it
+
         backoff = self._backoff
         if backoff is None:
             policy = self.policy

@@ -1,0 +1,191 @@
+"""The awaiting driver of the call plan: ``meshlib.AsyncClient`` sends every mesh request through it.
+
+Its own module so that a process using only the sync clients never imports asyncio (``meshlib._mesh`` holds
+what both drivers share and the blocking driver).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from meshlib._mesh import _APPLY_IN_THREAD, _Mesh
+from meshlib._plan import Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._service import Active, Service
+from meshlib.discovery.refresh import RefreshTask, arefresh_once
+from meshlib.errors import MeshError
+from meshlib.telemetry.tracing import asend_suppressed
+
+logger = logging.getLogger("meshlib")
+
+__all__ = ["AsyncMeshTransport"]
+
+
+class AsyncMeshTransport(_Mesh[Any]):
+    """The awaiting driver: ``meshlib.AsyncClient`` sends every mesh request through it.
+
+    Same contract as :class:`MeshTransport`. Discovery refreshes run as tasks on the loop that first used
+    each service; the first request for a service awaits its first answer, concurrent first requests share
+    that one query.
+    """
+
+    def _driver_state(self) -> None:
+        self._refreshers: dict[str, RefreshTask] = {}
+        # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
+        self._first: dict[str, asyncio.Event] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    async def _activate(self, service: Service[Any]) -> Active[Any]:
+        self._check_open()
+        first = self._first.get(service.name)
+        if first is None:
+            first = self._first[service.name] = asyncio.Event()
+            try:
+                _, delay = await arefresh_once(service.resolver, service.cache)
+                if service.cache.snapshot is not None:
+                    await self._aclose_pools(service.apply(service.cache.snapshot))
+                if delay is not None and not self._closed:
+                    task = RefreshTask(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    self._refreshers[service.name] = task
+                    task.start()
+            except BaseException:
+                # Cancelled (or failed) before an answer: let the next request try again.
+                del self._first[service.name]
+                first.set()
+                raise
+            first.set()
+        else:
+            await first.wait()
+        return service.current()
+
+    async def _publish(self, service: Service[Any]) -> None:
+        snapshot = service.cache.snapshot
+        if snapshot is None:
+            return
+        if len(snapshot.endpoints) >= _APPLY_IN_THREAD:
+            # Building the view of a large set (stats, pools, pickers) is milliseconds of pure Python: do it in
+            # a worker thread so the event loop keeps running (the GIL is handed back every few ms) instead of
+            # stalling every request for the whole build. Service.apply is thread-safe and swaps atomically.
+            retired = await asyncio.to_thread(service.apply, snapshot)
+        else:
+            retired = service.apply(snapshot)
+        await self._aclose_pools(retired)
+
+    async def _aclose_pools(self, transports: list[Any]) -> None:
+        if not self._owns:
+            return
+        for transport in transports:
+            try:
+                await transport.aclose()
+            except Exception:
+                logger.exception("closing an endpoint transport failed")
+
+    def _pool_idle(self, transport: Any) -> None:
+        """Close a retired endpoint's pool from a sync callback (a stream's close) on the running loop."""
+        if not self._owns:
+            return
+        task = asyncio.get_running_loop().create_task(transport.aclose())
+        self._closing.add(task)  # keep a reference until done, as asyncio's docs require
+        task.add_done_callback(self._closing.discard)
+
+    async def handle_async_request(self, request: Any) -> Any:
+        """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
+        service = self._router.route(request.url.host)
+        if service is None:
+            if self._passthrough is None:
+                self._passthrough = self.lib.AsyncHTTPTransport()
+            return await self._passthrough.handle_async_request(request)
+        call = self._call(service, request)
+        try:
+            active = service.active
+            if active is None:
+                active = await self._activate(service)
+            elif service.cache.consecutive_failures:
+                active = service.current()
+        except BaseException as exc:
+            self._failed(call, exc)
+            raise
+        try:
+            return await self.drive(call, call.plan(active))
+        except MeshError as exc:
+            self.lib.localize(exc)
+            raise
+
+    async def drive(self, call: Call[Any], plan: Plan) -> Any:
+        """Run ``plan`` to its end, awaiting each step's I/O; its response (or its error)."""
+        outcome: Attempt | None = None
+        started: list[Attempt] = []
+        while True:
+            try:
+                step = plan.send(outcome)
+            except StopIteration as done:
+                return done.value
+            try:
+                outcome = await self._do(call, step, started)
+            except BaseException as exc:  # cancelled: the plan lets go, then re-raises
+                for attempt in started:  # attempts still in flight are cancelled with the call
+                    if attempt.task is not None and not attempt.task.done():
+                        attempt.task.cancel()
+                        attempt.task.add_done_callback(lambda _, a=attempt: self._close_answer_later(a))
+                plan.throw(exc)
+                raise  # pragma: no cover - a plan always re-raises what it is thrown
+
+    def _close_answer_later(self, attempt: Attempt) -> None:
+        if attempt.response is not None:
+            task = asyncio.get_running_loop().create_task(attempt.response.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _do(self, call: Call[Any], step: Step, started: list[Attempt]) -> Attempt | None:
+        if isinstance(step, Send):
+            await self._send(call, step.attempt)
+            return step.attempt
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+        elif isinstance(step, Start):
+            step.attempt.task = asyncio.ensure_future(self._send(call, step.attempt))
+            started.append(step.attempt)
+        elif isinstance(step, WaitFirst):
+            tasks = {a.task: a for a in step.attempts}
+            done, _ = await asyncio.wait(tasks, timeout=step.timeout, return_when=asyncio.FIRST_COMPLETED)
+            return next((tasks[t] for t in tasks if t in done), None)
+        elif isinstance(step, Cancel):
+            attempt = step.attempt
+            task = attempt.task
+            try:
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait([task])  # its transport unwinds; the caller's own cancel still reaches us
+                if attempt.response is not None:
+                    await attempt.response.aclose()
+            finally:
+                attempt.lease.release()
+        return None
+
+    @staticmethod
+    async def _send(call: Call[Any], attempt: Attempt) -> None:
+        """One attempt's I/O: its outcome is left on the attempt for the plan."""
+        try:
+            if call.trace is None or call.trace.span is None:
+                attempt.response = await attempt.transport.handle_async_request(attempt.request)
+            else:  # meshlib traces this call: keep HTTP instrumentation from adding a span of its own
+                attempt.response = await asend_suppressed(attempt.transport, attempt.request)
+        except Exception as exc:
+            attempt.error = exc
+
+    async def aclose(self) -> None:
+        """Stop discovery tasks and close every endpoint transport this mesh created."""
+        if self._closed:
+            return
+        self._closed = True
+        self.telemetry.unbind(self)
+        for task in self._refreshers.values():
+            await task.stop()
+        self._refreshers.clear()
+        self.home.settle()
+        for service in self.services.values():
+            await self._aclose_pools(service.take_pools())
+            service.resolver.close()
+        if self._passthrough is not None:
+            await self._passthrough.aclose()
