@@ -120,7 +120,9 @@ def _tracked_streams(lib: HttpLib) -> tuple[type[Any], type[Any]]:
                 self._lease.release()
 
         def __del__(self) -> None:  # garbage-collected without close(): the lease is released all the same
-            self._lease.drop()
+            lease = self._lease
+            if not lease.released:
+                lease.drop()
 
     class AsyncTrackedStream(lib.AsyncByteStream):  # type: ignore[name-defined,misc]
         """The async twin of ``TrackedStream``: one lease released once, on ``aclose()`` or when dropped."""
@@ -142,7 +144,9 @@ def _tracked_streams(lib: HttpLib) -> tuple[type[Any], type[Any]]:
                 self._lease.release()
 
         def __del__(self) -> None:
-            self._lease.drop()
+            lease = self._lease
+            if not lease.released:
+                lease.drop()
 
     return TrackedStream, AsyncTrackedStream
 

@@ -329,7 +329,7 @@ class Call(Generic[T]):
 
     def attempt(self, active: Active[T]) -> Attempt:
         """Steps 1-4 up to the send: check the deadline, pick an endpoint, take its lease, build the request."""
-        remaining = self.remaining()
+        remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise self.deadline_exceeded("the deadline passed before an attempt could start")
         stats = self._pick(active)
@@ -339,7 +339,9 @@ class Call(Generic[T]):
         self.peer = address = (endpoint.host, endpoint.port)
         if self.tried_addresses is not None:
             self.tried_addresses.add(address)
-        lease = Lease(self.service, stats, self.service.transport_for(stats), self.home)
+        service = self.service
+        transport = service.transports.get(address)  # made on the endpoint's first request (transport_for)
+        lease = Lease(service, stats, transport if transport is not None else service.transport_for(stats), self.home)
         trace = self.trace
         if trace is not None:
             trace.attempt_started(self.attempts, address)
@@ -347,7 +349,7 @@ class Call(Generic[T]):
 
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service
-        key = service.hash_key(self.request)
+        key = service.hash_key(self.request) if service.lb_name == "ring_hash" else None
         unhealthy = service.unhealthy()
         if not unhealthy and self.peer is None:  # the common case: a first attempt, every endpoint usable
             stats = active.pick(key, ())
