@@ -76,6 +76,10 @@ def encode_timeout(seconds: float) -> str:
     A negative budget encodes as ``"0n"`` (expired); one beyond ``99999999H`` (or infinite) is clamped to it,
     though a caller with no deadline should simply not send the header. NaN raises ``ValueError``.
     """
+    if 0.0 < seconds < 100.0:  # the common case, without the general loop (NaN fails the comparison)
+        nanos = round(seconds * 1e9)  # to the nearest ns first, so 0.3 s is 300000u and not 299999u
+        if 99_999_999 < nanos <= 99_999_999_999:  # too many ns for 8 digits, few enough us
+            return f"{nanos // 1000}u"
     if math.isnan(seconds):
         raise ValueError("cannot encode a NaN timeout")
     if seconds <= 0:

@@ -127,3 +127,12 @@ def test_deadline_scope_sets_a_shrinking_deadline() -> None:
         with deadline_scope(50.0):
             assert current_deadline() == outer
     assert current_deadline() is None
+
+
+@given(st.floats(min_value=1e-9, max_value=1e7, allow_nan=False, allow_infinity=False))
+def test_encode_fast_path_agrees_with_the_general_rule(seconds: float) -> None:
+    nanos = round(seconds * 1e9)
+    for unit, size in (("n", 1), ("u", 1_000), ("m", 1_000_000), ("S", 10**9), ("M", 60 * 10**9), ("H", 3600 * 10**9)):
+        if nanos // size <= 99_999_999:
+            assert encode_timeout(seconds) == f"{nanos // size}{unit}"
+            return

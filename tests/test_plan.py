@@ -188,3 +188,18 @@ def test_errors_leave_in_the_clients_library_flavour(start_backends: BackendFact
     assert isinstance(info.value, meshlib.DeadlineExceeded)  # the library-neutral kind
     assert isinstance(info.value, httpx.TimeoutException)  # and the client library's exception
     assert type(info.value).__module__ == f"meshlib.{client.http_library}"
+
+
+@pytest.mark.parametrize("caller_header", [None, "99S"])
+def test_each_attempt_carries_exactly_one_grpc_timeout(
+    start_backends: BackendFactory, caller_header: str | None
+) -> None:
+    (backend,) = start_backends(1)
+    headers = {"grpc-timeout": caller_header} if caller_header else {}
+    with meshlib.Client(services={SERVICE: static_target([backend])}, environ={"MESHLIB_TIMEOUT": "2s"}) as client:
+        request = client.build_request("GET", f"http://{SERVICE}/x", headers=headers)
+        assert client.send(request).status_code == 200
+        assert request.headers.get("grpc-timeout") == caller_header  # the caller's request is never modified
+    (seen,) = backend.requests
+    sent = [value for name, value in seen.raw_headers if name == "grpc-timeout"]
+    assert len(sent) == 1 and sent[0].endswith("u") and 0 < int(sent[0][:-1]) <= 2_000_000  # the call's budget
