@@ -266,6 +266,22 @@ class _Observability:
         return wrapper
 
 
+#: The constructor arguments that are the mesh's own; every other one is the HTTP library's.
+_MESH_ARGUMENTS = (
+    "services",
+    "lb",
+    "dns_servers",
+    "config",
+    "environ",
+    "tls",
+    "tracer_provider",
+    "meter_provider",
+    "inner_transport",
+)
+#: The library's arguments that also shape each endpoint's pool (and the checks on ``transport=``/``mounts=``).
+_POOL_ARGUMENTS = ("verify", "cert", "trust_env", "http1", "http2", "limits", "transport", "mounts")
+
+
 class _MeshClient:
     """What every meshlib client shares: building the mesh from the arguments, and its views.
 
@@ -312,6 +328,15 @@ class _MeshClient:
         if self._pools is None:
             _warn_tls_ignored(mesh)
         return mesh, self._pools
+
+    def _init_mesh(self, arguments: Mapping[str, Any], kind: str) -> None:
+        """The whole ``__init__`` of a public client, given its arguments (``locals()``): validate the mesh's,
+        hand the library's to its client class, then build the mesh. One body for the four typed constructors."""
+        library_arguments = {k: v for k, v in arguments.items() if k not in _MESH_ARGUMENTS and k != "self"}
+        pool_options = {k: library_arguments[k] for k in _POOL_ARGUMENTS if k in library_arguments}
+        mesh, pools = self._prepare(pool_options, kind=kind, **{k: arguments[k] for k in _MESH_ARGUMENTS})
+        super().__init__(**library_arguments)  # the library's Client / AsyncClient, next in the MRO
+        self._build_mesh(mesh, pools, library_arguments.get("transport"), kind)
 
     def _check_library(self, transport: object, argument: str) -> None:
         """A transport of the other HTTP library cannot work (its responses are not this library's): say so."""

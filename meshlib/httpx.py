@@ -121,42 +121,7 @@ class Client(SyncMesh, httpx.Client):
         transport: httpx.BaseTransport | None = None,
         default_encoding: str | typing.Callable[[bytes], str] = "utf-8",
     ) -> None:
-        pool_options = {"verify": verify, "cert": cert, "trust_env": trust_env, "http1": http1, "http2": http2}
-        mesh, pools = self._prepare(
-            {**pool_options, "limits": limits, "transport": transport, "mounts": mounts},
-            config=config,
-            services=services,
-            lb=lb,
-            dns_servers=dns_servers,
-            environ=environ,
-            tls=tls,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            inner_transport=inner_transport,
-            kind="sync",
-        )
-        super().__init__(
-            auth=auth,
-            params=params,
-            headers=headers,
-            cookies=cookies,
-            verify=verify,
-            cert=cert,
-            trust_env=trust_env,
-            http1=http1,
-            http2=http2,
-            proxy=proxy,
-            mounts=mounts,
-            timeout=timeout,
-            follow_redirects=follow_redirects,
-            limits=limits,
-            max_redirects=max_redirects,
-            event_hooks=event_hooks,
-            base_url=base_url,
-            transport=transport,
-            default_encoding=default_encoding,
-        )
-        self._build_mesh(mesh, pools, transport, "sync")
+        self._init_mesh(locals(), "sync")
 
 
 class AsyncClient(AsyncMesh, httpx.AsyncClient):
@@ -202,39 +167,4 @@ class AsyncClient(AsyncMesh, httpx.AsyncClient):
         trust_env: bool = True,
         default_encoding: str | typing.Callable[[bytes], str] = "utf-8",
     ) -> None:
-        pool_options = {"verify": verify, "cert": cert, "trust_env": trust_env, "http1": http1, "http2": http2}
-        mesh, pools = self._prepare(
-            {**pool_options, "limits": limits, "transport": transport, "mounts": mounts},
-            config=config,
-            services=services,
-            lb=lb,
-            dns_servers=dns_servers,
-            environ=environ,
-            tls=tls,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            inner_transport=inner_transport,
-            kind="async",
-        )
-        super().__init__(
-            auth=auth,
-            params=params,
-            headers=headers,
-            cookies=cookies,
-            verify=verify,
-            cert=cert,
-            http1=http1,
-            http2=http2,
-            proxy=proxy,
-            mounts=mounts,
-            timeout=timeout,
-            follow_redirects=follow_redirects,
-            limits=limits,
-            max_redirects=max_redirects,
-            event_hooks=event_hooks,
-            base_url=base_url,
-            transport=transport,
-            trust_env=trust_env,
-            default_encoding=default_encoding,
-        )
-        self._build_mesh(mesh, pools, transport, "async")
+        self._init_mesh(locals(), "async")
