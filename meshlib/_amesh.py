@@ -110,6 +110,9 @@ class AsyncMeshTransport(_Mesh[Any]):
             return await self.drive(call, call.plan(active))
         except MeshError as exc:
             self.lib.localize(exc)
+            # A refusal (circuit open, overloaded, no endpoints) may be raised without the call ever having
+            # waited: yield once, so a caller retrying in a loop cannot starve the event loop.
+            await asyncio.sleep(0)
             raise
 
     async def drive(self, call: Call[Any], plan: Plan) -> Any:

@@ -203,3 +203,29 @@ def test_each_attempt_carries_exactly_one_grpc_timeout(
     (seen,) = backend.requests
     sent = [value for name, value in seen.raw_headers if name == "grpc-timeout"]
     assert len(sent) == 1 and sent[0].endswith("u") and 0 < int(sent[0][:-1]) <= 2_000_000  # the call's budget
+
+
+@pytest.mark.anyio
+async def test_a_refused_async_call_still_yields_to_the_event_loop() -> None:
+    """An open breaker or a full in-flight limit refuses at once; a caller retrying in a tight loop must not
+    starve every other task (found by S7's warm-up, which hung on it)."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    env = {"MESHLIB_MAX_INFLIGHT": "1"}
+    async with meshlib.AsyncClient(services={SERVICE: "static://127.0.0.1:1"}, environ=env) as client:
+        service = client.mesh.services[SERVICE.upper()]
+        await client.mesh._activate(service)
+        assert service.limit.try_acquire()  # the only slot is taken: every call is refused before any I/O
+        task = asyncio.ensure_future(ticker())
+        for _ in range(20):
+            with pytest.raises(meshlib.OverloadedError):
+                await client.get(f"http://{SERVICE}/x")
+        task.cancel()
+        service.limit.release()
+    assert ticks >= 20
