@@ -207,6 +207,16 @@ def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
 _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
 
 
+def _described(url: Any) -> str:
+    """``url`` for an error message: no user info and no query string, which may carry credentials or keys.
+
+    opentelemetry-util-http's ``redact_url`` (what spans follow) keeps most query values; an error message
+    needs neither, so both are left out here.
+    """
+    port = f":{url.port}" if url.port is not None else ""
+    return f"{url.scheme}://{url.host}{port}{url.path}" + ("?…" if url.query else "")
+
+
 class Call(Generic[T]):
     """One logical call to a mesh service: its policy, deadline, attempts, and the plan that runs them.
 
@@ -522,7 +532,7 @@ class Call(Generic[T]):
         if why is None:
             return exc
         message = (
-            f"{self.method} {self.request.url} (service {self.service.name!r}) failed on "
+            f"{self.method} {_described(self.request.url)} (service {self.service.name!r}) failed on "
             f"{', '.join(self.tried)}: {exc} [{verdict.reason}]; {why}"
         )
         try:

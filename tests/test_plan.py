@@ -229,3 +229,15 @@ async def test_a_refused_async_call_still_yields_to_the_event_loop() -> None:
         task.cancel()
         service.limit.release()
     assert ticks >= 20
+
+
+def test_error_messages_carry_no_credentials_or_query(start_backends: BackendFactory) -> None:
+    (backend,) = start_backends(1, behavior=Behavior(drop=True))
+    with (
+        meshlib.Client(services={SERVICE: static_target([backend])}, environ={}) as client,
+        pytest.raises(httpx.RemoteProtocolError) as info,
+    ):
+        client.post(f"http://alice:hunter2@{SERVICE}/charge?api_key=SECRET", content=b"{}")
+    message = str(info.value)
+    assert f"POST http://{SERVICE}/charge?…" in message and "not idempotent" in message
+    assert "hunter2" not in message and "SECRET" not in message and "alice" not in message

@@ -294,8 +294,10 @@ def _tls_layer(
     sources: dict[str, str] = {}
     for suffix, (attr, parse) in _TLS_SETTINGS.items():
         variable, raw = found.get(suffix, ("", None))
-        if raw is None or not raw.strip():
+        if raw is None:
             continue
+        if not raw.strip():  # security settings never fail open: set-but-blank is a mistake, not "unset"
+            raise ConfigError(variable, raw, "a value (a blank TLS setting is refused; unset the variable to inherit)")
         if mesh_wide and attr in ("server_name", "verify"):
             raise ConfigError(variable, raw, f"a per-service setting: MESHLIB_SERVICE_<NAME>__{suffix}")
         values[attr] = parse(variable, raw.strip())

@@ -309,9 +309,10 @@ class SrvResolver(_DnsBase):
         srv = yield _Query(self._qname, dns.rdatatype.SRV)
         if srv.nxdomain:
             raise self._not_found(self._qname) from srv.nxdomain
-        # A target of "." means "decidedly not available at this domain" (RFC 2782).
+        # A target of "." means "decidedly not available at this domain" (RFC 2782); port 0 is no port to
+        # connect to (static and Consul discovery refuse it too).
         records = sorted(
-            (rdata for rdata in _rdatas(srv.rrset) if rdata.target != dns.name.root),
+            (rdata for rdata in _rdatas(srv.rrset) if rdata.target != dns.name.root and rdata.port != 0),
             key=lambda r: (r.priority, r.target, r.port),
         )
         if not records:

@@ -123,8 +123,8 @@ class RetryRule:
         return delay
 
     def _wait(self, verdict: Classification, attempts: int) -> float:
-        if verdict.retry_after is not None:
-            return verdict.retry_after * random.uniform(1.0, 1.5)
+        if verdict.retry_after is not None:  # jittered up to 1.5x, never past the policy's cap
+            return min(verdict.retry_after * random.uniform(1.0, 1.5), self.policy.retry_after_cap or 300.0)
         import tenacity  # on the first retry only: a process whose calls never fail never loads it
 
         backoff = self._backoff

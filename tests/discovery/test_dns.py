@@ -224,6 +224,19 @@ async def test_srv_target_without_addresses_is_skipped(dnsmasq: Dnsmasq, mode: s
 
 @both
 @pytest.mark.anyio
+async def test_srv_record_with_port_zero_is_skipped(dnsmasq: Dnsmasq, mode: str) -> None:
+    dnsmasq.set_records(
+        srv=[
+            SrvRecord("_http._tcp.users.internal", "web1.users.internal", 8081, weight=1),
+            SrvRecord("_http._tcp.users.internal", "web2.users.internal", 0, weight=1),
+        ]
+    )
+    resolution = await resolve(build("dns+srv://_http._tcp.users.internal", dnsmasq.settings()), mode)
+    assert hosts_ports(resolution) == [("127.0.0.11", 8081)]  # no endpoint on port 0
+
+
+@both
+@pytest.mark.anyio
 async def test_name_without_srv_records_answers_empty(dnsmasq: Dnsmasq, mode: str) -> None:
     resolution = await resolve(build("dns+srv://users.internal", dnsmasq.settings()), mode)
     assert resolution.endpoints == ()

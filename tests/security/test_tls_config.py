@@ -110,6 +110,11 @@ def test_verify_false_with_an_explicit_identity_is_an_error() -> None:
         ("MESHLIB_SERVICE_PAYMENTS__TLS_VERIFY", "maybe", "a boolean"),
         ("MESHLIB_SERVICE_PAYMENTS__TLS_SERVER_NAME", "bad name!", "a DNS name or an IP address"),
         ("MESHLIB_TLS_RELOAD_INTERVAL", "often", "a duration"),
+        # Blank security settings are refused, never read as "unset": an empty SPIFFE ID must not turn the check off.
+        ("MESHLIB_TLS_SERVER_ID", "", "blank TLS setting is refused"),
+        ("MESHLIB_SERVICE_PAYMENTS__TLS_SERVER_ID", "  ", "blank TLS setting is refused"),
+        ("MESHLIB_TLS_CA_FILE", "", "blank TLS setting is refused"),
+        ("MESHLIB_SERVICE_PAYMENTS__TLS_VERIFY", "", "blank TLS setting is refused"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, message: str) -> None:
