@@ -61,6 +61,20 @@ def stamp(headers: Any) -> None:
         headers[DEADLINE_HEADER] = encode_timeout(deadline - time.monotonic())
 
 
+def stamped(request: Any) -> Any:
+    """A shallow copy of ``request`` with its own headers, stamped; the caller's request is left as it was.
+
+    Stamping the caller's request in place would let its headers travel on: the client builds a redirect from
+    that same request, so a listed host's ``302`` would carry the trace context and deadline to any host.
+    """
+    request_type = type(request)
+    copy = object.__new__(request_type)
+    copy.__dict__.update(request.__dict__)
+    copy.headers = type(request.headers)(request.headers)
+    stamp(copy.headers)
+    return copy
+
+
 class PropagatingTransport:
     """Stamps mesh headers on each request, then sends it with ``inner`` (which it does not own).
 
@@ -71,8 +85,7 @@ class PropagatingTransport:
         self.inner = inner
 
     def handle_request(self, request: Any) -> Any:
-        stamp(request.headers)
-        return self.inner.handle_request(request)
+        return self.inner.handle_request(stamped(request))
 
 
 class AsyncPropagatingTransport:
@@ -82,5 +95,4 @@ class AsyncPropagatingTransport:
         self.inner = inner
 
     async def handle_async_request(self, request: Any) -> Any:
-        stamp(request.headers)
-        return await self.inner.handle_async_request(request)
+        return await self.inner.handle_async_request(stamped(request))

@@ -207,6 +207,23 @@ async def test_propagate_to_lets_listed_outside_hosts_receive_mesh_headers(
     assert not [name for name in MESH_HEADERS if name in unlisted.headers]
 
 
+def test_a_listed_hosts_redirect_does_not_carry_mesh_headers_on(
+    start_backends: BackendFactory, remote_parent: SpanContext
+) -> None:
+    (elsewhere,) = start_backends(1, prefix="elsewhere")
+    target = elsewhere.url.replace("127.0.0.1", "localhost") + "/landed"  # not listed
+    (listed,) = start_backends(1, behavior=Behavior(status=302, body=b"", headers=(("location", target),)))
+    env = {"MESHLIB_PROPAGATE_TO": "127.0.0.1"}
+    with meshlib.Client(environ=env, follow_redirects=True) as client, meshlib.policy(deadline=2.0):
+        request = client.build_request("GET", listed.url + "/go")
+        assert client.send(request).status_code == 200
+    (first,) = listed.requests
+    assert all(name in first.headers for name in ("traceparent", "grpc-timeout"))  # the listed host gets them
+    (landed,) = elsewhere.requests
+    assert not [name for name in MESH_HEADERS if name in landed.headers]  # the redirect target does not
+    assert not [name for name in MESH_HEADERS if name in request.headers]  # nor was the caller's request changed
+
+
 # --- with opentelemetry-instrumentation-httpx enabled ---------------------------------------------------------
 
 
