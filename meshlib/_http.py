@@ -27,7 +27,7 @@ from meshlib import errors as _errors
 if TYPE_CHECKING:
     from meshlib._lease import Lease
 
-__all__ = ["LIBRARIES", "HttpLib", "library", "library_of"]
+__all__ = ["LIBRARIES", "HttpLib", "copy_request", "library", "library_of"]
 
 #: The HTTP libraries meshlib runs on, by the name users choose them with (``MESHLIB_HTTP_LIBRARY``).
 LIBRARIES = ("httpx", "httpx2")
@@ -87,15 +87,18 @@ class HttpLib:
             exc.__class__ = cls
         return exc
 
-    def owns(self, obj: object) -> bool:
-        """Whether ``obj`` (a transport, a request...) comes from this library rather than the other one."""
-        module = type(obj).__module__
-        return module == self.name or module.startswith(self.name + ".") or not _foreign(module, self.name)
 
+def copy_request(request: Any) -> Any:
+    """A shallow copy of ``request`` with headers of its own, so changing them leaves the caller's request as it was.
 
-def _foreign(module: str, name: str) -> bool:
-    root = module.partition(".")[0]
-    return root in LIBRARIES and root != name
+    Not ``Request(...)``: the constructor re-encodes and re-validates what the library already did for the
+    caller's request. Same method, URL, body stream and extensions (replace them on the copy, do not mutate them).
+    """
+    request_type = type(request)
+    copy = object.__new__(request_type)
+    copy.__dict__.update(request.__dict__)
+    copy.headers = type(request.headers)(request.headers)
+    return copy
 
 
 def _tracked_streams(lib: HttpLib) -> tuple[type[Any], type[Any]]:

@@ -40,6 +40,7 @@ import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from meshlib._http import copy_request
 from meshlib._lease import Lease, LeaseHome
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
 from meshlib.discovery.base import Endpoint
@@ -417,15 +418,12 @@ class Call(Generic[T]):
             extensions["timeout"] = {k: budget if v is None or v > budget else v for k, v in timeout.items()}
         else:
             extensions["timeout"] = {"connect": budget, "read": budget, "write": budget, "pool": budget}
-        # A shallow clone, not Request(...): the constructor re-encodes and re-validates what the library
-        # already did for the caller's request. Same method, body stream and headers (copied, so the caller's
-        # request is never modified); the endpoint's URL; this attempt's extensions.
-        request_type = type(request)
-        outgoing = object.__new__(request_type)
-        outgoing.__dict__.update(request.__dict__)
+        # A copy with its own headers (the caller's request is never modified): the endpoint's URL and this
+        # attempt's extensions.
+        outgoing = copy_request(request)
         outgoing.url = endpoint_url(request.url, endpoint)
         caller_headers = request.headers
-        outgoing.headers = headers = type(caller_headers)(caller_headers)
+        headers = outgoing.headers
         outgoing.extensions = extensions
         if math.isfinite(remaining):
             value = encode_timeout(remaining)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from meshlib._http import copy_request
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
 from meshlib.policy import current_deadline
 from meshlib.telemetry.tracing import inject
@@ -67,10 +68,7 @@ def stamped(request: Any) -> Any:
     Stamping the caller's request in place would let its headers travel on: the client builds a redirect from
     that same request, so a listed host's ``302`` would carry the trace context and deadline to any host.
     """
-    request_type = type(request)
-    copy = object.__new__(request_type)
-    copy.__dict__.update(request.__dict__)
-    copy.headers = type(request.headers)(request.headers)
+    copy = copy_request(request)
     stamp(copy.headers)
     return copy
 
