@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
+from meshlib._bounded import DEADLINE
 from meshlib._mesh import _APPLY_IN_THREAD, _Mesh
 from meshlib._plan import Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
@@ -169,6 +170,7 @@ class AsyncMeshTransport(_Mesh[Any]):
     @staticmethod
     async def _send(call: Call[Any], attempt: Attempt) -> None:
         """One attempt's I/O: its outcome is left on the attempt for the plan."""
+        token = DEADLINE.set(attempt.deadline)  # every socket operation of the attempt ends by then (_bounded)
         try:
             if call.trace is None or call.trace.span is None:
                 attempt.response = await attempt.transport.handle_async_request(attempt.request)
@@ -176,6 +178,8 @@ class AsyncMeshTransport(_Mesh[Any]):
                 attempt.response = await asend_suppressed(attempt.transport, attempt.request)
         except Exception as exc:
             attempt.error = exc
+        finally:
+            DEADLINE.reset(token)
 
     async def aclose(self) -> None:
         """Stop discovery tasks and close every endpoint transport this mesh created."""

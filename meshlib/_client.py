@@ -48,6 +48,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from meshlib import admin
+from meshlib._bounded import install as install_deadlines
 from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib._http import HttpLib, library_of
 from meshlib._mesh import MeshTransport
@@ -210,7 +211,9 @@ class _PoolFactory:
         context = self._context_for(service)
         if self._factory is not None:
             return self._made(endpoint, context, "handle_request")
-        return self._lib.HTTPTransport(verify=context, **self._pool)
+        transport = self._lib.HTTPTransport(verify=context, **self._pool)
+        install_deadlines(transport, asynchronous=False)
+        return transport
 
     def async_(self, endpoint: Endpoint, service: str) -> Any:
         """A new pooled async transport for ``endpoint`` (of the service whose key is ``service``)."""
@@ -219,7 +222,9 @@ class _PoolFactory:
             return self._made(endpoint, context, "handle_async_request")
         if self._aiohttp is not None:
             return self._aiohttp(context, self._pool["limits"])
-        return self._lib.AsyncHTTPTransport(verify=context, **self._pool)
+        transport = self._lib.AsyncHTTPTransport(verify=context, **self._pool)
+        install_deadlines(transport, asynchronous=True)
+        return transport
 
     def close(self) -> None:
         """Stop watching certificate files."""

@@ -18,14 +18,18 @@ Which library the top-level ``meshlib.Client`` uses is decided in :mod:`meshlib`
 from __future__ import annotations
 
 import importlib
+import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from meshlib import errors as _errors
+from meshlib._bounded import DEADLINE
 
 if TYPE_CHECKING:
     from meshlib._lease import Lease
+    from meshlib._plan import Call
 
 __all__ = ["LIBRARIES", "HttpLib", "copy_request", "library", "library_of"]
 
@@ -104,17 +108,48 @@ def copy_request(request: Any) -> Any:
 def _tracked_streams(lib: HttpLib) -> tuple[type[Any], type[Any]]:
     """The library's response-stream wrappers that release an attempt's lease when its body is closed or dropped."""
 
+    timeout_error: type[Exception] = lib.TimeoutException
+
+    def past_deadline(call: Call[Any], exc: Exception) -> BaseException:
+        """A timeout while reading the body after the call's deadline: the call's ``DeadlineExceeded``."""
+        if time.monotonic() < call.deadline - 0.001:
+            return exc  # an ordinary read timeout, before the deadline
+        final = lib.localize(call.deadline_exceeded("the response body did not arrive within the deadline"))
+        final.__cause__ = exc
+        return final
+
     class TrackedStream(lib.SyncByteStream):  # type: ignore[name-defined,misc]
-        """Holds the attempt's lease until the response body is closed (or the response is dropped unclosed)."""
+        """Holds the attempt's lease until the response body is closed (or the response is dropped unclosed).
 
-        __slots__ = ("_inner", "_lease")
+        Each read of the body is bounded by the call's deadline (:mod:`meshlib._bounded`): the application may
+        read it later, in another thread, so the deadline is bound around every chunk.
+        """
 
-        def __init__(self, inner: Any, lease: Lease) -> None:
+        __slots__ = ("_call", "_inner", "_lease")
+
+        def __init__(self, inner: Any, lease: Lease, call: Call[Any] | None = None) -> None:
             self._inner = inner
             self._lease = lease
+            self._call = call
 
         def __iter__(self) -> Iterator[bytes]:
-            yield from self._inner
+            call = self._call
+            if call is None or call.deadline == math.inf:
+                yield from self._inner
+                return
+            chunks = iter(self._inner)
+            deadline = call.deadline
+            while True:
+                token = DEADLINE.set(deadline)
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+                except timeout_error as exc:
+                    raise past_deadline(call, exc)  # noqa: B904 - the error itself, or DeadlineExceeded caused by it
+                finally:
+                    DEADLINE.reset(token)
+                yield chunk
 
         def close(self) -> None:
             try:
@@ -130,14 +165,31 @@ def _tracked_streams(lib: HttpLib) -> tuple[type[Any], type[Any]]:
     class AsyncTrackedStream(lib.AsyncByteStream):  # type: ignore[name-defined,misc]
         """The async twin of ``TrackedStream``: one lease released once, on ``aclose()`` or when dropped."""
 
-        __slots__ = ("_inner", "_lease")
+        __slots__ = ("_call", "_inner", "_lease")
 
-        def __init__(self, inner: Any, lease: Lease) -> None:
+        def __init__(self, inner: Any, lease: Lease, call: Call[Any] | None = None) -> None:
             self._inner = inner
             self._lease = lease
+            self._call = call
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
-            async for chunk in self._inner:
+            call = self._call
+            if call is None or call.deadline == math.inf:
+                async for chunk in self._inner:
+                    yield chunk
+                return
+            chunks = self._inner.__aiter__()
+            deadline = call.deadline
+            while True:
+                token = DEADLINE.set(deadline)
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                except timeout_error as exc:
+                    raise past_deadline(call, exc)  # noqa: B904 - the error itself, or DeadlineExceeded caused by it
+                finally:
+                    DEADLINE.reset(token)
                 yield chunk
 
         async def aclose(self) -> None:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from meshlib._bounded import DEADLINE
 from meshlib._config import MeshConfig, service_key
 from meshlib._http import HttpLib
 from meshlib._lease import LeaseHome
@@ -262,6 +263,7 @@ class MeshTransport(_Mesh[Any]):
     @staticmethod
     def _send(call: Call[Any], attempt: Attempt) -> None:
         """One attempt's I/O: its outcome is left on the attempt for the plan."""
+        token = DEADLINE.set(attempt.deadline)  # every socket operation of the attempt ends by then (_bounded)
         try:
             if call.trace is None or call.trace.span is None:
                 attempt.response = attempt.transport.handle_request(attempt.request)
@@ -269,6 +271,8 @@ class MeshTransport(_Mesh[Any]):
                 attempt.response = send_suppressed(attempt.transport, attempt.request)
         except Exception as exc:
             attempt.error = exc
+        finally:
+            DEADLINE.reset(token)
 
     @staticmethod
     def _close_answer(attempt: Attempt) -> None:

@@ -97,12 +97,15 @@ _NO_STATUSES: frozenset[int] = frozenset()
 class Attempt:
     """One attempt: the lease it holds, the request it sends, and (once the driver has it) its outcome."""
 
-    __slots__ = ("error", "lease", "number", "request", "response", "task")
+    __slots__ = ("deadline", "error", "lease", "number", "request", "response", "task")
 
-    def __init__(self, number: int, lease: Lease, request: Any) -> None:
+    def __init__(self, number: int, lease: Lease, request: Any, deadline: float | None = None) -> None:
         self.number = number
         self.lease = lease
         self.request = request
+        #: When this attempt's socket operations end (``time.monotonic()``): the call's deadline or the per-try
+        #: one if earlier; ``None``: unbounded. The driver binds it (:data:`meshlib._bounded.DEADLINE`).
+        self.deadline = deadline
         self.response: Any = None
         self.error: Exception | None = None
         #: The driver's handle on a started attempt (a future or a task); ``None`` for a :class:`Send`.
@@ -363,7 +366,13 @@ class Call(Generic[T]):
         trace = self.trace
         if trace is not None:
             trace.attempt_started(self.attempts, address)
-        return Attempt(self.attempts, lease, self._outgoing(endpoint, remaining))
+        deadline: float | None = self.deadline
+        per_try = self.policy.per_try_timeout
+        if per_try is not None and 0 < per_try < remaining:
+            deadline = self.deadline - remaining + per_try
+        elif remaining == math.inf:
+            deadline = None
+        return Attempt(self.attempts, lease, self._outgoing(endpoint, remaining), deadline)
 
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service
@@ -497,9 +506,9 @@ class Call(Generic[T]):
         if response.is_closed:
             lease.release()
         elif isinstance(response.stream, lib.SyncByteStream):
-            response.stream = lib.TrackedStream(response.stream, lease)
+            response.stream = lib.TrackedStream(response.stream, lease, self)
         elif isinstance(response.stream, lib.AsyncByteStream):
-            response.stream = lib.AsyncTrackedStream(response.stream, lease)
+            response.stream = lib.AsyncTrackedStream(response.stream, lease, self)
         else:  # an inner transport returned something that is no stream: nothing will close it
             lease.release()
 
