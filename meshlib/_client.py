@@ -120,6 +120,8 @@ class _PoolFactory:
         self._trust_env = kwargs.get("trust_env", True)
         self._pool = {name: kwargs[name] for name in ("http1", "http2", "limits") if name in kwargs}
         self._pool.setdefault("limits", lib.Limits(max_connections=100, max_keepalive_connections=20))
+        #: Connections per endpoint pool meshlib makes (``None``: unbounded, or the pools are not meshlib's).
+        self.connections: int | None = None if self._factory is not None else self._pool["limits"].max_connections
         self._ssl: ssl.SSLContext | None = None
         self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
         #: Service key -> the context its endpoints connect with, for services with TLS settings.
@@ -370,6 +372,8 @@ class _MeshClient:
             self._mesh = driver(self._lib, mesh, same, owns_transports=False, telemetry=telemetry)
         else:
             self._mesh = driver(self._lib, mesh, pools.sync if kind == "sync" else pools.async_, telemetry=telemetry)
+            if kind != "sync":
+                self._mesh.connections = pools.connections  # type: ignore[union-attr]
         self._observability.start(self._mesh, kind)
 
     @property

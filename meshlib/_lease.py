@@ -63,6 +63,7 @@ class Lease:
     __slots__ = (
         "address",
         "failed",
+        "gate",
         "home",
         "judged",
         "permit",
@@ -83,6 +84,9 @@ class Lease:
         self.home = home
         #: The call's in-flight slot, handed to this lease when its response goes to the caller.
         self.permit: ConcurrencyLimit | None = None
+        #: The endpoint's connection slot (async driver, :meth:`AsyncMeshTransport._send`): held until the body
+        #: is closed, because the connection is busy until then.
+        self.gate: Any = None
         self.judged = False
         self.released = False
         self.failed = True
@@ -122,6 +126,9 @@ class Lease:
         permit, self.permit = self.permit, None
         if permit is not None:
             permit.release()
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            gate.release()
         service = self.service
         if service.retiring:
             idle = service.retire(self.stats)

@@ -144,3 +144,37 @@ def test_silent_peer_is_cut_at_the_deadline_too() -> None:
         with meshlib.policy(timeout=DEADLINE, retries=0), pytest.raises(meshlib.DeadlineExceeded):
             client.get("http://svc/")
         assert server.hung_up.wait(10)
+
+
+@pytest.mark.anyio
+async def test_calls_beyond_the_pool_queue_in_meshlib_and_all_end_at_their_deadline() -> None:
+    # 100 calls, 10 connections, a peer that never answers. The 90 beyond the pool's size wait for a connection
+    # slot in meshlib (where the deadline reaches them, and the event loop stays free), not inside the HTTP
+    # core's pool (whose bookkeeping for 1,000 waiters starved the loop for a minute: benchmarks/queued.py).
+    # Every call ends with DeadlineExceeded.
+    import anyio
+
+    errors: list[BaseException] = []
+    with Hostile("silent") as server:
+        async with meshlib.AsyncClient(
+            services={"svc": f"static://{server.address}"}, environ={}, limits=httpx.Limits(max_connections=10)
+        ) as client:
+
+            async def call() -> None:
+                try:
+                    await client.get("http://svc/")
+                except Exception as exc:
+                    errors.append(exc)
+
+            with meshlib.policy(timeout=1.0, retries=0):
+                async with anyio.create_task_group() as group:
+                    for _ in range(100):
+                        group.start_soon(call)
+            (service,) = client.mesh_status().services
+            assert [e.inflight for e in service.endpoints] == [0]
+    assert len(errors) == 100
+    assert all(isinstance(e, meshlib.DeadlineExceeded) for e in errors), {type(e).__name__ for e in errors}
+    queued = sum("came free before the deadline" in str(e.__cause__) for e in errors)
+    assert queued > 0, "no call waited for a connection in meshlib"
+    # The others were sent and timed out reading, or got a slot too late to connect in the time left.
+    assert {type(e.__cause__).__name__ for e in errors} <= {"PoolTimeout", "ConnectTimeout", "ReadTimeout"}
