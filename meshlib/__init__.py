@@ -27,6 +27,7 @@ from meshlib._config import MeshConfig, ResilienceSettings, ServiceConfig
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import (
     CircuitOpenError,
+    ClientClosedError,
     ConfigError,
     ConsulACLError,
     DeadlineExceeded,
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "CircuitOpenError",
+    "ClientClosedError",
     "Client",
     "ConfigError",
     "ConsulACLError",

@@ -228,6 +228,7 @@ class AsyncMeshTransport(_Mesh[Any]):
         if self._closed:
             return
         self._closed = True
+        self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
         self.telemetry.unbind(self)
         for task in self._refreshers.values():
             await task.stop()

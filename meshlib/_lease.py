@@ -38,13 +38,16 @@ __all__ = ["Lease", "LeaseHome"]
 class LeaseHome:
     """Where a mesh's leases hand back what outlives them: idle pools to close, releases queued by the GC."""
 
-    __slots__ = ("close_pool", "dropped")
+    __slots__ = ("close_pool", "closed", "dropped")
 
     def __init__(self, close_pool: Callable[[Any], None]) -> None:
         #: Closes a retired endpoint's pool once its last lease ends (the driver's way: now, or on the loop).
         self.close_pool = close_pool
         #: Releases queued by :meth:`Lease.drop`; the mesh runs them before its next call (:meth:`settle`).
         self.dropped: deque[Callable[[], None]] = deque()
+        #: Set by the mesh's ``close()``: no attempt starts after it, and pools still in use are closed by the
+        #: last lease that ends on them.
+        self.closed = False
 
     def settle(self) -> None:
         """Run the releases the garbage collector queued (cheap when there are none: one truth test)."""
@@ -130,7 +133,7 @@ class Lease:
         if gate is not None:
             gate.release()
         service = self.service
-        if service.retiring:
+        if service.retiring or self.home.closed:
             idle = service.retire(self.stats)
             if idle is not None:
                 self.home.close_pool(idle)

@@ -39,7 +39,7 @@ from meshlib._service import Active, Service
 from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshThread, refresh_once
-from meshlib.errors import MeshError
+from meshlib.errors import ClientClosedError, MeshError
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.tracing import send_suppressed
 
@@ -147,7 +147,7 @@ class _Mesh(Generic[T]):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("cannot send a request through a closed meshlib client")
+            raise ClientClosedError()
 
 
 # -- the blocking driver ---------------------------------------------------------------------------------------
@@ -303,6 +303,7 @@ class MeshTransport(_Mesh[Any]):
             if self._closed:
                 return
             self._closed = True
+            self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
         for lock in self._start_locks.values():  # wait for first lookups under way; none starts after
             with lock:
                 pass

@@ -44,7 +44,7 @@ from meshlib._http import copy_request
 from meshlib._lease import Lease, LeaseHome
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
 from meshlib.discovery.base import Endpoint
-from meshlib.errors import CircuitOpenError, DeadlineExceeded, NoEndpointsError, OverloadedError
+from meshlib.errors import CircuitOpenError, ClientClosedError, DeadlineExceeded, NoEndpointsError, OverloadedError
 from meshlib.policy import POLICY_EXTENSION, Policy, effective
 from meshlib.pushback import NO_RETRY_HEADER, note_exhausted
 from meshlib.resilience.classify import (
@@ -313,6 +313,7 @@ class Call(Generic[T]):
                 yield Cancel(attempt)  # close the retried answer (its connection goes back to the pool)
                 if decision > 0:
                     yield Sleep(decision)
+                self.check_open()
                 active = self.service.current()
         except BaseException as exc:
             for attempt in sent:  # interrupted with an attempt out: no verdict, give its lease back
@@ -353,6 +354,12 @@ class Call(Generic[T]):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise self.deadline_exceeded("the deadline passed before an attempt could start")
+        if self.home.closed:
+            done = self.attempts
+            raise ClientClosedError(
+                self.service.name,
+                f"closed during the call, after {done} attempt(s)" if done else "the client is closed",
+            )
         stats = self._pick(active)
         endpoint = stats.endpoint
         self.attempts += 1
@@ -373,6 +380,14 @@ class Call(Generic[T]):
         elif remaining == math.inf:
             deadline = None
         return Attempt(self.attempts, lease, self._outgoing(endpoint, remaining), deadline)
+
+    def check_open(self) -> None:
+        """No attempt starts once the client is closed (a retry would otherwise find no endpoints)."""
+        if self.home.closed:
+            done = self.attempts
+            raise ClientClosedError(
+                self.service.name, f"closed during the call after {done} attempt(s)" if done else "the client is closed"
+            )
 
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service

@@ -360,14 +360,28 @@ class Service(Generic[T]):
             return entry[1]
 
     def take_pools(self) -> list[T]:
-        """Empty the service for closing the client: every pool it owns (active and retiring), to be closed."""
+        """Empty the service for closing the client: the pools it owns that are idle, to be closed now.
+
+        A pool with a request still in flight (a body being read, an attempt on the wire) is not closed under
+        it: it stays in :attr:`retiring`, and the lease of its last request closes it (:meth:`retire`, asked by
+        every lease once the mesh is closed).
+        """
         with self._update_lock:
-            found = list(self.transports.values())
-            found.extend(t for _, t in self.retiring.values())
+            active = self.active
+            current = active.stats if active is not None else {}
+            idle: list[T] = []
+            busy: dict[HostPort, tuple[EndpointStats, T]] = {}
+            entries = [(a, current.get(a), t) for a, t in self.transports.items()]
+            entries.extend((a, s, t) for a, (s, t) in self.retiring.items())
+            for address, stats, transport in entries:
+                if stats is not None and stats.inflight > 0:
+                    busy[address] = (stats, transport)
+                else:
+                    idle.append(transport)
             self.transports = {}
-            self.retiring.clear()
+            self.retiring = busy
             self.active = None
-            return found
+            return idle
 
 
 def _log_change(service: str, old: dict[HostPort, EndpointStats], new: dict[HostPort, EndpointStats]) -> None:

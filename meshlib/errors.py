@@ -37,6 +37,21 @@ class ConfigError(MeshError, ValueError):
         super().__init__(f"{variable}={value!r} is invalid: expected {expected}")
 
 
+class ClientClosedError(MeshError, RuntimeError):
+    """The client was closed: no request starts through it, and a call in flight makes no further attempt.
+
+    A ``RuntimeError``, as httpx's own "the client has been closed" is. A call whose attempt was already on the
+    wire when ``close()`` ran gets that attempt's answer (its connection is closed once the answer is read);
+    only a retry, hedge or first attempt that would start after the close gets this error.
+    """
+
+    def __init__(self, service: str = "", reason: str = "the client is closed") -> None:
+        self.service = service
+        self.reason = reason
+        where = f" (service {service!r})" if service else ""
+        super().__init__(f"cannot send a request through a closed meshlib client{where}: {reason}")
+
+
 class DiscoveryError(MeshError):
     """A discovery source could not answer (DNS timeout, NXDOMAIN, Consul down...)."""
 
