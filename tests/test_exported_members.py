@@ -13,6 +13,7 @@ from tests.httplib import httpx
 PUBLIC = {
     "AsyncClient",
     "CircuitOpenError",
+    "ClientClosedError",
     "Client",
     "ConfigError",
     "ConsulACLError",
