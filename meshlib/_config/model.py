@@ -42,7 +42,9 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if isinstance(value, float):
+        return not math.isnan(value)
+    return isinstance(value, int) and not isinstance(value, bool)  # no math.isnan(): 10**400 overflows a float
 
 
 #: The largest count a setting accepts (failures before a breaker opens, in-flight requests, retries per

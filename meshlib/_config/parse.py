@@ -238,25 +238,30 @@ def is_secret_param(name: str) -> bool:
     return "token" in lowered or lowered in _SECRET_PARAMS
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` safe to print: user info (``user:pw@``) and the values of secret query parameters redacted.
+def uri_secrets(uri: str) -> list[str]:
+    """The secrets written in ``uri``: its user info (``user:pw`` of ``user:pw@``), and the values of secret
+    query parameters (``token=``, ``TOKEN=``, ``%74oken=``...) as written and decoded; longest first."""
+    head, question, query = uri.partition("?")
+    query = query.partition("#")[0]
+    rest = head.rpartition("://")[2]
+    found = {rest.rpartition("@")[0]} if "@" in rest else set()
+    for part in query.split("&") if question else ():
+        key, equals, value = part.partition("=")
+        if equals and is_secret_param(unquote_plus(key)):
+            found.update({value, unquote_plus(value)})
+    return sorted((secret for secret in found if secret), key=len, reverse=True)
+
+
+def redact_uri(uri: str, text: str | None = None) -> str:
+    """``text`` (default: ``uri`` itself) without the :func:`uri_secrets` of ``uri``: safe to print.
 
     Works on the raw text, so a secret written percent-encoded (``%74oken=...``, ``token=a%2Fb``) or in
-    upper case (``TOKEN=``) is caught as well; the rest of the URI is kept to say which one is meant.
+    upper case (``TOKEN=``) is caught as well; the rest is kept, to say which value is meant.
     """
-    head, question, query = uri.partition("?")
-    query, hash_sign, fragment = query.partition("#")
-    scheme, sep, rest = head.rpartition("://")
-    if "@" in rest:
-        rest = f"{REDACTED}@{rest.rpartition('@')[2]}"
-    head = f"{scheme}{sep}{rest}"
-    if question:
-        parts = []
-        for part in query.split("&"):
-            key, equals, _ = part.partition("=")
-            parts.append(f"{key}={REDACTED}" if equals and is_secret_param(unquote_plus(key)) else part)
-        query = "&".join(parts)
-    return f"{head}{question}{query}{hash_sign}{fragment}"
+    text = uri if text is None else text
+    for secret in uri_secrets(uri):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def parse_dns_servers(variable: str, raw: str) -> tuple[tuple[str, int], ...]:

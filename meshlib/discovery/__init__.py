@@ -64,7 +64,7 @@ class Target:
         Factories ``raise target.invalid("...")`` so every message names the variable and the whole URI, with
         any user info and secret query parameter (``token=``...) redacted (:func:`~meshlib._config.parse.redact_uri`).
         """
-        return ConfigError(self.variable, redact_uri(self.uri), f"{expected} (form: {self.form})")
+        return ConfigError(self.variable, redact_uri(self.uri), redact_uri(self.uri, f"{expected} (form: {self.form})"))
 
 
 #: Builds a resolver for one service from its parsed target; raises ``target.invalid(...)`` on a bad target.
