@@ -214,6 +214,8 @@ def _services_from_env(
         fields: dict[str, object] = {
             SERVICE_SETTINGS[suffix]: raw.strip() for suffix, (_, raw) in extra.items() if suffix not in _LAYERED
         }
+        if "HASH_HEADER" in extra:  # checked here, so the error names the variable (the name keeps its case)
+            parse_header(*extra["HASH_HEADER"])
         layered = {suffix: pair for suffix, pair in extra.items() if suffix in _LAYERED}
         if any(suffix in _POLICY_SETTINGS for suffix in layered):
             layer = _policy_layer(Policy(), layered)

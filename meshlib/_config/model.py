@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from meshlib._config.parse import FRACTION_EXPECTED, INNER_TRANSPORT_EXPECTED, INNER_TRANSPORTS, PERCENT_EXPECTED
+from meshlib._config.parse import (
+    FRACTION_EXPECTED,
+    HEADER_NAME_EXPECTED,
+    INNER_TRANSPORT_EXPECTED,
+    INNER_TRANSPORTS,
+    MAX_DURATION,
+    PERCENT_EXPECTED,
+    is_header_name,
+)
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
@@ -34,7 +42,23 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if isinstance(value, float):
+        return not math.isnan(value)
+    return isinstance(value, int) and not isinstance(value, bool)  # no math.isnan(): 10**400 overflows a float
+
+
+#: The largest count a setting accepts (failures before a breaker opens, in-flight requests, retries per
+#: second...): far above any useful value, and small enough for every float computation made with it.
+MAX_COUNT = 10**9
+_COUNT_EXPECTED = f"an integer >= 1 (at most {MAX_COUNT:,})"
+_DURATION_LIMIT = f"at most 720h (30 days, {MAX_DURATION:.0f}s)"
+
+
+def _is_duration(value: object, *, allow_zero: bool = False) -> bool:
+    """A number of seconds above zero (or zero) and at most :data:`~meshlib._config.parse.MAX_DURATION`."""
+    if not _is_number(value) or not isinstance(value, (int, float)):
+        return False
+    return (value >= 0 if allow_zero else value > 0) and value <= MAX_DURATION  # no float(): 10**400 overflows
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +101,16 @@ class ResilienceSettings:
         ratio = self.retry_budget_fraction
         _check(own, "retry_budget_fraction", ratio, _is_number(ratio) and 0 <= ratio <= 1, FRACTION_EXPECTED)
         floor = self.retry_budget_min_per_second
-        _check(own, "retry_budget_min_per_second", floor, _is_int(floor) and floor >= 0, "an integer >= 0")
+        ok = _is_int(floor) and 0 <= floor <= MAX_COUNT
+        _check(own, "retry_budget_min_per_second", floor, ok, f"an integer >= 0 (at most {MAX_COUNT:,})")
         ttl = self.retry_budget_ttl
         _check(own, "retry_budget_ttl", ttl, _is_number(ttl) and 1 <= ttl <= 60, "a duration from 1s to 60s")
         for name in ("breaker_failures", "outlier_failures", "max_inflight"):
             count = getattr(self, name)
-            _check(own, name, count, _is_int(count) and count >= 1, "an integer >= 1")
+            _check(own, name, count, _is_int(count) and 1 <= count <= MAX_COUNT, _COUNT_EXPECTED)
         for name in ("breaker_reset", "outlier_base_ejection", "outlier_max_ejection"):
             seconds = getattr(self, name)
-            ok = _is_number(seconds) and 0 < seconds < float("inf")
-            _check(own, name, seconds, ok, "a duration greater than zero")
+            _check(own, name, seconds, _is_duration(seconds), f"a duration greater than zero, {_DURATION_LIMIT}")
         base, most = self.outlier_base_ejection, self.outlier_max_ejection
         _check(own, "outlier_max_ejection", most, most >= base, f"a duration >= outlier_base_ejection ({base})")
         percent = self.outlier_max_percent
@@ -114,6 +138,11 @@ class ServiceConfig:
     #: This service's complete TLS settings (``MESHLIB_SERVICE_<NAME>__TLS_*`` over ``MESHLIB_TLS_*``), or
     #: ``None`` for the mesh-wide ones.
     tls: TLSSettings | None = None
+
+    def __post_init__(self) -> None:
+        header = self.hash_header
+        ok = header is None or (isinstance(header, str) and is_header_name(header))
+        _check("ServiceConfig", "hash_header", header, ok, HEADER_NAME_EXPECTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +203,22 @@ class MeshConfig:
         transport = self.inner_transport
         ok = transport in INNER_TRANSPORTS
         _check("MeshConfig", "inner_transport", transport, ok, INNER_TRANSPORT_EXPECTED)
+        header = self.hash_header
+        _check(
+            "MeshConfig",
+            "hash_header",
+            header,
+            isinstance(header, str) and is_header_name(header),
+            HEADER_NAME_EXPECTED,
+        )
+        for name in ("dns_timeout", "ttl_min", "ttl_max", "max_stale", "ewma_decay", "default_rtt"):
+            seconds = getattr(self, name)
+            _check(
+                "MeshConfig", name, seconds, _is_duration(seconds), f"a duration greater than zero, {_DURATION_LIMIT}"
+            )
+        interval = self.tls_reload_interval
+        ok = _is_duration(interval, allow_zero=True)
+        _check("MeshConfig", "tls_reload_interval", interval, ok, f"a duration (0: never), {_DURATION_LIMIT}")
         if not self.policy.complete:
             object.__setattr__(self, "policy", self.policy.resolved())
         policies = {key: self.policy.merge(svc.policy) for key, svc in self.services.items() if svc.policy is not None}

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import threading
+from fractions import Fraction
+from urllib.parse import unquote_plus
 
 from meshlib.errors import ConfigError
 
@@ -24,19 +27,70 @@ FRACTION_EXPECTED = "a fraction from 0 to 1 such as 0.2, or a percentage such as
 PERCENT_EXPECTED = "a percentage from 0 to 100 such as 10 or 10%"
 INNER_TRANSPORT_EXPECTED = "one of httpx, aiohttp (aiohttp: meshlib.AsyncClient only, pip install 'meshlib[aiohttp]')"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+#: The longest duration any setting accepts: 30 days (``720h``). Durations end up as waits of background
+#: threads and timers, and a wait above ``threading.TIMEOUT_MAX`` (about 49.7 days on Windows, 292 years
+#: elsewhere) raises in that thread, long after construction; 30 days is below it everywhere.
+MAX_DURATION = min(30 * 86400.0, threading.TIMEOUT_MAX)
+#: Values longer than this many characters are refused before any number is converted (``int()`` refuses
+#: 4,300 digits with a ValueError of its own; ``float()`` turns 400 nines into infinity).
+MAX_NUMBER_TEXT = 64
+DURATION_EXPECTED = (
+    "a duration such as 2, 1.5s, 250ms, 5m, 1h or 1h30m (Go syntax: units ns, us/\u00b5s, ms, s, m, h), "
+    "at most 720h (30 days)"
+)
+
+# Every number pattern is ASCII: ``\d`` and ``str.isdigit`` accept full-width digits and superscripts.
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)?", re.ASCII)
+_GO_DURATION = re.compile(r"\+?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+")
+_GO_SEGMENT = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_UNITS = {
+    None: Fraction(1),
+    "h": Fraction(3600),
+    "m": Fraction(60),
+    "s": Fraction(1),
+    "ms": Fraction(1, 1000),
+    "us": Fraction(1, 10**6),
+    "\u00b5s": Fraction(1, 10**6),  # micro sign, as Go writes it
+    "\u03bcs": Fraction(1, 10**6),  # Greek small letter mu, also accepted by Go
+    "ns": Fraction(1, 10**9),
+}
+
+
+def shown(raw: str, limit: int = MAX_NUMBER_TEXT) -> str:
+    """``raw`` for an error message: cut to its first ``limit`` characters, saying how long it was."""
+    return raw if len(raw) <= limit else f"{raw[:limit]}... ({len(raw)} characters)"
+
+
+def ascii_digits(text: str, max_digits: int) -> bool:
+    """Whether ``text`` is 1 to ``max_digits`` ASCII digits (``str.isdigit`` also accepts '\u00b2' and '\uff18')."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
 def parse_duration(variable: str, raw: str, *, allow_zero: bool = False) -> float:
-    """Seconds from ``"1.5"``, ``"1.5s"``, ``"250ms"``, ``"5m"`` or ``"1h"``."""
-    match = _DURATION.match(raw)
-    if match is None:
-        raise ConfigError(variable, raw, "a duration such as 2, 1.5s, 250ms, 5m or 1h")
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    """Seconds from ``"1.5"`` (seconds), ``"1.5s"``, ``"250ms"``, ``"5m"``, ``"1h"`` or a Go duration.
+
+    Go's ``time.ParseDuration`` syntax, as Consul, Envoy and Linkerd configurations write durations:
+    one or more ``<number><unit>`` with units ``ns``, ``us`` (or ``\u00b5s``/``\u03bcs``), ``ms``, ``s``, ``m``, ``h``,
+    e.g. ``1h30m``, ``500us``, ``300000ms``, ``1.5s``. Negative, non-finite and longer-than
+    :data:`MAX_DURATION` values are refused.
+    """
+    text = raw.strip()
+    if len(text) > MAX_NUMBER_TEXT:
+        raise ConfigError(variable, shown(raw), f"{DURATION_EXPECTED} (at most {MAX_NUMBER_TEXT} characters)")
+    if text.startswith("-"):
+        raise ConfigError(variable, raw, f"{DURATION_EXPECTED}; not a negative duration")
+    simple = _DURATION.fullmatch(text)
+    if simple is not None:
+        seconds = Fraction(simple.group(1)) * _UNITS[simple.group(2)]
+    elif _GO_DURATION.fullmatch(text):
+        seconds = sum((Fraction(n) * _UNITS[u] for n, u in _GO_SEGMENT.findall(text)), Fraction(0))
+    else:
+        raise ConfigError(variable, raw, DURATION_EXPECTED)
+    if seconds > Fraction(MAX_DURATION):
+        raise ConfigError(variable, raw, f"a duration of at most 720h (30 days, {MAX_DURATION:.0f}s)")
     if seconds <= 0 and not allow_zero:
         raise ConfigError(variable, raw, "a duration greater than zero")
-    return seconds
+    return float(seconds)
 
 
 def parse_positive_duration(variable: str, raw: str) -> float:
@@ -77,7 +131,7 @@ def parse_admin_addr(variable: str, raw: str) -> tuple[str, int]:
         raise ConfigError(variable, raw, expected) from None
     if not ip.is_loopback:
         raise ConfigError(variable, raw, expected)
-    if not port_text.isdigit() or int(port_text) > 65535:
+    if not ascii_digits(port_text, 5) or int(port_text) > 65535:
         raise ConfigError(variable, raw, expected)
     return str(ip), int(port_text)
 
@@ -106,14 +160,11 @@ def parse_propagate_to(variable: str, raw: str) -> tuple[str, ...]:
 
 
 def parse_port(variable: str, raw: str) -> int:
-    """A TCP/UDP port number in 1..65535."""
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigError(variable, raw, "a port number from 1 to 65535") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(variable, raw, "a port number from 1 to 65535")
-    return port
+    """A TCP/UDP port number in 1..65535, in ASCII digits (no sign, no ``_``, no full-width digits)."""
+    text = raw.strip()
+    if not ascii_digits(text, 5) or not 1 <= int(text) <= 65535:
+        raise ConfigError(variable, shown(raw), "a port number from 1 to 65535")
+    return int(text)
 
 
 def parse_inner_transport(variable: str, raw: str) -> str:
@@ -132,15 +183,94 @@ def parse_lb(variable: str, raw: str) -> str:
     return name
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_NAME_EXPECTED = "an HTTP header name (an RFC 9110 token: letters, digits and !#$%&'*+-.^_`|~)"
+
+
+def is_header_name(text: str) -> bool:
+    """Whether ``text`` is an RFC 9110 token, i.e. a valid header name (no space, colon, CR or LF)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
 def parse_header(variable: str, raw: str) -> str:
     """An HTTP header name (an RFC 9110 token), lower-cased."""
-    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", raw):
-        raise ConfigError(variable, raw, "an HTTP header name")
+    if not is_header_name(raw):
+        raise ConfigError(variable, shown(raw), HEADER_NAME_EXPECTED)
     return raw.lower()
 
 
+def control_character(text: str) -> str | None:
+    """Where ``text`` has a control character (CR, LF, NUL, DEL...; not TAB), as ``U+000A at position 5``.
+
+    ``None`` when it has none. A header value with one is refused by whoever sends it, or worse, splits
+    into two headers; a secret's position is safe to show, its characters are not.
+    """
+    for position, char in enumerate(text):
+        if (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F:
+            return f"U+{ord(char):04X} at position {position}"
+    return None
+
+
+def check_header_value(variable: str, raw: str, *, secret: bool = False) -> str:
+    """``raw`` if it may be sent as an HTTP header value (no :func:`control_character`), else a ConfigError.
+
+    ``secret`` values (tokens, passwords) are never shown: the error names the variable and the offending
+    character's position only.
+    """
+    found = control_character(raw)
+    if found is not None:
+        what = f"no control characters (found {found})"
+        if secret:
+            raise ConfigError(variable, REDACTED, f"a value with {what}")
+        raise ConfigError(variable, raw, f"an HTTP header value with {what}")
+    return raw
+
+
+REDACTED = "<redacted>"
+#: Query parameter names (decoded, lower-cased) whose values are secrets: anything with "token" in it,
+#: and the usual credential names.
+_SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "auth", "authorization", "apikey", "api_key", "key"})
+
+
+def is_secret_param(name: str) -> bool:
+    """Whether a (decoded) query parameter name holds a secret: ``token``, ``TOKEN``, ``acl_token``, ``password``..."""
+    lowered = name.strip().lower()
+    return "token" in lowered or lowered in _SECRET_PARAMS
+
+
+def uri_secrets(uri: str) -> list[str]:
+    """The secrets written in ``uri``: its user info (``user:pw`` of ``user:pw@``), and the values of secret
+    query parameters (``token=``, ``TOKEN=``, ``%74oken=``...) as written and decoded; longest first."""
+    head, question, query = uri.partition("?")
+    query = query.partition("#")[0]
+    rest = head.rpartition("://")[2]
+    found = {rest.rpartition("@")[0]} if "@" in rest else set()
+    for part in query.split("&") if question else ():
+        key, equals, value = part.partition("=")
+        if equals and is_secret_param(unquote_plus(key)):
+            found.update({value, unquote_plus(value)})
+    return sorted((secret for secret in found if secret), key=len, reverse=True)
+
+
+def redact_uri(uri: str, text: str | None = None) -> str:
+    """``text`` (default: ``uri`` itself) without the :func:`uri_secrets` of ``uri``: safe to print.
+
+    Works on the raw text, so a secret written percent-encoded (``%74oken=...``, ``token=a%2Fb``) or in
+    upper case (``TOKEN=``) is caught as well; the rest is kept, to say which value is meant.
+    """
+    text = uri if text is None else text
+    for secret in uri_secrets(uri):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def parse_dns_servers(variable: str, raw: str) -> tuple[tuple[str, int], ...]:
-    """``ip[:port]`` list, comma separated; IPv6 as ``[::1]:53``. Names are refused (no DNS to find DNS)."""
+    """``ip[:port]`` list, comma separated; IPv6 as ``[::1]:53``. Names are refused (no DNS to find DNS).
+
+    A bare IPv6 address means port 53 (``::1``), unless it could also be read as an address and a port:
+    ``::1:5353`` is the address ``::1:5353`` to Python but ``[::1]:5353`` to whoever wrote it, so it is
+    refused with a message that shows both bracketed spellings.
+    """
     expected = "a comma-separated list of nameserver IP addresses with optional port, e.g. 127.0.0.1:5353,[::1]:53"
     servers: list[tuple[str, int]] = []
     for item in (part.strip() for part in raw.split(",")):
@@ -155,10 +285,19 @@ def parse_dns_servers(variable: str, raw: str) -> tuple[tuple[str, int], ...]:
             if rest:
                 if not rest.startswith(":"):
                     raise ConfigError(variable, raw, expected)
-                port = parse_port(variable, rest[1:]) if rest[1:].isdigit() else _bad(variable, raw, expected)
+                port = _dns_port(variable, raw, rest[1:], expected)
         elif item.count(":") == 1:
             host, port_text = item.split(":")
-            port = parse_port(variable, port_text) if port_text.isdigit() else _bad(variable, raw, expected)
+            port = _dns_port(variable, raw, port_text, expected)
+        elif ":" in item:
+            address, _, last = item.rpartition(":")
+            if ascii_digits(last, 5) and _is_ipv6(address):
+                raise ConfigError(
+                    variable,
+                    raw,
+                    f"{expected}; {item!r} is ambiguous: write [{address}]:{last} for port {last}, "
+                    f"or [{item}] for that address on port 53",
+                )
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -167,15 +306,28 @@ def parse_dns_servers(variable: str, raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
-def _bad(variable: str, raw: str, expected: str) -> int:
-    raise ConfigError(variable, raw, expected)
+def _dns_port(variable: str, raw: str, text: str, expected: str) -> int:
+    if not ascii_digits(text, 5):
+        raise ConfigError(variable, raw, expected)
+    return parse_port(variable, text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def parse_int(variable: str, raw: str) -> int:
-    """A whole number of decimal digits (no sign)."""
-    if not re.fullmatch(r"[0-9]+", raw):
-        raise ConfigError(variable, raw, "a whole number such as 5")
-    return int(raw)
+    """A whole number of ASCII decimal digits (no sign), at most 18 of them (ranges are the settings' to check).
+
+    The length is checked before ``int()``, which refuses more than 4,300 digits with its own ``ValueError``.
+    """
+    digits = raw.lstrip("0") or "0"
+    if not ascii_digits(raw, len(raw)) or len(digits) > 18:
+        raise ConfigError(variable, shown(raw), "a whole number such as 5 (ASCII digits, at most 18 of them)")
+    return int(digits)
 
 
 _TRUE = ("true", "1", "yes")
@@ -217,9 +369,10 @@ def parse_statuses(variable: str, raw: str) -> frozenset[int]:
 
 def _parse_number(variable: str, raw: str, expected: str) -> tuple[float, bool]:
     """A non-negative decimal, and whether it carried a ``%`` suffix."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?|\.\d+)\s*(%?)", raw.strip())
-    if match is None:
-        raise ConfigError(variable, raw, expected)
+    text = raw.strip()
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(%?)", text, re.ASCII)
+    if match is None or len(text) > MAX_NUMBER_TEXT:
+        raise ConfigError(variable, shown(raw), expected)
     return float(match.group(1)), bool(match.group(2))
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from meshlib._config.parse import redact_uri
 from meshlib._lazy import check_dotted_path, load
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution, Resolver
 from meshlib.errors import ConfigError
@@ -60,9 +61,10 @@ class Target:
     def invalid(self, expected: str) -> ConfigError:
         """A :class:`ConfigError` for this target: ``<variable>='<uri>' is invalid: expected <expected>``.
 
-        Factories ``raise target.invalid("...")`` so every message names the variable and the whole URI.
+        Factories ``raise target.invalid("...")`` so every message names the variable and the whole URI, with
+        any user info and secret query parameter (``token=``...) redacted (:func:`~meshlib._config.parse.redact_uri`).
         """
-        return ConfigError(self.variable, self.uri, f"{expected} (form: {self.form})")
+        return ConfigError(self.variable, redact_uri(self.uri), redact_uri(self.uri, f"{expected} (form: {self.form})"))
 
 
 #: Builds a resolver for one service from its parsed target; raises ``target.invalid(...)`` on a bad target.
@@ -120,11 +122,11 @@ def build_resolver(service: str, target: str, settings: DiscoverySettings, *, va
     known = ", ".join(f"{scheme}://" for scheme in sorted(_FORMS))
     scheme, sep, rest = target.partition("://")
     if not sep or not scheme:
-        raise ConfigError(variable, target, f"a discovery target URI with a scheme, one of {known}")
+        raise ConfigError(variable, redact_uri(target), f"a discovery target URI with a scheme, one of {known}")
     key = scheme.lower()
     entry = _FACTORIES.get(key)
     if entry is None:
-        raise ConfigError(variable, target, f"a known discovery scheme, one of {known} (got {scheme!r})")
+        raise ConfigError(variable, redact_uri(target), f"a known discovery scheme, one of {known} (got {scheme!r})")
     return _factory(key, entry)(Target(service, target, key, rest, variable, _FORMS[key]), settings)
 
 

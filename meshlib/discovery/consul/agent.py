@@ -32,7 +32,9 @@ built from the agent's answers goes through :func:`_redact` with :meth:`ConsulAg
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -41,9 +43,11 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 
+from meshlib._config.parse import REDACTED, ascii_digits, control_character, redact_uri
 from meshlib.errors import ConfigError, ConsulACLError
 
 __all__ = [
@@ -106,7 +110,7 @@ def _split_host_port(variable: str, raw: str, text: str, default_port: int | Non
             raise ConfigError(variable, raw, f"{expected} (host:port needs the port)")
         return host, default_port
     port_text = rest[1:] if rest.startswith(":") else ""
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not ascii_digits(port_text, 5) or not 1 <= int(port_text) <= 65535:
         raise ConfigError(variable, raw, f"{expected} (port from 1 to 65535)")
     return host, int(port_text)
 
@@ -151,6 +155,14 @@ class ConsulAgent:
 
         raw = get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR
         variable = "CONSUL_HTTP_ADDR"
+        if "@" in raw.partition("?")[0] and not raw.lower().startswith(
+            "unix://"
+        ):  # user:password@host: a secret in the address, never printed
+            raise ConfigError(
+                variable,
+                redact_uri(raw),
+                f"{_ADDR_EXPECTED}, without credentials: set CONSUL_HTTP_AUTH=user:password or CONSUL_HTTP_TOKEN",
+            )
         uds: str | None = None
         prefix = ""
         if raw.lower().startswith("unix://"):
@@ -198,9 +210,17 @@ class ConsulAgent:
             origin = "CONSUL_HTTP_TOKEN_FILE" if token else ""
         if token is None and (raw_token := get("CONSUL_HTTP_TOKEN")) is not None:
             token, origin = raw_token, "CONSUL_HTTP_TOKEN"
+        if token is not None and (found := control_character(token)) is not None:
+            # Sent as a header: a CR/LF would split it (or make httpx refuse it, echoing it in the error).
+            shown = token_file if origin == "CONSUL_HTTP_TOKEN_FILE" else REDACTED
+            raise ConfigError(origin, shown, f"a Consul ACL token with no control characters (found {found})")
         auth: tuple[str, str] | None = None
         if (raw_auth := environ.get("CONSUL_HTTP_AUTH")) is not None and raw_auth:
             user, _, password = raw_auth.partition(":")
+            if (found := control_character(raw_auth)) is not None:
+                raise ConfigError(
+                    "CONSUL_HTTP_AUTH", REDACTED, f"user:password with no control characters (found {found})"
+                )
             auth = (user, password)
         return cls(
             base_url=base_url,
@@ -216,11 +236,23 @@ class ConsulAgent:
         )
 
     def secrets(self) -> tuple[str, ...]:
-        """The values that must never appear in a message (for :func:`_redact`)."""
-        found = [self.token] if self.token else []
-        if self.auth is not None and self.auth[1]:
-            found.append(self.auth[1])
-        return tuple(found)
+        """The values that must never appear in a message (for :func:`_redact`), in every form an agent or a
+        proxy in front of it may echo them: as given, percent-encoded, JSON-escaped, and the base64 of
+        ``user:password`` that the ``Authorization: Basic`` header carries. Longest first, so a secret that
+        contains another is replaced whole."""
+        raw: list[str] = [self.token] if self.token else []
+        found: set[str] = set()
+        if self.auth is not None:
+            user, password = self.auth
+            if password:
+                raw.append(password)
+            pair = f"{user}:{password}".encode()
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                encoded = encode(pair).decode("ascii")
+                found.update({encoded, encoded.rstrip("=")})
+        for secret in raw:
+            found.update({secret, quote(secret, safe=""), quote_plus(secret, safe=""), json.dumps(secret)[1:-1]})
+        return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
 def _tls_context(get: Callable[[str], str | None], verify: bool) -> ssl.SSLContext:
@@ -257,10 +289,27 @@ def _tls_context(get: Callable[[str], str | None], verify: bool) -> ssl.SSLConte
     return context
 
 
+#: Credentials an agent (or a proxy in front of it) may echo whatever they are: the value of an
+#: ``Authorization``/``Proxy-Authorization``/``X-Consul-Token`` header (``Name: value``, ``"name": "value"``,
+#: ``name=value``), a ``Basic``/``Bearer`` credential, and a ``token=`` query parameter.
+_CREDENTIALS = (
+    re.compile(
+        r"""(?i)\b((?:proxy-)?authorization|x-consul-token)(["']?\s*[:=]\s*["']?)([^"'\r\n,;}&]+)""",
+    ),
+    re.compile(r"(?i)\b(basic|bearer)(\s+)([A-Za-z0-9._~+/=-]{8,})"),
+    re.compile(r"(?i)\b([\w-]*token)(=)([^&\s\"',;}]+)"),
+)
+
+
 def _redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` without ``secrets`` (see :meth:`ConsulAgent.secrets`) nor credential-looking values."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "<redacted>")
+            text = text.replace(secret, REDACTED)
+    for pattern in _CREDENTIALS:
+        text = pattern.sub(
+            lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}" if m.group(3) != REDACTED else m.group(0), text
+        )
     return text
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from meshlib._config.parse import ascii_digits
 from meshlib.discovery.base import Endpoint
 
 __all__ = [
@@ -67,7 +68,7 @@ def _int_field(value: object, default: int) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and ascii_digits(value.strip().removeprefix("-"), 18):  # '²'.isdigit() is True
         return int(value)
     return default
 

@@ -31,13 +31,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from meshlib._config.parse import ascii_digits
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.discovery.consul.agent import ConsulAgent, Reply, Request, _redact, acl_error
 from meshlib.discovery.consul.health import _payload_key, endpoints_from_health
@@ -265,11 +266,11 @@ class BlockingQuery:
             self._advance(None)
             return self._succeeded(())
         if status == 403:
-            raise self._failed(self._acl_error(body=_text(reply.body)))
+            raise self._failed(self._acl_error(body=self._text(reply.body)))
         if status in (429, 503):
             what = "rate limiting requests (429)" if status == 429 else "unavailable (503)"
-            raise self._failed(self._error(f"Consul is {what}: {_text(reply.body) or 'no detail'}; backing off"))
-        detail = _text(reply.body) or "no detail"
+            raise self._failed(self._error(f"Consul is {what}: {self._text(reply.body) or 'no detail'}; backing off"))
+        detail = self._text(reply.body) or "no detail"
         raise self._failed(self._error(f"Consul answered HTTP {status} for {self.query.path}: {detail}"))
 
     # -- internals
@@ -291,7 +292,7 @@ class BlockingQuery:
     def _advance(self, raw_index: str | None) -> None:
         """Consul's two index rules: reset to 0 when it goes backwards, else keep it >= 1."""
         index: int | None = None
-        if raw_index is not None and raw_index.strip().isdigit():
+        if raw_index is not None and ascii_digits(raw_index.strip(), 20):  # a uint64
             index = int(raw_index)
         if index is None:
             self.index = 0  # no index to block on: the next query is a plain one (rate limited)
@@ -318,7 +319,7 @@ class BlockingQuery:
             )
         self.known_leader = known
         contact = headers.get("x-consul-lastcontact")
-        self.last_contact = int(contact) / 1000 if contact is not None and contact.isdigit() else None
+        self.last_contact = int(contact) / 1000 if contact is not None and ascii_digits(contact, 20) else None
 
     def _failed(self, error: DiscoveryError) -> DiscoveryError:
         self.failures += 1
@@ -336,12 +337,16 @@ class BlockingQuery:
             return self._error(f"{where} did not answer in time ({type(exc).__name__}: {exc})")
         return self._error(f"{where} unreachable: {type(exc).__name__}: {exc}")
 
+    def _text(self, body: bytes) -> str:
+        return _text(body, self.agent.secrets())
+
     def _acl_error(self, *, body: str = "", filtered: bool = False) -> ConsulACLError:
         return acl_error(
             self.agent, self.query.service, service=self.service, source=self.source, body=body, filtered=filtered
         )
 
 
-def _text(body: bytes, limit: int = 300) -> str:
-    text = body.decode("utf-8", "replace").strip()
+def _text(body: bytes, secrets: Iterable[str], limit: int = 300) -> str:
+    """An answer's body for a message: redacted *before* it is cut, so no secret is left half-shown."""
+    text = _redact(body.decode("utf-8", "replace").strip(), secrets)
     return text if len(text) <= limit else text[:limit] + "..."

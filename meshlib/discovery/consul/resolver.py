@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from meshlib._config import parse_duration
+from meshlib._config.parse import is_secret_param, redact_uri
 from meshlib.discovery.base import DiscoverySettings, Resolution
-from meshlib.discovery.consul.agent import AgentClient, ConsulAgent, Reply, Request, _Closed, _redact
+from meshlib.discovery.consul.agent import AgentClient, ConsulAgent, Reply, Request, _Closed
 from meshlib.discovery.consul.query import DEFAULT_WAIT, MAX_WAIT, BlockingQuery, ConsulQuery, WatchOptions
 from meshlib.errors import ConfigError, DiscoveryError
 
@@ -82,12 +83,12 @@ def _parse_query(target: Target) -> ConsulQuery:
     values: dict[str, list[str]] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
         values.setdefault(key, []).append(value)
-    if "token" in values:
-        # The target is printed in errors and logs: never let a secret into it, nor into this message.
-        redacted = _redact(target.uri, [v for v in values["token"] if v])
+    if any(is_secret_param(key) for key in values):
+        # The target is printed in errors and logs: never let a secret into it, nor into this message, in
+        # whatever spelling it came (TOKEN=, %74oken=, a percent-encoded value): redacted on the raw text.
         raise ConfigError(
             target.variable,
-            redacted,
+            redact_uri(target.uri),
             "no token in the target URI: set CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE instead",
         )
     unknown = sorted(set(values) - set(_URI_PARAMS))
