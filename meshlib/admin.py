@@ -52,8 +52,6 @@ METRICS_HINT = (
     "meshlib: /metrics needs the OpenTelemetry Prometheus exporter: "
     "pip install 'meshlib[prometheus]' (opentelemetry-exporter-prometheus and prometheus-client)\n"
 )
-#: How often the server thread checks for shutdown (bounds how long the last client's close() waits).
-_POLL_INTERVAL = 0.1
 
 
 def _loopback_host(header: str | None) -> bool:
@@ -76,23 +74,27 @@ def _loopback_host(header: str | None) -> bool:
 class AdminServer:
     """One admin HTTP server and the clients it reports (weakly held)."""
 
-    def __init__(self, address: HostPort) -> None:
+    def __init__(self, address: HostPort, **limits: Any) -> None:
+        """Listen on ``address`` and serve from a daemon thread; ``limits`` override the HTTP server's timeouts
+        and bounds (``head_timeout``, ``write_timeout``, ``max_head_bytes``, ``max_connections``: see
+        :mod:`meshlib._admin_http`)."""
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[weakref.ref[Any], str]] = {}
         # http.server is imported here, by the first admin server, not by ``import meshlib``.
         from meshlib._admin_http import AdminHTTPServer
 
-        self._server: AdminHTTPServer = AdminHTTPServer(address)
-        self._server.admin = self
-        self.address: HostPort = self._server.server_address[:2]  # type: ignore[assignment]
-        self._prometheus = _Prometheus.create()
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": _POLL_INTERVAL},
-            name=f"meshlib-admin-{self.address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server: AdminHTTPServer = AdminHTTPServer(address, **limits)
+        self.address: HostPort = self._server.server_address
+        try:
+            self._prometheus = _Prometheus.create()
+            self._thread = threading.Thread(
+                target=self._server.serve, name=f"meshlib-admin-{self.address[1]}", daemon=True
+            )
+            self._server.admin = self
+            self._thread.start()
+        except BaseException:
+            self._server.close_unstarted()
+            raise
         logger.info(
             "admin endpoint listening on http://%s/ (/status, /metrics%s)",
             _format(self.address),
@@ -141,10 +143,14 @@ class AdminServer:
         """``/metrics`` body and content type, or ``None`` when the exporter is missing."""
         return None if self._prometheus is None else self._prometheus.render()
 
+    @property
+    def connections(self) -> int:
+        """Connections the HTTP server holds right now (for tests and diagnostics)."""
+        return self._server.connections
+
     def close(self) -> None:
-        """Stop serving and free the port (waits for the server thread)."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving: the listener and every open connection are closed and the server thread ends."""
+        self._server.close()
         self._thread.join(timeout=5)
         if self._prometheus is not None:
             self._prometheus.close()
