@@ -27,7 +27,6 @@ logged per request.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import threading
@@ -238,13 +237,3 @@ def running() -> dict[HostPort, AdminServer]:
     """The admin servers of this process, by requested address (for tests and diagnostics)."""
     with _LOCK:
         return dict(_SERVERS)
-
-
-def fetch_status(address: HostPort, timeout: float = 5.0) -> dict[str, Any]:
-    """``GET /status`` from the admin endpoint at ``address`` (no proxy: it is on this host)."""
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{_format(address)}/status", timeout=timeout) as answer:
-        payload: dict[str, Any] = json.loads(answer.read())
-    return payload
