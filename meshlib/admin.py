@@ -160,13 +160,16 @@ class _Prometheus:
     """A private meter provider whose reader is the OpenTelemetry Prometheus exporter, on its own registry."""
 
     def __init__(self, provider: Any, registry: Any, generate: Any, content_type: str) -> None:
-        from meshlib.telemetry.metrics import MeshMetrics, _meter
+        from meshlib.telemetry.metrics import MeshMetrics, ServerMetrics, _meter, add_process_server_sink
 
         self._provider = provider
         self._registry = registry
         self._generate = generate
         self._content_type = content_type
         self.metrics = MeshMetrics(_meter(provider))
+        # The inbound middleware's metrics of this process (meshlib.server) are served here too.
+        self.server_metrics = ServerMetrics(_meter(provider))
+        add_process_server_sink(self.server_metrics)
 
     @classmethod
     def create(cls) -> _Prometheus | None:
@@ -186,6 +189,9 @@ class _Prometheus:
         return body, self._content_type
 
     def close(self) -> None:
+        from meshlib.telemetry.metrics import remove_process_server_sink
+
+        remove_process_server_sink(self.server_metrics)
         self._provider.shutdown()
 
 

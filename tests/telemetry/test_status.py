@@ -311,3 +311,76 @@ def test_printable_escapes_and_bounds() -> None:
     assert printable("x" * 50, 10) == "x" * 10 + "..."
     assert printable("\x1b" * 50, 10) == "\\x1b" * 2 + "..."
     assert printable(404) == "404"
+
+
+# --- the inbound middleware's metrics on the admin endpoint ---------------------------------------------------
+
+
+def _teapot_asgi(done: threading.Semaphore) -> Any:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from meshlib.server import MeshMiddleware
+
+    async def teapot(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("short and stout", status_code=418)
+
+    class Finished:  # outside the mesh middleware: released once its hooks have recorded the request
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+            if scope["type"] == "http":
+                done.release()
+
+    middleware = [Middleware(Finished), Middleware(MeshMiddleware)]
+    return Starlette(routes=[Route("/tea", teapot)], middleware=middleware)
+
+
+def _teapot_wsgi(done: threading.Semaphore) -> Any:
+    from meshlib.server import WSGIMeshMiddleware
+
+    def teapot(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("418 I'm a teapot", [("content-type", "text/plain")])
+        return [b"short and stout"]
+
+    wrapped = WSGIMeshMiddleware(teapot)
+
+    def finished(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        body = wrapped(environ, start_response)
+        try:
+            yield from body
+        finally:  # the server closes the body after sending it; the mesh middleware's hooks exit in close()
+            getattr(body, "close", lambda: None)()
+            done.release()
+
+    return finished
+
+
+@pytest.mark.parametrize("protocol", ["asgi", "wsgi"])
+def test_admin_metrics_include_the_inbound_server_metrics(start_backends: BackendFactory, protocol: str) -> None:
+    from tests.server.test_middleware import serve_asgi, serve_wsgi
+
+    done = threading.Semaphore(0)
+    serve = serve_asgi(_teapot_asgi(done)) if protocol == "asgi" else serve_wsgi(_teapot_wsgi(done))
+    # No meter provider anywhere: the admin endpoint is the only place these metrics go.
+    with (
+        serve as url,
+        meshlib.Client(environ=_env(start_backends(1), ADMIN_ADDR="127.0.0.1:0")) as client,
+        httpx.Client(trust_env=False, timeout=10) as plain,
+    ):
+        address = client.admin_address
+        assert address is not None
+        for _ in range(3):
+            assert plain.get(f"{url}/tea").status_code == 418
+        for _ in range(3):
+            assert done.acquire(timeout=10)
+        text = _get(address, "/metrics").text
+    (count,) = [line for line in text.splitlines() if line.startswith("http_server_request_duration_seconds_count{")]
+    assert 'http_request_method="GET"' in count and 'http_response_status_code="418"' in count
+    assert count.endswith(" 3.0")
+    assert re.search(r'^http_server_active_requests\{[^}]*http_request_method="GET"[^}]*\} 0\.0$', text, re.M)
