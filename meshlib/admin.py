@@ -2,11 +2,14 @@
 
 Opt in with ``MESHLIB_ADMIN_ADDR=127.0.0.1:9901`` (loopback only: :mod:`meshlib._config.parse` refuses anything
 else, as Envoy's docs say its admin must never be exposed). Every ``meshlib.Client`` / ``AsyncClient``
-created with it registers with a small stdlib HTTP server running in a daemon thread:
+created with it registers with a small HTTP server running on one daemon thread (a non-blocking loop with
+per-connection deadlines and bounds, so no peer can hold a thread: :mod:`meshlib._admin_http`):
 
 * ``GET /status`` -- JSON: ``{"meshlib": version, "pid": ..., "clients": [client.mesh_status().to_dict()...]}``;
 * ``GET /metrics`` -- meshlib's metrics in Prometheus text format, through the OpenTelemetry Prometheus
-  exporter when it is installed (``pip install 'meshlib[prometheus]'``); else 404 saying so;
+  exporter when it is installed (``pip install 'meshlib[prometheus]'``); else 404 saying so. The registered
+  clients' instruments, and the inbound middleware's ``http.server.*`` of the whole process (a process-wide
+  server sink, :func:`meshlib.telemetry.metrics.add_process_server_sink`, while the server runs);
 * ``GET /`` -- the list of the above.
 
 **One server per address per process.** Clients that name the same address share one server, which lists
