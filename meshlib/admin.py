@@ -2,11 +2,14 @@
 
 Opt in with ``MESHLIB_ADMIN_ADDR=127.0.0.1:9901`` (loopback only: :mod:`meshlib._config.parse` refuses anything
 else, as Envoy's docs say its admin must never be exposed). Every ``meshlib.Client`` / ``AsyncClient``
-created with it registers with a small stdlib HTTP server running in a daemon thread:
+created with it registers with a small HTTP server running on one daemon thread (a non-blocking loop with
+per-connection deadlines and bounds, so no peer can hold a thread: :mod:`meshlib._admin_http`):
 
 * ``GET /status`` -- JSON: ``{"meshlib": version, "pid": ..., "clients": [client.mesh_status().to_dict()...]}``;
 * ``GET /metrics`` -- meshlib's metrics in Prometheus text format, through the OpenTelemetry Prometheus
-  exporter when it is installed (``pip install 'meshlib[prometheus]'``); else 404 saying so;
+  exporter when it is installed (``pip install 'meshlib[prometheus]'``); else 404 saying so. The registered
+  clients' instruments, and the inbound middleware's ``http.server.*`` of the whole process (a process-wide
+  server sink, :func:`meshlib.telemetry.metrics.add_process_server_sink`, while the server runs);
 * ``GET /`` -- the list of the above.
 
 **One server per address per process.** Clients that name the same address share one server, which lists
@@ -27,7 +30,6 @@ logged per request.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import threading
@@ -52,8 +54,6 @@ METRICS_HINT = (
     "meshlib: /metrics needs the OpenTelemetry Prometheus exporter: "
     "pip install 'meshlib[prometheus]' (opentelemetry-exporter-prometheus and prometheus-client)\n"
 )
-#: How often the server thread checks for shutdown (bounds how long the last client's close() waits).
-_POLL_INTERVAL = 0.1
 
 
 def _loopback_host(header: str | None) -> bool:
@@ -76,23 +76,27 @@ def _loopback_host(header: str | None) -> bool:
 class AdminServer:
     """One admin HTTP server and the clients it reports (weakly held)."""
 
-    def __init__(self, address: HostPort) -> None:
+    def __init__(self, address: HostPort, **limits: Any) -> None:
+        """Listen on ``address`` and serve from a daemon thread; ``limits`` override the HTTP server's timeouts
+        and bounds (``head_timeout``, ``write_timeout``, ``max_head_bytes``, ``max_connections``: see
+        :mod:`meshlib._admin_http`)."""
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[weakref.ref[Any], str]] = {}
         # http.server is imported here, by the first admin server, not by ``import meshlib``.
         from meshlib._admin_http import AdminHTTPServer
 
-        self._server: AdminHTTPServer = AdminHTTPServer(address)
-        self._server.admin = self
-        self.address: HostPort = self._server.server_address[:2]  # type: ignore[assignment]
-        self._prometheus = _Prometheus.create()
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": _POLL_INTERVAL},
-            name=f"meshlib-admin-{self.address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server: AdminHTTPServer = AdminHTTPServer(address, **limits)
+        self.address: HostPort = self._server.server_address
+        try:
+            self._prometheus = _Prometheus.create()
+            self._thread = threading.Thread(
+                target=self._server.serve, name=f"meshlib-admin-{self.address[1]}", daemon=True
+            )
+            self._server.admin = self
+            self._thread.start()
+        except BaseException:
+            self._server.close_unstarted()
+            raise
         logger.info(
             "admin endpoint listening on http://%s/ (/status, /metrics%s)",
             _format(self.address),
@@ -141,10 +145,14 @@ class AdminServer:
         """``/metrics`` body and content type, or ``None`` when the exporter is missing."""
         return None if self._prometheus is None else self._prometheus.render()
 
+    @property
+    def connections(self) -> int:
+        """Connections the HTTP server holds right now (for tests and diagnostics)."""
+        return self._server.connections
+
     def close(self) -> None:
-        """Stop serving and free the port (waits for the server thread)."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving: the listener and every open connection are closed and the server thread ends."""
+        self._server.close()
         self._thread.join(timeout=5)
         if self._prometheus is not None:
             self._prometheus.close()
@@ -155,13 +163,16 @@ class _Prometheus:
     """A private meter provider whose reader is the OpenTelemetry Prometheus exporter, on its own registry."""
 
     def __init__(self, provider: Any, registry: Any, generate: Any, content_type: str) -> None:
-        from meshlib.telemetry.metrics import MeshMetrics, _meter
+        from meshlib.telemetry.metrics import MeshMetrics, ServerMetrics, _meter, add_process_server_sink
 
         self._provider = provider
         self._registry = registry
         self._generate = generate
         self._content_type = content_type
         self.metrics = MeshMetrics(_meter(provider))
+        # The inbound middleware's metrics of this process (meshlib.server) are served here too.
+        self.server_metrics = ServerMetrics(_meter(provider))
+        add_process_server_sink(self.server_metrics)
 
     @classmethod
     def create(cls) -> _Prometheus | None:
@@ -181,6 +192,9 @@ class _Prometheus:
         return body, self._content_type
 
     def close(self) -> None:
+        from meshlib.telemetry.metrics import remove_process_server_sink
+
+        remove_process_server_sink(self.server_metrics)
         self._provider.shutdown()
 
 
@@ -232,13 +246,3 @@ def running() -> dict[HostPort, AdminServer]:
     """The admin servers of this process, by requested address (for tests and diagnostics)."""
     with _LOCK:
         return dict(_SERVERS)
-
-
-def fetch_status(address: HostPort, timeout: float = 5.0) -> dict[str, Any]:
-    """``GET /status`` from the admin endpoint at ``address`` (no proxy: it is on this host)."""
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{_format(address)}/status", timeout=timeout) as answer:
-        payload: dict[str, Any] = json.loads(answer.read())
-    return payload

@@ -4,6 +4,12 @@ Plain frozen dataclasses of strings, numbers, booleans and lists, so a snapshot 
 test, or turned into JSON with :meth:`MeshStatus.to_dict` (``json.dumps(status.to_dict())``) -- which is what
 the admin endpoint's ``/status`` serves and ``meshlib status`` prints as a table.
 
+The table is made from JSON that came over a socket, so :func:`format_status` trusts none of it: it checks the
+shape first (:func:`check_status`: a :class:`StatusFormatError` names the first field that is missing or of the
+wrong type), and every string it prints goes through :func:`printable` (control characters and escape sequences
+written as ``\\x1b``-style escapes, length bounded), so a service name or a discovery error carrying a Consul
+body cannot drive the terminal.
+
 Reading a snapshot takes no lock on the request path: it reads the same immutable endpoint view and the
 same counters the requests update, so numbers taken at one instant may disagree by a request in flight.
 """
@@ -13,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +29,10 @@ __all__ = [
     "EndpointStatus",
     "MeshStatus",
     "ServiceStatus",
+    "StatusFormatError",
+    "check_status",
     "format_status",
+    "printable",
     "status_of",
 ]
 
@@ -137,31 +146,190 @@ _COLUMNS = (
 )
 
 
+#: Longest text :func:`format_status` prints from one field (a discovery error gets more room).
+_TEXT_LIMIT = 200
+_ERROR_LIMIT = 400
+
+
+def printable(text: object, limit: int = _TEXT_LIMIT) -> str:
+    """``text`` made safe to print on a terminal, at most about ``limit`` characters.
+
+    Every character :meth:`str.isprintable` refuses -- C0 and C1 controls (``ESC`` starts terminal escape
+    sequences), ``DEL``, line and paragraph separators, bidirectional overrides and other format characters
+    -- is written as a Python-style escape (``\x1b``, ``\u202e``); longer text is cut and ends with ``...``.
+    """
+    value = text if isinstance(text, str) else str(text)
+    if len(value) <= limit and value.isprintable():
+        return value
+    out: list[str] = []
+    length = 0
+    for char in value:
+        piece = char if char.isprintable() else _escape(char)
+        if length + len(piece) > limit:
+            out.append("...")
+            break
+        out.append(piece)
+        length += len(piece)
+    return "".join(out)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+class StatusFormatError(ValueError):
+    """A ``/status`` payload that is not what meshlib's admin endpoint answers: ``path`` names the first bad
+    field (``clients[0].services[2].name``; empty for the payload itself), ``expected`` what it should be,
+    ``found`` what it is (already :func:`printable`)."""
+
+    def __init__(self, path: str, expected: str, found: str) -> None:
+        self.path = path
+        self.expected = expected
+        self.found = found
+        where = path or "the payload"
+        super().__init__(f"{where} is {found}; expected {expected}")
+
+
+# What format_status reads, and of which JSON type: an object spec is a dict, a list spec a one-item list, a
+# scalar spec the allowed kinds. Keys a newer meshlib adds are ignored, so older and newer versions interoperate.
+_Spec = Any
+_ENDPOINT_SPEC: dict[str, _Spec] = {
+    "address": "str",
+    "inflight": "int",
+    "latency_ms": "number",
+    "requests": "int",
+    "failures": "int",
+    "breaker": "str",
+    "breaker_opens": "int",
+    "ejected": "bool",
+}
+_SERVICE_SPEC: dict[str, _Spec] = {
+    "name": "str",
+    "balancer": "str",
+    "started": "bool",
+    "discovery": {
+        "source": "str",
+        "age_s": "number|null",
+        "version": "int|null",
+        "refreshes": "int",
+        "failures": "int",
+        "consecutive_failures": "int",
+        "last_error": "str|null",
+    },
+    "budget": {
+        "available": "number",
+        "retries": "int",
+        "exhausted": "int",
+        "inflight": "int",
+        "max_inflight": "int",
+        "overloaded": "int",
+    },
+    "ejections": "int",
+    "endpoints": [_ENDPOINT_SPEC],
+}
+_STATUS_SPEC: dict[str, _Spec] = {
+    "meshlib": "str",
+    "pid": "int",
+    "clients": [{"client": "str", "services": [_SERVICE_SPEC]}],
+}
+_KINDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "number": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "null": ("null", lambda v: v is None),
+}
+
+
+def check_status(payload: object) -> Mapping[str, Any]:
+    """``payload`` (decoded ``/status`` JSON) if it has every field :func:`format_status` reads, of the right
+    type; else :class:`StatusFormatError` naming the first field that does not."""
+    _check(payload, _STATUS_SPEC, "")
+    assert isinstance(payload, Mapping)
+    return payload
+
+
+def _check(value: object, spec: _Spec, path: str) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise StatusFormatError(path, "a JSON object" + (" (meshlib's /status)" if not path else ""), _kind(value))
+        for key, inner in spec.items():
+            where = f"{path}.{key}" if path else key
+            if key not in value:
+                raise StatusFormatError(where, _expected(inner), "missing")
+            _check(value[key], inner, where)
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise StatusFormatError(path, "a list", _kind(value))
+        for index, item in enumerate(value):
+            _check(item, spec[0], f"{path}[{index}]")
+    elif not any(_KINDS[kind][1](value) for kind in spec.split("|")):
+        raise StatusFormatError(path, _expected(spec), _kind(value))
+
+
+def _expected(spec: _Spec) -> str:
+    if isinstance(spec, dict):
+        return "a JSON object"
+    if isinstance(spec, list):
+        return "a list"
+    return " or ".join(_KINDS[kind][0] for kind in spec.split("|"))
+
+
+def _kind(value: object) -> str:
+    """A short, printable description of a JSON value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"the number {printable(repr(value), 40)}"
+    if isinstance(value, str):
+        return f"the string {printable(repr(value), 60)}"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return "a JSON object"
+    return printable(type(value).__name__, 40)
+
+
 def _cell(value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.2f}"
-    return "-" if value is None else str(value)
+    return "-" if value is None else printable(value)
 
 
-def format_status(payload: Mapping[str, Any]) -> str:
-    """The admin endpoint's ``/status`` JSON as the table ``meshlib status`` prints."""
-    clients = payload.get("clients") or []
-    lines = [f"meshlib {payload.get('meshlib', '?')}, pid {payload.get('pid', '?')}: {len(clients)} client(s)"]
+def format_status(payload: object) -> str:
+    """The admin endpoint's ``/status`` JSON as the table ``meshlib status`` prints.
+
+    Checked first (:func:`check_status`, :class:`StatusFormatError`); strings are printed through
+    :func:`printable`.
+    """
+    status = check_status(payload)
+    text = printable
+    clients = status["clients"]
+    lines = [f"meshlib {text(status['meshlib'])}, pid {status['pid']}: {len(clients)} client(s)"]
     for number, client in enumerate(clients, 1):
-        services = client.get("services") or []
-        lines.append(f"client {number} ({client.get('client', '?')}): {len(services)} service(s)")
+        services = client["services"]
+        lines.append(f"client {number} ({text(client['client'])}): {len(services)} service(s)")
         for service in services:
             discovery, budget = service["discovery"], service["budget"]
             age = discovery["age_s"]
             state = "" if service["started"] else " (not used yet)"
-            lines.append(f"  {service['name']}{state}  balancer {service['balancer']}  source {discovery['source']}")
+            lines.append(
+                f"  {text(service['name'])}{state}  balancer {text(service['balancer'])}  "
+                f"source {text(discovery['source'])}"
+            )
+            failing = discovery["consecutive_failures"]
             lines.append(
                 f"    discovery: {len(service['endpoints'])} endpoint(s), version {_cell(discovery['version'])}, "
                 f"age {'-' if age is None else f'{age:.1f} s'}, {discovery['refreshes']} refreshes, "
                 f"{discovery['failures']} failures"
-                + (f" (failing: {discovery['last_error']})" if discovery["consecutive_failures"] else "")
+                + (f" (failing: {text(discovery['last_error'], _ERROR_LIMIT)})" if failing else "")
             )
             lines.append(
                 f"    retries: {budget['retries']} made, {budget['available']:.1f} available, "

@@ -8,7 +8,10 @@
   provider it still attaches the extracted context (*propagation only*), so a service without an SDK in the
   middle of a chain does not break the trace.
 * :class:`ServerMetricsHook` records ``http.server.request.duration`` (histogram, seconds, semconv buckets)
-  and ``http.server.active_requests`` (UpDownCounter) per method, scheme, status and error.
+  and ``http.server.active_requests`` (UpDownCounter) per method, scheme, status and error -- to its meter
+  provider and, while a client in the same process runs the admin endpoint (``MESHLIB_ADMIN_ADDR``) with the
+  Prometheus exporter, to that endpoint's instruments too (:func:`meshlib.telemetry.metrics.process_server_sinks`),
+  so its ``/metrics`` shows the server side next to the client side.
 
 A 5xx response or an exception escaping the app marks the span as an error (4xx are the client's errors, not
 the server's, as the conventions say). The span is named after the method: the middleware runs before the
@@ -29,7 +32,12 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from meshlib.telemetry.metrics import ServerMetrics, global_meter_provider_set, server_metrics_for
+from meshlib.telemetry.metrics import (
+    ServerMetrics,
+    global_meter_provider_set,
+    process_server_sinks,
+    server_metrics_for,
+)
 from meshlib.telemetry.tracing import TracerSource, method_attributes
 
 if TYPE_CHECKING:
@@ -145,26 +153,27 @@ class ServerTraceHook:
 
 
 class _Measured(AbstractContextManager[None]):
-    """Counts a request as active and records its duration when it ends."""
+    """Counts a request as active and records its duration when it ends, in every sink it started with."""
 
-    __slots__ = ("_active", "_request", "_sink", "_start")
+    __slots__ = ("_active", "_request", "_sinks", "_start")
 
-    def __init__(self, sink: ServerMetrics, request: InboundRequest, active: dict[str, str]) -> None:
-        self._sink = sink
+    def __init__(self, sinks: tuple[ServerMetrics, ...], request: InboundRequest, active: dict[str, str]) -> None:
+        self._sinks = sinks
         self._request = request
         self._active = active
         self._start = 0.0
 
     def __enter__(self) -> None:
         self._start = time.monotonic()
-        self._sink.active.add(1, self._active)
+        for sink in self._sinks:
+            sink.active.add(1, self._active)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         seconds = time.monotonic() - self._start
-        sink = self._sink
-        sink.active.add(-1, self._active)
+        for sink in self._sinks:
+            sink.active.add(-1, self._active)
         attributes: dict[str, str | int] = dict(self._active)
         status = self._request.status
         if status is not None:
@@ -173,31 +182,36 @@ class _Measured(AbstractContextManager[None]):
             attributes["error.type"] = type(exc).__qualname__
         elif status is not None and status >= 500:
             attributes["error.type"] = str(status)
-        sink.duration.record(seconds, attributes)
+        for sink in self._sinks:
+            sink.duration.record(seconds, attributes)
 
 
 class ServerMetricsHook:
     """Inbound hook: ``http.server.request.duration`` and ``http.server.active_requests``.
 
-    ``meter_provider``: where measurements go (default: the global provider, once the application sets it;
-    without one the hook does nothing).
+    ``meter_provider``: where measurements go (default: the global provider, once the application sets it).
+    The admin endpoint's ``/metrics``, while one runs in the process, gets them as well; with neither, the
+    hook does nothing.
     """
 
-    __slots__ = ("_explicit", "_provider", "_sink")
+    __slots__ = ("_explicit", "_own", "_provider")
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
         self._provider = meter_provider
         self._explicit = meter_provider is not None and type(meter_provider).__name__ != "_ProxyMeterProvider"
-        self._sink: ServerMetrics | None = server_metrics_for(meter_provider) if self._explicit else None
+        sink = server_metrics_for(meter_provider) if self._explicit else None
+        self._own: tuple[ServerMetrics, ...] = () if sink is None else (sink,)
 
-    def _current(self) -> ServerMetrics | None:
-        if self._sink is None and not self._explicit and global_meter_provider_set():
-            self._sink = server_metrics_for(None)
-        return self._sink
+    def _current(self) -> tuple[ServerMetrics, ...]:
+        if not self._own and not self._explicit and global_meter_provider_set():
+            sink = server_metrics_for(None)
+            self._own = () if sink is None else (sink,)
+        return self._own
 
     def __call__(self, request: InboundRequest) -> AbstractContextManager[object] | None:
-        sink = self._current()
-        if sink is None:
+        own, extra = self._current(), process_server_sinks()
+        sinks = (own + extra if extra else own) if own else extra
+        if not sinks:
             return None
         method = method_attributes(request.method.upper())[1]
-        return _Measured(sink, request, {"http.request.method": method, "url.scheme": request.scheme})
+        return _Measured(sinks, request, {"http.request.method": method, "url.scheme": request.scheme})

@@ -43,8 +43,11 @@ __all__ = [
     "MeshMetrics",
     "MetricSource",
     "ServerMetrics",
+    "add_process_server_sink",
     "client_metrics_for",
     "global_meter_provider_set",
+    "process_server_sinks",
+    "remove_process_server_sink",
     "server_metrics_for",
 ]
 
@@ -382,3 +385,43 @@ def client_metrics_for(provider: MeterProvider | None) -> MeshMetrics | None:
 def server_metrics_for(provider: MeterProvider | None) -> ServerMetrics | None:
     """The shared server instruments of ``provider`` (``None``: the global one, once set; else ``None``)."""
     return _server_metrics.get(provider)
+
+
+class _ProcessServerSinks:
+    """Server instruments every inbound metrics hook of this process records to besides its own provider's:
+    the admin endpoint's (its ``/metrics``), while one runs. ``sinks`` is replaced, never mutated, so the
+    request path reads it without a lock."""
+
+    __slots__ = ("_lock", "sinks")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sinks: tuple[ServerMetrics, ...] = ()
+
+    def add(self, sink: ServerMetrics) -> None:
+        with self._lock:
+            if sink not in self.sinks:
+                self.sinks = (*self.sinks, sink)
+
+    def remove(self, sink: ServerMetrics) -> None:
+        with self._lock:
+            self.sinks = tuple(found for found in self.sinks if found is not sink)
+
+
+_PROCESS_SERVER_SINKS = _ProcessServerSinks()
+
+
+def add_process_server_sink(sink: ServerMetrics) -> None:
+    """Make every :class:`~meshlib.telemetry.inbound.ServerMetricsHook` in this process also record to ``sink``
+    (the admin endpoint does, so its ``/metrics`` shows the inbound requests too)."""
+    _PROCESS_SERVER_SINKS.add(sink)
+
+
+def remove_process_server_sink(sink: ServerMetrics) -> None:
+    """Stop recording to ``sink`` (requests in progress finish with the sinks they started with)."""
+    _PROCESS_SERVER_SINKS.remove(sink)
+
+
+def process_server_sinks() -> tuple[ServerMetrics, ...]:
+    """The server instruments every inbound hook records to besides its own (a lock-free read)."""
+    return _PROCESS_SERVER_SINKS.sinks

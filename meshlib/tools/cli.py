@@ -8,8 +8,12 @@ source from ``client.mesh_status()``, and asks that discovery source once (:func
 with the client's settings), so a typo in a variable or an unreachable DNS server shows up before deploying.
 ``status`` prints the live mesh of a running process that opted in to the loopback admin endpoint
 (``MESHLIB_ADMIN_ADDR``, :mod:`meshlib.admin`): it reads the endpoint's ``/status`` JSON over HTTP and prints it
-with :func:`meshlib.status.format_status`. Configuration problems are reported as one line on stderr with exit
-code 2 (the usual "usage error" code), never as a traceback.
+with :func:`meshlib.status.format_status`. Whatever answers on that port is not trusted: the answer is read up to
+:data:`MAX_STATUS_BYTES` within :data:`STATUS_TIMEOUT` seconds, must be HTTP 200 with JSON of the shape
+:func:`meshlib.status.check_status` expects, and everything printed from it is escaped and bounded
+(:func:`meshlib.status.printable`); anything else is one line on stderr naming the address and what was
+expected, exit code 1. Configuration problems are reported as one line on stderr with exit code 2 (the usual
+"usage error" code), never as a traceback.
 
 Like everything in :mod:`meshlib.tools`, this module uses meshlib's public API only.
 """
@@ -17,17 +21,19 @@ Like everything in :mod:`meshlib.tools`, this module uses meshlib's public API o
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
 
 import meshlib
 from meshlib.discovery import DiscoverySettings, Resolution, build_resolver
 from meshlib.errors import DiscoveryError  # the library-neutral kind: discovery raises it, whichever HTTP library
-from meshlib.status import ServiceStatus, format_status
+from meshlib.status import ServiceStatus, StatusFormatError, check_status, format_status, printable
 from meshlib.tools.demo import DemoOptions, run_demo
 
 EXIT_OK = 0
@@ -35,8 +41,12 @@ EXIT_OK = 0
 EXIT_DISCOVERY_FAILED = 1
 #: Bad usage or configuration: unknown service, invalid ``MESHLIB_*`` value.
 EXIT_USAGE = 2
-#: ``meshlib status`` could not reach the admin endpoint.
+#: ``meshlib status`` could not reach the admin endpoint, or what answered there is not one.
 EXIT_UNREACHABLE = 1
+#: Largest ``/status`` answer ``meshlib status`` reads (a process with thousands of endpoints answers a few MiB).
+MAX_STATUS_BYTES = 16 * 1024 * 1024
+#: Seconds ``meshlib status`` gives the admin endpoint to answer in full.
+STATUS_TIMEOUT = 10.0
 #: Where ``meshlib status`` looks when neither ``--addr`` nor ``MESHLIB_ADMIN_ADDR`` says (Envoy's admin port).
 DEFAULT_ADMIN_ADDR = "127.0.0.1:9901"
 #: The variable that names a service's discovery target is this prefix and the service's ``<NAME>``.
@@ -173,13 +183,48 @@ def admin_address(name: str, raw: str) -> tuple[str, int]:
     return address
 
 
-def fetch_status(address: tuple[str, int], timeout: float = 5.0) -> dict[str, Any]:
-    """``GET /status`` from the admin endpoint at ``address``: its JSON (no proxy: the endpoint is on this host)."""
+class StatusAnswerError(Exception):
+    """What answered on the admin port is not meshlib's admin endpoint (or not a well-formed answer from one)."""
+
+
+def fetch_status(address: tuple[str, int], timeout: float = STATUS_TIMEOUT) -> object:
+    """``GET /status`` from the admin endpoint at ``address``: its decoded JSON, not checked yet (no proxy: the
+    endpoint is on this host).
+
+    :class:`OSError` when nothing answers; :class:`StatusAnswerError` (a printable one-line reason) when something
+    answers with anything but HTTP 200 and JSON, more than :data:`MAX_STATUS_BYTES`, or not within ``timeout``.
+    """
     host, port = address
+    deadline = time.monotonic() + timeout
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{_host_port(host, port)}/status", timeout=timeout) as answer:
-        payload: dict[str, Any] = json.loads(answer.read())
-    return payload
+    try:
+        with opener.open(f"http://{_host_port(host, port)}/status", timeout=timeout) as answer:
+            body = _read_bounded(answer, deadline)
+    except urllib.error.HTTPError as error:
+        error.close()
+        reason = f" {printable(error.reason, 80)}" if error.reason else ""
+        raise StatusAnswerError(f"answered HTTP {error.code}{reason}, expected 200 with /status JSON") from None
+    except http.client.HTTPException as error:  # BadStatusLine, IncompleteRead...: not HTTP, or cut short
+        raise StatusAnswerError(f"did not answer well-formed HTTP ({printable(error, 80)})") from None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a number too long, nesting too deep
+        preview = printable(body[:40].decode("utf-8", "replace"), 40)
+        raise StatusAnswerError(f"answered {len(body)} bytes that are not JSON (starting '{preview}')") from None
+
+
+def _read_bounded(answer: http.client.HTTPResponse, deadline: float) -> bytes:
+    """The body of ``answer``, refused beyond :data:`MAX_STATUS_BYTES` or past ``deadline``."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := answer.read(64 * 1024):
+        size += len(chunk)
+        if size > MAX_STATUS_BYTES:
+            raise StatusAnswerError(f"answered more than {MAX_STATUS_BYTES // (1024 * 1024)} MiB")
+        if time.monotonic() > deadline:
+            raise StatusAnswerError("did not finish answering in time")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -194,15 +239,23 @@ def run_status_command(args: argparse.Namespace) -> int:
         raw = os.environ.get(ADMIN_ADDR_VARIABLE, "").strip()
         address = admin_address(ADMIN_ADDR_VARIABLE if raw else "default", raw or DEFAULT_ADMIN_ADDR)
     where = _host_port(*address)
+    url = f"http://{where}/status"
     try:
-        payload = fetch_status(address)
-    except (OSError, ValueError) as exc:
+        payload = check_status(fetch_status(address))
+    except StatusAnswerError as exc:
+        print(f"meshlib: {url} is not a meshlib admin endpoint: it {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except StatusFormatError as exc:
+        print(f"meshlib: {url} answered JSON that is not meshlib's /status: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except OSError as exc:
         print(
-            f"meshlib: no admin endpoint answered at http://{where}/status ({exc}); start the process with "
+            f"meshlib: no admin endpoint answered at {url} ({printable(exc, 200)}); start the process with "
             f"MESHLIB_ADMIN_ADDR={where} (or pass --addr)",
             file=sys.stderr,
         )
         return EXIT_UNREACHABLE
+    # --json: json.dumps escapes every control and non-ASCII character (ensure_ascii), so it is safe as it is.
     print(json.dumps(payload, indent=2) if args.json else format_status(payload))
     return EXIT_OK
 

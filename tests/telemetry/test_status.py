@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 import socket
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import meshlib
 from meshlib import admin
+from meshlib.status import printable
 from meshlib.testing import Backend, Behavior
+from meshlib.tools import cli
 from meshlib.tools.cli import main
 from tests.conftest import BackendFactory, static_target
 from tests.httplib import httpx
@@ -152,3 +158,229 @@ def test_meshlib_status_without_an_admin_endpoint(capsys: pytest.CaptureFixture[
         assert main(["status", "--addr", f"127.0.0.1:{port}"]) == 1
     assert "MESHLIB_ADMIN_ADDR" in capsys.readouterr().err
     assert main(["status", "--addr", "192.0.2.1:9901"]) == 2  # loopback only, here too
+
+
+# --- meshlib status against whatever answers on the admin port ------------------------------------------------
+
+#: Every character a terminal may act on: C0 controls (but the newline ending each line), DEL, C1 controls.
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+@pytest.fixture(scope="module")
+def real_status() -> dict[str, Any]:
+    """A genuine ``/status`` answer (one client, one used service), to be served altered by a fake endpoint."""
+    with Backend("real") as backend:
+        env = {"MESHLIB_SERVICE_PAYMENTS": static_target([backend]), "MESHLIB_ADMIN_ADDR": "127.0.0.1:0"}
+        with meshlib.Client(environ=env) as client:
+            client.get("http://payments/")
+            address = client.admin_address
+            assert address is not None
+            payload: dict[str, Any] = _get(address, "/status").json()
+    return payload
+
+
+def _status_from(backend: Backend, *extra: str) -> int:
+    return main(["status", "--addr", backend.address, *extra])
+
+
+def _assert_one_line_error(err: str, backend: Backend, *expected: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("meshlib: ")
+    assert backend.address in err and "Traceback" not in err
+    assert not _CONTROL.search(err.rstrip("\n"))
+    for text in expected:
+        assert text in err
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"[]", "the payload is a list of 0 item(s); expected a JSON object (meshlib's /status)"),
+        (b'"ok"', "the payload is the string 'ok'; expected a JSON object"),
+        (b"42", "the payload is the number 42; expected a JSON object"),
+        (b"null", "the payload is null; expected a JSON object"),
+        (b'{"meshlib": "0.1.0", "pid": 1}', "clients is missing; expected a list"),
+        (b'{"meshlib": "0.1.0", "pid": 1, "clients": {}}', "clients is a JSON object; expected a list"),
+        (b'{"meshlib": "0.1.0", "pid": "1", "clients": []}', "pid is the string '1'; expected a whole number"),
+        (b"<html>\x1b[2J</html>", "answered 17 bytes that are not JSON (starting '<html>\\x1b[2J</html>')"),
+        (b"[" * 100_000, "that are not JSON"),  # nesting deeper than the decoder's recursion limit
+    ],
+    ids=["list", "string", "number", "null", "missing", "wrong-type", "pid-type", "non-json", "deep"],
+)
+def test_meshlib_status_refuses_an_answer_of_the_wrong_shape(
+    start_backends: BackendFactory, capsys: pytest.CaptureFixture[str], body: bytes, expected: str
+) -> None:
+    (backend,) = start_backends(1, Behavior(body=body))
+    assert _status_from(backend) == 1
+    assert _status_from(backend, "--json") == 1  # --json prints only what it has checked too
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    first, second = captured.err.splitlines(keepends=True)
+    assert first == second
+    _assert_one_line_error(first, backend, f"http://{backend.address}/status", expected)
+
+
+def test_meshlib_status_names_the_first_bad_field_deep_inside(
+    start_backends: BackendFactory, capsys: pytest.CaptureFixture[str], real_status: dict[str, Any]
+) -> None:
+    (backend,) = start_backends(1)
+    cases = [
+        (("services", 0, "name"), 5, "clients[0].services[0].name is the number 5; expected a string"),
+        (
+            ("services", 0, "discovery", "age_s"),
+            "old",
+            "discovery.age_s is the string 'old'; expected a number or null",
+        ),
+        (("services", 0, "endpoints", 0, "ejected"), "no", "endpoints[0].ejected is the string 'no'; expected true or"),
+        (("services", 0, "budget"), [], "clients[0].services[0].budget is a list of 0 item(s); expected a JSON object"),
+        (("services", 0, "endpoints", 0, "inflight"), True, "endpoints[0].inflight is true; expected a whole number"),
+    ]
+    for path, value, expected in cases:
+        payload = copy.deepcopy(real_status)
+        target = payload["clients"][0]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        backend.behavior = Behavior(body=json.dumps(payload).encode())
+        assert _status_from(backend) == 1
+        _assert_one_line_error(capsys.readouterr().err, backend, expected)
+    payload = copy.deepcopy(real_status)
+    del payload["clients"][0]["services"][0]["endpoints"][0]["breaker"]
+    backend.behavior = Behavior(body=json.dumps(payload).encode())
+    assert _status_from(backend) == 1
+    _assert_one_line_error(capsys.readouterr().err, backend, "endpoints[0].breaker is missing; expected a string")
+
+
+def test_meshlib_status_refuses_an_error_status_and_a_huge_answer(
+    start_backends: BackendFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (backend,) = start_backends(1, Behavior(status=404, body=b"{}"))
+    assert _status_from(backend) == 1
+    _assert_one_line_error(capsys.readouterr().err, backend, "answered HTTP 404, expected 200 with /status JSON")
+    backend.behavior = Behavior(body=b'"' + b"a" * cli.MAX_STATUS_BYTES + b'"')
+    assert _status_from(backend) == 1
+    _assert_one_line_error(capsys.readouterr().err, backend, "answered more than 16 MiB")
+
+
+def test_meshlib_status_refuses_a_server_that_does_not_speak_http(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def answer_garbage() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"\x1b]0;pwned\x07 not http\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        assert main(["status", "--addr", f"127.0.0.1:{port}"]) == 1
+        thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"127.0.0.1:{port}" in err and "well-formed HTTP" in err
+    assert not _CONTROL.search(err.rstrip("\n"))
+
+
+def test_meshlib_status_escapes_what_the_peer_wrote(
+    start_backends: BackendFactory, capsys: pytest.CaptureFixture[str], real_status: dict[str, Any]
+) -> None:
+    payload = copy.deepcopy(real_status)
+    service = payload["clients"][0]["services"][0]
+    service["name"] = "pay\x1b[31mments\u202e"
+    service["balancer"] = "p2c\x9b2J"  # C1 CSI: an escape sequence without ESC
+    service["discovery"]["consecutive_failures"] = 1
+    consul_body = "rpc error: \x1b]0;pwned\x07\x1b[2J\r" + "x" * 10_000  # a hostile Consul error body
+    service["discovery"]["last_error"] = f"consul answered 500: {consul_body}"
+    service["endpoints"][0]["address"] = "10.0.0.1:80\x08\x08\x08evil"
+    payload["meshlib"] = "0.1\x00"
+    (backend,) = start_backends(1, Behavior(body=json.dumps(payload).encode()))
+    assert _status_from(backend) == 0
+    out = capsys.readouterr().out
+    assert not _CONTROL.search(out)
+    assert "pay\\x1b[31mments\\u202e" in out and "p2c\\x9b2J" in out and "meshlib 0.1\\x00," in out
+    assert "consul answered 500: rpc error: \\x1b]0;pwned\\x07\\x1b[2J\\x0d" in out
+    assert "10.0.0.1:80\\x08\\x08\\x08evil" in out
+    assert max(len(line) for line in out.splitlines()) < 600  # the 10,000-character body was cut
+    assert _status_from(backend, "--json") == 0
+    raw = capsys.readouterr().out
+    assert not _CONTROL.search(raw) and json.loads(raw) == payload  # JSON escapes, and says it all
+
+
+def test_printable_escapes_and_bounds() -> None:
+    assert printable("payments") == "payments"
+    assert printable("a\x1b[0m\x7f\x85\u2028b") == "a\\x1b[0m\\x7f\\x85\\u2028b"
+    assert printable("x" * 50, 10) == "x" * 10 + "..."
+    assert printable("\x1b" * 50, 10) == "\\x1b" * 2 + "..."
+    assert printable(404) == "404"
+
+
+# --- the inbound middleware's metrics on the admin endpoint ---------------------------------------------------
+
+
+def _teapot_asgi(done: threading.Semaphore) -> Any:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from meshlib.server import MeshMiddleware
+
+    async def teapot(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("short and stout", status_code=418)
+
+    class Finished:  # outside the mesh middleware: released once its hooks have recorded the request
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+            if scope["type"] == "http":
+                done.release()
+
+    middleware = [Middleware(Finished), Middleware(MeshMiddleware)]
+    return Starlette(routes=[Route("/tea", teapot)], middleware=middleware)
+
+
+def _teapot_wsgi(done: threading.Semaphore) -> Any:
+    from meshlib.server import WSGIMeshMiddleware
+
+    def teapot(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("418 I'm a teapot", [("content-type", "text/plain")])
+        return [b"short and stout"]
+
+    wrapped = WSGIMeshMiddleware(teapot)
+
+    def finished(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        body = wrapped(environ, start_response)
+        try:
+            yield from body
+        finally:  # the server closes the body after sending it; the mesh middleware's hooks exit in close()
+            getattr(body, "close", lambda: None)()
+            done.release()
+
+    return finished
+
+
+@pytest.mark.parametrize("protocol", ["asgi", "wsgi"])
+def test_admin_metrics_include_the_inbound_server_metrics(start_backends: BackendFactory, protocol: str) -> None:
+    from tests.server.test_middleware import serve_asgi, serve_wsgi
+
+    done = threading.Semaphore(0)
+    serve = serve_asgi(_teapot_asgi(done)) if protocol == "asgi" else serve_wsgi(_teapot_wsgi(done))
+    # No meter provider anywhere: the admin endpoint is the only place these metrics go.
+    with (
+        serve as url,
+        meshlib.Client(environ=_env(start_backends(1), ADMIN_ADDR="127.0.0.1:0")) as client,
+        httpx.Client(trust_env=False, timeout=10) as plain,
+    ):
+        address = client.admin_address
+        assert address is not None
+        for _ in range(3):
+            assert plain.get(f"{url}/tea").status_code == 418
+        for _ in range(3):
+            assert done.acquire(timeout=10)
+        text = _get(address, "/metrics").text
+    (count,) = [line for line in text.splitlines() if line.startswith("http_server_request_duration_seconds_count{")]
+    assert 'http_request_method="GET"' in count and 'http_response_status_code="418"' in count
+    assert count.endswith(" 3.0")
+    assert re.search(r'^http_server_active_requests\{[^}]*http_request_method="GET"[^}]*\} 0\.0$', text, re.M)
