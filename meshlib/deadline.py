@@ -39,6 +39,7 @@ __all__ = [
     "ENVOY_TIMEOUT_HEADER",
     "FINAGLE_DEADLINE_HEADER",
     "INBOUND_HEADERS",
+    "MAX_HEADER_LENGTH",
     "budget_from_headers",
     "deadline_scope",
     "decode_envoy_timeout",
@@ -54,6 +55,8 @@ ENVOY_TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 FINAGLE_DEADLINE_HEADER = "finagle-ctx-com.twitter.finagle.deadline"
 
 _MAX_VALUE = 99_999_999  # 8 digits
+#: Longest deadline header value decoded: the longest valid one (Finagle's two 19-digit numbers) fits easily.
+MAX_HEADER_LENGTH = 64
 # (unit, nanoseconds per unit), finest first.
 _UNITS: tuple[tuple[str, int], ...] = (
     ("n", 1),
@@ -144,13 +147,13 @@ INBOUND_HEADERS: dict[str, Callable[[str], float | None]] = {
 def budget_from_headers(headers: Iterable[tuple[str, str]]) -> float | None:
     """The smallest budget (seconds) among the recognised deadline headers in ``headers``, or ``None``.
 
-    ``headers`` is ``(name, value)`` pairs, names in any case. Unknown headers and malformed values are
-    ignored.
+    ``headers`` is ``(name, value)`` pairs, names in any case. Unknown headers, malformed values and values
+    longer than :data:`MAX_HEADER_LENGTH` (a client's, unread) are ignored.
     """
     budget: float | None = None
     for name, value in headers:
         decode = INBOUND_HEADERS.get(name.lower())
-        if decode is None:
+        if decode is None or len(value) > MAX_HEADER_LENGTH:
             continue
         seconds = decode(value)
         if seconds is not None and (budget is None or seconds < budget):

@@ -39,6 +39,7 @@ from meshlib._config.parse import (
     parse_positive_duration,
     parse_propagate_to,
     parse_server_name,
+    parse_server_telemetry,
     parse_statuses,
     parse_text,
 )
@@ -122,9 +123,23 @@ SERVICE_SETTINGS.update({suffix: "resilience" for suffix in _RESILIENCE_SETTINGS
 SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
 
 #: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
-#: Read elsewhere, not into MeshConfig: which HTTP library the top-level ``meshlib.Client`` is (``meshlib``).
-_READ_ELSEWHERE = frozenset({"MESHLIB_HTTP_LIBRARY"})
+#: Read elsewhere, not into MeshConfig: which HTTP library the top-level ``meshlib.Client`` is (``meshlib``);
+#: who makes an inbound request's SERVER span and HTTP server metrics (the inbound middleware, read by
+#: :func:`server_telemetry_from_env` when it is built).
+SERVER_TELEMETRY_VARIABLE = "MESHLIB_SERVER_TELEMETRY"
+_READ_ELSEWHERE = frozenset({"MESHLIB_HTTP_LIBRARY", SERVER_TELEMETRY_VARIABLE})
 KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED} | _READ_ELSEWHERE
+
+
+def server_telemetry_from_env(value: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """``auto``, ``on`` or ``off``: ``value`` (a constructor argument) if given, else ``MESHLIB_SERVER_TELEMETRY``.
+
+    Unset or blank means ``auto``. A bad value is a :class:`ConfigError` naming the argument or the variable.
+    """
+    if value is not None:
+        return parse_server_telemetry("server_telemetry (argument)", value)
+    raw = (os.environ if environ is None else environ).get(SERVER_TELEMETRY_VARIABLE, "")
+    return parse_server_telemetry(SERVER_TELEMETRY_VARIABLE, raw) if raw.strip() else "auto"
 
 
 def mesh_config_from_env(

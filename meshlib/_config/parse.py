@@ -25,6 +25,8 @@ INNER_TRANSPORTS = ("httpx", "aiohttp")
 FRACTION_EXPECTED = "a fraction from 0 to 1 such as 0.2, or a percentage such as 20%"
 #: What a percentage setting (``MESHLIB_OUTLIER_MAX_PERCENT``) expects.
 PERCENT_EXPECTED = "a percentage from 0 to 100 such as 10 or 10%"
+#: ``MESHLIB_SERVER_TELEMETRY``: who makes the SERVER span and HTTP server metrics of an inbound request.
+SERVER_TELEMETRY_MODES = ("auto", "on", "off")
 INNER_TRANSPORT_EXPECTED = "one of httpx, aiohttp (aiohttp: meshlib.AsyncClient only, pip install 'meshlib[aiohttp]')"
 
 #: The longest duration any setting accepts: 30 days (``720h``). Durations end up as waits of background
@@ -172,6 +174,14 @@ def parse_inner_transport(variable: str, raw: str) -> str:
     name = raw.strip().lower()
     if name not in INNER_TRANSPORTS:
         raise ConfigError(variable, raw, INNER_TRANSPORT_EXPECTED)
+    return name
+
+
+def parse_server_telemetry(variable: str, raw: str) -> str:
+    """``MESHLIB_SERVER_TELEMETRY``: ``auto``, ``on`` or ``off`` (case-insensitive)."""
+    name = raw.strip().lower()
+    if name not in SERVER_TELEMETRY_MODES:
+        raise ConfigError(variable, raw, f"one of {', '.join(SERVER_TELEMETRY_MODES)}")
     return name
 
 

@@ -9,6 +9,8 @@ SERVER span, server metrics, the peer's SPIFFE ID. See :mod:`meshlib.server.midd
 from __future__ import annotations
 
 from meshlib.server.middleware import (
+    DEADLINE_ATTRIBUTE,
+    PEER_IDENTITY_ATTRIBUTE,
     PEER_IDENTITY_KEY,
     ASGIInboundMiddleware,
     DeadlineHook,
@@ -26,6 +28,8 @@ from meshlib.server.middleware import (
 from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
 
 __all__ = [
+    "DEADLINE_ATTRIBUTE",
+    "PEER_IDENTITY_ATTRIBUTE",
     "PEER_IDENTITY_KEY",
     "ASGIInboundMiddleware",
     "DeadlineHook",

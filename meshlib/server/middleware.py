@@ -43,13 +43,16 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Protocol
 
 from meshlib import pushback
+from meshlib._config.env import server_telemetry_from_env
 from meshlib.deadline import INBOUND_HEADERS, budget_from_headers, deadline_scope
 from meshlib.security.identity import SpiffeId, presented_identity
-from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
+from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook, annotate_server_span
 
 logger = logging.getLogger("meshlib.server")
 
 __all__ = [
+    "DEADLINE_ATTRIBUTE",
+    "PEER_IDENTITY_ATTRIBUTE",
     "ASGIApp",
     "ASGIInboundMiddleware",
     "DeadlineHook",
@@ -64,6 +67,7 @@ __all__ = [
     "WSGIMeshMiddleware",
     "mesh_hooks",
     "peer_identity",
+    "tracing_underneath",
 ]
 
 ASGIScope = MutableMapping[str, Any]
@@ -243,13 +247,19 @@ def _der(pem: str) -> bytes | None:
         return None
 
 
+#: SERVER span attributes the hooks add (to meshlib's span, or to the framework's when it traces the request).
+DEADLINE_ATTRIBUTE = "meshlib.deadline.budget"
+PEER_IDENTITY_ATTRIBUTE = "meshlib.peer.spiffe_id"
+
+
 class DeadlineHook:
     """Opens a deadline scope of the smallest budget the request's deadline headers carry.
 
     ``headers`` restricts which headers are trusted (default: every one :mod:`meshlib.deadline` decodes,
     ``grpc-timeout`` first). A request without any usable header gets no scope: its outgoing calls use
     their own policy timeouts. A budget can only shorten outgoing calls, never lengthen them, so an
-    untrusted client can at worst shorten its own request.
+    untrusted client can at worst shorten its own request. The budget (seconds) is set as
+    :data:`DEADLINE_ATTRIBUTE` on the request's SERVER span, when one is recording.
     """
 
     __slots__ = ("headers",)
@@ -264,7 +274,10 @@ class DeadlineHook:
     def __call__(self, request: InboundRequest) -> AbstractContextManager[object] | None:
         found = ((name, request.header(name)) for name in self.headers)
         budget = budget_from_headers((name, value) for name, value in found if value is not None)
-        return None if budget is None else deadline_scope(budget)
+        if budget is None:
+            return None
+        annotate_server_span(DEADLINE_ATTRIBUTE, budget)
+        return deadline_scope(budget)
 
 
 def _enter(stack: ExitStack, hooks: Sequence[Hook], request: InboundRequest) -> bool:
@@ -411,7 +424,8 @@ class PeerIdentityHook:
     X.509-SVID (its one ``spiffe://`` URI SAN; see :mod:`meshlib.security.identity`); results are cached per
     certificate. ``resolve`` replaces that for servers that do not expose certificates: it gets the request
     and returns a :class:`~meshlib.security.identity.SpiffeId`, an ID string, DER certificate bytes, or
-    ``None``. The hook only *reports* who called; it rejects nothing -- the TLS server's client-certificate
+    ``None``. The ID is also set as :data:`PEER_IDENTITY_ATTRIBUTE` on the request's SERVER span. The hook
+    only *reports* who called; it rejects nothing -- the TLS server's client-certificate
     verification authenticates the peer, and authorisation is the application's decision.
     """
 
@@ -430,7 +444,7 @@ class PeerIdentityHook:
             try:
                 return SpiffeId.parse(found)
             except ValueError as error:
-                logger.debug("peer identity %r is not a SPIFFE ID: %s", found[:200], error)
+                logger.debug("peer identity %r is not a SPIFFE ID: %.200s", found[:200], error)
                 return None
         cached = self._cache.get(found, False)
         if cached is not False:
@@ -448,6 +462,7 @@ class PeerIdentityHook:
         if spiffe_id is None:
             return None
         request.annotate(PEER_IDENTITY_KEY, spiffe_id)
+        annotate_server_span(PEER_IDENTITY_ATTRIBUTE, str(spiffe_id))
         return _peer_scope(spiffe_id)
 
 
@@ -466,15 +481,20 @@ def mesh_hooks(
     meter_provider: Any = None,
     peer_identity: PeerIdentityHook | None = None,
     deadline_headers: Iterable[str] | None = None,
+    server_telemetry: str | None = None,
 ) -> tuple[Hook, ...]:
     """The inbound half's hooks, outermost first: server span, server metrics, peer identity, deadline.
 
     The span is outermost so the duration is recorded while it is current (an SDK with exemplars links the
     measurement to the trace) and so the span ends last: once it is exported, the request is fully accounted.
+    ``server_telemetry``: ``auto``/``on``/``off``, default ``MESHLIB_SERVER_TELEMETRY`` (else ``auto``): whether
+    meshlib makes the SERVER span and server metrics when the framework already does
+    (:mod:`meshlib.telemetry.inbound`).
     """
+    mode = server_telemetry_from_env(server_telemetry)
     return (
-        ServerTraceHook(tracer_provider),
-        ServerMetricsHook(meter_provider),
+        ServerTraceHook(tracer_provider, mode=mode),
+        ServerMetricsHook(meter_provider, mode=mode),
         peer_identity or PeerIdentityHook(),
         DeadlineHook(deadline_headers),
     )
@@ -483,9 +503,15 @@ def mesh_hooks(
 class MeshMiddleware(ASGIInboundMiddleware):
     """ASGI middleware for the whole inbound half: metrics, trace context and span, peer identity, deadline.
 
-    ``Starlette(middleware=[Middleware(MeshMiddleware)])`` or ``MeshMiddleware(app, tracer_provider=...)``.
-    ``tracer_provider`` / ``meter_provider`` default to the global providers; ``peer_identity`` replaces the
-    default :class:`PeerIdentityHook` (say, one with a ``resolve`` function); ``hooks`` run innermost.
+    ``Starlette(middleware=[Middleware(MeshMiddleware)])``, ``app.add_middleware(MeshMiddleware)`` (FastAPI)
+    or ``MeshMiddleware(app, tracer_provider=...)``. ``tracer_provider`` / ``meter_provider`` default to the
+    global providers; ``peer_identity`` replaces the default :class:`PeerIdentityHook` (say, one with a
+    ``resolve`` function); ``server_telemetry`` as in :func:`mesh_hooks`; ``hooks`` run innermost.
+
+    Add it *inside* the framework's tracing (FastAPI's native telemetry, Starlette's or the contrib
+    ``OpenTelemetryMiddleware`` listed before it): the framework's SERVER span is then current when meshlib's
+    hooks run, and meshlib adds to it instead of making a second. Wrapped around such an app from outside it
+    cannot see that span coming; it logs a warning naming what it found underneath.
     """
 
     def __init__(
@@ -496,6 +522,7 @@ class MeshMiddleware(ASGIInboundMiddleware):
         meter_provider: Any = None,
         peer_identity: PeerIdentityHook | None = None,
         deadline_headers: Iterable[str] | None = None,
+        server_telemetry: str | None = None,
         hooks: Sequence[Hook] = (),
     ) -> None:
         base = mesh_hooks(
@@ -503,8 +530,41 @@ class MeshMiddleware(ASGIInboundMiddleware):
             meter_provider=meter_provider,
             peer_identity=peer_identity,
             deadline_headers=deadline_headers,
+            server_telemetry=server_telemetry,
         )
         super().__init__(app, hooks=(*base, *hooks))
+        if server_telemetry_from_env(server_telemetry) != "on":
+            tracing = tracing_underneath(app)
+            if tracing is not None:
+                logger.warning(
+                    "MeshMiddleware wraps %s, which traces requests itself: each request gets two SERVER spans. "
+                    "Add MeshMiddleware inside it instead (FastAPI: app.add_middleware(MeshMiddleware); "
+                    "Starlette: list it after the OpenTelemetryMiddleware), so meshlib adds to its span",
+                    tracing,
+                )
+
+
+def tracing_underneath(app: object) -> str | None:
+    """The name of a framework tracer found in ``app``'s middleware chain (following ``.app``), else ``None``.
+
+    Known: a FastAPI application with native tracing on (``telemetry={"tracing": False}`` turns it off),
+    Starlette's ``OpenTelemetryMiddleware`` and the contrib ``opentelemetry.instrumentation.asgi`` one.
+    """
+    seen: set[int] = set()
+    while app is not None and id(app) not in seen and len(seen) < 64:
+        seen.add(id(app))
+        kind = type(app)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if kind.__name__ == "OpenTelemetryMiddleware" and kind.__module__ in (
+            "starlette.middleware.opentelemetry",
+            "opentelemetry.instrumentation.asgi",
+        ):
+            return name
+        config = getattr(app, "_telemetry", None)
+        if kind.__module__.startswith("fastapi") and isinstance(config, dict) and config.get("tracing", True):
+            return name
+        app = getattr(app, "app", None)
+    return None
 
 
 class WSGIMeshMiddleware(WSGIInboundMiddleware):
@@ -518,6 +578,7 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
         meter_provider: Any = None,
         peer_identity: PeerIdentityHook | None = None,
         deadline_headers: Iterable[str] | None = None,
+        server_telemetry: str | None = None,
         hooks: Sequence[Hook] = (),
     ) -> None:
         base = mesh_hooks(
@@ -525,5 +586,6 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
             meter_provider=meter_provider,
             peer_identity=peer_identity,
             deadline_headers=deadline_headers,
+            server_telemetry=server_telemetry,
         )
         super().__init__(app, hooks=(*base, *hooks))

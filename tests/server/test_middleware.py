@@ -8,6 +8,8 @@ header carried (never on elapsed time).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 import threading
 import time
@@ -18,6 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 import uvicorn
+from opentelemetry import baggage, trace
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -30,9 +33,12 @@ from meshlib.server import (
     DeadlineHook,
     DeadlineMiddleware,
     InboundRequest,
+    MeshMiddleware,
     WSGIDeadlineMiddleware,
     WSGIInboundMiddleware,
+    WSGIMeshMiddleware,
 )
+from meshlib.telemetry.inbound import header_problem
 from tests.httplib import httpx
 
 
@@ -59,12 +65,13 @@ class _Server(uvicorn.Server):
 
 
 @contextmanager
-def serve_asgi(app: Any) -> Iterator[str]:
+def serve_asgi(app: Any, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port; ``options`` go to ``uvicorn.Config``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -306,3 +313,101 @@ def test_no_hooks_is_a_passthrough() -> None:
 
     assert WSGIInboundMiddleware(app)({}, lambda status, headers: None) == [b"same"]
     assert isinstance(ASGIInboundMiddleware(app).hooks, tuple)  # type: ignore[arg-type]
+
+
+# --- oversized propagation and deadline headers (issue 10, item 17) --------------------------------------------
+
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+PARENT = f"00-{TRACE_ID:032x}-b7ad6b7169203331-01"
+HUGE_BAGGAGE = "user=alice," + ",".join(f"k{i}={'v' * 100}" for i in range(10_000))  # ~1 MB, well-formed
+
+
+def _context_report() -> dict[str, Any]:
+    return {
+        "baggage": dict(baggage.get_all()),
+        "trace_id": trace.get_current_span().get_span_context().trace_id,
+        "tracestate": trace.get_current_span().get_span_context().trace_state.to_header(),
+        "remaining": remaining(),
+    }
+
+
+async def report_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse(_context_report())
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith(("meshlib", "opentelemetry"))]
+
+
+def test_a_1mb_baggage_header_is_dropped_with_one_short_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    assert len(HUGE_BAGGAGE) > 1_000_000
+    caplog.set_level(logging.DEBUG, logger="meshlib")
+    caplog.set_level(logging.DEBUG, logger="opentelemetry")
+    app = Starlette(routes=[Route("/", report_endpoint)], middleware=[Middleware(MeshMiddleware)])
+    headers = {
+        "traceparent": PARENT,
+        "baggage": HUGE_BAGGAGE,
+        "x-envoy-upstream-rq-timeout-ms": "7" * 1_000_000,  # ignored unread; the sane header still counts
+        "grpc-timeout": "5S",
+    }
+    with serve_asgi(app, h11_max_incomplete_event_size=4 * 1024 * 1024) as url, httpx.Client(timeout=30) as client:
+        bodies = [client.get(url + "/", headers=headers).json() for _ in range(3)]
+    for body in bodies:
+        assert body["baggage"] == {}  # nothing of it reached the handler
+        assert body["trace_id"] == TRACE_ID  # the trace context, within limits, still did
+        assert 0 < body["remaining"] <= 5.0
+    records = _logged(caplog)
+    assert sum(len(r.getMessage()) for r in records) < 2048
+    warnings = [r.getMessage() for r in records if r.name == "meshlib.server"]
+    assert len(warnings) == 1  # rate-limited: three drops, one line
+    assert "baggage" in warnings[0] and "8192" in warnings[0] and "vvvv" not in warnings[0]
+
+
+def test_over_limit_tracestate_is_dropped_and_the_trace_kept(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="opentelemetry")
+    app = Starlette(routes=[Route("/", report_endpoint)], middleware=[Middleware(MeshMiddleware)])
+    too_many = ",".join(f"v{i}=x" for i in range(33))
+    good_baggage = "user=alice;ttl=5, tenant=acme%20corp"
+    with serve_asgi(app) as url, httpx.Client(timeout=10) as client:
+        dropped = client.get(url, headers={"traceparent": PARENT, "tracestate": too_many}).json()
+        kept = client.get(url, headers={"traceparent": PARENT, "tracestate": "a=1,b=2", "baggage": good_baggage})
+    assert dropped["trace_id"] == TRACE_ID and dropped["tracestate"] == ""
+    assert kept.json()["tracestate"] == "a=1,b=2"
+    assert kept.json()["baggage"]["tenant"] == "acme corp"
+    assert not [r for r in _logged(caplog) if r.name.startswith("opentelemetry")]
+
+
+def test_wsgi_drops_an_oversized_baggage_header(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="opentelemetry")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("content-type", "application/json")])
+        return [json.dumps(_context_report()).encode()]
+
+    big = ",".join(f"k{i}={'v' * 50}" for i in range(1000))  # 56 KB: under wsgiref's 64 KB line limit
+    with serve_wsgi(WSGIMeshMiddleware(app)) as url:
+        body = httpx.get(url, headers={"traceparent": PARENT, "baggage": big}, timeout=10).json()
+    assert body["baggage"] == {} and body["trace_id"] == TRACE_ID
+    assert sum(len(r.getMessage()) for r in _logged(caplog)) < 2048  # the API alone would log all 56 KB
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("baggage", "user=alice;ttl=5;flag, tenant = acme%20corp,,", None),
+        ("baggage", "k=" + "v" * 8191, "8193 bytes, more than 8192"),
+        ("baggage", ",".join(f"k{i}=v" for i in range(181)), "more than 180 list-members"),
+        ("baggage", "k=" + "v" * 4095 + ",a=b", "a list-member of 4097 bytes, more than 4096"),
+        ("baggage", "user=alice,not-a-member", "list-member 2 is malformed"),
+        ("baggage", "user=al ice", "list-member 1 is malformed"),
+        ("baggage", "us\xe9r=x", "list-member 1 is malformed"),
+        ("tracestate", ",".join(f"v{i}=x" for i in range(32)), None),
+        ("tracestate", ",".join(f"v{i}=x" for i in range(33)), "33 list-members, more than 32"),
+        ("tracestate", "a=" + "x" * 511, "513 characters, more than 512"),
+        ("traceparent", PARENT, None),
+        ("traceparent", "0" * 513, "513 characters, more than 512"),
+        ("x-b3-traceid", "f" * 8193, "8193 characters, more than 8192"),
+    ],
+)
+def test_header_limits(name: str, value: str, problem: str | None) -> None:
+    assert header_problem(name, value) == problem
