@@ -144,6 +144,11 @@ class _Mesh(Generic[T]):
         """Whether ``host`` is a mesh service."""
         return self._router.route(host) is not None
 
+    def service_for(self, host: str) -> str | None:
+        """The name of the mesh service ``host`` names, or ``None`` for hosts outside the mesh."""
+        service = self._router.route(host)
+        return None if service is None else service.name
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("cannot send a request through a closed meshlib client")

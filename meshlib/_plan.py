@@ -208,7 +208,7 @@ def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
 _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
 
 
-def _described(url: Any) -> str:
+def described_url(url: Any) -> str:
     """``url`` for an error message: no user info and no query string, which may carry credentials or keys.
 
     opentelemetry-util-http's ``redact_url`` (what spans follow) keeps most query values; an error message
@@ -530,7 +530,7 @@ class Call(Generic[T]):
         if why is None:
             return exc
         message = (
-            f"{self.method} {_described(self.request.url)} (service {self.service.name!r}) failed on "
+            f"{self.method} {described_url(self.request.url)} (service {self.service.name!r}) failed on "
             f"{', '.join(self.tried)}: {exc} [{verdict.reason}]; {why}"
         )
         try:
