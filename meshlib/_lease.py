@@ -62,6 +62,7 @@ class Lease:
 
     __slots__ = (
         "address",
+        "error",
         "failed",
         "home",
         "judged",
@@ -86,6 +87,7 @@ class Lease:
         self.judged = False
         self.released = False
         self.failed = True
+        self.error = False
         self.rtt = 0.0
         stats.begin()
         self.started = time.monotonic()
@@ -95,6 +97,9 @@ class Lease:
         self.rtt = time.monotonic() - self.started
         self.judged = True
         self.failed = failed = verdict.endpoint_failure
+        # For the balancer, any error answer (4xx included) is one that must not make the endpoint look fast.
+        status = verdict.status
+        self.error = failed or (status is not None and status >= 400)
         service = self.service
         address = self.address
         if failed:
@@ -118,7 +123,7 @@ class Lease:
             breaker = self.service.breakers.get(self.address)
             if breaker is not None:
                 breaker.release()
-        self.stats.end(self.rtt, self.started + self.rtt, failed=self.failed)
+        self.stats.end(self.rtt, self.started + self.rtt, failed=self.failed, error=self.error)
         permit, self.permit = self.permit, None
         if permit is not None:
             permit.release()
