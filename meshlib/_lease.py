@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshlib._testmode import MODE as _TESTING
 from meshlib.resilience.classify import Outcome
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class Lease:
         # For the balancer, any error answer (4xx included) is one that must not make the endpoint look fast.
         status = verdict.status
         self.error = failed or (status is not None and status >= 400)
+        if _TESTING.enabled:  # meshlib.testing.set_testing: no breaker, no ejection
+            return
         service = self.service
         address = self.address
         if failed:
