@@ -10,7 +10,8 @@ first class: ``meshlib.httpx.Client`` subclasses ``httpx.Client``, ``meshlib.htt
 ``httpx2.Client`` (``pip install 'meshlib[httpx2]'``), and each raises its library's exceptions. The
 top-level ``Client`` and ``AsyncClient`` follow one rule: they are httpx's, unless ``MESHLIB_HTTP_LIBRARY=httpx2``
 is set when they are first used. The top-level errors (``DeadlineExceeded``, ``CircuitOpenError``,
-``OverloadedError``, ``NoEndpointsError``, ``DiscoveryError``, ``ConsulACLError``) are library-neutral kinds:
+``OverloadedError``, ``NoEndpointsError``, ``DiscoveryError``, ``ConsulACLError``, ``RedirectRefusedError``)
+are library-neutral kinds:
 what a client raises is its library's flavour of the kind (``meshlib.httpx.DeadlineExceeded`` subclasses both
 ``meshlib.DeadlineExceeded`` and ``httpx.TimeoutException``), so ``except meshlib.DeadlineExceeded`` catches
 it from either library and ``except httpx.TimeoutException`` from an httpx client.
@@ -35,6 +36,7 @@ from meshlib.errors import (
     MeshError,
     NoEndpointsError,
     OverloadedError,
+    RedirectRefusedError,
 )
 from meshlib.policy import Policy, current_deadline, policy
 from meshlib.security import IdentityError, TLSSettings, find_identity_error
@@ -62,6 +64,7 @@ __all__ = [
     "NoEndpointsError",
     "OverloadedError",
     "Policy",
+    "RedirectRefusedError",
     "ResilienceSettings",
     "ServiceConfig",
     "TLSSettings",

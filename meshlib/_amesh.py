@@ -15,8 +15,9 @@ from typing import Any
 
 from meshlib._bounded import DEADLINE
 from meshlib._mesh import _APPLY_IN_THREAD, _Mesh
-from meshlib._plan import Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._plan import _DEFAULT_PORTS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
+from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery.refresh import RefreshTask, arefresh_once
 from meshlib.errors import MeshError
 from meshlib.telemetry.tracing import asend_suppressed
@@ -107,7 +108,9 @@ class AsyncMeshTransport(_Mesh[Any]):
         call = self._call(service, request)
         try:
             active = service.active
-            if active is None:
+            if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
+                active = service.stand_in(request.url.port or _DEFAULT_PORTS.get(request.url.scheme, 80))
+            elif active is None:
                 active = await self._activate(service)
             elif service.cache.consecutive_failures:
                 active = service.current()

@@ -52,6 +52,7 @@ from meshlib._bounded import install as install_deadlines
 from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib._http import HttpLib, library_of
 from meshlib._mesh import MeshTransport
+from meshlib._plan import described_url
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
@@ -273,6 +274,10 @@ class _Observability:
         return wrapper
 
 
+#: The extension that marks a redirect from outside the mesh into it (see ``_MeshClient._build_redirect_request``).
+_REFUSED_REDIRECT = "meshlib.refused_redirect"
+
+
 #: The constructor arguments that are the mesh's own; every other one is the HTTP library's.
 _MESH_ARGUMENTS = (
     "services",
@@ -397,6 +402,32 @@ class _MeshClient:
         server = self._observability.admin
         return None if server is None else server.address
 
+    def _build_redirect_request(self, request: Any, response: Any) -> Any:
+        """The library's redirect request, marked as refused when it leads from outside the mesh into it.
+
+        Marked, not raised here: the library also builds the redirect for ``follow_redirects=False``, as
+        ``response.next_request``, and a caller that does not follow must still get its 3xx response. The
+        marked request is refused when it is sent (:meth:`_refuse_redirect`), so following automatically
+        and ``client.send(response.next_request)`` end the same way, before anything reaches the service.
+        """
+        redirect = super()._build_redirect_request(request, response)  # type: ignore[misc]
+        if self._mesh.routes(redirect.url.host) and not self._mesh.routes(request.url.host):
+            # A new dict: the library hands the same extensions object down the whole redirect chain.
+            redirect.extensions = {**redirect.extensions, _REFUSED_REDIRECT: described_url(request.url)}
+        return redirect
+
+    def _refuse_redirect(self, request: Any) -> None:
+        """Raise :class:`~meshlib.RedirectRefusedError` if ``request`` is a refused redirect into the mesh."""
+        source = request.extensions.get(_REFUSED_REDIRECT)
+        if source is None:
+            return
+        service = self._mesh.service_for(request.url.host)
+        if service is None:  # the caller pointed the redirect elsewhere meanwhile: no longer into the mesh
+            return
+        target = described_url(request.url)
+        logger.warning("refused a redirect from %s (outside the mesh) to %s (mesh service %s)", source, target, service)
+        raise self._lib.errors["RedirectRefusedError"](source, target, service, request=request)  # type: ignore[call-arg]
+
     def _stop_background(self) -> None:
         """Leave the admin endpoint and stop watching certificate files (the mesh transport closes apart)."""
         self._observability.stop(self._mesh)
@@ -418,6 +449,11 @@ class SyncMesh(_MeshClient):
         if self._mesh.routes(url.host):
             return self._mesh
         return self._observability.outside(url, super()._transport_for_url(url), PropagatingTransport)  # type: ignore[misc]
+
+    def _send_single_request(self, request: Any) -> Any:
+        if _REFUSED_REDIRECT in request.extensions:
+            self._refuse_redirect(request)
+        return super()._send_single_request(request)  # type: ignore[misc]
 
     def close(self) -> None:
         """Close the client: its library's pools, discovery threads, every endpoint's pool, the certificate watcher."""
@@ -454,6 +490,11 @@ class AsyncMesh(_MeshClient):
         if self._mesh.routes(url.host):
             return self._mesh
         return self._observability.outside(url, super()._transport_for_url(url), AsyncPropagatingTransport)  # type: ignore[misc]
+
+    async def _send_single_request(self, request: Any) -> Any:
+        if _REFUSED_REDIRECT in request.extensions:
+            self._refuse_redirect(request)
+        return await super()._send_single_request(request)  # type: ignore[misc]
 
     async def aclose(self) -> None:
         """Close the client: its library's pools, discovery tasks, every endpoint's pool, the certificate watcher."""

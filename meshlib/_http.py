@@ -44,6 +44,7 @@ _FLAVOURED = (
     _errors.CircuitOpenError,
     _errors.OverloadedError,
     _errors.DeadlineExceeded,
+    _errors.RedirectRefusedError,
 )
 
 

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshlib._testmode import MODE as _TESTING
 from meshlib.resilience.classify import Outcome
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Lease:
 
     __slots__ = (
         "address",
+        "error",
         "failed",
         "gate",
         "home",
@@ -93,6 +95,7 @@ class Lease:
         self.judged = False
         self.released = False
         self.failed = True
+        self.error = False
         self.rtt = 0.0
         stats.begin()
         self.started = time.monotonic()
@@ -102,6 +105,11 @@ class Lease:
         self.rtt = time.monotonic() - self.started
         self.judged = True
         self.failed = failed = verdict.endpoint_failure
+        # For the balancer, any error answer (4xx included) is one that must not make the endpoint look fast.
+        status = verdict.status
+        self.error = failed or (status is not None and status >= 400)
+        if _TESTING.enabled:  # meshlib.testing.set_testing: no breaker, no ejection
+            return
         service = self.service
         address = self.address
         if failed:
@@ -125,7 +133,7 @@ class Lease:
             breaker = self.service.breakers.get(self.address)
             if breaker is not None:
                 breaker.release()
-        self.stats.end(self.rtt, self.started + self.rtt, failed=self.failed)
+        self.stats.end(self.rtt, self.started + self.rtt, failed=self.failed, error=self.error)
         permit, self.permit = self.permit, None
         if permit is not None:
             permit.release()

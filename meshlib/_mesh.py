@@ -34,8 +34,9 @@ from meshlib._bounded import DEADLINE
 from meshlib._config import MeshConfig, service_key
 from meshlib._http import HttpLib
 from meshlib._lease import LeaseHome
-from meshlib._plan import Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._plan import _DEFAULT_PORTS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
+from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshThread, refresh_once
@@ -145,6 +146,11 @@ class _Mesh(Generic[T]):
         """Whether ``host`` is a mesh service."""
         return self._router.route(host) is not None
 
+    def service_for(self, host: str) -> str | None:
+        """The name of the mesh service ``host`` names, or ``None`` for hosts outside the mesh."""
+        service = self._router.route(host)
+        return None if service is None else service.name
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError()
@@ -205,7 +211,9 @@ class MeshTransport(_Mesh[Any]):
         call = self._call(service, request)
         try:
             active = service.active
-            if active is None:
+            if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
+                active = service.stand_in(request.url.port or _DEFAULT_PORTS.get(request.url.scheme, 80))
+            elif active is None:
                 active = self._activate(service)  # first use: waits (once) for discovery's first answer
             elif service.cache.consecutive_failures:
                 active = service.current()  # discovery failing: still usable unless too stale

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from meshlib._http import copy_request
 from meshlib._lease import Lease, LeaseHome
+from meshlib._testmode import MODE as _TESTING
 from meshlib.deadline import DEADLINE_HEADER, encode_timeout
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import CircuitOpenError, ClientClosedError, DeadlineExceeded, NoEndpointsError, OverloadedError
@@ -211,7 +212,7 @@ def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
 _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
 
 
-def _described(url: Any) -> str:
+def described_url(url: Any) -> str:
     """``url`` for an error message: no user info and no query string, which may carry credentials or keys.
 
     opentelemetry-util-http's ``redact_url`` (what spans follow) keeps most query values; an error message
@@ -445,7 +446,8 @@ class Call(Generic[T]):
         # A copy with its own headers (the caller's request is never modified): the endpoint's URL and this
         # attempt's extensions.
         outgoing = copy_request(request)
-        outgoing.url = endpoint_url(request.url, endpoint)
+        if not _TESTING.enabled:  # in testing mode the inner transport (and a user's mocks) see the logical URL
+            outgoing.url = endpoint_url(request.url, endpoint)
         caller_headers = request.headers
         headers = outgoing.headers
         outgoing.extensions = extensions
@@ -514,11 +516,14 @@ class Call(Generic[T]):
     def _track(self, response: Any, lease: Lease) -> None:
         """Release ``lease`` when the response body is closed, or now if it already is.
 
-        A response built with its content in memory (``MockTransport``, respx) arrives already read and closed,
-        and the library never closes its stream again: waiting for that would leak in-flight counts.
+        A response built with its content in memory (``MockTransport``, respx, pytest-httpx) arrives already read
+        and closed, or with a ``ByteStream`` body, and the library may never close its stream: waiting for that
+        would leak in-flight counts.
         """
         lib = self.lib
-        if response.is_closed:
+        if response.is_closed or isinstance(response.stream, lib.ByteStream):
+            # Closed, or a body already in memory (pytest-httpx's responses): no connection to wait for. A
+            # ByteStream is both a sync and an async stream, so it must not be wrapped as either.
             lease.release()
         elif isinstance(response.stream, lib.SyncByteStream):
             response.stream = lib.TrackedStream(response.stream, lease, self)
@@ -554,7 +559,7 @@ class Call(Generic[T]):
         if why is None:
             return exc
         message = (
-            f"{self.method} {_described(self.request.url)} (service {self.service.name!r}) failed on "
+            f"{self.method} {described_url(self.request.url)} (service {self.service.name!r}) failed on "
             f"{', '.join(self.tried)}: {exc} [{verdict.reason}]; {why}"
         )
         try:

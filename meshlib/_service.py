@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from meshlib._config import MeshConfig, ServiceConfig, service_key
+from meshlib._testmode import MODE as _TESTING
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
 from meshlib.discovery.base import Endpoint, Resolver
@@ -115,9 +116,34 @@ class Service(Generic[T]):
         #: Transports of endpoints that left while requests were still using them: closed when those end.
         self.retiring: dict[HostPort, tuple[EndpointStats, T]] = {}
         self._update_lock = threading.Lock()
+        #: Testing mode's view (:meth:`stand_in`): one endpoint named after the service, no discovery.
+        self._stand_in: Active[T] | None = None
+
+    def stand_in(self, port: int) -> Active[T]:
+        """Testing mode (:func:`meshlib.testing.set_testing`): a view of one stand-in endpoint, the service's name.
+
+        Made on first use without asking discovery (a user's unit test has no DNS or Consul) and kept apart
+        from the discovered view, which it neither replaces nor starts. Requests keep their logical URL in
+        testing mode, so the stand-in only holds the call's bookkeeping (stats, the pool it is sent through).
+        """
+        view = self._stand_in
+        if view is None:
+            with self._update_lock:
+                view = self._stand_in
+                if view is None:
+                    endpoint = Endpoint(self.name.lower(), port)
+                    stats = EndpointStats(endpoint, default_rtt=self._mesh.default_rtt, decay=self._mesh.ewma_decay)
+                    snapshot = Snapshot(endpoints=(endpoint,), fetched_at=time.monotonic(), version=0)
+                    picker = self.balancer.build([stats])
+                    view = self._stand_in = Active(
+                        snapshot=snapshot, stats={(endpoint.host, port): stats}, pickers=(picker,)
+                    )
+        return view
 
     def current(self) -> Active[T]:
         """The active view, or :class:`NoEndpointsError` if discovery has nothing usable (or too stale)."""
+        if _TESTING.enabled and self._stand_in is not None:
+            return self._stand_in
         active = self.active
         if active is None or self.cache.consecutive_failures:
             self.cache.usable()  # raises when there is nothing, or only a too-stale set
@@ -183,7 +209,10 @@ class Service(Generic[T]):
                 return retired[1]
             transport = self._new_transport(endpoint)
             active = self.active
-            if active is not None and active.stats.get(address) is stats:
+            stand_in = self._stand_in
+            if (active is not None and active.stats.get(address) is stats) or (
+                stand_in is not None and stand_in.stats.get(address) is stats
+            ):
                 self.transports[address] = transport
             else:  # the endpoint left between the pick and now: serve this attempt, close the pool after it
                 self.retiring[address] = (stats, transport)

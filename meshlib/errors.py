@@ -173,3 +173,31 @@ class ConsulACLError(DiscoveryError):
     A clear error rather than an empty service: the message says which token was used (the variable it came
     from, never its value) and what Consul answered, so the cause is fixed in the right place.
     """
+
+
+class RedirectRefusedError(MeshError):
+    """A host outside the mesh redirected the client to a mesh service: refused, nothing was sent to the service.
+
+    A response from outside the mesh is not trusted to choose a mesh destination: following it would send the
+    mesh's headers (trace context, deadline) and, with mTLS, the client's own identity to whatever mesh
+    service the ``Location`` named (``302 Location: http://payments/admin``). Browsers and Envoy treat
+    cross-origin redirects as untrusted the same way. Redirects from a mesh service (to the mesh or outside)
+    and between outside hosts are followed as the HTTP library follows them.
+
+    Subclasses the library's ``RequestError``, as its own ``TooManyRedirects`` does: a refusal of the
+    redirect chain, not a transport failure, so code retrying transport errors does not retry it. ``source``
+    and ``target`` are the two URLs without user info or query string; ``service`` is the mesh service.
+    """
+
+    http_family = "RequestError"
+
+    def __init__(self, source: str, target: str, service: str, *, request: Any = None) -> None:
+        self.source = source
+        self.target = target
+        self.service = service
+        super().__init__(
+            f"refused a redirect from {source} (outside the mesh) to {target} (mesh service {service!r}): a host "
+            "outside the mesh may not send this client to a mesh service; to call it, send a new request "
+            "to that URL yourself"
+        )
+        self._request = request

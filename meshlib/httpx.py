@@ -40,6 +40,7 @@ __all__ = [
     "DiscoveryError",
     "NoEndpointsError",
     "OverloadedError",
+    "RedirectRefusedError",
 ]
 
 _LIB = library("httpx")
@@ -64,6 +65,9 @@ if TYPE_CHECKING:
     class DeadlineExceeded(_errors.DeadlineExceeded, httpx.TimeoutException):
         """:class:`meshlib.DeadlineExceeded` as a ``httpx.TimeoutException``."""
 
+    class RedirectRefusedError(_errors.RedirectRefusedError, httpx.RequestError):
+        """:class:`meshlib.RedirectRefusedError` as a ``httpx.RequestError``."""
+
 else:
     DiscoveryError = _LIB.errors["DiscoveryError"]
     NoEndpointsError = _LIB.errors["NoEndpointsError"]
@@ -71,6 +75,7 @@ else:
     CircuitOpenError = _LIB.errors["CircuitOpenError"]
     OverloadedError = _LIB.errors["OverloadedError"]
     DeadlineExceeded = _LIB.errors["DeadlineExceeded"]
+    RedirectRefusedError = _LIB.errors["RedirectRefusedError"]
 
 
 class Client(SyncMesh, httpx.Client):

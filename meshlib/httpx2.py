@@ -43,6 +43,7 @@ __all__ = [
     "DiscoveryError",
     "NoEndpointsError",
     "OverloadedError",
+    "RedirectRefusedError",
 ]
 
 _LIB = library("httpx2")
@@ -67,6 +68,9 @@ if TYPE_CHECKING:
     class DeadlineExceeded(_errors.DeadlineExceeded, httpx2.TimeoutException):
         """:class:`meshlib.DeadlineExceeded` as a ``httpx2.TimeoutException``."""
 
+    class RedirectRefusedError(_errors.RedirectRefusedError, httpx2.RequestError):
+        """:class:`meshlib.RedirectRefusedError` as a ``httpx2.RequestError``."""
+
 else:
     DiscoveryError = _LIB.errors["DiscoveryError"]
     NoEndpointsError = _LIB.errors["NoEndpointsError"]
@@ -74,6 +78,7 @@ else:
     CircuitOpenError = _LIB.errors["CircuitOpenError"]
     OverloadedError = _LIB.errors["OverloadedError"]
     DeadlineExceeded = _LIB.errors["DeadlineExceeded"]
+    RedirectRefusedError = _LIB.errors["RedirectRefusedError"]
 
 
 class Client(SyncMesh, httpx2.Client):

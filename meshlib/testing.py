@@ -1,4 +1,14 @@
-"""Real HTTP/1.1 backends on loopback, for tests (ours and our users') and ``meshlib demo``.
+"""Testing helpers: testing mode for users' unit tests, and real HTTP/1.1 backends on loopback.
+
+**Testing mode** (:func:`set_testing`): for unit tests of code that uses meshlib, with respx,
+pytest-httpx or ``httpx.MockTransport``. While it is on, every meshlib client in the process sends mesh
+requests with their logical URL (``http://payments/charge``, what the code under test wrote and the mocks
+route on), asks no discovery, does not wait between attempts, makes ``attempts`` attempts per call (1: no
+retries) without a retry budget, and records nothing in breakers or outlier detection. Process-wide, like
+stamina's ``set_testing``: turn it on in a fixture, or use it as a context manager.
+
+**Backends** (:class:`Backend`), for tests that exercise the mesh itself against real servers (ours and our
+users') and ``meshlib demo``.
 
 A :class:`Backend` is a tiny HTTP/1.1 server built on asyncio streams and h11. It runs its own
 event loop in a dedicated daemon thread, so plain synchronous tests can use it as easily as async
@@ -48,12 +58,17 @@ from typing import Any, TypeVar, cast, overload
 
 import h11
 
+from meshlib._testmode import MODE as _MODE
+
 __all__ = [
     "Backend",
     "BackendGroup",
     "Behavior",
     "RecordedRequest",
+    "TestingMode",
+    "is_testing",
     "lognormal_delay",
+    "set_testing",
     "start_backends",
 ]
 
@@ -66,6 +81,64 @@ _DEFAULT_BACKLOG = 1024
 _DEFAULT_MAX_RECORDS = 100_000
 #: Responses that must not carry a body (RFC 9110 6.4.1); h11 would reject one.
 _BODYLESS_STATUSES = frozenset({204, 304})
+
+
+class TestingMode:
+    """What :func:`set_testing` returns: usable as a context manager that puts back the previous mode on exit."""
+
+    __slots__ = ("_previous",)
+
+    def __init__(self, previous: tuple[bool, int]) -> None:
+        self._previous = previous
+
+    def __enter__(self) -> TestingMode:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        _MODE.attempts = self._previous[1]
+        _MODE.enabled = self._previous[0]
+
+
+def set_testing(enabled: bool = True, *, attempts: int = 1) -> TestingMode:
+    """Turn testing mode on (or off) for every meshlib client of the process, from their next call on.
+
+    In testing mode a mesh call (to a host that names a mesh service):
+
+    * reaches the inner transport with its **logical URL** (``http://payments/charge``), so respx, pytest-httpx
+      and ``httpx.MockTransport`` routes written against the URL the code calls match (the ``Host`` header and
+      meshlib's ``grpc-timeout``/``traceparent`` headers are there as in production);
+    * asks **no discovery**: the service (still declared, by ``MESHLIB_SERVICE_<NAME>`` or ``services=``) has
+      one stand-in endpoint, so a test needs no DNS or Consul, and a call that no mock answers goes to the
+      logical host itself (and fails to resolve, as an unmocked call should);
+    * makes at most ``attempts`` attempts (default 1: no retries, as stamina's default), with **no wait**
+      between them (no backoff, no ``Retry-After``) and no retry budget; the deadline still applies;
+    * records nothing in **circuit breakers or outlier detection**, so one test's failures cannot eject or
+      break anything for the next.
+
+    Process-wide, like stamina's ``set_testing``: for test suites, never for production code. Use it in a
+    fixture, or as a context manager that restores the previous mode::
+
+        with meshlib.testing.set_testing(True, attempts=2):
+            ...
+
+    ``attempts`` must be an integer of at least 1 (``ValueError`` otherwise).
+    """
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts={attempts!r} is invalid: expected an integer >= 1 (attempts per call)")
+    previous = (_MODE.enabled, _MODE.attempts)
+    _MODE.attempts = attempts
+    _MODE.enabled = bool(enabled)
+    return TestingMode(previous)
+
+
+def is_testing() -> bool:
+    """Whether testing mode (:func:`set_testing`) is on."""
+    return _MODE.enabled
 
 
 @dataclasses.dataclass(frozen=True)

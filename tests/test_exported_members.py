@@ -27,6 +27,7 @@ PUBLIC = {
     "NoEndpointsError",
     "OverloadedError",
     "Policy",
+    "RedirectRefusedError",
     "ResilienceSettings",
     "ServiceConfig",
     "TLSSettings",
@@ -58,7 +59,7 @@ def test_clients_are_httpx_clients() -> None:
 def test_errors_are_mesh_errors() -> None:
     for name in ("CircuitOpenError", "ConfigError", "ConsulACLError", "DeadlineExceeded", "DiscoveryError"):
         assert issubclass(getattr(meshlib, name), meshlib.MeshError)
-    for name in ("NoEndpointsError", "OverloadedError", "IdentityError"):
+    for name in ("NoEndpointsError", "OverloadedError", "IdentityError", "RedirectRefusedError"):
         assert issubclass(getattr(meshlib, name), meshlib.MeshError)
 
 

@@ -61,12 +61,19 @@ class EndpointStats:
             self.inflight += 1
             self.requests += 1
 
-    def end(self, rtt: float, now: float, *, failed: bool = False) -> None:
+    def end(self, rtt: float, now: float, *, failed: bool = False, error: bool = False) -> None:
         """Record a finished request's latency (seconds) into the peak EWMA and drop it from in-flight.
 
         Peak EWMA (Finagle ``PeakEwma``): a latency above the current estimate replaces it at once, so a
         slow endpoint is noticed after one request; lower latencies are blended in with weight
         ``exp(-elapsed/decay)`` on the old value, so recovery is gradual.
+
+        ``error``: the answer was an error (a 4xx or 5xx status, a connection failure or a timeout). An error
+        never makes the endpoint look faster: its latency may raise the estimate but is not blended in
+        below it, and the estimate's idle decay starts again from now. Otherwise an endpoint answering
+        instant errors (a 404 from a misrouted deployment, a refused connection) would win every
+        comparison and draw most of the traffic. ``failed`` (it counts against the endpoint: 5xx,
+        connection failure, timeout) is only counted here, for status views.
         """
         with self._lock:
             self.inflight -= 1
@@ -74,7 +81,7 @@ class EndpointStats:
                 self.failures += 1
             if rtt > self._cost:
                 self._cost = rtt
-            else:
+            elif not error:
                 elapsed = max(now - self._stamp, 0.0)
                 w = math.exp(-elapsed / self._decay)
                 self._cost = self._cost * w + rtt * (1.0 - w)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from meshlib import pushback
+from meshlib._testmode import MODE as _TESTING
 from meshlib.policy import Policy
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.classify import IDEMPOTENT_METHODS, Classification, Outcome
@@ -109,6 +110,10 @@ class RetryRule:
             return GiveUp("one-shot body consumed")
         if verdict.sent and not self.resend_ok:
             return GiveUp("not idempotent")
+        if _TESTING.enabled:  # meshlib.testing.set_testing: its own attempt count, no wait, no budget
+            if attempts >= _TESTING.attempts:
+                return GiveUp("attempts used up (testing mode)")
+            return GiveUp("deadline") if time.monotonic() >= self.deadline else 0.0
         if attempts >= self.policy.max_attempts:
             return GiveUp("attempts used up")
         now = time.monotonic()

@@ -150,3 +150,36 @@ def test_clock_is_read_per_pick() -> None:
     assert picker.pick() is stats[0]
     clock.t -= 29.0  # were it read 29 s earlier: 0.3 * e^-0.1 = 0.27 > 0.05
     assert picker.pick() is stats[1]
+
+
+def test_instant_errors_do_not_make_an_endpoint_attractive() -> None:
+    """An endpoint answering errors 10x faster than the others keeps its estimate: at most its fair share."""
+    clock = FakeClock()
+    stats = endpoints([1, 1, 1], clock)
+    broken = stats[0]
+    picker = build(stats, clock, seed=3)
+    counts: Counter[EndpointStats] = Counter()
+    for _ in range(600):
+        chosen = picker.pick()
+        assert chosen is not None
+        chosen.begin()
+        counts[chosen] += 1
+        if chosen is broken:
+            chosen.end(0.0005, clock.t, failed=False, error=True)  # an instant 404: not a failure, an error
+        else:
+            chosen.end(0.005, clock.t)
+        clock.t += 0.002
+    assert counts[broken] <= 600 // 3
+    assert broken.failures == 0  # a 4xx does not count against the endpoint
+
+
+def test_an_error_may_still_raise_the_estimate() -> None:
+    clock = FakeClock()
+    (stats,) = endpoints([1], clock)
+    stats.begin()
+    stats.end(0.5, clock.t, error=True)  # a slow error is slow
+    assert stats.cost(clock.t) == 0.5
+    clock.t += 1.0
+    stats.begin()
+    stats.end(0.001, clock.t, error=True)  # a fast one does not lower it, and restarts the idle decay
+    assert stats.cost(clock.t) == 0.5
