@@ -30,8 +30,10 @@ class AsyncMeshTransport(_Mesh[Any]):
     that one query.
     """
 
+    _refreshers: dict[str, RefreshTask]
+
     def _driver_state(self) -> None:
-        self._refreshers: dict[str, RefreshTask] = {}
+        self._refreshers = {}
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
         self._first: dict[str, asyncio.Event] = {}
         self._closing: set[asyncio.Task[Any]] = set()
@@ -46,7 +48,9 @@ class AsyncMeshTransport(_Mesh[Any]):
                 if service.cache.snapshot is not None:
                     await self._aclose_pools(service.apply(service.cache.snapshot))
                 if delay is not None and not self._closed:
-                    task = RefreshTask(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    task = RefreshTask(
+                        service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), delay
+                    )
                     self._refreshers[service.name] = task
                     task.start()
             except BaseException:
@@ -182,6 +186,7 @@ class AsyncMeshTransport(_Mesh[Any]):
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         self.telemetry.unbind(self)
         for task in self._refreshers.values():
             await task.stop()

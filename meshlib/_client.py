@@ -386,7 +386,7 @@ class _MeshClient:
     def admin_address(self) -> tuple[str, int] | None:
         """The address the admin endpoint this client reports to listens on (``None``: none)."""
         server = self._observability.admin
-        return None if server is None else server.address
+        return None if server is None or not server.serving else server.address
 
     def _stop_background(self) -> None:
         """Leave the admin endpoint and stop watching certificate files (the mesh transport closes apart)."""
