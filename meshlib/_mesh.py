@@ -11,6 +11,11 @@ what is left, the I/O, twice and small:
   processes never import asyncio): the **awaiting driver**. ``Send`` awaits the pool,
   ``Start`` makes a task, ``WaitFirst`` is ``asyncio.wait``, ``Cancel`` cancels the task.
 
+Across ``os.fork()`` a client's state is per process: a hook resets every live mesh in the child
+(:meth:`_Mesh._after_fork`), so the child never sends on the parent's pooled connections and refreshes
+discovery in its own threads. Refreshers hold their mesh weakly, so a client dropped without ``close()`` is
+collected and its refreshers end (:meth:`_Mesh._on_collect`).
+
 Both run the same loop (:func:`_drive` / :func:`_adrive`): take a step, do it, send the outcome back; an
 interruption (cancellation, ``KeyboardInterrupt``) is thrown into the plan, which releases what it holds.
 
@@ -150,6 +155,8 @@ class _Mesh(Generic[T]):
         """
         self._finalizer.detach()
         _ABANDONED.append((self._router, self._refreshers, self._passthrough, self.home))
+        # A response read across the fork may still end its lease here: its retired pool is kept, not closed.
+        self.home.close_pool = _ABANDONED.append
         self._passthrough = self._given_passthrough
         self.home = LeaseHome(self._pool_idle)
         old = self._router

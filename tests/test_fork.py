@@ -241,3 +241,27 @@ async def test_dropped_async_clients_end_their_refresh_tasks(dns: Dnsmasq, start
     _, pending = await asyncio.wait(started, timeout=10)
     assert pending == set()
     assert all(task.cancelled() for task in started)
+
+
+def test_fork_while_another_thread_holds_a_first_discovery_lock(start_backends: BackendFactory) -> None:
+    """A thread in the middle of a service's first discovery at the fork: the child must not wait on its lock."""
+    (backend,) = start_backends(1)
+    with meshlib.Client(environ={"MESHLIB_SERVICE_SVC": f"static://{backend.address}"}) as client:
+        lock = client.mesh._start_locks["svc"]
+        held, forked = threading.Event(), threading.Event()
+
+        def first_request_under_way() -> None:
+            with lock:  # what _activate holds while the first lookup runs
+                held.set()
+                forked.wait(10)
+
+        holder = threading.Thread(target=first_request_under_way)
+        holder.start()
+        assert held.wait(10)
+        try:
+            _, child = _both(lambda side: client.get(f"http://svc/{side}").json()["path"] if side == "child" else "")
+        finally:
+            forked.set()
+            holder.join(10)
+        assert child == "/child"
+        assert client.get("http://svc/parent").json()["path"] == "/parent"
