@@ -133,7 +133,7 @@ class _Mesh(Generic[T]):
         """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
         self._refreshers: dict[str, Any] = {}
 
-    def _on_collect(self) -> weakref.finalize:  # type: ignore[type-arg]
+    def _on_collect(self) -> weakref.finalize[[dict[str, Any], list[Service[Any]]], Any]:
         """When the client is garbage-collected unclosed: wake its refreshers to end, interrupt its resolvers.
 
         The finalizer refers to the refreshers and services, never to the mesh (or it would never run); it

@@ -265,3 +265,26 @@ def test_fork_while_another_thread_holds_a_first_discovery_lock(start_backends: 
             holder.join(10)
         assert child == "/child"
         assert client.get("http://svc/parent").json()["path"] == "/parent"
+
+
+def test_admin_endpoint_stays_the_parents(start_backends: BackendFactory) -> None:
+    """The child does not serve the parent's admin endpoint, and closing its client there does not hang."""
+    from meshlib import admin
+
+    (backend,) = start_backends(1)
+    environ = {"MESHLIB_SERVICE_SVC": f"static://{backend.address}", "MESHLIB_ADMIN_ADDR": "127.0.0.1:0"}
+    client = meshlib.Client(environ=environ)
+    try:
+        address = client.admin_address
+        assert address is not None
+
+        def child() -> list[Any]:
+            seen = client.admin_address
+            client.close()  # the inherited server has no thread here: stopping it must not wait for one
+            return [seen, len(admin.running())]
+
+        _, (seen, running) = _both(lambda side: child() if side == "child" else None)
+        assert (seen, running) == (None, 0)
+        assert admin.fetch_status(address)["pid"] == os.getpid()  # the parent still serves, its own state
+    finally:
+        client.close()
