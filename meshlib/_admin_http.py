@@ -169,6 +169,19 @@ class AdminHTTPServer:
         self._wake_read.close()
         self._wake_write.close()
 
+    def forget_in_child(self) -> None:
+        """In a forked child: close this process's copies of the sockets, leaving the parent's server untouched.
+
+        ``close()`` on a descriptor the parent still holds sends nothing to the peer (only the last close does;
+        ``shutdown()`` would, and is never called here); the loop's thread does not exist in the child.
+        """
+        for sock in (*self._connections, self._listener, self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._connections = {}
+        with contextlib.suppress(OSError, RuntimeError):
+            self._selector.close()
+
     # -- the loop's steps ------------------------------------------------------------------------------------
 
     def _drain_wakeup(self) -> None:

@@ -35,13 +35,17 @@ class AsyncMeshTransport(_Mesh[Any]):
     that one query.
     """
 
+    _refreshers: dict[str, RefreshTask]
+
+    #: Connections per endpoint pool (its ``max_connections``) when meshlib made the pools; ``None``: no gate.
+    #: Set by the client after construction; kept across a fork (``_driver_state`` runs again in the child).
+    connections: int | None = None
+
     def _driver_state(self) -> None:
-        self._refreshers: dict[str, RefreshTask] = {}
+        self._refreshers = {}
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
         self._first: dict[str, asyncio.Event] = {}
         self._closing: set[asyncio.Task[Any]] = set()
-        #: Connections per endpoint pool (its ``max_connections``) when meshlib made the pools; ``None``: no gate.
-        self.connections: int | None = None
         #: Endpoint pool -> the semaphore of its connection slots (:meth:`_take_slot`).
         self._gates: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
@@ -55,7 +59,9 @@ class AsyncMeshTransport(_Mesh[Any]):
                 if service.cache.snapshot is not None:
                     await self._aclose_pools(service.apply(service.cache.snapshot))
                 if delay is not None and not self._closed:
-                    task = RefreshTask(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    task = RefreshTask(
+                        service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), delay
+                    )
                     self._refreshers[service.name] = task
                     task.start()
             except BaseException:
@@ -232,6 +238,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             return
         self._closed = True
         self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
+        self._finalizer.detach()
         self.telemetry.unbind(self)
         for task in self._refreshers.values():
             await task.stop()

@@ -400,7 +400,7 @@ class _MeshClient:
     def admin_address(self) -> tuple[str, int] | None:
         """The address the admin endpoint this client reports to listens on (``None``: none)."""
         server = self._observability.admin
-        return None if server is None else server.address
+        return None if server is None or not server.serving else server.address
 
     def _build_redirect_request(self, request: Any, response: Any) -> Any:
         """The library's redirect request, marked as refused when it leads from outside the mesh into it.

@@ -11,6 +11,11 @@ what is left, the I/O, twice and small:
   processes never import asyncio): the **awaiting driver**. ``Send`` awaits the pool,
   ``Start`` makes a task, ``WaitFirst`` is ``asyncio.wait``, ``Cancel`` cancels the task.
 
+Across ``os.fork()`` a client's state is per process: a hook resets every live mesh in the child
+(:meth:`_Mesh._after_fork`), so the child never sends on the parent's pooled connections and refreshes
+discovery in its own threads. Refreshers hold their mesh weakly, so a client dropped without ``close()`` is
+collected and its refreshers end (:meth:`_Mesh._on_collect`).
+
 Both run the same loop (:func:`_drive` / :func:`_adrive`): take a step, do it, send the outcome back; an
 interruption (cancellation, ``KeyboardInterrupt``) is thrown into the plan, which releases what it holds.
 
@@ -25,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -110,17 +117,65 @@ class _Mesh(Generic[T]):
     ) -> None:
         self.lib = lib
         self.config = config
+        self._new_transport = new_transport
         self._router: _Router[T] = _Router(config, new_transport)
         self.telemetry = telemetry if telemetry is not None else ClientTelemetry()
         self.telemetry.bind(self)
         self._owns = owns_transports
-        self._passthrough = passthrough
+        self._given_passthrough = self._passthrough = passthrough
         self._closed = False
+        #: Why requests are refused after the client closed (or could not be rebuilt after a fork).
+        self._closed_reason = "the client is closed"
         self.home = LeaseHome(self._pool_idle)
         self._driver_state()
+        self._finalizer = self._on_collect()
+        _LIVE.add(self)
 
     def _driver_state(self) -> None:
-        """The driver's own state (threads or tasks), made at construction."""
+        """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
+        self._refreshers: dict[str, Any] = {}
+
+    def _on_collect(self) -> weakref.finalize[[dict[str, Any], list[Service[Any]]], Any]:
+        """When the client is garbage-collected unclosed: wake its refreshers to end, interrupt its resolvers.
+
+        The finalizer refers to the refreshers and services, never to the mesh (or it would never run); it
+        does not wait for anything, as it may run on any thread the garbage collector happens to run on.
+        """
+        finalizer = weakref.finalize(self, _halt, self._refreshers, list(self.services.values()))
+        finalizer.atexit = False  # at exit daemon threads just stop; nothing to interrupt
+        return finalizer
+
+    def _after_fork(self) -> None:
+        """In a forked child (the hook below, no other thread running): start over without touching the parent's.
+
+        Every endpoint pool holds connections the parent still uses: closing one here would end the parent's
+        connection too (an HTTP/2 GOAWAY, a TLS close_notify), using one interleaves both processes' requests
+        on it. So the old services (pools, stats, breakers, resolvers, their locks that another thread may have
+        held at the fork) are abandoned, kept referenced in :data:`_ABANDONED` so the garbage collector never
+        closes them either, and new ones are built from the same configuration: the child discovers again on
+        its first request and refreshes in its own threads (or tasks, on the child's own event loop).
+        """
+        self._finalizer.detach()
+        _ABANDONED.append((self._router, self._refreshers, self._passthrough, self.home))
+        # A response read across the fork may still end its lease here: its retired pool is kept, not closed.
+        self.home.close_pool = _ABANDONED.append
+        self._passthrough = self._given_passthrough
+        self.home = LeaseHome(self._pool_idle)
+        old = self._router
+        try:
+            self._router = _Router(self.config, self._new_transport)
+        except Exception as exc:  # a resolver factory that fails the second time: refuse clearly, never share
+            logger.exception("meshlib client could not be rebuilt after fork() in process %d", os.getpid())
+            for service in old.services.values():  # lock-free: only this thread runs in the child
+                service.active, service.transports, service.retiring = None, {}, {}
+            self._closed = True
+            self.home.closed = True
+            self._closed_reason = (
+                f"it was built before fork() and could not be rebuilt in process {os.getpid()} ({exc!r}): "
+                "create the client after the fork"
+            )
+        self._driver_state()
+        self._finalizer = self._on_collect()
 
     def _pool_idle(self, transport: T) -> None:
         """A retired endpoint's pool has no request left: close it, the driver's way."""
@@ -153,7 +208,37 @@ class _Mesh(Generic[T]):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClientClosedError()
+            raise ClientClosedError(reason=self._closed_reason)
+
+
+def _halt(refreshers: dict[str, Any], services: list[Service[Any]]) -> None:
+    """The finalizer of a mesh collected unclosed (see :meth:`_Mesh._on_collect`)."""
+    for refresher in list(refreshers.values()):
+        refresher.halt()
+    for service in services:
+        try:
+            service.resolver.close()
+        except Exception:
+            logger.exception("closing the resolver of service %s failed", service.name)
+
+
+#: Every live mesh of this process (both drivers), for the fork hook: weakly, so it keeps no client alive.
+_LIVE: weakref.WeakSet[_Mesh[Any]] = weakref.WeakSet()
+#: What forked children inherited and must neither use nor close (see :meth:`_Mesh._after_fork`).
+_ABANDONED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    """``os.register_at_fork(after_in_child=...)``: every live mesh starts over in the child."""
+    for mesh in list(_LIVE):
+        try:
+            mesh._after_fork()
+        except Exception:  # never let one mesh stop the others from letting go of the parent's state
+            logger.exception("resetting a meshlib client after fork() failed")
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- the blocking driver ---------------------------------------------------------------------------------------
@@ -162,8 +247,10 @@ class _Mesh(Generic[T]):
 class MeshTransport(_Mesh[Any]):
     """The blocking driver: ``meshlib.Client`` sends every mesh request through it (an httpx/httpx2 transport)."""
 
+    _refreshers: dict[str, RefreshThread]
+
     def _driver_state(self) -> None:
-        self._refreshers: dict[str, RefreshThread] = {}
+        self._refreshers = {}
         # One lock per service for its first discovery: a slow first lookup of one service holds up no other.
         self._start_locks = {svc.name: threading.Lock() for svc in self.services.values()}
         self._started: set[str] = set()
@@ -180,7 +267,10 @@ class MeshTransport(_Mesh[Any]):
                     self._close_pools(service.apply(service.cache.snapshot))
                 self._started.add(service.name)
                 if delay is not None:
-                    thread = RefreshThread(service.resolver, service.cache, lambda s: self._publish(service), delay)
+                    # Weakly tied to this mesh: a client dropped unclosed is collected and its thread ends.
+                    thread = RefreshThread(
+                        service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), delay
+                    )
                     self._refreshers[service.name] = thread
                     thread.start()
         return service.current()
@@ -312,6 +402,7 @@ class MeshTransport(_Mesh[Any]):
                 return
             self._closed = True
             self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
+        self._finalizer.detach()
         for lock in self._start_locks.values():  # wait for first lookups under way; none starts after
             with lock:
                 pass

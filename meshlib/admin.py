@@ -22,6 +22,12 @@ a pre-forking server started with the same environment -- the client logs one WA
 admin endpoint: a debugging aid must never take an application down. Give each process its own port (or
 ``:0``) to see them all.
 
+**Per process, across fork() too.** A forked child (gunicorn ``--preload`` workers, ``multiprocessing``)
+inherits the server object but not its thread: the child does not serve it, and its inherited copy of the
+listening socket is closed in the child (the parent keeps serving on it). ``/status`` carries the ``pid``
+of the process whose state it shows, so the master's answer is never mistaken for a worker's. A client
+built in the child registers as usual (a port the parent holds is busy: use ``:0`` or a port per worker).
+
 **Loopback is checked twice**: the bind address, and the ``Host`` header of each request (a browser page
 on some web site could otherwise reach the endpoint through DNS rebinding); other hosts get 403. Nothing is
 logged per request.
@@ -82,6 +88,7 @@ class AdminServer:
         :mod:`meshlib._admin_http`)."""
         self._lock = threading.Lock()
         self._clients: dict[int, tuple[weakref.ref[Any], str]] = {}
+        self._pid = os.getpid()
         # http.server is imported here, by the first admin server, not by ``import meshlib``.
         from meshlib._admin_http import AdminHTTPServer
 
@@ -102,6 +109,11 @@ class AdminServer:
             _format(self.address),
             "" if self._prometheus is not None else ": exporter not installed",
         )
+
+    @property
+    def serving(self) -> bool:
+        """Whether this process serves it (a forked child inherits the object, not the thread that serves)."""
+        return self._pid == os.getpid()
 
     @property
     def metrics(self) -> MeshMetrics | None:
@@ -233,6 +245,8 @@ def attach(transport: Any, telemetry: ClientTelemetry, address: HostPort, kind: 
 
 def detach(server: AdminServer, transport: Any, telemetry: ClientTelemetry) -> None:
     """Unregister a closing client; the last one to leave stops the server."""
+    if not server.serving:  # inherited across fork(): the parent's to stop (shutdown() here would wait forever)
+        return
     with _LOCK:
         if not server.remove(transport, telemetry):
             return
@@ -240,6 +254,19 @@ def detach(server: AdminServer, transport: Any, telemetry: ClientTelemetry) -> N
             if running_server is server:
                 del _SERVERS[key]
         server.close()  # under the lock: a client attaching next finds the port free again
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: forget the parent's servers and close the child's copies of their listening sockets."""
+    global _LOCK  # noqa: PLW0603 (replaced, not reset: a lock held by a thread the child lacks stays held)
+    _LOCK = threading.Lock()  # another thread of the parent may have held it at the fork
+    for server in _SERVERS.values():
+        server._server.forget_in_child()  # the child's copies of its sockets; the parent keeps serving on them
+    _SERVERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def running() -> dict[HostPort, AdminServer]:

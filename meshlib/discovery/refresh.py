@@ -7,10 +7,12 @@ request path never waits for them once a first answer exists.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshlib.discovery.base import Resolver
 from meshlib.discovery.cache import DiscoveryCache, Snapshot
@@ -61,17 +63,25 @@ async def arefresh_once(resolver: Resolver, cache: DiscoveryCache) -> tuple[bool
 
 
 class RefreshThread:
-    """Keeps one service's cache fresh from a daemon thread until ``stop()``."""
+    """Keeps one service's cache fresh from a daemon thread until ``stop()``, or until its owner is garbage.
+
+    The thread holds its ``owner`` (the mesh, which keeps the client's state) by weak reference only, and
+    calls ``publish(owner, snapshot)`` with it dereferenced for that call alone: a client dropped without
+    ``close()`` can then be collected, and the thread ends at its next wake-up (the mesh's finalizer calls
+    :meth:`halt` to wake it at once). ``publish`` must not itself refer to the owner.
+    """
 
     def __init__(
         self,
         resolver: Resolver,
         cache: DiscoveryCache,
-        publish: Callable[[Snapshot], None],
+        owner: object,
+        publish: Callable[[Any, Snapshot], None],
         first_delay: float,
     ) -> None:
         self._resolver = resolver
         self._cache = cache
+        self._owner = weakref.ref(owner)
         self._publish = publish
         self._delay: float | None = first_delay
         self._stop = threading.Event()
@@ -83,34 +93,57 @@ class RefreshThread:
 
     def _run(self) -> None:
         while self._delay is not None and not self._stop.wait(self._delay):
-            changed, self._delay = refresh_once(self._resolver, self._cache)
-            if changed and self._cache.snapshot is not None:
-                try:
-                    self._publish(self._cache.snapshot)
-                except Exception:
-                    logger.exception("applying new endpoints of service %s failed", self._cache.service)
+            if not self._refresh():
+                return
 
-    def stop(self) -> None:
-        """Ask the loop to end and wait for it (bounded: a query in flight may take its timeout)."""
+    def _refresh(self) -> bool:
+        """One refresh; ``False`` when the owner is gone. (Its own frame: no reference to the owner survives it.)"""
+        if self._owner() is None:
+            return False
+        changed, self._delay = refresh_once(self._resolver, self._cache)
+        snapshot = self._cache.snapshot
+        if changed and snapshot is not None:
+            owner = self._owner()
+            if owner is None:
+                return False
+            try:
+                self._publish(owner, snapshot)
+            except Exception:
+                logger.exception("applying new endpoints of service %s failed", self._cache.service)
+        return True
+
+    def halt(self) -> None:
+        """Ask the loop to end without waiting for it (safe from a finalizer, on any thread)."""
         self._stop.set()
         # Interrupts a query in flight (a Consul blocking query may otherwise wait minutes); idempotent.
         self._resolver.close()
+
+    def stop(self) -> None:
+        """Ask the loop to end and wait for it (bounded: a query in flight may take its timeout)."""
+        self.halt()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT)
 
 
 class RefreshTask:
-    """Keeps one service's cache fresh from an asyncio task until ``stop()``."""
+    """Keeps one service's cache fresh from an asyncio task until ``stop()``, or until its owner is garbage.
+
+    Like :class:`RefreshThread`, it holds its ``owner`` weakly (a running task is referenced by its loop, so a
+    strong reference would keep a dropped client, and the task, alive for as long as the loop runs) and calls
+    ``publish(owner, snapshot)``; :meth:`halt` cancels it from any thread.
+    """
 
     def __init__(
         self,
         resolver: Resolver,
         cache: DiscoveryCache,
-        publish: Callable[[Snapshot], Awaitable[None]],
+        owner: object,
+        publish: Callable[[Any, Snapshot], Awaitable[None]],
         first_delay: float,
     ) -> None:
         self._resolver = resolver
         self._cache = cache
+        self._owner = weakref.ref(owner)
         self._publish = publish
         self._first_delay = first_delay
         self._task: asyncio.Task[None] | None = None
@@ -128,14 +161,32 @@ class RefreshTask:
         import asyncio
 
         delay: float | None = self._first_delay
-        while delay is not None:
+        while delay is not None and self._owner() is not None:
             await asyncio.sleep(delay)
+            if self._owner() is None:
+                return
             changed, delay = await arefresh_once(self._resolver, self._cache)
-            if changed and self._cache.snapshot is not None:
-                try:
-                    await self._publish(self._cache.snapshot)
-                except Exception:
-                    logger.exception("applying new endpoints of service %s failed", self._cache.service)
+            if changed and self._cache.snapshot is not None and not await self._apply(self._cache.snapshot):
+                return
+
+    async def _apply(self, snapshot: Snapshot) -> bool:
+        """Publish ``snapshot``; ``False`` when the owner is gone. (Its own frame, as in RefreshThread.)"""
+        owner = self._owner()
+        if owner is None:
+            return False
+        try:
+            await self._publish(owner, snapshot)
+        except Exception:
+            logger.exception("applying new endpoints of service %s failed", self._cache.service)
+        return True
+
+    def halt(self) -> None:
+        """Cancel the task from any thread, without waiting (for a finalizer); a closed loop is left alone."""
+        task = self._task
+        if task is None or task.done():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the task will never run again anyway
+            task.get_loop().call_soon_threadsafe(task.cancel)
 
     async def stop(self) -> None:
         """Cancel the loop and wait until it has ended."""

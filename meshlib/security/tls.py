@@ -511,6 +511,17 @@ class CertificateWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        _WATCHERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: new locks (the parent's watcher thread may have held them; the child lacks it).
+
+        The thread itself restarts on the child's next :meth:`watch` (a new endpoint pool), as ``_pid`` says.
+        """
+        self._lock = threading.Lock()
+        for context in list(self._contexts):
+            context._check_lock = threading.Lock()
+            context._changed = threading.Condition()
 
     def watch(self, context: ReloadingContext) -> None:
         """Check ``context``'s files from now on (no-op for contexts without files, or ``interval`` 0)."""
@@ -546,6 +557,19 @@ class CertificateWatcher:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+
+
+#: Every certificate watcher of this process, for the fork hook (weakly).
+_WATCHERS: weakref.WeakSet[CertificateWatcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for watcher in list(_WATCHERS):
+        watcher._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class TLSContexts:
