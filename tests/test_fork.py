@@ -24,6 +24,7 @@ import pytest
 
 import meshlib
 from meshlib.testing import Backend
+from meshlib.tools.cli import fetch_status
 from tests.conftest import BackendFactory, LogEvent, LogWatch
 from tests.discovery.conftest import require_dnsmasq
 from tests.servers.dnsmasq import Dnsmasq, SrvRecord
@@ -285,6 +286,6 @@ def test_admin_endpoint_stays_the_parents(start_backends: BackendFactory) -> Non
 
         _, (seen, running) = _both(lambda side: child() if side == "child" else None)
         assert (seen, running) == (None, 0)
-        assert admin.fetch_status(address)["pid"] == os.getpid()  # the parent still serves, its own state
+        assert fetch_status(address)["pid"] == os.getpid()  # type: ignore[index]  # the parent still serves, its own state
     finally:
         client.close()
