@@ -1,24 +1,30 @@
 """The awaiting driver of the call plan: ``meshlib.AsyncClient`` sends every mesh request through it.
 
 Its own module so that a process using only the sync clients never imports asyncio (``meshlib._mesh`` holds
-what both drivers share and the blocking driver).
+what both drivers share and the blocking driver). It runs under asyncio and under trio: sleeping, events,
+timeouts and threads through anyio, background tasks the running library's own way (:mod:`meshlib._aio`).
+A plain send (the common case) awaits the pool and nothing else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 import weakref
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from meshlib import _aio
 from meshlib._bounded import DEADLINE
-from meshlib._mesh import _APPLY_IN_THREAD, _Mesh
+from meshlib._mesh import _APPLY_IN_THREAD, _Mesh, _no_first_answer
 from meshlib._plan import _DEFAULT_PORTS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
-from meshlib.discovery.refresh import RefreshTask, arefresh_once
+from meshlib.discovery.refresh import RefreshTask
 from meshlib.errors import MeshError
 from meshlib.telemetry.tracing import asend_suppressed
 
@@ -30,9 +36,10 @@ __all__ = ["AsyncMeshTransport"]
 class AsyncMeshTransport(_Mesh[Any]):
     """The awaiting driver: ``meshlib.AsyncClient`` sends every mesh request through it.
 
-    Same contract as :class:`MeshTransport`. Discovery refreshes run as tasks on the loop that first used
-    each service; the first request for a service awaits its first answer, concurrent first requests share
-    that one query.
+    Same contract as :class:`MeshTransport`. Each service's discovery runs as a background task on the loop
+    that first used it (its first query at once); a call waits for the first answer no longer than its
+    deadline, and concurrent first calls share that one query. An ``AsyncClient`` is used from one event
+    loop (asyncio or trio), as its connection pools are.
     """
 
     _refreshers: dict[str, RefreshTask]
@@ -44,45 +51,45 @@ class AsyncMeshTransport(_Mesh[Any]):
     def _driver_state(self) -> None:
         self._refreshers = {}
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
-        self._first: dict[str, asyncio.Event] = {}
-        self._closing: set[asyncio.Task[Any]] = set()
+        self._first: dict[str, anyio.Event] = {}
+        self._closing: set[_aio.Task] = set()
         #: Endpoint pool -> the semaphore of its connection slots (:meth:`_take_slot`).
         self._gates: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
-    async def _activate(self, service: Service[Any]) -> Active[Any]:
+    async def _activate(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
+        """First use of a service: start its refresh task (once), whose first query this call waits for.
+
+        Bounded by the call's deadline as in the blocking driver; a caller cancelled while waiting leaves
+        the query running for the next one.
+        """
         self._check_open()
         first = self._first.get(service.name)
         if first is None:
-            first = self._first[service.name] = asyncio.Event()
-            try:
-                _, delay = await arefresh_once(service.resolver, service.cache)
-                if service.cache.snapshot is not None:
-                    await self._aclose_pools(service.apply(service.cache.snapshot))
-                if delay is not None and not self._closed:
-                    task = RefreshTask(
-                        service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), delay
-                    )
-                    self._refreshers[service.name] = task
-                    task.start()
-            except BaseException:
-                # Cancelled (or failed) before an answer: let the next request try again.
-                del self._first[service.name]
-                first.set()
-                raise
-            first.set()
-        else:
-            await first.wait()
+            first = self._first[service.name] = anyio.Event()
+            # Weakly tied to this mesh: a client dropped unclosed is collected and its task ends.
+            task = RefreshTask(
+                service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), 0.0, first=first
+            )
+            self._refreshers[service.name] = task
+            task.start()
+        if not first.is_set():
+            remaining = call.remaining()
+            with anyio.move_on_after(remaining if math.isfinite(remaining) else None):
+                await first.wait()
+            if not first.is_set():
+                raise call.deadline_exceeded(_no_first_answer(service))
+        self._check_open()
         return service.current()
 
     async def _publish(self, service: Service[Any]) -> None:
         snapshot = service.cache.snapshot
-        if snapshot is None:
+        if snapshot is None or self._closed:
             return
         if len(snapshot.endpoints) >= _APPLY_IN_THREAD:
             # Building the view of a large set (stats, pools, pickers) is milliseconds of pure Python: do it in
             # a worker thread so the event loop keeps running (the GIL is handed back every few ms) instead of
             # stalling every request for the whole build. Service.apply is thread-safe and swaps atomically.
-            retired = await asyncio.to_thread(service.apply, snapshot)
+            retired = await anyio.to_thread.run_sync(service.apply, snapshot)
         else:
             retired = service.apply(snapshot)
         await self._aclose_pools(retired)
@@ -98,9 +105,16 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     def _pool_idle(self, transport: Any) -> None:
         """Close a retired endpoint's pool from a sync callback (a stream's close) on the running loop."""
-        if not self._owns:
+        if self._owns:
+            self._later(transport.aclose, "closing an endpoint transport")
+
+    def _later(self, close: Any, what: str) -> None:
+        """Run ``close()`` (a coroutine function) in the background; the task is kept until it is done."""
+        try:
+            task = _aio.spawn(close, name=f"meshlib: {what}")
+        except RuntimeError:  # trio.run is ending: no task may start, and its sockets are going anyway
+            logger.debug("%s skipped: the event loop is shutting down", what)
             return
-        task = asyncio.get_running_loop().create_task(transport.aclose())
         self._closing.add(task)  # keep a reference until done, as asyncio's docs require
         task.add_done_callback(self._closing.discard)
 
@@ -117,7 +131,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
                 active = service.stand_in(request.url.port or _DEFAULT_PORTS.get(request.url.scheme, 80))
             elif active is None:
-                active = await self._activate(service)
+                active = await self._activate(service, call)
             elif service.cache.consecutive_failures:
                 active = service.current()
         except BaseException as exc:
@@ -129,7 +143,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             self.lib.localize(exc)
             # A refusal (circuit open, overloaded, no endpoints) may be raised without the call ever having
             # waited: yield once, so a caller retrying in a loop cannot starve the event loop.
-            await asyncio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             raise
 
     async def drive(self, call: Call[Any], plan: Plan) -> Any:
@@ -153,22 +167,20 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     def _close_answer_later(self, attempt: Attempt) -> None:
         if attempt.response is not None:
-            task = asyncio.get_running_loop().create_task(attempt.response.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._later(attempt.response.aclose, "closing an abandoned attempt's response")
 
     async def _do(self, call: Call[Any], step: Step, started: list[Attempt]) -> Attempt | None:
         if isinstance(step, Send):
             await self._send(call, step.attempt)
             return step.attempt
         if isinstance(step, Sleep):
-            await asyncio.sleep(step.seconds)
+            await anyio.sleep(step.seconds)
         elif isinstance(step, Start):
-            step.attempt.task = asyncio.ensure_future(self._send(call, step.attempt))
+            step.attempt.task = _aio.spawn(self._send, call, step.attempt, name="meshlib attempt")
             started.append(step.attempt)
         elif isinstance(step, WaitFirst):
             tasks = {a.task: a for a in step.attempts}
-            done, _ = await asyncio.wait(tasks, timeout=step.timeout, return_when=asyncio.FIRST_COMPLETED)
+            done = await _aio.wait_first(tasks, step.timeout)
             return next((tasks[t] for t in tasks if t in done), None)
         elif isinstance(step, Cancel):
             attempt = step.attempt
@@ -176,7 +188,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             try:
                 if task is not None and not task.done():
                     task.cancel()
-                    await asyncio.wait([task])  # its transport unwinds; the caller's own cancel still reaches us
+                    await _aio.wait_done(task)  # its transport unwinds; the caller's own cancel still reaches us
                 if attempt.response is not None:
                     await attempt.response.aclose()
             finally:
@@ -210,14 +222,10 @@ class AsyncMeshTransport(_Mesh[Any]):
         transport = attempt.transport
         gate = self._gates.get(transport)
         if gate is None:
-            import anyio
-
             gate = self._gates.setdefault(transport, anyio.Semaphore(self.connections or 1))
         if gate.value > 0:  # the common case: a free slot, taken without yielding
             gate.acquire_nowait()
         else:
-            import anyio
-
             deadline = attempt.deadline
             with anyio.move_on_after(math.inf if deadline is None else deadline - time.monotonic()):
                 await gate.acquire()
@@ -243,6 +251,8 @@ class AsyncMeshTransport(_Mesh[Any]):
         for task in self._refreshers.values():
             await task.stop()
         self._refreshers.clear()
+        for first in self._first.values():  # calls still waiting for a first answer: closed, they fail now
+            first.set()
         self.home.settle()
         for service in self.services.values():
             await self._aclose_pools(service.take_pools())

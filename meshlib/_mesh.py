@@ -8,8 +8,8 @@ what is left, the I/O, twice and small:
   with several attempts in flight need it), ``Cancel`` closes the attempt's response (a blocking attempt
   already on the wire cannot be interrupted: it is released when it returns);
 * :class:`~meshlib._amesh.AsyncMeshTransport` (``meshlib.AsyncClient``, in its own module so sync-only
-  processes never import asyncio): the **awaiting driver**. ``Send`` awaits the pool,
-  ``Start`` makes a task, ``WaitFirst`` is ``asyncio.wait``, ``Cancel`` cancels the task.
+  processes never import asyncio): the **awaiting driver**, under asyncio or trio. ``Send`` awaits the
+  pool, ``Start`` makes a task, ``WaitFirst`` waits for the first task to end, ``Cancel`` cancels the task.
 
 Across ``os.fork()`` a client's state is per process: a hook resets every live mesh in the child
 (:meth:`_Mesh._after_fork`), so the child never sends on the parent's pooled connections and refreshes
@@ -46,7 +46,7 @@ from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint
-from meshlib.discovery.refresh import RefreshThread, refresh_once
+from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, MeshError
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.tracing import send_suppressed
@@ -66,6 +66,14 @@ _APPLY_IN_THREAD = 500
 def _for_service(new_transport: Callable[[Endpoint, str], T], key: str, endpoint: Endpoint) -> T:
     """The pool factory as one service sees it: the service key is bound (its TLS settings depend on it)."""
     return new_transport(endpoint, key)
+
+
+def _no_first_answer(service: Service[Any]) -> str:
+    """Why a call failed while waiting for its service's first discovery answer (a DeadlineExceeded reason)."""
+    return (
+        f"discovery of service {service.name!r} did not answer within the deadline ({service.resolver.source}); "
+        "the query goes on and its answer will serve later calls"
+    )
 
 
 class _Router(Generic[T]):
@@ -251,32 +259,48 @@ class MeshTransport(_Mesh[Any]):
 
     def _driver_state(self) -> None:
         self._refreshers = {}
-        # One lock per service for its first discovery: a slow first lookup of one service holds up no other.
-        self._start_locks = {svc.name: threading.Lock() for svc in self.services.values()}
-        self._started: set[str] = set()
+        #: Set by each service's refresh thread once its first query has answered (or failed).
+        self._first: dict[str, threading.Event] = {}
+        # Guards starting a service's refresh thread: held for a dict lookup and a thread start, never for I/O.
+        self._start_lock = threading.Lock()
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self._workers_lock = threading.Lock()
 
-    def _activate(self, service: Service[Any]) -> Active[Any]:
-        """First use of a service: resolve on this thread (once), then refresh in the background."""
-        with self._start_locks[service.name]:
-            self._check_open()
-            if service.name not in self._started:
-                _, delay = refresh_once(service.resolver, service.cache)
-                if service.cache.snapshot is not None:
-                    self._close_pools(service.apply(service.cache.snapshot))
-                self._started.add(service.name)
-                if delay is not None:
+    def _activate(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
+        """First use of a service: start its refresh thread (once), whose first query this call waits for.
+
+        The wait is bounded by the call's deadline (taken before discovery, so waiting counts against it):
+        past it, ``DeadlineExceeded``, and the query goes on in the background and serves later calls. Each
+        service has its own thread and event, so a hung first query holds up no other service.
+        """
+        first = self._first.get(service.name)
+        if first is None:
+            with self._start_lock:
+                self._check_open()
+                first = self._first.get(service.name)
+                if first is None:
+                    first = threading.Event()
                     # Weakly tied to this mesh: a client dropped unclosed is collected and its thread ends.
                     thread = RefreshThread(
-                        service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), delay
+                        service.resolver,
+                        service.cache,
+                        self,
+                        lambda mesh, _: mesh._publish(service),
+                        0.0,
+                        first=first,
                     )
                     self._refreshers[service.name] = thread
+                    self._first[service.name] = first
                     thread.start()
+        if not first.is_set():
+            remaining = call.remaining()
+            if not first.wait(min(max(remaining, 0.0), threading.TIMEOUT_MAX)):
+                raise call.deadline_exceeded(_no_first_answer(service))
+        self._check_open()
         return service.current()
 
     def _publish(self, service: Service[Any]) -> None:
-        if service.cache.snapshot is not None:
+        if service.cache.snapshot is not None and not self._closed:
             self._close_pools(service.apply(service.cache.snapshot))
 
     def _pool_idle(self, transport: Any) -> None:
@@ -304,7 +328,7 @@ class MeshTransport(_Mesh[Any]):
             if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
                 active = service.stand_in(request.url.port or _DEFAULT_PORTS.get(request.url.scheme, 80))
             elif active is None:
-                active = self._activate(service)  # first use: waits (once) for discovery's first answer
+                active = self._activate(service, call)  # first use: waits for discovery's first answer
             elif service.cache.consecutive_failures:
                 active = service.current()  # discovery failing: still usable unless too stale
         except BaseException as exc:
@@ -397,19 +421,18 @@ class MeshTransport(_Mesh[Any]):
 
     def close(self) -> None:
         """Stop discovery refreshes and close every endpoint transport this mesh created."""
-        with self._workers_lock:
+        with self._workers_lock, self._start_lock:  # no refresh thread starts after this
             if self._closed:
                 return
             self._closed = True
             self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
         self._finalizer.detach()
-        for lock in self._start_locks.values():  # wait for first lookups under way; none starts after
-            with lock:
-                pass
         self.telemetry.unbind(self)
         for thread in self._refreshers.values():
             thread.stop()
         self._refreshers.clear()
+        for first in self._first.values():  # calls still waiting for a first answer: closed, they fail now
+            first.set()
         if self._workers is not None:
             self._workers.shutdown(wait=False)
         self.home.settle()

@@ -64,8 +64,8 @@ def test_blocking_driver_races_two_attempts_and_cancels_the_loser(start_backends
     with meshlib.Client(services={SERVICE: static_target([fast, slow])}, environ={}) as client:
         mesh = client.mesh
         service = mesh.services[SERVICE.upper()]
-        active = mesh._activate(service)
         call: Call[Any] = Call(mesh.lib, service, client.build_request("GET", f"http://{SERVICE}/race"), mesh.home)
+        active = mesh._activate(service, call)
         seen: list[Attempt] = []
         response = mesh.drive(call, _race(call, active, seen))
         assert response.read() and response.json()["backend"] == "fast0"
@@ -88,8 +88,8 @@ async def test_awaiting_driver_races_two_attempts_and_cancels_the_loser(start_ba
     async with meshlib.AsyncClient(services={SERVICE: static_target([fast, slow])}, environ={}) as client:
         mesh = client.mesh
         service = mesh.services[SERVICE.upper()]
-        active = await mesh._activate(service)
         call: Call[Any] = Call(mesh.lib, service, client.build_request("GET", f"http://{SERVICE}/race"), mesh.home)
+        active = await mesh._activate(service, call)
         seen: list[Attempt] = []
         response = await mesh.drive(call, _race(call, active, seen))
         await response.aread()
@@ -220,7 +220,7 @@ async def test_a_refused_async_call_still_yields_to_the_event_loop() -> None:
     env = {"MESHLIB_MAX_INFLIGHT": "1"}
     async with meshlib.AsyncClient(services={SERVICE: "static://127.0.0.1:1"}, environ=env) as client:
         service = client.mesh.services[SERVICE.upper()]
-        await client.mesh._activate(service)
+        await client.mesh._activate(service, Call(client.mesh.lib, service, client.build_request("GET", "http://svc/"), client.mesh.home))
         assert service.limit.try_acquire()  # the only slot is taken: every call is refused before any I/O
         task = asyncio.ensure_future(ticker())
         for _ in range(20):

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.message
@@ -56,6 +57,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.rrset
+import sniffio
 
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution
 from meshlib.discovery.static import check_host, parse_host_port
@@ -251,7 +253,11 @@ class _DnsBase:
     async def _aask(self, resolver: dns.asyncresolver.Resolver, query: _Query) -> _Reply:
         try:
             answer = await resolver.resolve(
-                query.name, query.rdtype, search=not query.name.is_absolute(), raise_on_no_answer=False
+                query.name,
+                query.rdtype,
+                search=not query.name.is_absolute(),
+                raise_on_no_answer=False,
+                backend=_async_backend(),
             )
         except dns.resolver.NXDOMAIN as exc:
             return _Reply(None, 0.0, nxdomain=exc)
@@ -355,6 +361,15 @@ class SrvResolver(_DnsBase):
                 )
         ordered = sorted(endpoints.values(), key=lambda e: (e.priority, _address_key(e.host), e.port))
         return Resolution(tuple(ordered), _min_ttl(replies))
+
+
+def _async_backend() -> Any:  # dns.asyncbackend.Backend (not re-exported for type checkers)
+    """dnspython's backend for the running library, asked on each query.
+
+    Not dnspython's default: it sniffs the library once per process and keeps it, so a process that ran
+    asyncio and then trio (or the other way) would query with the wrong one.
+    """
+    return dns.asyncbackend.get_backend(sniffio.current_async_library())
 
 
 def _effective_weights(records: list[Any]) -> list[int]:

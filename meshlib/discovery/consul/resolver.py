@@ -35,7 +35,6 @@ client shuts down the query's socket), and the interrupted resolve returns the l
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections.abc import Generator
@@ -232,14 +231,16 @@ class ConsulResolver:
             plan.close()
 
     async def aresolve(self) -> Resolution:
-        """Same as :meth:`resolve` on the event loop; cancelling the task ends a query at once."""
+        """Same as :meth:`resolve` on the event loop (asyncio or trio); cancelling the task ends a query at once."""
+        import anyio  # here, not at the top: a sync Client's consul:// never needs it
+
         self._check_open()
         plan = self._plan()
         try:
             step = next(plan)
             while True:
                 if isinstance(step, Pause):
-                    await asyncio.sleep(step.seconds)
+                    await anyio.sleep(step.seconds)
                     if self._closed.is_set():
                         raise _Closed
                     step = plan.send(None)
