@@ -96,6 +96,10 @@ class TrioTask:
         """Whether the task has ended."""
         return self._done.is_set()
 
+    def cancelled(self) -> bool:
+        """Whether the task has ended because :meth:`cancel` stopped it."""
+        return self._done.is_set() and self._scope.cancelled_caught
+
     def cancel(self) -> bool:
         """Ask the task to stop (it ends at its next checkpoint); ``False`` if it had already ended."""
         if self._done.is_set():

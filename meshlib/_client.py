@@ -112,6 +112,7 @@ class _PoolFactory:
         self._lib = lib
         self._factory: Callable[[Endpoint, ssl.SSLContext], Any] | None = None
         self._aiohttp: Callable[[ssl.SSLContext, Any], Any] | None = None
+        self._aiohttp_variable = _VARIABLE
         if callable(inner):
             self._factory = inner
         else:
@@ -179,6 +180,7 @@ class _PoolFactory:
                 variable, name, f"httpx, or install httpx-aiohttp first: pip install 'meshlib[aiohttp]' ({error})"
             ) from None
         self._aiohttp = EndpointAiohttpTransport
+        self._aiohttp_variable = variable
         if kwargs.get("http2"):
             logger.warning(
                 "http2=True does not apply to mesh endpoints with %s=aiohttp: aiohttp speaks HTTP/1.1", variable
@@ -224,6 +226,10 @@ class _PoolFactory:
         if self._factory is not None:
             return self._made(endpoint, context, "handle_async_request")
         if self._aiohttp is not None:
+            from meshlib._aio import on_trio
+
+            if on_trio():  # checked here, on an endpoint's first request: a client is built outside any loop
+                raise ConfigError(self._aiohttp_variable, "aiohttp", "httpx under trio: aiohttp runs on asyncio only")
             return self._aiohttp(context, self._pool["limits"])
         transport = self._lib.AsyncHTTPTransport(verify=context, **self._pool)
         install_deadlines(transport, asynchronous=True)

@@ -190,6 +190,7 @@ class ConsulEmulator:
         self._blocked = 0
         self._failure: tuple[int, str] | None = None
         self._failures: deque[tuple[int, str]] = deque()
+        self._held = False
         self._requests: list[RecordedQuery] = []
         self._health_count = 0
         self._server: socketserver.BaseServer | None = None
@@ -365,6 +366,18 @@ class ConsulEmulator:
                 self._failures.extend([(status, body)] * times)
             self._cond.notify_all()
 
+    def hold(self) -> None:
+        """Accept health queries (recorded, so :meth:`wait_for_requests` sees them) and answer none until
+        :meth:`release`: an agent that hangs (a stuck RPC to its servers)."""
+        with self._cond:
+            self._held = True
+
+    def release(self) -> None:
+        """Answer the held health queries (and every one after) as usual."""
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
     def recover(self) -> None:
         with self._cond:
             self._failure = None
@@ -464,6 +477,7 @@ class ConsulEmulator:
     ) -> tuple[int, dict[str, str], Any]:
         """Answer ``GET /v1/health/service/<name>``: (status, headers, body: JSON value or text)."""
         with self._cond:
+            self._cond.wait_for(lambda: not self._held or self._stopping)
             if self._failures:
                 status, body = self._failures.popleft()
                 return status, {}, body
