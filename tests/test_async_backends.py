@@ -158,5 +158,5 @@ async def test_aiohttp_inner_transport_is_refused_under_trio_only(
         if anyio_backend == "asyncio":
             assert (await client.get("http://users/")).status_code == 200
             return
-        with pytest.raises(meshlib.errors.ConfigError, match="MESHLIB_INNER_TRANSPORT='aiohttp'.*trio"):
+        with pytest.raises(meshlib.errors.ConfigError, match=r"MESHLIB_INNER_TRANSPORT='aiohttp'.*trio"):
             await client.get("http://users/")
