@@ -245,14 +245,14 @@ async def test_dropped_async_clients_end_their_refresh_tasks(dns: Dnsmasq, start
 
 
 def test_fork_while_another_thread_holds_a_first_discovery_lock(start_backends: BackendFactory) -> None:
-    """A thread in the middle of a service's first discovery at the fork: the child must not wait on its lock."""
+    """A thread starting a service's first discovery at the fork: the child must not wait on its lock."""
     (backend,) = start_backends(1)
     with meshlib.Client(environ={"MESHLIB_SERVICE_SVC": f"static://{backend.address}"}) as client:
-        lock = client.mesh._start_locks["svc"]
+        lock = client.mesh._start_lock
         held, forked = threading.Event(), threading.Event()
 
         def first_request_under_way() -> None:
-            with lock:  # what _activate holds while the first lookup runs
+            with lock:  # what _activate holds while it starts a service's refresh thread
                 held.set()
                 forked.wait(10)
 
