@@ -23,6 +23,7 @@ from meshlib.discovery.consul import resolver as consul_module
 from meshlib.discovery.consul.query import WatchOptions
 from meshlib.discovery.consul.resolver import FORM, ConsulResolver
 from meshlib.testing import Behavior
+from tests.anyio_backends import asyncio_and_trio  # noqa: F401 (the anyio_backend fixture)
 from tests.conftest import BackendFactory, static_target
 from tests.discovery.conftest import require_dnsmasq
 from tests.httplib import LIBRARY, httpx
@@ -30,11 +31,6 @@ from tests.servers.consul import ConsulEmulator
 from tests.servers.dnsmasq import Dnsmasq
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

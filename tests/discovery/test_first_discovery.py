@@ -26,6 +26,7 @@ import pytest
 import meshlib
 from meshlib.discovery import refresh as refresh_module
 from meshlib.testing import Backend
+from tests.anyio_backends import asyncio_and_trio  # noqa: F401 (the anyio_backend fixture)
 from tests.conftest import BackendFactory, LogWatch, static_target
 from tests.httplib import httpx
 from tests.servers.consul import ConsulEmulator
@@ -33,11 +34,6 @@ from tests.servers.consul import ConsulEmulator
 pytestmark = pytest.mark.timeout(60)
 
 HUNG = "discovery of service 'payments' did not answer within the deadline"
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture
