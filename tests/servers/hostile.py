@@ -40,6 +40,7 @@ class Hostile:
         self.address = f"127.0.0.1:{self.port}"
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._accept = threading.Thread(target=self._serve, name=f"hostile-{mode}", daemon=True)
 
     def __enter__(self) -> Hostile:
@@ -61,6 +62,11 @@ class Hostile:
         for thread in self._threads:
             thread.join(5)
 
+    def wait_for(self, n: int, timeout: float = 10.0) -> bool:
+        """Block until at least ``n`` requests have arrived; ``False`` if ``timeout`` ran out first."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.requests >= n, timeout)
+
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
@@ -81,6 +87,7 @@ class Hostile:
                 data += chunk
             with self._lock:
                 self.requests += 1
+                self._arrived.notify_all()
             try:
                 self._answer(conn)
             except OSError:  # the client closed the connection under a write
