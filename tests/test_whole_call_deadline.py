@@ -15,6 +15,7 @@ import pytest
 
 import meshlib
 from meshlib.testing import Behavior
+from tests.anyio_backends import asyncio_and_trio  # noqa: F401 (async tests run under asyncio and trio)
 from tests.conftest import BackendFactory, static_target
 from tests.httplib import httpx
 from tests.servers.hostile import Hostile
