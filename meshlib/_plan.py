@@ -314,7 +314,8 @@ class Call(Generic[T]):
                 yield Cancel(attempt)  # close the retried answer (its connection goes back to the pool)
                 if decision > 0:
                     yield Sleep(decision)
-                self.check_open()
+                if self.home.closed:  # a retry would otherwise find no endpoints
+                    raise self.closed_error()
                 active = self.service.current()
         except BaseException as exc:
             for attempt in sent:  # interrupted with an attempt out: no verdict, give its lease back
@@ -356,11 +357,7 @@ class Call(Generic[T]):
         if remaining <= 0:
             raise self.deadline_exceeded("the deadline passed before an attempt could start")
         if self.home.closed:
-            done = self.attempts
-            raise ClientClosedError(
-                self.service.name,
-                f"closed during the call, after {done} attempt(s)" if done else "the client is closed",
-            )
+            raise self.closed_error()
         stats = self._pick(active)
         endpoint = stats.endpoint
         self.attempts += 1
@@ -382,13 +379,12 @@ class Call(Generic[T]):
             deadline = None
         return Attempt(self.attempts, lease, self._outgoing(endpoint, remaining), deadline)
 
-    def check_open(self) -> None:
-        """No attempt starts once the client is closed (a retry would otherwise find no endpoints)."""
-        if self.home.closed:
-            done = self.attempts
-            raise ClientClosedError(
-                self.service.name, f"closed during the call after {done} attempt(s)" if done else "the client is closed"
-            )
+    def closed_error(self) -> ClientClosedError:
+        """The error for an attempt that would start after the client was closed: none does."""
+        done = self.attempts
+        return ClientClosedError(
+            self.service.name, f"closed during the call after {done} attempt(s)" if done else "the client is closed"
+        )
 
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service
