@@ -54,7 +54,7 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     _refreshers: dict[str, RefreshTask]
 
-    #: Connections per endpoint pool (its ``max_connections``) when meshlib made the pools; ``None``: no gate.
+    #: Connections per endpoint pool (its ``max_connections``) when meshlib made the pools; ``None``: no slots.
     #: Set by the client after construction; kept across a fork (``_driver_state`` runs again in the child).
     connections: int | None = None
 
@@ -63,8 +63,8 @@ class AsyncMeshTransport(_Mesh[Any]):
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
         self._first: dict[str, anyio.Event] = {}
         self._closing: set[_aio.Task] = set()
-        #: Endpoint pool -> the semaphore of its connection slots (:meth:`_take_slot`).
-        self._gates: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: Endpoint pool -> its slots (:meth:`_take_slot`).
+        self._gates: weakref.WeakKeyDictionary[Any, Slots] = weakref.WeakKeyDictionary()
 
     async def _activate(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
         """First use of a service: start its refresh task (once), whose first query this call waits for.
@@ -208,11 +208,10 @@ class AsyncMeshTransport(_Mesh[Any]):
     async def _send(self, call: Call[Any], attempt: Attempt) -> None:
         """One attempt's I/O: its outcome is left on the attempt for the plan.
 
-        With meshlib's own pools, an attempt first takes one of its endpoint's connection slots (as many as the
-        pool's ``max_connections``), waiting no longer than its deadline. Calls beyond the pool's size queue here,
-        where the deadline reaches them, rather than inside the HTTP core's pool, whose bookkeeping for
-        thousands of waiters starves the event loop (1,000 calls on a hung endpoint took over a minute to end
-        for a 2 s deadline).
+        With meshlib's own pools, an attempt first takes one of its endpoint's slots (``QUEUE_FACTOR`` times the
+        pool's ``max_connections``), waiting no longer than its deadline. Calls beyond that queue here, where the
+        deadline reaches them, rather than inside the HTTP core's pool, whose bookkeeping for thousands of
+        waiters starves the event loop (1,000 calls on a hung endpoint took 31-53 s to end for a 2 s deadline).
         """
         token = DEADLINE.set(attempt.deadline)  # every socket operation of the attempt ends by then (_bounded)
         try:
