@@ -396,8 +396,10 @@ class Service(Generic[T]):
         every lease once the mesh is closed).
         """
         with self._update_lock:
-            active = self.active
-            current = active.stats if active is not None else {}
+            current: dict[HostPort, EndpointStats] = {}
+            for view in (self._stand_in, self.active):  # testing mode's stand-in, then the discovered view
+                if view is not None:
+                    current.update(view.stats)
             idle: list[T] = []
             busy: dict[HostPort, tuple[EndpointStats, T]] = {}
             entries = [(a, current.get(a), t) for a, t in self.transports.items()]
