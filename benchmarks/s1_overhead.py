@@ -34,20 +34,9 @@ import httpx
 import meshlib.httpx
 from benchmarks.harness import Check, Context, ScenarioResult, interleave, median, median_row, ratio
 from benchmarks.load import OK, Outcome, closed_async, closed_sync, open_sync
+from benchmarks.optional import HTTPX2, HTTPX2_MISSING, MESH_HTTPX2
 from benchmarks.report import bar_chart
 from benchmarks.servers import Nginx
-
-_httpx2: Any
-_mesh2: Any
-try:
-    import httpx2 as _httpx2
-
-    import meshlib.httpx2 as _mesh2
-except ImportError as exc:  # pragma: no cover - httpx2 is optional (the httpx2 extra)
-    _httpx2 = _mesh2 = None
-    HTTPX2_MISSING = f"httpx2 variants skipped: {exc} (pip install 'meshlib[httpx2]')"
-else:
-    HTTPX2_MISSING = ""
 
 BASE = ("httpx", "meshlib.httpx")
 SECOND = ("httpx2", "meshlib.httpx2")
@@ -64,7 +53,7 @@ HEADLINE = "sync c=1 closed"
 
 def variants() -> tuple[str, ...]:
     """The variants this run can measure: the httpx2 ones only when httpx2 imports."""
-    return BASE + (SECOND if _httpx2 is not None else ())
+    return BASE + (SECOND if HTTPX2 is not None else ())
 
 
 def _url(variant: str, port: int) -> str:
@@ -81,8 +70,8 @@ def _sync_client(variant: str, port: int) -> Any:
     if variant == "meshlib.httpx":
         return meshlib.httpx.Client(**_mesh_kwargs(port))
     if variant == "httpx2":
-        return _httpx2.Client()
-    return _mesh2.Client(**_mesh_kwargs(port))
+        return HTTPX2.Client()
+    return MESH_HTTPX2.Client(**_mesh_kwargs(port))
 
 
 def _async_client(variant: str, port: int) -> Any:
@@ -91,8 +80,8 @@ def _async_client(variant: str, port: int) -> Any:
     if variant == "meshlib.httpx":
         return meshlib.httpx.AsyncClient(**_mesh_kwargs(port))
     if variant == "httpx2":
-        return _httpx2.AsyncClient()
-    return _mesh2.AsyncClient(**_mesh_kwargs(port))
+        return HTTPX2.AsyncClient()
+    return MESH_HTTPX2.AsyncClient(**_mesh_kwargs(port))
 
 
 def _sync_sender(variant: str, port: int) -> tuple[Any, Any]:

@@ -37,6 +37,7 @@ import httpx
 import meshlib.httpx
 from benchmarks.harness import Check, Context, ScenarioResult, interleave, median, median_row, ratio
 from benchmarks.load import closed_async
+from benchmarks.optional import HTTPX2, HTTPX2_MISSING, MESH_HTTPX2
 from benchmarks.report import bar_chart
 from benchmarks.servers import Nginx
 
@@ -46,17 +47,6 @@ try:
 except ImportError:  # pragma: no cover - the bench extra installs it
     AiohttpTransport = None
 
-_httpx2: Any
-_mesh2: Any
-try:
-    import httpx2 as _httpx2
-
-    import meshlib.httpx2 as _mesh2
-except ImportError as exc:  # pragma: no cover - httpx2 is optional (the httpx2 extra)
-    _httpx2 = _mesh2 = None
-    HTTPX2_MISSING = f"httpx2 variants skipped: {exc} (pip install 'meshlib[httpx2]')"
-else:
-    HTTPX2_MISSING = ""
 
 WARMUP_ROUNDS = 4
 BASE = ("httpx", "meshlib.httpx")
@@ -75,7 +65,7 @@ RAW = {
 
 def variants() -> tuple[str, ...]:
     """The variants this run can measure."""
-    return BASE + (FAST if AiohttpTransport is not None else ()) + (SECOND if _httpx2 is not None else ())
+    return BASE + (FAST if AiohttpTransport is not None else ()) + (SECOND if HTTPX2 is not None else ())
 
 
 def _client(variant: str, port: int) -> tuple[Any, str]:
@@ -91,8 +81,8 @@ def _client(variant: str, port: int) -> tuple[Any, str]:
     if variant == "meshlib.httpx+aiohttp":
         return meshlib.httpx.AsyncClient(inner_transport="aiohttp", **mesh), "http://bench/"
     if variant == "httpx2":
-        return _httpx2.AsyncClient(), direct
-    return _mesh2.AsyncClient(**mesh), "http://bench/"
+        return HTTPX2.AsyncClient(), direct
+    return MESH_HTTPX2.AsyncClient(**mesh), "http://bench/"
 
 
 def _run(variant: str, port: int, concurrency: int, duration: float) -> dict[str, Any]:
