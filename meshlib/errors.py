@@ -201,3 +201,20 @@ class RedirectRefusedError(MeshError):
             "to that URL yourself"
         )
         self._request = request
+
+
+class RoutesError(ConfigError):
+    """A routes source (``MESHLIB_ROUTES_FILE``...) is invalid: names the source, the document, the field path,
+    the value found and what was expected.
+
+    Raised at client construction for the first version (nothing is routed on a table that failed); a later
+    version that fails is rejected the same way, logged, and shown in ``mesh_status()`` while the last good
+    table keeps serving (as an xDS NACK would).
+    """
+
+    def __init__(self, source: str, document: str, path: str, value: object, expected: str) -> None:
+        self.source = source
+        self.document = document
+        self.path = path
+        where = f"{source}, {document}" if document else source
+        super().__init__(f"{where}: {path}" if path else where, value, expected)

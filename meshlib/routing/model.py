@@ -1,0 +1,367 @@
+"""The compiled route table: what the request path reads to route one call (Gateway API HTTPRoute semantics).
+
+Everything here is immutable and built once when a routes source loads (:mod:`meshlib.routing.gateway_api`
+turns HTTPRoute documents into it; the xDS and Consul sources will too). The request path only reads it:
+
+1. :meth:`RouteTable.lookup` -- the routes attached to the called service (and port), or ``None`` when no
+   route is attached: the call then goes to the service itself, as if there were no routes (GAMMA);
+2. :meth:`HostRoutes.select` -- the first entry, in Gateway API precedence order, whose match the request
+   meets: its :class:`Rule`; ``None`` means no rule matched and the call is answered 404 (GAMMA: "requests
+   that do not match at least one of the Routes will be rejected");
+3. :meth:`Rule.pick` -- the weighted backend, drawn from the call's random number generator.
+
+A table is swapped whole (one attribute assignment), so a call routes on exactly one version of it, and keeps
+the :class:`Rule` it matched (its filters and policy) until it ends, whatever is loaded meanwhile.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from meshlib.policy import NO_POLICY, Policy
+
+if TYPE_CHECKING:
+    import random
+
+__all__ = [
+    "Backend",
+    "Fault",
+    "Filters",
+    "HeaderMatch",
+    "HeaderModifier",
+    "HostRoutes",
+    "Mirror",
+    "PathMatch",
+    "PathModifier",
+    "QueryMatch",
+    "Redirect",
+    "RouteMatch",
+    "RouteTable",
+    "Rule",
+    "URLRewrite",
+]
+
+PathKind = Literal["Exact", "PathPrefix", "RegularExpression"]
+ValueKind = Literal["Exact", "RegularExpression"]
+
+
+# -- matches ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    """``matches[].path``: ``Exact``, ``PathPrefix`` (whole segments: ``/foo`` matches ``/foo/bar``, not
+    ``/foobar``; a trailing ``/`` in the value is ignored) or ``RegularExpression`` (a full match, as Envoy's
+    ``safe_regex``). Compared with the request's path as sent, before any percent-decoding (Envoy's default)."""
+
+    kind: PathKind
+    value: str
+    regex: re.Pattern[str] | None = None
+
+    def test(self, path: str) -> bool:
+        """Whether ``path`` (the request's raw path, no query string) meets this match."""
+        kind = self.kind
+        value = self.value
+        if kind == "PathPrefix":
+            if value == "/":
+                return True
+            if not path.startswith(value):
+                return False
+            # value carries no trailing "/" (normalised when compiled): the next character must end a segment.
+            return len(path) == len(value) or path[len(value)] == "/"
+        if kind == "Exact":
+            return path == value
+        regex = self.regex
+        return regex is not None and regex.fullmatch(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """``matches[].headers[]``: the header's value (its values joined with ``,`` when it appears several times,
+    as Envoy does) equals ``value`` or fully matches ``regex``. ``name`` is lower-case."""
+
+    name: str
+    kind: ValueKind
+    value: str
+    regex: re.Pattern[str] | None = None
+
+    def test_value(self, found: str | None) -> bool:
+        """Whether a request whose header value is ``found`` (``None``: absent) meets this match."""
+        if found is None:
+            return False
+        if self.kind == "Exact":
+            return found == self.value
+        regex = self.regex
+        return regex is not None and regex.fullmatch(found) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """``matches[].queryParams[]``: the first value of the parameter ``name`` (exact, case-sensitive name)
+    equals ``value`` or fully matches ``regex``."""
+
+    name: str
+    kind: ValueKind
+    value: str
+    regex: re.Pattern[str] | None = None
+
+    def test_value(self, found: str | None) -> bool:
+        """Whether a request whose first ``name`` parameter is ``found`` (``None``: absent) meets this match."""
+        if found is None:
+            return False
+        if self.kind == "Exact":
+            return found == self.value
+        regex = self.regex
+        return regex is not None and regex.fullmatch(found) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One ``matches[]`` entry: every condition it sets must hold (AND); a rule matches if any entry does (OR)."""
+
+    path: PathMatch = PathMatch("PathPrefix", "/")
+    method: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+
+    def test(self, method: str, path: str, headers: Any, query: Mapping[str, str] | None) -> bool:
+        """Whether a request meets this match. ``headers``: the request's headers (httpx/httpx2 ``Headers``);
+        ``query``: the first value of each query parameter (only read when the match has query conditions)."""
+        if self.method is not None and method != self.method:
+            return False
+        if not self.path.test(path):
+            return False
+        for header in self.headers:
+            if not header.test_value(_header_value(headers, header.name)):
+                return False
+        if self.query:
+            params = query or {}
+            for param in self.query:
+                if not param.test_value(params.get(param.name)):
+                    return False
+        return True
+
+
+def _header_value(headers: Any, name: str) -> str | None:
+    """The header's values joined with ``,`` (Envoy's view of a repeated header); ``None`` when absent."""
+    values = headers.get_list(name)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else ",".join(values)
+
+
+# -- filters ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderModifier:
+    """``RequestHeaderModifier`` / ``ResponseHeaderModifier``: ``set`` replaces, ``add`` appends, ``remove``
+    deletes (names compared case-insensitively), applied in that order (:func:`meshlib.routing.filters.modify`)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PathModifier:
+    """``URLRewrite.path`` / ``RequestRedirect.path``: ``ReplaceFullPath`` or ``ReplacePrefixMatch`` (the
+    part of the path the rule's ``PathPrefix`` match matched is replaced by ``value``)."""
+
+    kind: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class URLRewrite:
+    """``URLRewrite``: the ``Host`` the backend receives, and/or its path."""
+
+    hostname: str | None = None
+    path: PathModifier | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """``RequestRedirect``: the call is answered with a redirect, never sent. ``None`` fields keep the
+    request's own (scheme, host, path; the port follows the scheme's rules in the spec)."""
+
+    scheme: str | None = None
+    hostname: str | None = None
+    path: PathModifier | None = None
+    port: int | None = None
+    status_code: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """``RequestMirror``: a copy of ``fraction`` of the requests (0..1, from ``percent`` or ``fraction``) goes to
+    ``service`` too; its answer is discarded."""
+
+    service: str
+    fraction: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """meshlib's fault-injection extension filter (Istio's ``fault`` semantics, gRFC A33's ``max_active_faults``).
+
+    ``delay_s`` seconds of delay for ``delay_fraction`` of the calls, then an answer of ``abort_status`` for
+    ``abort_fraction`` of them, decided before any byte leaves; at most ``max_active`` faults of this filter at
+    once per client (``None``: no limit). ``name`` is the ``ExtensionRef`` name (metrics, spans, status).
+    """
+
+    name: str
+    delay_s: float | None = None
+    delay_fraction: float = 0.0
+    abort_status: int | None = None
+    abort_fraction: float = 0.0
+    max_active: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """A rule's (or one backend's) filters, by kind. Applied in a fixed order whatever the list order was:
+    fault, redirect, request headers, URL rewrite, mirrors; response headers on the answer (docs/routing.md)."""
+
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
+    rewrite: URLRewrite | None = None
+    redirect: Redirect | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    fault: Fault | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether no filter is set."""
+        return self == _NO_FILTERS
+
+
+_NO_FILTERS = Filters()
+NO_FILTERS = _NO_FILTERS
+
+
+# -- rules and backends -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One ``backendRefs[]`` entry: a meshlib service (by its configured name) and its weight.
+
+    ``service`` is ``None`` for an invalid reference kept for its weight (its share of the calls is answered
+    500, as the spec says); ``invalid`` says why.
+    """
+
+    service: str | None
+    weight: int = 1
+    filters: Filters = NO_FILTERS
+    port: int | None = None
+    invalid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One ``rules[]`` entry of one route, compiled: its filters, backends and policy layer.
+
+    ``route`` is the route's ``namespace/name`` (or ``name``), ``index`` the rule's position in it; ``label`` is
+    the low-cardinality name used in spans and metrics (``name#index``, or ``name/rule-name``).
+    """
+
+    route: str
+    index: int
+    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
+    filters: Filters = NO_FILTERS
+    backends: tuple[Backend, ...] = ()
+    #: The route's policy layer: ``timeouts.request`` -> ``timeout`` (0s: none), ``timeouts.backendRequest`` ->
+    #: ``per_try_timeout``, ``retry.attempts`` -> ``retries``, ``retry.codes`` -> ``retry_on``, ``retry.backoff``
+    #: -> ``backoff_base`` (and ``backoff_cap`` = 10x it, Envoy's default maximum interval).
+    policy: Policy = NO_POLICY
+    name: str | None = None
+    #: Running totals of the backends' weights (for :meth:`pick`); computed at construction.
+    cumulative: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        total = 0
+        running = []
+        for backend in self.backends:
+            total += backend.weight
+            running.append(total)
+        object.__setattr__(self, "cumulative", tuple(running))
+
+    @property
+    def label(self) -> str:
+        """The rule's low-cardinality name for spans and metrics."""
+        return f"{self.route}/{self.name}" if self.name else f"{self.route}#{self.index}"
+
+    @property
+    def total_weight(self) -> int:
+        """The sum of the backends' weights (0: every call of this rule is answered 500)."""
+        return self.cumulative[-1] if self.cumulative else 0
+
+    def pick(self, rng: random.Random) -> Backend | None:
+        """The weighted backend for one call; ``None`` when there is none to choose (no backends, or all
+        weights zero: the call is answered 500, as the spec says)."""
+        cumulative = self.cumulative
+        if not cumulative:
+            return None
+        total = cumulative[-1]
+        if total <= 0:
+            return None
+        if len(cumulative) == 1:
+            return self.backends[0]
+        draw = rng.random() * total
+        return self.backends[bisect.bisect_right(cumulative, draw)]
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoutes:
+    """The routes attached to one service (and port), compiled into one list in Gateway API precedence order."""
+
+    service: str
+    #: (match, rule) pairs, most specific first: the first whose match the request meets wins.
+    entries: tuple[tuple[RouteMatch, Rule], ...]
+    #: Whether any match reads query parameters (the query string is parsed only then).
+    reads_query: bool = False
+
+    def select(
+        self, method: str, path: str, headers: Any, query: Mapping[str, str] | None = None
+    ) -> tuple[RouteMatch, Rule] | None:
+        """The first (match, rule) the request meets, or ``None``: no rule matched (the call gets a 404)."""
+        for entry in self.entries:
+            if entry[0].test(method, path, headers, query):
+                return entry
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """Every route of one source, by called service: swapped whole when the source changes.
+
+    ``services`` maps a service key (:func:`meshlib._config.service_key` of the called host) to its routes:
+    ``None`` key in the inner mapping holds the routes attached without a port (they apply to every port),
+    an int key the routes for that port (already merged with the port-less ones, and sorted).
+    """
+
+    services: Mapping[str, Mapping[int | None, HostRoutes]]
+    #: Where the table came from (a file path, ``xds://...``), and its version (a content hash, an xDS
+    #: version_info) as shown in ``mesh_status()`` and logs.
+    source: str = ""
+    version: str = ""
+    #: The names of the routes in the table (``namespace/name``), for status and explain.
+    routes: tuple[str, ...] = ()
+
+    def lookup(self, key: str, port: int) -> HostRoutes | None:
+        """The routes for a call to service ``key`` on ``port``; ``None``: no route applies (call the service)."""
+        by_port = self.services.get(key)
+        if by_port is None:
+            return None
+        found = by_port.get(port)
+        if found is None:
+            found = by_port.get(None)
+        return found
+
+
+EMPTY_TABLE = RouteTable(services={})
