@@ -27,6 +27,7 @@ from meshlib._slots import Slots
 from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery.refresh import RefreshTask
 from meshlib.errors import MeshError
+from meshlib.policy import reset_scope
 from meshlib.telemetry.tracing import asend_suppressed
 
 logger = logging.getLogger("meshlib")
@@ -65,6 +66,8 @@ class AsyncMeshTransport(_Mesh[Any]):
         self._closing: set[_aio.Task] = set()
         #: Endpoint pool -> its slots (:meth:`_take_slot`).
         self._gates: weakref.WeakKeyDictionary[Any, Slots] = weakref.WeakKeyDictionary()
+        #: Mirrored requests in flight (kept referenced until done, as asyncio requires).
+        self._mirror_tasks: set[_aio.Task] = set()
 
     async def _activate(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
         """First use of a service: start its refresh task (once), whose first query this call waits for.
@@ -130,31 +133,82 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
-        service = self._router.route(request.url.host)
+        target = self._router.route(request.url.host)
+        service = None if target is None else target.service
+        routed = None
+        if target is not None and target.routes is not None:
+            decided = self._route(target, request)
+            if type(decided) is tuple:
+                routed, service = decided
+            elif decided is not None:
+                await anyio.lowlevel.checkpoint()  # answered without I/O: still a point where others run
+                return decided  # answered by the routes themselves (404, redirect, 500)
         if service is None:
             if self._passthrough is None:
                 self._passthrough = self.lib.AsyncHTTPTransport()
             return await self._passthrough.handle_async_request(request)
-        call = self._call(service, request)
+        call = self._call(service, request, routed)
         try:
-            active = service.active
-            if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
-                active = service.stand_in(request.url.port or _DEFAULT_PORTS.get(request.url.scheme, 80))
-            elif active is None:
-                active = await self._activate(service, call)
-            elif service.cache.consecutive_failures:
-                active = service.current()
+            active = await self._view(service, call)
         except BaseException as exc:
+            if routed is not None:
+                routed.end()
             self._failed(call, exc)
             raise
         try:
-            return await self.drive(call, call.plan(active))
+            response = await self.drive(call, call.plan(active))
         except MeshError as exc:
             self.lib.localize(exc)
             # A refusal (circuit open, overloaded, no endpoints) may be raised without the call ever having
             # waited: yield once, so a caller retrying in a loop cannot starve the event loop.
             await anyio.lowlevel.checkpoint()
             raise
+        if routed is not None and routed.mirrors:
+            self._mirror(call)
+        return response
+
+    async def _view(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
+        """The endpoints a call picks from: the active view, after discovery's first answer on first use."""
+        active = service.active
+        if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
+            url = call.request.url
+            return service.stand_in(url.port or _DEFAULT_PORTS.get(url.scheme, 80))
+        if active is None:
+            return await self._activate(service, call)
+        if service.cache.consecutive_failures:
+            return service.current()
+        return active
+
+    def _mirror(self, call: Call[Any]) -> None:
+        """Send the call's mirrored copies as background tasks; their answers are discarded."""
+        for service, request in self._mirrors_due(call):
+            try:
+                task = _aio.spawn(self._send_mirror, service, request, name="meshlib mirror")
+            except RuntimeError:  # the event loop is shutting down
+                self._mirror_gate.release()
+                self._count_mirror(service.name, "dropped")
+                continue
+            self._mirror_tasks.add(task)
+            task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _send_mirror(self, service: Service[Any], request: Any) -> None:
+        """One mirrored copy: a call of its own (no retry), answer read and dropped; failures only counted."""
+        outcome = "failed"
+        reset_scope()  # the caller's policy scope and deadline do not follow the mirror (it outlives the call)
+        try:
+            call = Call(self.lib, service, request, self.home)
+            response = await self.drive(call, call.plan(await self._view(service, call)))
+            try:
+                async for _ in response.aiter_raw():
+                    pass
+            finally:
+                await response.aclose()
+            outcome = "sent"
+        except Exception as exc:
+            logger.debug("mirrored request to service %s failed: %r", service.name, exc)
+        finally:
+            self._mirror_gate.release()
+            self._count_mirror(service.name, outcome)
 
     async def drive(self, call: Call[Any], plan: Plan) -> Any:
         """Run ``plan`` to its end, awaiting each step's I/O; its response (or its error)."""

@@ -31,15 +31,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from meshlib._bounded import DEADLINE
 from meshlib._config import MeshConfig, service_key
-from meshlib._http import HttpLib
+from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
 from meshlib._plan import _DEFAULT_PORTS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
@@ -48,6 +49,11 @@ from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, MeshError
+from meshlib.policy import POLICY_EXTENSION, Policy
+from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHODS
+from meshlib.routing.decision import EXT_ROUTE, ActiveLimit, Routed, local_answer
+from meshlib.routing.filters import modify, redirect_location
+from meshlib.routing.model import EMPTY_TABLE, HostRoutes, RouteTable
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.tracing import send_suppressed
 
@@ -76,31 +82,89 @@ def _no_first_answer(service: Service[Any]) -> str:
     )
 
 
-class _Router(Generic[T]):
-    """Host -> Service lookup, shared by both drivers; caches host normalisation for hot hosts."""
+class _Target(Generic[T]):
+    """What a request host names in the mesh: its configured service and/or the routes attached to it."""
 
-    def __init__(self, config: MeshConfig, new_transport: Callable[[Endpoint, str], T]) -> None:
+    __slots__ = ("bases", "key", "name", "routes", "service")
+
+    def __init__(
+        self,
+        key: str,
+        name: str,
+        service: Service[T] | None,
+        routes: Mapping[int | None, HostRoutes] | None,
+        bases: dict[int, Policy],
+    ) -> None:
+        self.key = key
+        self.name = name
+        #: The configured service of this name (``None``: the name only exists as a route parent).
+        self.service = service
+        #: Its routes by port, from one table (``None``: no route attached: calls go to the service itself).
+        self.routes = routes
+        #: ``id(rule)`` -> the call policy base of that rule: this service's policy merged with the rule's.
+        self.bases = bases
+
+
+class _RouterState(Generic[T]):
+    """One route table and the host lookups made from it: replaced whole, so a lookup never mixes two tables."""
+
+    __slots__ = ("cache", "table")
+
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
+        self.cache: dict[str, _Target[T] | None] = {}
+
+
+class _Router(Generic[T]):
+    """Host -> services and routes, shared by both drivers; caches lookups of hot hosts per route table."""
+
+    def __init__(
+        self, config: MeshConfig, new_transport: Callable[[Endpoint, str], T], table: RouteTable = EMPTY_TABLE
+    ) -> None:
         settings = DiscoverySettings(
             dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ
         )
+        self.config = config
         self.services: dict[str, Service[T]] = {}
         for key, svc in config.services.items():
             resolver = build_resolver(
                 svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]"
             )
             self.services[key] = Service(svc, config, resolver, functools.partial(_for_service, new_transport, key))
-        self._cache: dict[str, Service[T] | None] = {}
+        self._state: _RouterState[T] = _RouterState(table)
 
-    def route(self, host: str) -> Service[T] | None:
-        """The mesh service a request host names, or ``None`` for hosts outside the mesh."""
+    @property
+    def table(self) -> RouteTable:
+        """The route table in use."""
+        return self._state.table
+
+    def install(self, table: RouteTable) -> None:
+        """Route new calls by ``table`` from now on (one assignment: a call sees the old table or the new one)."""
+        self._state = _RouterState(table)
+
+    def route(self, host: str) -> _Target[T] | None:
+        """What ``host`` names in the mesh, or ``None`` for hosts outside it."""
+        state = self._state
+        cache = state.cache
         try:
-            return self._cache[host]
+            return cache[host]
         except KeyError:
             pass
-        found = self.services.get(service_key(host)) if self.services else None
-        if len(self._cache) >= _ROUTE_CACHE_SIZE:
-            self._cache.clear()  # bounded: arbitrary outside hosts must not grow memory
-        self._cache[host] = found
+        key = service_key(host)
+        service = self.services.get(key) if self.services else None
+        routes = state.table.services.get(key)
+        found: _Target[T] | None = None
+        if service is not None or routes is not None:
+            bases: dict[int, Policy] = {}
+            if routes is not None:
+                own = self.config.policy_for(key)
+                for host_routes in routes.values():
+                    for _, rule in host_routes.entries:
+                        bases[id(rule)] = own.merge(rule.policy)
+            found = _Target(key, service.name if service is not None else host.lower(), service, routes, bases)
+        if len(cache) >= _ROUTE_CACHE_SIZE:
+            cache.clear()  # bounded: arbitrary outside hosts must not grow memory
+        cache[host] = found
         return found
 
 
@@ -135,9 +199,27 @@ class _Mesh(Generic[T]):
         #: Why requests are refused after the client closed (or could not be rebuilt after a fork).
         self._closed_reason = "the client is closed"
         self.home = LeaseHome(self._pool_idle)
+        #: Where weighted splits, fault and mirror percentages draw from: replace it with a seeded
+        #: ``random.Random`` to make them exact in tests (``client.mesh.rng = random.Random(7)``).
+        self.rng = random.Random()
+        self._routing_state()
         self._driver_state()
         self._finalizer = self._on_collect()
         _LIVE.add(self)
+
+    def _routing_state(self) -> None:
+        """Per-client routing counters (made at construction and again after a fork)."""
+        #: Each fault filter's active faults (gRFC A33's ``max_active_faults``), by (name, limit).
+        self._fault_slots: dict[tuple[str, int | None], ActiveLimit] = {}
+        #: Mirrored requests in flight, at most :attr:`mirror_concurrency` (more are dropped and counted).
+        self._mirror_gate = ActiveLimit(self.mirror_concurrency)
+        #: (mirror service, outcome) -> count: ``sent``, ``failed``, ``dropped`` (concurrency full),
+        #: ``skipped-streaming`` (a one-shot body), ``skipped-unsafe`` (a non-idempotent method).
+        self.mirror_counts: dict[tuple[str, str], int] = {}
+        self._counts_lock = threading.Lock()
+
+    #: Mirrored requests one client keeps in flight at most; beyond it mirrors are dropped (and counted).
+    mirror_concurrency = 16
 
     def _driver_state(self) -> None:
         """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
@@ -169,9 +251,11 @@ class _Mesh(Generic[T]):
         self.home.close_pool = _ABANDONED.append
         self._passthrough = self._given_passthrough
         self.home = LeaseHome(self._pool_idle)
+        self.rng = random.Random()  # not the parent's sequence
+        self._routing_state()
         old = self._router
         try:
-            self._router = _Router(self.config, self._new_transport)
+            self._router = _Router(self.config, self._new_transport, old.table)
         except Exception as exc:  # a resolver factory that fails the second time: refuse clearly, never share
             logger.exception("meshlib client could not be rebuilt after fork() in process %d", os.getpid())
             for service in old.services.values():  # lock-free: only this thread runs in the child
@@ -189,10 +273,174 @@ class _Mesh(Generic[T]):
         """A retired endpoint's pool has no request left: close it, the driver's way."""
         raise NotImplementedError
 
-    def _call(self, service: Service[T], request: Any) -> Call[T]:
+    def _call(self, service: Service[T], request: Any, routed: Routed | None = None) -> Call[T]:
         """A new call (after running releases the garbage collector queued)."""
         self.home.settle()
-        return Call(self.lib, service, request, self.home, self.telemetry)
+        return Call(self.lib, service, request, self.home, self.telemetry, routed=routed)
+
+    # -- routes ---------------------------------------------------------------------------------------------------
+
+    @property
+    def route_table(self) -> RouteTable:
+        """The route table new calls are routed by."""
+        return self._router.table
+
+    def install_routes(self, table: RouteTable) -> None:
+        """Route new calls by ``table`` (calls in flight finish on the table they started with)."""
+        self._router.install(table)
+
+    def _route(self, target: _Target[T], request: Any) -> tuple[Routed, Service[T]] | Any | None:
+        """Route a call to a service with routes: its decision and backend, a response meshlib gives itself
+        (no rule matched: 404; a redirect; no usable backend: 500), or ``None`` when no route applies to this
+        port (the call goes to the service itself)."""
+        url = request.url
+        by_port = target.routes
+        assert by_port is not None
+        routes = by_port.get(url.port or _DEFAULT_PORTS.get(url.scheme, 80))
+        if routes is None:
+            routes = by_port.get(None)
+            if routes is None:
+                return None
+        raw = url.raw_path
+        cut = raw.find(b"?")
+        path = (raw if cut < 0 else raw[:cut]).decode("ascii")
+        method = request.method
+        selected = routes.select(method, path, request.headers, url.params if routes.reads_query else None)
+        if selected is None:
+            return self._local(
+                request, None, 404, "no-route", f"no route of service {target.name!r} matched {method} {path}"
+            )
+        match, rule = selected
+        redirect = rule.filters.redirect
+        if redirect is not None:
+            query = "" if cut < 0 else raw[cut + 1 :].decode("ascii")
+            location = redirect_location(
+                scheme=url.scheme, host=url.host, port=url.port, path=path, query=query, match=match, redirect=redirect
+            )
+            return self._local(
+                request,
+                rule,
+                redirect.status_code,
+                "redirect",
+                f"redirected to {location}",
+                headers=[("location", location)],
+            )
+        backend = rule.pick(self.rng)
+        service = None
+        if backend is not None and backend.service is not None:
+            service = self._router.services.get(service_key(backend.service))
+        if backend is None or service is None:
+            if backend is None:
+                why = "its backends' weights are all zero" if rule.backends else "it has no backends"
+            else:
+                why = f"the backend drawn is invalid ({backend.invalid or backend.service})"
+            return self._local(request, rule, 500, "no-backend", f"route rule {rule.label} matched but {why}")
+        routed = Routed(
+            rule,
+            match,
+            backend,
+            target.name,
+            target.bases[id(rule)],
+            # The name as the route wrote it (a host name: env-configured service names have "_" for "-").
+            sni=None if service_key(backend.service) == target.key else backend.service,
+        )
+        fault = rule.filters.fault or backend.filters.fault
+        if fault is not None:
+            self._fault(routed, fault)
+        return routed, service
+
+    def _fault(self, routed: Routed, fault: Any) -> None:
+        """Draw the fault filter's delay and abort for one call (Istio's percentages, A33's active limit)."""
+        rng = self.rng
+        delay = fault.delay_s is not None and fault.delay_fraction > 0 and rng.random() < fault.delay_fraction
+        abort = fault.abort_status is not None and fault.abort_fraction > 0 and rng.random() < fault.abort_fraction
+        if not (delay or abort):
+            return
+        key = (fault.name, fault.max_active)
+        slot = self._fault_slots.get(key)
+        if slot is None:
+            slot = self._fault_slots.setdefault(key, ActiveLimit(fault.max_active))
+        if not slot.try_take():
+            self.telemetry.fault(routed.label, fault.name, "skipped-max-active")
+            return
+        routed.fault_slot = slot
+        routed.delay_s = fault.delay_s if delay else None
+        routed.abort_status = fault.abort_status if abort else None
+        if delay:
+            self.telemetry.fault(routed.label, fault.name, "delay")
+        if abort:
+            self.telemetry.fault(routed.label, fault.name, "abort")
+
+    def _local(
+        self,
+        request: Any,
+        rule: Any,
+        status: int,
+        why: str,
+        reason: str,
+        *,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Any:
+        """A response the routes give themselves, observed like a call (span, duration) with no attempt."""
+        response = local_answer(self.lib, request, status, why=why, reason=reason, headers=headers)
+        if rule is not None:
+            response.extensions[EXT_ROUTE] = rule.label
+        trace = self.telemetry.call_started(request)
+        if trace is not None:
+            trace.answered_locally(rule, why)
+            trace.call_finished(response, None, attempts=0, peer=None, verdict=None)
+        return response
+
+    # -- mirrors --------------------------------------------------------------------------------------------------
+
+    def _count_mirror(self, service: str, outcome: str) -> None:
+        with self._counts_lock:
+            key = (service, outcome)
+            self.mirror_counts[key] = self.mirror_counts.get(key, 0) + 1
+        self.telemetry.mirror(service, outcome)
+
+    def _mirrors_due(self, call: Call[T]) -> list[tuple[Service[T], Any]]:
+        """The mirrored copies to send for ``call``, which got an answer: each with a slot of the mirror limit.
+
+        Only requests that may be re-sent are mirrored (an idempotent method, an ``Idempotency-Key``, or
+        ``retry_non_idempotent``), and only with a body in memory; a request that got no answer from its own
+        backend is never mirrored, so a mirror never sees a request the primary did not.
+        """
+        routed = call.routed
+        assert routed is not None
+        due: list[tuple[Service[T], Any]] = []
+        for mirror in routed.mirrors:
+            if mirror.fraction < 1.0 and self.rng.random() >= mirror.fraction:
+                continue
+            service = self._router.services.get(service_key(mirror.service))
+            if service is None:
+                continue
+            if not call.replayable:
+                self._count_mirror(service.name, "skipped-streaming")
+                continue
+            request = call.request
+            if not (
+                call.method.upper() in IDEMPOTENT_METHODS
+                or call.policy.retry_non_idempotent
+                or IDEMPOTENCY_KEY_HEADER in request.headers
+            ):
+                self._count_mirror(service.name, "skipped-unsafe")
+                continue
+            if not self._mirror_gate.try_take():
+                self._count_mirror(service.name, "dropped")
+                continue
+            copy = copy_request(request)
+            copy.url = call.url
+            headers = copy.headers
+            if routed.rule.filters.request_headers is not None:  # the rule's filters; the backend's are its own
+                modify(headers, routed.rule.filters.request_headers)
+            host = headers.get("host") or request.url.host
+            headers["Host"] = f"{host}-shadow"  # Envoy's and Istio's shadow host
+            extensions = {k: v for k, v in request.extensions.items() if k not in (POLICY_EXTENSION, "timeout")}
+            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout)
+            copy.extensions = extensions
+            due.append((service, copy))
+        return due
 
     def _failed(self, call: Call[T], exc: BaseException) -> None:
         """The call failed before its plan ran (first discovery): observers hear of it; the error is localized."""
@@ -206,13 +454,13 @@ class _Mesh(Generic[T]):
         return self._router.services
 
     def routes(self, host: str) -> bool:
-        """Whether ``host`` is a mesh service."""
+        """Whether ``host`` is in the mesh (a service, or the parent of routes)."""
         return self._router.route(host) is not None
 
     def service_for(self, host: str) -> str | None:
-        """The name of the mesh service ``host`` names, or ``None`` for hosts outside the mesh."""
-        service = self._router.route(host)
-        return None if service is None else service.name
+        """The name of the mesh service (or route parent) ``host`` names, or ``None`` for hosts outside the mesh."""
+        target = self._router.route(host)
+        return None if target is None else target.name
 
     def _check_open(self) -> None:
         if self._closed:
@@ -264,6 +512,7 @@ class MeshTransport(_Mesh[Any]):
         # Guards starting a service's refresh thread: held for a dict lookup and a thread start, never for I/O.
         self._start_lock = threading.Lock()
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._mirror_workers: concurrent.futures.ThreadPoolExecutor | None = None
         self._workers_lock = threading.Lock()
 
     def _activate(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
@@ -317,28 +566,88 @@ class MeshTransport(_Mesh[Any]):
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
-        service = self._router.route(request.url.host)
+        target = self._router.route(request.url.host)
+        service = None if target is None else target.service
+        routed = None
+        if target is not None and target.routes is not None:
+            decided = self._route(target, request)
+            if type(decided) is tuple:
+                routed, service = decided
+            elif decided is not None:
+                return decided  # answered by the routes themselves (404, redirect, 500)
         if service is None:
             if self._passthrough is None:
                 self._passthrough = self.lib.HTTPTransport()
             return self._passthrough.handle_request(request)
-        call = self._call(service, request)
+        call = self._call(service, request, routed)
         try:
-            active = service.active
-            if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
-                active = service.stand_in(request.url.port or _DEFAULT_PORTS.get(request.url.scheme, 80))
-            elif active is None:
-                active = self._activate(service, call)  # first use: waits for discovery's first answer
-            elif service.cache.consecutive_failures:
-                active = service.current()  # discovery failing: still usable unless too stale
+            active = self._view(service, call)
         except BaseException as exc:
+            if routed is not None:
+                routed.end()
             self._failed(call, exc)
             raise
         try:
-            return self.drive(call, call.plan(active))
+            response = self.drive(call, call.plan(active))
         except MeshError as exc:
             self.lib.localize(exc)
             raise
+        if routed is not None and routed.mirrors:
+            self._mirror(call)
+        return response
+
+    def _view(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
+        """The endpoints a call picks from: the active view, after discovery's first answer on first use."""
+        active = service.active
+        if _TESTING.enabled:  # meshlib.testing.set_testing: no discovery, one stand-in endpoint
+            url = call.request.url
+            return service.stand_in(url.port or _DEFAULT_PORTS.get(url.scheme, 80))
+        if active is None:
+            return self._activate(service, call)  # first use: waits for discovery's first answer
+        if service.cache.consecutive_failures:
+            return service.current()  # discovery failing: still usable unless too stale
+        return active
+
+    def _mirror(self, call: Call[Any]) -> None:
+        """Send the call's mirrored copies in the background (worker threads); their answers are discarded."""
+        for service, request in self._mirrors_due(call):
+            try:
+                self._mirror_pool().submit(self._send_mirror, service, request)
+            except RuntimeError:  # the client closed meanwhile
+                self._mirror_gate.release()
+                self._count_mirror(service.name, "dropped")
+
+    def _send_mirror(self, service: Service[Any], request: Any) -> None:
+        """One mirrored copy: a call of its own (no retry), answer read and dropped; failures only counted."""
+        outcome = "failed"
+        try:
+            call = Call(self.lib, service, request, self.home)
+            response = self.drive(call, call.plan(self._view(service, call)))
+            try:
+                for _ in response.iter_raw():
+                    pass
+            finally:
+                response.close()
+            outcome = "sent"
+        except Exception as exc:
+            logger.debug("mirrored request to service %s failed: %r", service.name, exc)
+        finally:
+            self._mirror_gate.release()
+            self._count_mirror(service.name, outcome)
+
+    def _mirror_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        pool = self._mirror_workers
+        if pool is None:
+            with self._workers_lock:
+                self._check_open()
+                pool = self._mirror_workers
+                if pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    pool = self._mirror_workers = ThreadPoolExecutor(
+                        max_workers=self.mirror_concurrency, thread_name_prefix="meshlib-mirror"
+                    )
+        return pool
 
     def drive(self, call: Call[Any], plan: Plan) -> Any:
         """Run ``plan`` to its end, doing each step's I/O on this thread; its response (or its error)."""
@@ -435,6 +744,8 @@ class MeshTransport(_Mesh[Any]):
             first.set()
         if self._workers is not None:
             self._workers.shutdown(wait=False)
+        if self._mirror_workers is not None:
+            self._mirror_workers.shutdown(wait=False, cancel_futures=True)
         self.home.settle()
         for service in self.services.values():
             self._close_pools(service.take_pools())

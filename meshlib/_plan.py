@@ -56,6 +56,8 @@ from meshlib.resilience.classify import (
     classify_response,
 )
 from meshlib.resilience.retry import FINAL, GiveUp, RetryRule
+from meshlib.routing.decision import EXT_ROUTE, Routed, local_answer
+from meshlib.routing.filters import modify, rewritten_path
 from meshlib.telemetry.tracing import inject
 
 if TYPE_CHECKING:
@@ -212,6 +214,27 @@ def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
 _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
 
 
+def routed_url(request: Any, routed: Routed) -> Any:
+    """The logical URL a routed call's attempts go to: the caller's, or its path as a ``URLRewrite`` made it."""
+    rewrite = routed.rule.filters.rewrite or routed.backend.filters.rewrite
+    url = request.url
+    if rewrite is None or rewrite.path is None:
+        return url
+    raw_path = url.raw_path.decode("ascii")
+    path, _, query = raw_path.partition("?")
+    new_path = rewritten_path(path, routed.match, rewrite.path)
+    return url.copy_with(raw_path=(new_path + ("?" + query if query else "")).encode("ascii"))
+
+
+def apply_request_filters(routed: Routed, headers: Any) -> None:
+    """A routed attempt's headers: the request header filters, then a ``URLRewrite`` hostname as its ``Host``."""
+    for modifier in routed.request_modifiers():
+        modify(headers, modifier)
+    rewrite = routed.rule.filters.rewrite or routed.backend.filters.rewrite
+    if rewrite is not None and rewrite.hostname is not None:
+        headers["Host"] = rewrite.hostname
+
+
 def described_url(url: Any) -> str:
     """``url`` for an error message: no user info and no query string, which may carry credentials or keys.
 
@@ -240,10 +263,12 @@ class Call(Generic[T]):
         "policy",
         "replayable",
         "request",
+        "routed",
         "service",
         "trace",
         "tried",
         "tried_addresses",
+        "url",
         "verdict",
     )
 
@@ -254,14 +279,21 @@ class Call(Generic[T]):
         request: Any,
         home: LeaseHome,
         telemetry: ClientTelemetry | None = None,
+        *,
+        routed: Routed | None = None,
     ) -> None:
         self.lib = lib
         self.service = service
         self.request = request
         self.home = home
         self.method = request.method
+        #: The route decision (``None``: the called service has no routes) and the URL attempts are sent to:
+        #: the caller's, or the one a ``URLRewrite`` filter made.
+        self.routed = routed
+        self.url = request.url if routed is None else routed_url(request, routed)
         rules = request.extensions.get(POLICY_EXTENSION)
-        self.policy, self.deadline = effective(service.policy, rules if isinstance(rules, Policy) else None)
+        base = service.policy if routed is None else routed.base
+        self.policy, self.deadline = effective(base, rules if isinstance(rules, Policy) else None)
         # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
         self.replayable = isinstance(request.stream, lib.ByteStream)
         self._rule: RetryRule | None = None  # made on the first retryable outcome: most calls never need it
@@ -273,6 +305,8 @@ class Call(Generic[T]):
         #: The call's slot of the service's in-flight limit, until handed to the lease of the final answer.
         self.permit: ConcurrencyLimit | None = None
         self.trace: CallTrace | None = telemetry.call_started(request) if telemetry is not None else None
+        if routed is not None and self.trace is not None:
+            self.trace.routed(routed)
 
     @property
     def rule(self) -> RetryRule:
@@ -296,7 +330,21 @@ class Call(Generic[T]):
     def plan(self, active: Active[T]) -> Plan:
         """Attempts until an answer is final, retrying as the call's :class:`RetryRule` allows."""
         sent: list[Attempt] = []  # attempts whose lease this plan must still settle if interrupted
+        routed = self.routed
         try:
+            if routed is not None and routed.fault_slot is not None:  # a fault filter chose this call
+                if routed.delay_s is not None:
+                    remaining = self.remaining()
+                    yield Sleep(max(0.0, min(routed.delay_s, remaining)))
+                    if routed.delay_s >= remaining:
+                        raise self.deadline_exceeded(
+                            f"the fault filter's {routed.delay_s:g}s delay outlasted the deadline"
+                        )
+                if routed.abort_status is not None:
+                    response = self.fault_abort(routed.abort_status)
+                    routed.end()
+                    self.finished(response, None)
+                    return response
             self.admit()
             while True:
                 attempt = self.attempt(active)
@@ -321,9 +369,22 @@ class Call(Generic[T]):
             for attempt in sent:  # interrupted with an attempt out: no verdict, give its lease back
                 self.abandon(attempt)
             self.release_permit()
+            if routed is not None:
+                routed.end()
             self.finished(None, exc)
             raise
+        if routed is not None:
+            routed.end()
         self.finished(response, None)
+        return response
+
+    def fault_abort(self, status: int) -> Any:
+        """The answer of a call the fault filter aborts: ``status``, made here, before any byte leaves."""
+        response = local_answer(self.lib, self.request, status, why="fault-abort", reason="fault filter abort")
+        assert self.routed is not None
+        response.extensions[EXT_ROUTE] = self.routed.label
+        response.extensions[EXT_SERVICE] = self.service.name
+        response.extensions[EXT_ATTEMPTS] = 0
         return response
 
     # -- the decisions ------------------------------------------------------------------------------------------
@@ -430,8 +491,10 @@ class Call(Generic[T]):
         """The request as sent to ``endpoint``: endpoint URL, logical Host and SNI, budgeted timeouts."""
         request = self.request
         extensions = dict(request.extensions)
+        routed = self.routed
         if request.url.scheme == "https" and "sni_hostname" not in extensions:
-            extensions["sni_hostname"] = request.url.host
+            # A backend other than the service called is checked against its own name (its certificate).
+            extensions["sni_hostname"] = routed.sni if routed is not None and routed.sni else request.url.host
         per_try = self.policy.per_try_timeout
         budget = remaining if per_try is None or per_try <= 0 or per_try > remaining else per_try
         timeout = extensions.get("timeout")
@@ -443,10 +506,14 @@ class Call(Generic[T]):
         # attempt's extensions.
         outgoing = copy_request(request)
         if not _TESTING.enabled:  # in testing mode the inner transport (and a user's mocks) see the logical URL
-            outgoing.url = endpoint_url(request.url, endpoint)
+            outgoing.url = endpoint_url(self.url, endpoint)
+        elif routed is not None:
+            outgoing.url = self.url
         caller_headers = request.headers
         headers = outgoing.headers
         outgoing.extensions = extensions
+        if routed is not None:
+            apply_request_filters(routed, headers)
         if math.isfinite(remaining):
             value = encode_timeout(remaining)
             raw = getattr(headers, "_list", None)
@@ -507,6 +574,11 @@ class Call(Generic[T]):
         extensions[EXT_ENDPOINT] = self.tried[attempt.number - 1]
         extensions[EXT_SERVICE] = self.service.name
         extensions[EXT_ATTEMPTS] = self.attempts
+        routed = self.routed
+        if routed is not None:
+            extensions[EXT_ROUTE] = routed.label
+            for modifier in routed.response_modifiers():
+                modify(response.headers, modifier)
         return response
 
     def _track(self, response: Any, lease: Lease) -> None:

@@ -270,6 +270,11 @@ def current_policy() -> Policy:
     return NO_POLICY if frame is None else frame.policy
 
 
+def reset_scope() -> None:
+    """Leave every :func:`policy` scope in the current context (a background task that outlives its caller)."""
+    _scope.set(None)
+
+
 def current_deadline() -> float | None:
     """The absolute deadline of the enclosing scopes, in :func:`time.monotonic` seconds, or ``None``.
 

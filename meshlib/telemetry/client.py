@@ -32,6 +32,8 @@ from meshlib.telemetry.tracing import (
 
 if TYPE_CHECKING:
     from meshlib.resilience.classify import Classification
+    from meshlib.routing.decision import Routed
+    from meshlib.routing.model import Rule
 
 __all__ = ["CallTrace", "ClientTelemetry"]
 
@@ -104,6 +106,16 @@ class ClientTelemetry:
 
     # -- the events of a call ---------------------------------------------------------------------------------
 
+    def fault(self, rule: str, name: str, kind: str) -> None:
+        """A route's fault filter acted on a call: ``delay``, ``abort`` or ``skipped-max-active``."""
+        for sink in self._sinks if not self._global_pending else self.sinks():
+            sink.faults.add(1, {"meshlib.route": rule, "meshlib.fault": name, "meshlib.fault.kind": kind})
+
+    def mirror(self, service: str, outcome: str) -> None:
+        """A mirrored copy of a call ended (or was not sent): ``outcome`` says how."""
+        for sink in self._sinks if not self._global_pending else self.sinks():
+            sink.mirrors.add(1, {"meshlib.service": service, "meshlib.outcome": outcome})
+
     def call_started(self, request: Any) -> CallTrace | None:
         """A mesh call begins: its :class:`CallTrace` (span and measurement), or ``None`` with nothing to record."""
         tracer = self.traces.tracer()
@@ -121,7 +133,7 @@ class CallTrace:
     * ``call_finished`` -- end the span with the outcome, and record ``http.client.request.duration``.
     """
 
-    __slots__ = ("_method", "_record", "_request", "_sinks", "_started", "_tracer", "context", "span")
+    __slots__ = ("_method", "_record", "_request", "_route", "_sinks", "_started", "_tracer", "context", "span")
 
     def __init__(
         self, owner: ClientTelemetry, tracer: trace.Tracer | None, sinks: tuple[MeshMetrics, ...], request: Any
@@ -132,12 +144,46 @@ class CallTrace:
         self._tracer = tracer
         self._sinks = sinks
         self._record: AttemptRecord | None = None
+        self._route: str | None = None
         self.span: trace.Span | None = None
         #: The context injected into each attempt's headers: the call span's, while tracing.
         self.context: Context | None = None
         if tracer is not None:
             self.span = start_call_span(tracer, request)
             self.context = trace.set_span_in_context(self.span)
+
+    def routed(self, routed: Routed) -> None:
+        """The call was routed: the rule (span and metric label), its path match, the backend, any fault."""
+        rule = routed.rule
+        self._route = rule.label
+        span = self.span
+        if span is None:
+            return
+        path = routed.match.path
+        attributes: dict[str, str | int | float] = {
+            "http.route": path.value,
+            "meshlib.route": rule.route,
+            "meshlib.route.rule": rule.name if rule.name else rule.index,
+            "meshlib.backend": routed.backend.service or "",
+        }
+        if routed.delay_s is not None:
+            attributes["meshlib.fault.delay_s"] = routed.delay_s
+        if routed.abort_status is not None:
+            attributes["meshlib.fault.abort"] = routed.abort_status
+        span.set_attributes(attributes)
+
+    def answered_locally(self, rule: Rule | None, why: str) -> None:
+        """The routes answered the call themselves (``no-route``, ``redirect``, ``no-backend``)."""
+        if rule is not None:
+            self._route = rule.label
+        span = self.span
+        if span is None:
+            return
+        attributes: dict[str, str | int] = {"meshlib.local": why}
+        if rule is not None:
+            attributes["meshlib.route"] = rule.route
+            attributes["meshlib.route.rule"] = rule.name if rule.name else rule.index
+        span.set_attributes(attributes)
 
     def attempt_started(self, number: int, peer: tuple[str, int]) -> None:
         """(Tracing on.) A new attempt: write the previous one's span, start keeping this one's timestamps."""
@@ -209,4 +255,5 @@ class CallTrace:
                     peer=peer,
                     outcome=outcome,
                     context=self.context,
+                    route=self._route,
                 )

@@ -103,6 +103,18 @@ class MeshMetrics:
             description="Duration of logical HTTP client calls through the mesh, all attempts and backoff included.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
+        self.faults = meter.create_counter(
+            "meshlib.client.route.faults",
+            unit="{fault}",
+            description="Faults injected by route fault filters, by rule, filter and kind (delay, abort, "
+            "skipped-max-active).",
+        )
+        self.mirrors = meter.create_counter(
+            "meshlib.client.route.mirrors",
+            unit="{request}",
+            description="Mirrored requests by mirror service and outcome (sent, failed, dropped, skipped-streaming, "
+            "skipped-unsafe).",
+        )
         observed: tuple[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]], ...] = (
             (
                 "http.client.active_requests",
@@ -194,12 +206,14 @@ class MeshMetrics:
         peer: tuple[str, int] | None,
         outcome: str,
         context: Context | None = None,
+        route: str | None = None,
     ) -> None:
         """Record one logical call's duration with its attributes (dictionaries cached per combination).
 
-        ``context`` (the call's span, when traced) lets an SDK with exemplars link the point to the trace.
+        ``context`` (the call's span, when traced) lets an SDK with exemplars link the point to the trace;
+        ``route`` is the matched route rule's label (low cardinality: bounded by the route table).
         """
-        key = (host, port, method, status, error_type, peer, outcome)
+        key = (host, port, method, status, error_type, peer, outcome, route)
         attributes = self._attributes.get(key)
         if attributes is None:
             attributes = {"http.request.method": method, "server.address": host, "server.port": port}
@@ -211,6 +225,8 @@ class MeshMetrics:
                 attributes["network.peer.address"] = peer[0]
                 attributes["network.peer.port"] = peer[1]
             attributes["meshlib.outcome"] = outcome
+            if route is not None:
+                attributes["meshlib.route"] = route
             if len(self._attributes) >= _ATTRIBUTE_CACHE_SIZE:
                 self._attributes.clear()
             self._attributes[key] = attributes

@@ -1,0 +1,148 @@
+"""What the route table decided for one call: :class:`Routed`, made by the mesh before the call plan runs.
+
+The mesh (:meth:`meshlib._mesh._Mesh._route`) matches the request against the called service's routes, draws
+the backend and the fault decisions from its random number generator, and hands the call a :class:`Routed`.
+The call plan then only reads it: the backend service, the policy layer (the called service's policy merged
+with the rule's), the request and response filters to apply, the fault to inject and the mirrors to send.
+Requests the routes answer themselves (no rule matched: 404; a redirect; no usable backend: 500) never
+become calls: :func:`local_answer` builds their response.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshlib.policy import Policy
+    from meshlib.routing.model import Backend, HeaderModifier, Mirror, RouteMatch, Rule
+
+__all__ = ["EXT_LOCAL", "EXT_ROUTE", "ActiveLimit", "Routed", "local_answer"]
+
+#: ``response.extensions`` key: the rule a routed call matched (its label), on every routed response.
+EXT_ROUTE = "meshlib.route"
+#: ``response.extensions`` key: why meshlib answered a request itself (``no-route``, ``redirect``,
+#: ``no-backend``, ``fault-abort``); absent on responses that came from a server.
+EXT_LOCAL = "meshlib.local"
+
+
+class ActiveLimit:
+    """A count of things in progress with an optional limit, never waited on: a full limit means "not now".
+
+    gRFC A33's ``max_active_faults`` for one fault filter in one client (taken when a fault is injected, given
+    back when its call ends), and the cap on one client's mirrored requests in flight. A plain counter under a
+    lock held for one addition.
+    """
+
+    __slots__ = ("_lock", "active", "injected", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.limit = limit
+        self.active = 0
+        #: Slots taken so far (status view).
+        self.injected = 0
+
+    def try_take(self) -> bool:
+        """Take a slot; ``False`` when ``limit`` are already active (no fault is injected, the mirror is dropped)."""
+        with self._lock:
+            if self.limit is not None and self.active >= self.limit:
+                return False
+            self.active += 1
+            self.injected += 1
+            return True
+
+    def release(self) -> None:
+        """Give a slot back (the faulted call or the mirror ended)."""
+        with self._lock:
+            self.active -= 1
+
+
+class Routed:
+    """The route decision of one call: rule, match, backend, policy base and the draws made for it."""
+
+    __slots__ = (
+        "abort_status",
+        "backend",
+        "base",
+        "called",
+        "delay_s",
+        "fault_slot",
+        "match",
+        "mirrors",
+        "rule",
+        "sni",
+    )
+
+    def __init__(
+        self,
+        rule: Rule,
+        match: RouteMatch,
+        backend: Backend,
+        called: str,
+        base: Policy,
+        *,
+        sni: str | None = None,
+    ) -> None:
+        self.rule = rule
+        self.match = match
+        self.backend = backend
+        #: The host the application called (the route's parent), for the ``Host`` the backend receives.
+        self.called = called
+        #: The call's policy below scopes and request: the called service's policy merged with the rule's.
+        self.base = base
+        #: The TLS server name to send when the backend is another service than the one called (its own name,
+        #: so the certificate checked is the backend's); ``None``: the called name.
+        self.sni = sni
+        self.delay_s: float | None = None
+        self.abort_status: int | None = None
+        self.fault_slot: ActiveLimit | None = None
+        mirrors = rule.filters.mirrors
+        if backend.filters.mirrors:
+            mirrors = mirrors + backend.filters.mirrors
+        self.mirrors: tuple[Mirror, ...] = mirrors
+
+    @property
+    def label(self) -> str:
+        """The matched rule's low-cardinality name (spans, metrics, ``response.extensions``)."""
+        return self.rule.label
+
+    def request_modifiers(self) -> tuple[HeaderModifier, ...]:
+        """The request header changes to apply, rule's first, then the backend's."""
+        found = []
+        if self.rule.filters.request_headers is not None:
+            found.append(self.rule.filters.request_headers)
+        if self.backend.filters.request_headers is not None:
+            found.append(self.backend.filters.request_headers)
+        return tuple(found)
+
+    def response_modifiers(self) -> tuple[HeaderModifier, ...]:
+        """The response header changes to apply, backend's first (nearer the answer), then the rule's."""
+        found = []
+        if self.backend.filters.response_headers is not None:
+            found.append(self.backend.filters.response_headers)
+        if self.rule.filters.response_headers is not None:
+            found.append(self.rule.filters.response_headers)
+        return tuple(found)
+
+    def end(self) -> None:
+        """The call ended: give back its fault slot, if it took one."""
+        slot, self.fault_slot = self.fault_slot, None
+        if slot is not None:
+            slot.release()
+
+
+def local_answer(
+    lib: Any, request: Any, status: int, *, why: str, reason: str, headers: list[tuple[str, str]] | None = None
+) -> Any:
+    """A response meshlib gives itself (no server involved): ``status`` with ``reason`` as a text body."""
+    body = (reason + "\n").encode("utf-8", "replace")
+    response = lib.Response(
+        status,
+        headers=[("content-type", "text/plain; charset=utf-8"), *(headers or [])],
+        content=body,
+        request=request,
+    )
+    response.extensions[EXT_LOCAL] = why
+    return response
