@@ -326,10 +326,9 @@ class _Mesh(Generic[T]):
                 headers=[("location", location)],
             )
         backend = rule.pick(self.rng)
-        service = None
-        if backend is not None and backend.service is not None:
-            service = self._router.services.get(service_key(backend.service))
-        if backend is None or service is None:
+        name = None if backend is None else backend.service
+        service = None if name is None else self._router.services.get(service_key(name))
+        if backend is None or name is None or service is None:
             if backend is None:
                 why = "its backends' weights are all zero" if rule.backends else "it has no backends"
             else:
@@ -342,7 +341,7 @@ class _Mesh(Generic[T]):
             target.name,
             target.bases[id(rule)],
             # The name as the route wrote it (a host name: env-configured service names have "_" for "-").
-            sni=None if service_key(backend.service) == target.key else backend.service,
+            sni=None if service_key(name) == target.key else name,
         )
         fault = rule.filters.fault or backend.filters.fault
         if fault is not None:
