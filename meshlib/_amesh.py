@@ -163,7 +163,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             # waited: yield once, so a caller retrying in a loop cannot starve the event loop.
             await anyio.lowlevel.checkpoint()
             raise
-        if routed is not None and routed.mirrors:
+        if routed is not None and routed.mirrors and call.attempts:  # a server answered (no fault abort)
             self._mirror(call)
         return response
 

@@ -395,7 +395,11 @@ class _MeshClient:
     def mesh_status(self) -> MeshStatus:
         """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
         self._mesh.home.settle()
-        return status_of(self._mesh.services, "sync" if isinstance(self._mesh, MeshTransport) else "async")
+        return status_of(
+            self._mesh.services,
+            "sync" if isinstance(self._mesh, MeshTransport) else "async",
+            self._mesh.routes_view(),
+        )
 
     @property
     def http_library(self) -> str:

@@ -54,6 +54,7 @@ from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHO
 from meshlib.routing.decision import EXT_ROUTE, ActiveLimit, Routed, local_answer
 from meshlib.routing.filters import modify, redirect_location
 from meshlib.routing.model import EMPTY_TABLE, HostRoutes, RouteTable
+from meshlib.status import RejectedRoutes, RoutesStatus
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.tracing import send_suppressed
 
@@ -202,6 +203,9 @@ class _Mesh(Generic[T]):
         #: Where weighted splits, fault and mirror percentages draw from: replace it with a seeded
         #: ``random.Random`` to make them exact in tests (``client.mesh.rng = random.Random(7)``).
         self.rng = random.Random()
+        #: Where the route table comes from (a hot-reloaded file: ``meshlib.control.file.FileSource``), for status.
+        self.routes_source: Any = None
+        self._routes_loaded_at: float | None = None
         self._routing_state()
         self._driver_state()
         self._finalizer = self._on_collect()
@@ -288,6 +292,33 @@ class _Mesh(Generic[T]):
     def install_routes(self, table: RouteTable) -> None:
         """Route new calls by ``table`` (calls in flight finish on the table they started with)."""
         self._router.install(table)
+        self._routes_loaded_at = time.time()
+
+    def routes_view(self) -> RoutesStatus | None:
+        """The route table's state for ``mesh_status()`` (``None``: no routes, none ever installed)."""
+        table = self._router.table
+        source = self.routes_source
+        if table is EMPTY_TABLE and source is None:
+            return None
+        applied, rejected, loaded_at = 1, None, self._routes_loaded_at
+        if source is not None:
+            state = source.status()
+            applied, loaded_at = state.applied, state.loaded_at
+            if state.rejected is not None:
+                rejected = RejectedRoutes(state.rejected.version, state.rejected.error, state.rejected.at)
+        with self._counts_lock:
+            mirrors = {f"{service}/{outcome}": n for (service, outcome), n in sorted(self.mirror_counts.items())}
+        faults = {name: slot.injected for (name, _), slot in sorted(self._fault_slots.items())}
+        return RoutesStatus(
+            source=table.source or "api",
+            version=table.version,
+            loaded_at=loaded_at,
+            routes=list(table.routes),
+            applied=applied,
+            rejected=rejected,
+            mirrors=mirrors,
+            faults=faults,
+        )
 
     def _route(self, target: _Target[T], request: Any) -> tuple[Routed, Service[T]] | Any | None:
         """Route a call to a service with routes: its decision and backend, a response meshlib gives itself
@@ -591,7 +622,7 @@ class MeshTransport(_Mesh[Any]):
         except MeshError as exc:
             self.lib.localize(exc)
             raise
-        if routed is not None and routed.mirrors:
+        if routed is not None and routed.mirrors and call.attempts:  # a server answered (no fault abort)
             self._mirror(call)
         return response
 

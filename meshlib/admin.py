@@ -150,7 +150,11 @@ class AdminServer:
         return {
             "meshlib": __version__,
             "pid": os.getpid(),
-            "clients": [status_of(mesh.services, kind).to_dict() for mesh, kind in clients if mesh is not None],
+            "clients": [
+                status_of(mesh.services, kind, mesh.routes_view()).to_dict()
+                for mesh, kind in clients
+                if mesh is not None
+            ],
         }
 
     def metrics_text(self) -> tuple[bytes, str] | None:

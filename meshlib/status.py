@@ -28,6 +28,8 @@ __all__ = [
     "DiscoveryStatus",
     "EndpointStatus",
     "MeshStatus",
+    "RejectedRoutes",
+    "RoutesStatus",
     "ServiceStatus",
     "StatusFormatError",
     "check_status",
@@ -105,13 +107,46 @@ class ServiceStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class RejectedRoutes:
+    """A routes version that failed validation and is not serving (an xDS NACK's equivalent): its version (a
+    content hash), the error (source, document, field path, what was expected) and when (Unix time)."""
+
+    version: str
+    error: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesStatus:
+    """The route table a client routes by, where it came from, and what its filters did.
+
+    ``source`` (``MESHLIB_ROUTES_FILE``'s path, or ``api`` for a table installed in code) and ``version`` (a
+    content hash) of the table serving now, ``loaded_at`` (Unix time), the ``routes`` in it
+    (``namespace/name``), ``applied`` versions so far, the last ``rejected`` version if it is newer than the
+    serving one; ``mirrors`` counts mirrored requests by ``service/outcome``, ``faults`` the faults injected by
+    fault filter name.
+    """
+
+    source: str
+    version: str
+    loaded_at: float | None
+    routes: list[str] = field(default_factory=list)
+    applied: int = 0
+    rejected: RejectedRoutes | None = None
+    mirrors: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class MeshStatus:
-    """Every service of one client; ``client`` is ``"sync"`` or ``"async"``, ``taken_at`` Unix time."""
+    """Every service of one client; ``client`` is ``"sync"`` or ``"async"``, ``taken_at`` Unix time;
+    ``routes`` the route table's state (``None``: the client has no routes)."""
 
     client: str
     pid: int
     taken_at: float
     services: list[ServiceStatus] = field(default_factory=list)
+    routes: RoutesStatus | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-ready dictionaries and lists."""
@@ -124,13 +159,14 @@ class _Viewed(Protocol):
     def view(self) -> ServiceStatus: ...
 
 
-def status_of(services: Mapping[str, _Viewed], client: str) -> MeshStatus:
+def status_of(services: Mapping[str, _Viewed], client: str, routes: RoutesStatus | None = None) -> MeshStatus:
     """A :class:`MeshStatus` of ``services`` (a mesh's services, each giving its own view) taken now."""
     return MeshStatus(
         client=client,
         pid=os.getpid(),
         taken_at=time.time(),
         services=[service.view() for _, service in sorted(services.items())],
+        routes=routes,
     )
 
 
@@ -230,6 +266,14 @@ _SERVICE_SPEC: dict[str, _Spec] = {
     "ejections": "int",
     "endpoints": [_ENDPOINT_SPEC],
 }
+#: Optional in a client (older versions have none): checked only when present and not null.
+_ROUTES_SPEC: dict[str, _Spec] = {
+    "source": "str",
+    "version": "str",
+    "routes": ["str"],
+    "applied": "int",
+}
+_REJECTED_SPEC: dict[str, _Spec] = {"version": "str", "error": "str"}
 _STATUS_SPEC: dict[str, _Spec] = {
     "meshlib": "str",
     "pid": "int",
@@ -310,12 +354,30 @@ def format_status(payload: object) -> str:
     :func:`printable`.
     """
     status = check_status(payload)
+    for index, client in enumerate(status["clients"]):
+        routes = client.get("routes")
+        if routes is not None:
+            _check(routes, _ROUTES_SPEC, f"clients[{index}].routes")
+            if routes.get("rejected") is not None:
+                _check(routes["rejected"], _REJECTED_SPEC, f"clients[{index}].routes.rejected")
     text = printable
     clients = status["clients"]
     lines = [f"meshlib {text(status['meshlib'])}, pid {status['pid']}: {len(clients)} client(s)"]
     for number, client in enumerate(clients, 1):
         services = client["services"]
         lines.append(f"client {number} ({text(client['client'])}): {len(services)} service(s)")
+        routes = client.get("routes")
+        if routes is not None:
+            lines.append(
+                f"  routes: {text(routes['source'])} version {text(routes['version'])}, "
+                f"{len(routes['routes'])} route(s), {routes['applied']} version(s) applied"
+            )
+            rejected = routes.get("rejected")
+            if rejected is not None:
+                lines.append(
+                    f"    REJECTED version {text(rejected['version'])} (the previous one keeps serving): "
+                    f"{text(rejected['error'], _ERROR_LIMIT)}"
+                )
         for service in services:
             discovery, budget = service["discovery"], service["budget"]
             age = discovery["age_s"]
