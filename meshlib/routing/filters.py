@@ -60,7 +60,7 @@ def rewritten_path(path: str, match: RouteMatch, rewrite: PathModifier) -> str:
     return replacement + rest if replacement else rest
 
 
-def redirect_location(
+def redirect_location(  # noqa: PLR0917 (the signature the request path calls, positional as the URL reads)
     scheme: str,
     host: str,
     port: int | None,

@@ -34,7 +34,11 @@ def test_set_overwrites_and_add_appends_with_a_comma() -> None:
 def test_multiple_actions_and_case_insensitivity() -> None:
     modifier = HeaderModifier(
         set=(("X-Header-Set-1", "header-set-1"), ("X-Header-Set-2", "header-set-2")),
-        add=(("X-Header-Add-1", "header-add-1"), ("X-Header-Add-2", "header-add-2"), ("X-Header-Add-3", "header-add-3")),
+        add=(
+            ("X-Header-Add-1", "header-add-1"),
+            ("X-Header-Add-2", "header-add-2"),
+            ("X-Header-Add-3", "header-add-3"),
+        ),
         remove=("X-Header-Remove-1", "X-Header-Remove-2"),
     )
     headers = httpx.Headers(
@@ -55,7 +59,11 @@ def test_multiple_actions_and_case_insensitivity() -> None:
         "another-header": "another-header-val",
     }
     lower = httpx.Headers(
-        {"x-header-set": "original-val-set", "x-header-add": "original-val-add", "x-header-remove": "original-val-remove"}
+        {
+            "x-header-set": "original-val-set",
+            "x-header-add": "original-val-add",
+            "x-header-remove": "original-val-remove",
+        }
     )
     modify(
         lower,
@@ -120,7 +128,9 @@ def test_conformance_rewrite_path(path: str, expected: str) -> None:
 # -- RequestRedirect (httproute-redirect-*.go) -------------------------------------------------------------------
 
 
-def location(redirect: Redirect, path: str = "/p", *, scheme: str = "http", port: int | None = None, query: str = "") -> str:
+def location(
+    redirect: Redirect, path: str = "/p", *, scheme: str = "http", port: int | None = None, query: str = ""
+) -> str:
     return redirect_location(scheme, "echo", port, path, query, prefix("/p"), redirect)
 
 

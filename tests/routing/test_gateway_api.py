@@ -198,7 +198,8 @@ def test_mirror_fraction() -> None:
     rules = (
         "  - filters:\n"
         "    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, fraction: {numerator: 1}}}\n"
-        "    - {type: RequestMirror, requestMirror: {backendRef: {name: echo}, fraction: {numerator: 1, denominator: 8}}}\n"
+        "    - {type: RequestMirror, requestMirror: {backendRef: {name: echo}, fraction: {numerator: 1, "
+        "denominator: 8}}}\n"
         "    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-v1}}}\n"
         "    backendRefs: [{name: echo}]\n"
     )
@@ -293,7 +294,8 @@ def test_precedence_criteria_in_the_spec_order() -> None:
         "  - matches: [{path: {type: RegularExpression, value: '/a/.*/long'}}]\n    backendRefs: [{name: echo}]\n"
         "  - matches: [{path: {type: RegularExpression, value: '/a/.*'}}]\n    backendRefs: [{name: shadow}]\n"
         "  - matches: [{path: {value: /a/b}, method: GET}]\n    backendRefs: [{name: payments-v1}]\n"
-        "  - matches: [{path: {value: /a/b}, headers: [{name: h, value: '1'}]}]\n    backendRefs: [{name: payments-v2}]\n"
+        "  - matches: [{path: {value: /a/b}, headers: [{name: h, "
+        "value: '1'}]}]\n    backendRefs: [{name: payments-v2}]\n"
         "  - matches: [{path: {value: /a/b}, headers: [{name: h, value: '1'}, {name: i, value: '1'}]}]\n"
         "    backendRefs: [{name: infra-backend-v2}]\n"
         "  - matches: [{path: {value: /a/b}, headers: [{name: h, value: '1'}], queryParams: [{name: q, value: '1'}]}]\n"
@@ -429,31 +431,119 @@ CASES = [
     ("  - matches: [{path: {value: foo}}]\n", "spec.rules[0].matches[0].path.value", "starting with '/'"),
     ("  - matches: [{path: {value: /a//b}}]\n", "spec.rules[0].matches[0].path.value", "without '//'"),
     ("  - matches: [{path: {type: Prefix}}]\n", "spec.rules[0].matches[0].path.type", "Exact, PathPrefix or Regular"),
-    ("  - matches: [{path: {type: RegularExpression, value: '(['}}]\n", "spec.rules[0].matches[0].path.value", "regular expression"),
-    ("  - matches: [{headers: [{name: 'a b', value: x}]}]\n", "spec.rules[0].matches[0].headers[0].name", "RFC 7230 token"),
-    ("  - matches: [{headers: [{name: a, value: \"x\\ny\"}]}]\n", "spec.rules[0].matches[0].headers[0].value", "without CR, LF or NUL"),
-    ("  - matches: [{headers: [{name: a, value: x}, {name: a, value: y}]}]\n", "spec.rules[0].matches[0].headers[1].name", "unique"),
+    (
+        "  - matches: [{path: {type: RegularExpression, value: '(['}}]\n",
+        "spec.rules[0].matches[0].path.value",
+        "regular expression",
+    ),
+    (
+        "  - matches: [{headers: [{name: 'a b', value: x}]}]\n",
+        "spec.rules[0].matches[0].headers[0].name",
+        "RFC 7230 token",
+    ),
+    (
+        '  - matches: [{headers: [{name: a, value: "x\\ny"}]}]\n',
+        "spec.rules[0].matches[0].headers[0].value",
+        "without CR, LF or NUL",
+    ),
+    (
+        "  - matches: [{headers: [{name: a, value: x}, {name: a, value: y}]}]\n",
+        "spec.rules[0].matches[0].headers[1].name",
+        "unique",
+    ),
     ("  - matches: [{method: FETCH}]\n", "spec.rules[0].matches[0].method", "one of GET"),
-    ("  - matches: [{queryParams: [{name: q, value: ''}]}]\n", "spec.rules[0].matches[0].queryParams[0].value", "1 to 1024"),
+    (
+        "  - matches: [{queryParams: [{name: q, value: ''}]}]\n",
+        "spec.rules[0].matches[0].queryParams[0].value",
+        "1 to 1024",
+    ),
     ("  - timeouts: {request: 1.5s}\n", "spec.rules[0].timeouts.request", "GEP-2257"),
-    ("  - timeouts: {request: 1s, backendRequest: 2s}\n", "spec.rules[0].timeouts.backendRequest", "at most timeouts.request"),
+    (
+        "  - timeouts: {request: 1s, backendRequest: 2s}\n",
+        "spec.rules[0].timeouts.backendRequest",
+        "at most timeouts.request",
+    ),
     ("  - retry: {attempts: 0}\n", "spec.rules[0].retry.attempts", "an integer >= 1"),
     ("  - retry: {codes: [200]}\n", "spec.rules[0].retry.codes[0]", "400 to 599"),
-    ("  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 305}}]\n", "spec.rules[0].filters[0].requestRedirect.statusCode", "301, 302, 303, 307, 308"),
-    ("  - filters: [{type: RequestRedirect, requestRedirect: {}}]\n    backendRefs: [{name: echo}]\n", "spec.rules[0].filters", "no RequestRedirect filter in a rule with backendRefs"),
-    ("  - filters: [{type: RequestRedirect, requestRedirect: {}}, {type: URLRewrite, urlRewrite: {}}]\n", "spec.rules[0].filters", "not both"),
-    ("  - filters: [{type: URLRewrite, urlRewrite: {}}, {type: URLRewrite, urlRewrite: {}}]\n", "spec.rules[0].filters[1].type", "at most one URLRewrite"),
-    ("  - matches: [{path: {type: Exact, value: /a}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]\n", "spec.rules[0].matches", "exactly one PathPrefix match"),
-    ("  - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /b}}}]\n", "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch", "no replacePrefixMatch"),
-    ("  - filters: [{type: RequestHeaderModifier, responseHeaderModifier: {}}]\n", "spec.rules[0].filters[0].responseHeaderModifier", "when type is RequestHeaderModifier"),
-    ("  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: x}], remove: [A]}}]\n", "spec.rules[0].filters[0].requestHeaderModifier.remove[0]", "one action per header name"),
-    ("  - filters: [{type: CORS, cors: {}}]\n", "spec.rules[0].filters[0].type", "CORS and ExternalAuth are not supported"),
-    ("  - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: t}}]\n", "spec.rules[0].filters[0].extensionRef", "an extension meshlib supports"),
-    ("  - filters: [{type: ExtensionRef, extensionRef: {group: meshlib.dev, kind: HTTPFault, name: missing}}]\n", "spec.rules[0].filters[0].extensionRef.name", "an HTTPFault in namespace default"),
-    ("  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo}, percent: 5, fraction: {numerator: 1}}}]\n", "spec.rules[0].filters[0].requestMirror", "only one of percent or fraction"),
-    ("  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo}, fraction: {numerator: 3, denominator: 2}}}]\n", "spec.rules[0].filters[0].requestMirror.fraction", "numerator <= denominator"),
-    ("  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope}}}]\n", "spec.rules[0].filters[0].requestMirror.backendRef.name", "a configured meshlib service"),
-    ("  - backendRefs: [{name: echo, weigth: 1}]\n", "spec.rules[0].backendRefs[0].weigth", "unknown fields are refused"),
+    (
+        "  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 305}}]\n",
+        "spec.rules[0].filters[0].requestRedirect.statusCode",
+        "301, 302, 303, 307, 308",
+    ),
+    (
+        "  - filters: [{type: RequestRedirect, requestRedirect: {}}]\n    backendRefs: [{name: echo}]\n",
+        "spec.rules[0].filters",
+        "no RequestRedirect filter in a rule with backendRefs",
+    ),
+    (
+        "  - filters: [{type: RequestRedirect, requestRedirect: {}}, {type: URLRewrite, urlRewrite: {}}]\n",
+        "spec.rules[0].filters",
+        "not both",
+    ),
+    (
+        "  - filters: [{type: URLRewrite, urlRewrite: {}}, {type: URLRewrite, urlRewrite: {}}]\n",
+        "spec.rules[0].filters[1].type",
+        "at most one URLRewrite",
+    ),
+    (
+        "  - matches: [{path: {type: Exact, value: /a}}]\n    filters: [{type: URLRewrite, "
+        "urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]\n",
+        "spec.rules[0].matches",
+        "exactly one PathPrefix match",
+    ),
+    (
+        "  - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /b}}}]\n",
+        "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch",
+        "no replacePrefixMatch",
+    ),
+    (
+        "  - filters: [{type: RequestHeaderModifier, responseHeaderModifier: {}}]\n",
+        "spec.rules[0].filters[0].responseHeaderModifier",
+        "when type is RequestHeaderModifier",
+    ),
+    (
+        "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: x}], "
+        "remove: [A]}}]\n",
+        "spec.rules[0].filters[0].requestHeaderModifier.remove[0]",
+        "one action per header name",
+    ),
+    (
+        "  - filters: [{type: CORS, cors: {}}]\n",
+        "spec.rules[0].filters[0].type",
+        "CORS and ExternalAuth are not supported",
+    ),
+    (
+        "  - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: t}}]\n",
+        "spec.rules[0].filters[0].extensionRef",
+        "an extension meshlib supports",
+    ),
+    (
+        "  - filters: [{type: ExtensionRef, extensionRef: {group: meshlib.dev, kind: HTTPFault, name: missing}}]\n",
+        "spec.rules[0].filters[0].extensionRef.name",
+        "an HTTPFault in namespace default",
+    ),
+    (
+        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo}, percent: 5, "
+        "fraction: {numerator: 1}}}]\n",
+        "spec.rules[0].filters[0].requestMirror",
+        "only one of percent or fraction",
+    ),
+    (
+        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo}, "
+        "fraction: {numerator: 3, denominator: 2}}}]\n",
+        "spec.rules[0].filters[0].requestMirror.fraction",
+        "numerator <= denominator",
+    ),
+    (
+        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope}}}]\n",
+        "spec.rules[0].filters[0].requestMirror.backendRef.name",
+        "a configured meshlib service",
+    ),
+    (
+        "  - backendRefs: [{name: echo, weigth: 1}]\n",
+        "spec.rules[0].backendRefs[0].weigth",
+        "unknown fields are refused",
+    ),
     ("  - name: a\n  - name: a\n", "spec.rules[1].name", "rule names unique"),
     ("  - sessionPersistence: {}\n", "spec.rules[0].sessionPersistence", "unsupported"),
     ("".join("  - backendRefs: [{name: echo}]\n" for _ in range(17)), "spec.rules", "at most 16 items"),
@@ -471,7 +561,8 @@ def test_parent_errors() -> None:
     text = route("  - backendRefs: [{name: echo}]\n").replace("name: payments}", "name: payments, sectionName: http}")
     assert_error(error(text), R, "spec.parentRefs[0].sectionName", "no sectionName on a Service parent")
     text = route("  - backendRefs: [{name: echo}]\n").replace(
-        "[{group: '', kind: Service, name: payments}]", "[{group: '', kind: Service, name: payments, port: 80}, {group: '', kind: Service, name: payments}]"
+        "[{group: '', kind: Service, name: payments}]",
+        "[{group: '', kind: Service, name: payments, port: 80}, {group: '', kind: Service, name: payments}]",
     )
     assert_error(error(text), R, "spec.parentRefs", "distinct sectionName or port")
 
@@ -482,7 +573,9 @@ def test_document_errors() -> None:
     text = "kind: HTTPRoute\napiVersion: gateway.networking.k8s.io/v2\nmetadata: {name: x}\n"
     assert_error(error(text), "document 1 (HTTPRoute x)", "apiVersion", "gateway.networking.k8s.io/v1 or v1beta1")
     doubled = route("  - backendRefs: [{name: echo}]\n")
-    assert_error(error(doubled + "\n---\n" + doubled), "document 2 (HTTPRoute r)", "metadata.name", "a unique HTTPRoute name")
+    assert_error(
+        error(doubled + "\n---\n" + doubled), "document 2 (HTTPRoute r)", "metadata.name", "a unique HTTPRoute name"
+    )
     stamp = route("  - {}\n", extra=", creationTimestamp: yesterday")
     assert_error(error(stamp), R, "metadata.creationTimestamp", "RFC 3339")
 
@@ -492,7 +585,12 @@ def test_fault_errors() -> None:
     doc = "document 1 (HTTPFault f)"
     assert_error(error(head + "{}"), doc, "spec", "a delay, an abort or both")
     assert_error(error(head + "{abort: {httpStatus: 700}}"), doc, "spec.abort.httpStatus", "200 to 599")
-    assert_error(error(head + "{delay: {fixedDelay: 1s, percentage: {value: 101}}}"), doc, "spec.delay.percentage.value", "0.0 to 100.0")
+    assert_error(
+        error(head + "{delay: {fixedDelay: 1s, percentage: {value: 101}}}"),
+        doc,
+        "spec.delay.percentage.value",
+        "0.0 to 100.0",
+    )
     assert_error(error(head + "{delay: {fixedDelay: 1.5}}"), doc, "spec.delay.fixedDelay", "GEP-2257")
 
 
@@ -532,3 +630,28 @@ def test_values_in_messages_are_truncated_and_free_of_control_characters() -> No
     message = str(exc)
     assert "\x1b" not in message and len(message) < 600
     assert "..." in message
+
+
+def test_the_path_index_selects_what_a_linear_scan_selects() -> None:
+    # HostRoutes.select tests only the entries the path index keeps: it must pick what testing every entry picks
+    import random
+
+    rng = random.Random(11)
+    values = ["/", "/a", "/a/b", "/a/b/c", "/ab", "/b", "/a/"]
+    rules = []
+    for index in range(16):
+        kind = rng.choice(["Exact", "PathPrefix", "PathPrefix", "RegularExpression"])
+        value = rng.choice(values) if kind != "RegularExpression" else rng.choice(["/a.*", "/b", ".*c"])
+        if kind != "PathPrefix" and value == "/a/":
+            value = "/a"
+        header = ", headers: [{name: h, value: '1'}]" if rng.random() < 0.3 else ""
+        rules.append(f"  - matches: [{{path: {{type: {kind}, value: '{value}'}}{header}}}]\n")
+        rules.append(f"    backendRefs: [{{name: echo, port: {index + 1}}}]\n")
+    host = parse(route("".join(rules))).lookup("PAYMENTS", 80)
+    assert host is not None
+    for path in ["/", "/a", "/a/", "/a/b", "/a/b/", "/a/b/c/d", "/ab", "/abc", "/b", "/c", "x", "", "/a//b"]:
+        for headers in ({}, {"h": "1"}):
+            linear = next(
+                (entry for entry in host.entries if entry[0].test("GET", path, httpx.Headers(headers), None)), None
+            )
+            assert host.select("GET", path, httpx.Headers(headers)) == linear, (path, headers)
