@@ -293,6 +293,9 @@ class FileSource(Generic[T]):
         self._changes = 0
         self._last_checked: float | None = None
         self._missing = False
+        # A source dropped while its owner lives (replaced, say) ends its thread too: refers to the event only.
+        self._finalizer = weakref.finalize(self, self._stop.set)
+        self._finalizer.atexit = False
         _SOURCES.add(self)
 
     # -- start-up ------------------------------------------------------------------------------------------
@@ -326,8 +329,7 @@ class FileSource(Generic[T]):
             now = time.time()
             self._last_checked = now
             version = self._version(data, now)
-            self._applied_version(version, signature, now)
-            logger.info("%s file %s version %s loaded", self.what, self.path, version.version)
+            self._applied_version(version, signature, now, "loaded")
             return value
 
     # -- watching ------------------------------------------------------------------------------------------
@@ -383,6 +385,9 @@ class FileSource(Generic[T]):
         self._stop = threading.Event()
         if stopped:
             self._stop.set()
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, self._stop.set)
+        self._finalizer.atexit = False
         self._thread = None
         self._pid = os.getpid()
         if was_watching:
@@ -501,19 +506,20 @@ class FileSource(Generic[T]):
             return self._reject(version.version, digest, f"applying it failed: {error!r}", signature, now)
         finally:
             del owner
-        self._applied_version(version, signature, now)
-        logger.info("%s file %s version %s applied", self.what, self.path, version.version)
+        self._applied_version(version, signature, now, "applied")
         return True
 
     def _version(self, data: bytes, now: float, digest: str | None = None) -> FileVersion:
         digest = digest or hashlib.sha256(data).hexdigest()
         return FileVersion(path=self.path, version=digest[:12], sha256=digest, size=len(data), loaded_at=now)
 
-    def _applied_version(self, version: FileVersion, signature: _Signature, now: float) -> None:
+    def _applied_version(self, version: FileVersion, signature: _Signature, now: float, verb: str) -> None:
+        """``version`` is in use: record it, log it, then wake :meth:`wait_change` (which may read the log)."""
         self._current = version
         self._rejected = self._rejected_key = None
         self._applied += 1
         self._remember(signature, now)
+        logger.info("%s file %s version %s %s", self.what, self.path, version.version, verb)
         self._changed_one()
 
     def _reject(
