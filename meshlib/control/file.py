@@ -489,8 +489,8 @@ class FileSource(Generic[T]):
                 return False
             if isinstance(error, ConfigError):
                 return self._reject(digest[:12], digest, str(error), signature, now)
-            logger.exception("parsing %s file %s failed unexpectedly", self.what, self.path)
-            return self._reject(digest[:12], digest, f"{type(error).__name__}: {error}", signature, now)
+            # Not a ConfigError: a bug of the parser, not of the file. Rejected all the same, with its traceback.
+            return self._reject(digest[:12], digest, f"{type(error).__name__}: {error}", signature, now, exc=error)
         if self._changed_since(signature):
             logger.debug("%s file %s changed while it was read: reading it again", self.what, self.path)
             return False
@@ -502,8 +502,7 @@ class FileSource(Generic[T]):
         try:
             self._publish(owner, value, version)
         except Exception as error:
-            logger.exception("applying %s file %s version %s failed", self.what, self.path, version.version)
-            return self._reject(version.version, digest, f"applying it failed: {error!r}", signature, now)
+            return self._reject(version.version, digest, f"applying it failed: {error!r}", signature, now, exc=error)
         finally:
             del owner
         self._applied_version(version, signature, now, "applied")
@@ -529,8 +528,13 @@ class FileSource(Generic[T]):
         error: str,
         signature: _Signature,
         now: float,
+        *,
+        exc: BaseException | None = None,
     ) -> bool:
-        """Keep the version in use; log and record ``error`` once per distinct bad version (``key``)."""
+        """Keep the version in use; log and record ``error`` once per distinct bad version (``key``).
+
+        ``exc``: an unexpected exception (not a ``ConfigError``), whose traceback goes with the ERROR line.
+        """
         self._remember(signature, now)
         if key == self._rejected_key:
             return False
@@ -545,6 +549,7 @@ class FileSource(Generic[T]):
             version or "(unreadable)",
             serving,
             error,
+            exc_info=exc,
         )
         self._changed_one()
         return True

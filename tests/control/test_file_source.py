@@ -219,6 +219,44 @@ def test_going_back_to_the_version_in_use_clears_the_rejection(tmp_path: Path) -
     assert source.status().applied == 1
 
 
+def test_a_parser_bug_or_a_failed_publish_is_a_rejection_with_its_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "routes.json"
+    write(path, doc(1))
+
+    def buggy_parse(data: bytes, source: str) -> int:
+        value = parse(data, source)
+        if value == 2:
+            raise TypeError("a bug in the parser")
+        return value
+
+    def failing_publish(owner: Owner, value: int, version: FileVersion) -> None:
+        if value == 3:
+            raise RuntimeError("cannot apply")
+        publish(owner, value, version)
+
+    owner = Owner()
+    source: FileSource[int] = FileSource(
+        str(path), buggy_parse, failing_publish, owner=owner, variable=VARIABLE, interval=3600
+    )
+    owner.value = source.load_first()
+    for value, error in (
+        (2, "TypeError: a bug in the parser"),
+        (3, "applying it failed: RuntimeError('cannot apply')"),
+    ):
+        write(path, doc(value))
+        assert source.check_now()
+        rejected = source.status().rejected
+        assert rejected is not None
+        assert rejected.error == error
+        assert owner.value == 1
+        assert source.status().version == version_of(doc(1))
+    errors = records(caplog, logging.ERROR)
+    assert len(errors) == 2
+    assert all(record.exc_info is not None for record in errors)
+
+
 def test_an_oversized_change_is_rejected_without_a_version(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "routes.json"
     write(path, doc(1))
