@@ -30,11 +30,13 @@ from meshlib._config.parse import (
     parse_bool,
     parse_dns_servers,
     parse_duration_or_zero,
+    parse_file_path,
     parse_fraction,
     parse_header,
     parse_inner_transport,
     parse_int,
     parse_lb,
+    parse_namespace,
     parse_percent,
     parse_positive_duration,
     parse_propagate_to,
@@ -76,6 +78,9 @@ _GLOBALS: dict[str, tuple[str, _Parser]] = {
     "MESHLIB_ADMIN_ADDR": ("admin_addr", parse_admin_addr),
     "MESHLIB_PROPAGATE_TO": ("propagate_to", parse_propagate_to),
     "MESHLIB_INNER_TRANSPORT": ("inner_transport", parse_inner_transport),
+    "MESHLIB_ROUTES_FILE": ("routes_file", parse_file_path),
+    "MESHLIB_ROUTES_RELOAD_INTERVAL": ("routes_reload_interval", parse_duration_or_zero),
+    "MESHLIB_NAMESPACE": ("namespace", parse_namespace),
 }
 
 #: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``

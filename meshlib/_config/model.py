@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from meshlib._config.parse import (
+    FILE_PATH_EXPECTED,
     FRACTION_EXPECTED,
     HEADER_NAME_EXPECTED,
     INNER_TRANSPORT_EXPECTED,
     INNER_TRANSPORTS,
     MAX_DURATION,
+    NAMESPACE_EXPECTED,
     PERCENT_EXPECTED,
+    control_character,
     is_header_name,
+    is_namespace,
 )
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
@@ -172,6 +176,13 @@ class MeshConfig:
     * ``inner_transport="httpx"`` -- ``MESHLIB_INNER_TRANSPORT``: each endpoint's pooled transport, ``httpx``
       (``httpx.HTTPTransport`` / ``AsyncHTTPTransport``) or ``aiohttp`` (``httpx-aiohttp``, ``AsyncClient`` only,
       the ``aiohttp`` extra); a client's ``inner_transport=`` argument overrides it.
+    * ``routes_file=None`` -- ``MESHLIB_ROUTES_FILE``: a file of Gateway API HTTPRoute documents, watched and
+      hot-reloaded (:class:`meshlib.control.file.FileSource`); ``None``: no routes.
+    * ``routes_reload_interval=1 s`` -- ``MESHLIB_ROUTES_RELOAD_INTERVAL``: how often the routes file is checked
+      for a new version (one ``stat()``; 0: loaded once, never reloaded). 1 s is kubelet-ConfigMap-update
+      scale and Envoy's file-based xDS reacts within that too.
+    * ``namespace=None`` -- ``MESHLIB_NAMESPACE``: the client's own Kubernetes namespace (an RFC 1123 label),
+      which Gateway API consumer routes (GAMMA) are matched against; ``None``: unknown.
 
     :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
     """
@@ -193,6 +204,9 @@ class MeshConfig:
     admin_addr: tuple[str, int] | None = None
     propagate_to: tuple[str, ...] = ()
     inner_transport: str = "httpx"
+    routes_file: str | None = None
+    routes_reload_interval: float = 1.0
+    namespace: str | None = None
     #: The environment the settings were read from (``Client(environ=...)`` or ``os.environ``), for sources that
     #: read their own ecosystem's variables (``CONSUL_*``). Kept out of repr and comparisons: it holds secrets.
     environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
@@ -219,6 +233,14 @@ class MeshConfig:
         interval = self.tls_reload_interval
         ok = _is_duration(interval, allow_zero=True)
         _check("MeshConfig", "tls_reload_interval", interval, ok, f"a duration (0: never), {_DURATION_LIMIT}")
+        routes = self.routes_file
+        ok = routes is None or (isinstance(routes, str) and bool(routes) and control_character(routes) is None)
+        _check("MeshConfig", "routes_file", routes, ok, FILE_PATH_EXPECTED)
+        interval = self.routes_reload_interval
+        ok = _is_duration(interval, allow_zero=True)
+        _check("MeshConfig", "routes_reload_interval", interval, ok, f"a duration (0: never), {_DURATION_LIMIT}")
+        namespace = self.namespace
+        _check("MeshConfig", "namespace", namespace, namespace is None or is_namespace(namespace), NAMESPACE_EXPECTED)
         if not self.policy.complete:
             object.__setattr__(self, "policy", self.policy.resolved())
         policies = {key: self.policy.merge(svc.policy) for key, svc in self.services.items() if svc.policy is not None}

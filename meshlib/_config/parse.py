@@ -359,6 +359,45 @@ def parse_text(variable: str, raw: str) -> str:
     return raw
 
 
+#: A Kubernetes namespace name: an RFC 1123 DNS label (lower-case letters, digits and '-', 1 to 63 characters).
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
+NAMESPACE_EXPECTED = (
+    "a Kubernetes namespace name: an RFC 1123 DNS label of at most 63 lower-case letters, digits and '-', "
+    "starting and ending with a letter or digit (e.g. payments-prod)"
+)
+
+
+def parse_namespace(variable: str, raw: str) -> str:
+    """``MESHLIB_NAMESPACE``: a Kubernetes namespace name (an RFC 1123 DNS label), as written (no case folding).
+
+    Kubernetes refuses upper case in namespace names, so ``Payments`` is refused here too rather than folded:
+    a route that names namespace ``payments`` must not match a client that said ``Payments`` by accident.
+    """
+    text = raw.strip()
+    if _DNS_LABEL.fullmatch(text) is None:
+        raise ConfigError(variable, shown(raw), NAMESPACE_EXPECTED)
+    return text
+
+
+def is_namespace(text: object) -> bool:
+    """Whether ``text`` is a valid :func:`parse_namespace` value."""
+    return isinstance(text, str) and _DNS_LABEL.fullmatch(text) is not None
+
+
+FILE_PATH_EXPECTED = "a file path (no NUL or other control characters)"
+
+
+def parse_file_path(variable: str, raw: str) -> str:
+    """A file path, stripped of surrounding blanks; control characters (NUL, CR, LF...) are refused.
+
+    Whether the file exists and is usable is checked by whoever loads it, at client construction.
+    """
+    text = raw.strip()
+    if control_character(text) is not None or "\t" in text:
+        raise ConfigError(variable, shown(raw, 256), FILE_PATH_EXPECTED)
+    return text
+
+
 def parse_server_name(variable: str, raw: str) -> str:
     """A TLS server name, lower-cased."""
     return raw.lower()
