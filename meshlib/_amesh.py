@@ -306,6 +306,8 @@ class AsyncMeshTransport(_Mesh[Any]):
         self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
         self._finalizer.detach()
         self.telemetry.unbind(self)
+        if self.routes_source is not None:
+            self.routes_source.stop()  # the poll thread: joined promptly (it only waits on an event)
         for task in self._refreshers.values():
             await task.stop()
         self._refreshers.clear()

@@ -28,6 +28,7 @@ flavour (:meth:`meshlib._http.HttpLib.localize`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -208,8 +209,33 @@ class _Mesh(Generic[T]):
         self._routes_loaded_at: float | None = None
         self._routing_state()
         self._driver_state()
+        if config.routes_file is not None:
+            self._watch_routes(config)
         self._finalizer = self._on_collect()
         _LIVE.add(self)
+
+    def _watch_routes(self, config: MeshConfig) -> None:
+        """Load ``MESHLIB_ROUTES_FILE`` now (an invalid file is a ``ConfigError`` here) and watch it for changes."""
+        from meshlib.control.file import FileSource
+
+        assert config.routes_file is not None
+        services = {key: svc.name for key, svc in config.services.items()}
+        parse = functools.partial(_parse_routes, services=services, namespace=config.namespace)
+        source: FileSource[RouteTable] = FileSource(
+            config.routes_file,
+            parse,
+            _publish_routes,
+            owner=self,
+            variable="MESHLIB_ROUTES_FILE",
+            interval=config.routes_reload_interval,
+        )
+        table = source.load_first()
+        version = source.current
+        if version is not None:
+            table = dataclasses.replace(table, source=version.path, version=version.version)
+        self.install_routes(table)
+        self.routes_source = source
+        source.start()
 
     def _routing_state(self) -> None:
         """Per-client routing counters (made at construction and again after a fork)."""
@@ -305,7 +331,9 @@ class _Mesh(Generic[T]):
             state = source.status()
             applied, loaded_at = state.applied, state.loaded_at
             if state.rejected is not None:
-                rejected = RejectedRoutes(state.rejected.version, state.rejected.error, state.rejected.at)
+                rejected = RejectedRoutes(
+                    state.rejected.version or "unreadable", state.rejected.error, state.rejected.at
+                )
         with self._counts_lock:
             mirrors = {f"{service}/{outcome}": n for (service, outcome), n in sorted(self.mirror_counts.items())}
         faults = {name: slot.injected for (name, _), slot in sorted(self._fault_slots.items())}
@@ -495,6 +523,18 @@ class _Mesh(Generic[T]):
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError(reason=self._closed_reason)
+
+
+def _parse_routes(data: bytes, source: str, *, services: Mapping[str, str], namespace: str | None) -> RouteTable:
+    """A routes file version, compiled (``RoutesError`` when invalid): what the file source validates with."""
+    from meshlib.routing.gateway_api import parse_routes
+
+    return parse_routes(data, source=source, services=services, namespace=namespace)
+
+
+def _publish_routes(mesh: _Mesh[Any], table: RouteTable, version: Any) -> None:
+    """A new valid routes file version: new calls route by it (the file source calls this on its thread)."""
+    mesh.install_routes(dataclasses.replace(table, source=version.path, version=version.version))
 
 
 def _halt(refreshers: dict[str, Any], services: list[Service[Any]]) -> None:
@@ -767,6 +807,8 @@ class MeshTransport(_Mesh[Any]):
             self.home.closed = True  # no attempt starts now; pools in use are closed by their last lease
         self._finalizer.detach()
         self.telemetry.unbind(self)
+        if self.routes_source is not None:
+            self.routes_source.stop()
         for thread in self._refreshers.values():
             thread.stop()
         self._refreshers.clear()
