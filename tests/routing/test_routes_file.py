@@ -178,7 +178,7 @@ def test_reload_under_live_traffic_fails_no_request_and_never_mixes_tables(
                 try:
                     response = client.get("http://payments/")
                     seen.append((response.headers["x-table"], response.headers["x-backend"]))
-                except BaseException as exc:  # noqa: BLE001 - every failure is the test's business
+                except BaseException as exc:  # every failure is the test's business
                     failures.append(exc)
                 with progress:
                     progress.notify_all()
@@ -192,7 +192,7 @@ def test_reload_under_live_traffic_fails_no_request_and_never_mixes_tables(
                 write(path, tables[flip % 2] + f"# version {flip}\n")
                 assert client.mesh.routes_source.check_now()
                 with progress:  # some calls on each version
-                    assert progress.wait_for(lambda: len(seen) >= before + 4 or bool(failures), 30)
+                    assert progress.wait_for(lambda n=before + 4: len(seen) >= n or bool(failures), 30)
         finally:
             stop.set()
             for caller in callers:
