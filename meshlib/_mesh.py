@@ -242,14 +242,11 @@ class _Mesh(Generic[T]):
         #: Each fault filter's active faults (gRFC A33's ``max_active_faults``), by (name, limit).
         self._fault_slots: dict[tuple[str, int | None], ActiveLimit] = {}
         #: Mirrored requests in flight, at most :attr:`mirror_concurrency` (more are dropped and counted).
-        self._mirror_gate = ActiveLimit(self.mirror_concurrency)
+        self._mirror_gate = ActiveLimit(self.config.mirror_concurrency)
         #: (mirror service, outcome) -> count: ``sent``, ``failed``, ``dropped`` (concurrency full),
         #: ``skipped-streaming`` (a one-shot body), ``skipped-unsafe`` (a non-idempotent method).
         self.mirror_counts: dict[tuple[str, str], int] = {}
         self._counts_lock = threading.Lock()
-
-    #: Mirrored requests one client keeps in flight at most; beyond it mirrors are dropped (and counted).
-    mirror_concurrency = 16
 
     def _driver_state(self) -> None:
         """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
@@ -715,7 +712,7 @@ class MeshTransport(_Mesh[Any]):
                     from concurrent.futures import ThreadPoolExecutor
 
                     pool = self._mirror_workers = ThreadPoolExecutor(
-                        max_workers=self.mirror_concurrency, thread_name_prefix="meshlib-mirror"
+                        max_workers=self.config.mirror_concurrency, thread_name_prefix="meshlib-mirror"
                     )
         return pool
 

@@ -44,6 +44,9 @@ def test_values(env: dict[str, str], attr: str, value: object) -> None:
         ({"MESHLIB_NAMESPACE": "pay_ments"}, "MESHLIB_NAMESPACE", "RFC 1123 DNS label"),
         ({"MESHLIB_NAMESPACE": "pay.ments"}, "MESHLIB_NAMESPACE", "RFC 1123 DNS label"),
         ({"MESHLIB_NAMESPACE": "a" * 64}, "MESHLIB_NAMESPACE", "at most 63"),
+        ({"MESHLIB_MIRROR_CONCURRENCY": "0"}, "MESHLIB_MIRROR_CONCURRENCY", "from 1 to 10,000"),
+        ({"MESHLIB_MIRROR_CONCURRENCY": "10001"}, "MESHLIB_MIRROR_CONCURRENCY", "from 1 to 10,000"),
+        ({"MESHLIB_MIRROR_CONCURRENCY": "-1"}, "MESHLIB_MIRROR_CONCURRENCY", "whole number"),
     ],
 )
 def test_bad_values_name_variable_value_and_expectation(env: dict[str, str], variable: str, expected: str) -> None:
@@ -63,6 +66,8 @@ def test_bad_values_name_variable_value_and_expectation(env: dict[str, str], var
         ("routes_reload_interval", float("nan")),
         ("namespace", "Bad"),
         ("namespace", ""),
+        ("mirror_concurrency", 0),
+        ("mirror_concurrency", True),
     ],
 )
 def test_bad_values_in_code_name_the_field(field: str, value: object) -> None:

@@ -52,6 +52,15 @@ from meshlib.security.tls import TLSSettings
 #: Unknown-variable warnings keep the logger name of the module that used to hold all of this.
 logger = logging.getLogger("meshlib.config")
 
+
+def parse_mirror_concurrency(variable: str, raw: str) -> int:
+    """``MESHLIB_MIRROR_CONCURRENCY``: mirrored requests in flight per client, 1..10,000."""
+    value = parse_int(variable, raw)
+    if not 1 <= value <= 10_000:
+        raise ConfigError(variable, raw, "an integer from 1 to 10,000")
+    return value
+
+
 ENV_PREFIX = "MESHLIB_"
 SERVICE_PREFIX = "MESHLIB_SERVICE_"
 #: Separates a service name from a per-service setting: ``MESHLIB_SERVICE_PAYMENTS__LB``.
@@ -81,6 +90,7 @@ _GLOBALS: dict[str, tuple[str, _Parser]] = {
     "MESHLIB_ROUTES_FILE": ("routes_file", parse_file_path),
     "MESHLIB_ROUTES_RELOAD_INTERVAL": ("routes_reload_interval", parse_duration_or_zero),
     "MESHLIB_NAMESPACE": ("namespace", parse_namespace),
+    "MESHLIB_MIRROR_CONCURRENCY": ("mirror_concurrency", parse_mirror_concurrency),
 }
 
 #: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``

@@ -183,6 +183,9 @@ class MeshConfig:
       scale and Envoy's file-based xDS reacts within that too.
     * ``namespace=None`` -- ``MESHLIB_NAMESPACE``: the client's own Kubernetes namespace (an RFC 1123 label),
       which Gateway API consumer routes (GAMMA) are matched against; ``None``: unknown.
+    * ``mirror_concurrency=16`` -- ``MESHLIB_MIRROR_CONCURRENCY``: mirrored requests (``RequestMirror``) one
+      client keeps in flight; more are dropped and counted, so a slow or hung mirror never holds more
+      (Envoy sends shadows without a limit; a bounded share of threads and sockets is the library's due).
 
     :meth:`policy_for` and :meth:`resilience_for` answer per service from tables built at construction.
     """
@@ -207,6 +210,7 @@ class MeshConfig:
     routes_file: str | None = None
     routes_reload_interval: float = 1.0
     namespace: str | None = None
+    mirror_concurrency: int = 16
     #: The environment the settings were read from (``Client(environ=...)`` or ``os.environ``), for sources that
     #: read their own ecosystem's variables (``CONSUL_*``). Kept out of repr and comparisons: it holds secrets.
     environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
@@ -239,6 +243,9 @@ class MeshConfig:
         interval = self.routes_reload_interval
         ok = _is_duration(interval, allow_zero=True)
         _check("MeshConfig", "routes_reload_interval", interval, ok, f"a duration (0: never), {_DURATION_LIMIT}")
+        mirrors = self.mirror_concurrency
+        ok = _is_int(mirrors) and 1 <= mirrors <= 10_000
+        _check("MeshConfig", "mirror_concurrency", mirrors, ok, "an integer from 1 to 10,000")
         namespace = self.namespace
         _check("MeshConfig", "namespace", namespace, namespace is None or is_namespace(namespace), NAMESPACE_EXPECTED)
         if not self.policy.complete:

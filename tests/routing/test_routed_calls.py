@@ -417,9 +417,8 @@ def test_mirror_fraction_draws_from_the_rng(start_backends: BackendFactory) -> N
 def test_excess_mirrors_are_dropped_and_counted(start_backends: BackendFactory) -> None:
     (v1,) = start_backends(1, prefix="v1-")
     (shadow,) = start_backends(1, behavior=Behavior(delay=30), prefix="shadow-")
-    with meshlib.Client(environ=mirror_env([v1], [shadow])) as client:
+    with meshlib.Client(environ={**mirror_env([v1], [shadow]), "MESHLIB_MIRROR_CONCURRENCY": "3"}) as client:
         client.mesh.install_routes(table("payments", mirrored()))
-        client.mesh._mirror_gate.limit = 3
         for _ in range(10):
             assert client.get("http://payments/").status_code == 200
         counts = dict(client.mesh.mirror_counts)

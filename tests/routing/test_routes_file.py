@@ -203,6 +203,30 @@ def test_reload_under_live_traffic_fails_no_request_and_never_mixes_tables(
     assert {label for label, _ in seen} == {"one", "two"}
 
 
+def test_a_call_in_flight_finishes_on_the_table_it_started_with(
+    tmp_path: Path, trio_of_backends: tuple[Any, Any, Any]
+) -> None:
+    v1, v2, shadow = trio_of_backends
+    released = threading.Event()
+    # v1's answer waits until the test lets it go (delay_fn runs in v1's own thread): the call stays in flight.
+    v1.behavior = Behavior(delay_fn=lambda: 0.0 if released.wait(30) else 0.0)
+    path = tmp_path / "routes.yaml"
+    write(path, one_backend("payments-v1", "one"))
+    answers: list[Any] = []
+    with meshlib.Client(environ=environ(path, v1, v2, shadow)) as client:
+        caller = threading.Thread(target=lambda: answers.append(client.get("http://payments/")))
+        caller.start()
+        assert v1.wait_for(1)  # the call is at its backend, routed by table "one"
+        write(path, one_backend("payments-v2", "two"))
+        assert client.mesh.routes_source.check_now()
+        assert client.get("http://payments/").headers["x-table"] == "two"  # new calls: the new table
+        released.set()
+        caller.join(30)
+    # The call in flight kept its rule: its response filter is the old table's.
+    assert answers[0].headers["x-table"] == "one"
+    assert answers[0].headers["x-backend"] == "v1-0"
+
+
 @pytest.mark.anyio
 async def test_async_reload_under_live_traffic(tmp_path: Path, trio_of_backends: tuple[Any, Any, Any]) -> None:
     v1, v2, shadow = trio_of_backends
