@@ -209,7 +209,7 @@ def test_a_call_in_flight_finishes_on_the_table_it_started_with(
     v1, v2, shadow = trio_of_backends
     released = threading.Event()
     # v1's answer waits until the test lets it go (delay_fn runs in v1's own thread): the call stays in flight.
-    v1.behavior = Behavior(delay_fn=lambda: 0.0 if released.wait(30) else 0.0)
+    v1.behavior = Behavior(delay_fn=lambda: float(not released.wait(30)))
     path = tmp_path / "routes.yaml"
     write(path, one_backend("payments-v1", "one"))
     answers: list[Any] = []

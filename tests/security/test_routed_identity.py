@@ -80,6 +80,6 @@ def test_routed_backend_spiffe_id_is_its_services(mode: str, tmp_path: Path, tls
     }
     assert _get(mode, env, _routes_to("payments-v2")).status_code == 200
     wrong = {**env, "MESHLIB_SERVICE_PAYMENTS_V2__TLS_SERVER_ID": f"spiffe://{TD}/ns/pay/sa/payments"}
-    with pytest.raises(httpx.ConnectError, match="expected spiffe://prod.example/ns/pay/sa/payments, presented"):
+    with pytest.raises(httpx.ConnectError, match=r"expected spiffe://prod\.example/ns/pay/sa/payments, presented"):
         _get(mode, wrong, _routes_to("payments-v2"))
     assert v2.count == 1
