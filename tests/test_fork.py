@@ -289,3 +289,34 @@ def test_admin_endpoint_stays_the_parents(start_backends: BackendFactory) -> Non
         assert fetch_status(address)["pid"] == os.getpid()  # type: ignore[index]  # the parent still serves, its own state
     finally:
         client.close()
+
+
+def test_routes_file_keeps_steering_and_reloading_in_the_child(tmp_path: Any, start_backends: BackendFactory) -> None:
+    """A client with MESHLIB_ROUTES_FILE built before fork: the child routes by the same table, and a new version
+    of the file reaches it through the child's own watcher (threads do not survive a fork)."""
+    from tests.routing.test_routes_file import one_backend, write
+
+    v1, v2 = start_backends(2)
+    path = tmp_path / "routes.yaml"
+    write(path, one_backend("payments-v1", "one"))
+    env = {
+        "MESHLIB_ROUTES_FILE": str(path),
+        "MESHLIB_ROUTES_RELOAD_INTERVAL": "0.05",
+        "MESHLIB_SERVICE_PAYMENTS_V1": f"static://{v1.address}",
+        "MESHLIB_SERVICE_PAYMENTS_V2": f"static://{v2.address}",
+    }
+    with meshlib.Client(environ=env) as client:
+        assert client.get("http://payments/").headers["x-table"] == "one"
+
+        def work(side: str) -> Any:
+            if side == "parent":
+                return None
+            first = client.get("http://payments/").headers["x-table"]
+            source = client.mesh.routes_source
+            seen = source.changes
+            write(path, one_backend("payments-v2", "two"))
+            changed = source.wait_change(seen, 30)  # the child's own poll thread picks it up
+            return [first, changed, client.get("http://payments/").headers["x-backend"]]
+
+        _, child = _both(work)
+    assert child == ["one", True, "b1"]
