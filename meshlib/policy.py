@@ -4,9 +4,12 @@ A :class:`Policy` is an immutable value: deadline, retry and backoff rules for o
 may be ``None``, meaning "not set at this layer", so policies stack. The transport resolves, for each request
 (see docs/design.md, step 2)::
 
-    DEFAULT_POLICY  <  MESHLIB_* env  <  MESHLIB_SERVICE_<NAME>__*  <  policy() scopes  <  request extension
+    DEFAULT_POLICY  <  MESHLIB_* env  <  MESHLIB_SERVICE_<NAME>__*  <  route rule  <  policy() scopes
+                    <  request extension
 
-where a later layer's set fields win (:meth:`Policy.merge`). The scope layer lives in a :mod:`contextvars`
+where a later layer's set fields win (:meth:`Policy.merge`). The route layer is the matched rule's
+``timeouts`` and ``retry`` (docs/routing.md), merged over the *called* service's policy when the table is
+installed, so it costs nothing per request. The scope layer lives in a :mod:`contextvars`
 variable, so a scope entered around ``await`` is inherited by the asyncio tasks it creates, is isolated from
 concurrent tasks, and is invisible to other threads (a new thread starts with an empty context;
 ``asyncio.to_thread`` and ``loop.run_in_executor`` via ``contextvars.copy_context`` carry it along)::
@@ -413,7 +416,7 @@ def effective(base: Policy, request_policy: Policy | None = None) -> tuple[Polic
     """The policy of one call and its absolute deadline (:func:`time.monotonic` seconds).
 
     ``base`` is the client's policy for the service (``MeshConfig.policy_for(key)``: defaults, env,
-    per-service env); the enclosing scopes and then ``request_policy`` (the request's
+    per-service env), for a routed call merged with the matched rule's; the enclosing scopes and then ``request_policy`` (the request's
     :data:`POLICY_EXTENSION`) override it. The returned policy is complete (no ``None`` field; an
     incomplete ``base`` is completed from :data:`DEFAULT_POLICY`). The deadline is
     ``min(now + timeout, now + request/base deadline, scope deadline)``; it is ``math.inf`` only when all
