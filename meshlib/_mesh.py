@@ -491,8 +491,11 @@ class _Mesh(Generic[T]):
                 modify(headers, routed.rule.filters.request_headers)
             host = headers.get("host") or request.url.host
             headers["Host"] = f"{host}-shadow"  # Envoy's and Istio's shadow host
-            extensions = {k: v for k, v in request.extensions.items() if k not in (POLICY_EXTENSION, "timeout")}
+            dropped = (POLICY_EXTENSION, "timeout", "sni_hostname")
+            extensions = {k: v for k, v in request.extensions.items() if k not in dropped}
             extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout)
+            if request.url.scheme == "https":  # the mirror's own certificate is checked, as any backend's
+                extensions["sni_hostname"] = mirror.service
             copy.extensions = extensions
             due.append((service, copy))
         return due

@@ -83,3 +83,28 @@ def test_routed_backend_spiffe_id_is_its_services(mode: str, tmp_path: Path, tls
     with pytest.raises(httpx.ConnectError, match=r"expected spiffe://prod\.example/ns/pay/sa/payments, presented"):
         _get(mode, wrong, _routes_to("payments-v2"))
     assert v2.count == 1
+
+
+def test_mirror_is_checked_against_the_mirror_services_own_name(
+    ca: CA, tmp_path: Path, tls_backend: TLSBackendFactory
+) -> None:
+    from meshlib.routing.model import Filters, Mirror
+
+    v1 = tls_backend(ca.issue("payments-v1"))
+    shadow = tls_backend(ca.issue("payments-shadow"), name="shadow")
+    rule = Rule(
+        "payments", 0, backends=(Backend("payments-v1"),), filters=Filters(mirrors=(Mirror("payments-shadow"),))
+    )
+    table = RouteTable(services={"PAYMENTS": {None: HostRoutes("payments", ((rule.matches[0], rule),))}})
+    env = {
+        "MESHLIB_SERVICE_PAYMENTS_V1": f"static://{v1.address}",
+        "MESHLIB_SERVICE_PAYMENTS_SHADOW": f"static://{shadow.address}",
+        "MESHLIB_TLS_CA_FILE": str(ca.write(tmp_path / "ca.pem")),
+    }
+    with meshlib.Client(environ=env) as client:
+        client.mesh.install_routes(table)
+        assert client.get("https://payments/charge").status_code == 200
+        client.mesh._mirror_workers.shutdown(wait=True)
+        counts = dict(client.mesh.mirror_counts)
+    assert counts == {("payments_shadow", "sent"): 1}
+    assert shadow.requests[0].headers["host"] == "payments-shadow"
