@@ -417,8 +417,9 @@ def effective(base: Policy, request_policy: Policy | None = None) -> tuple[Polic
 
     ``base`` is the client's policy for the service (``MeshConfig.policy_for(key)``: defaults, env,
     per-service env), for a routed call merged with the matched rule's; the enclosing scopes and then
-    ``request_policy`` (the request's :data:`POLICY_EXTENSION`) override it. The returned policy is complete (no ``None`` field; an
-    incomplete ``base`` is completed from :data:`DEFAULT_POLICY`). The deadline is
+    ``request_policy`` (the request's :data:`POLICY_EXTENSION`) override it. The returned policy is
+    complete (no ``None`` field; an incomplete ``base`` is completed from :data:`DEFAULT_POLICY`). The
+    deadline is
     ``min(now + timeout, now + request/base deadline, scope deadline)``; it is ``math.inf`` only when all
     of them are infinite, and may already be in the past (an expired inbound budget): the caller raises
     ``DeadlineExceeded`` before any attempt in that case.
