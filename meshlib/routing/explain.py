@@ -31,7 +31,8 @@ from meshlib.routing.model import HeaderModifier, PathMatch, RouteMatch, _header
 from meshlib.status import printable
 
 if TYPE_CHECKING:
-    from meshlib._mesh import MeshTransport, _Mesh, _Target
+    from meshlib._client import SyncMesh
+    from meshlib._mesh import _Mesh, _Target
     from meshlib._service import Service
     from meshlib.routing.model import Backend, Filters, Rule
 
@@ -566,9 +567,9 @@ def _text_value(name: str, value: object) -> str:
 # -- discovery without a request ----------------------------------------------------------------------------------
 
 
-def wait_for_discovery(mesh: MeshTransport, names: Iterable[str], timeout: float) -> dict[str, bool]:
-    """Start the discovery of the services ``names`` (a blocking client's ``client.mesh``) as a first call would,
-    and wait up to ``timeout`` seconds in all for their first answers; whether each answered in time.
+def wait_for_discovery(client: SyncMesh, names: Iterable[str], timeout: float) -> dict[str, bool]:
+    """Start the discovery of the services ``names`` of a blocking client (``meshlib.Client``) as a first call
+    would, and wait up to ``timeout`` seconds in all for their first answers; whether each answered in time.
 
     It takes the request path's own first-use path (the driver's ``_view``: the service's refresh thread starts
     once, and a call waits on its first answer within its deadline), with a call that is never sent: its
@@ -580,6 +581,7 @@ def wait_for_discovery(mesh: MeshTransport, names: Iterable[str], timeout: float
     from meshlib._plan import Call
     from meshlib.errors import DeadlineExceeded, MeshError
 
+    mesh = client.mesh
     services = [s for s in (mesh.services.get(service_key(name)) for name in dict.fromkeys(names)) if s is not None]
     deadline = time.monotonic() + max(timeout, 0.0)
     answered: dict[str, bool] = {}

@@ -195,7 +195,7 @@ def run_explain_command(args: argparse.Namespace) -> int:
         explanation = client.explain(request)
         if explanation.local is None:
             names = [b.service for b in explanation.backends if b.configured and b.weight > 0 and not b.invalid]
-            wait_for_discovery(client.mesh, [n for n in names if n is not None], args.wait)
+            wait_for_discovery(client, [n for n in names if n is not None], args.wait)
             explanation = client.explain(request)
     print(json.dumps(explanation.to_dict(), indent=2) if args.json else explanation.text())
     return EXIT_OK
