@@ -609,8 +609,8 @@ def _render(e: Explanation) -> list[str]:
     if not e.in_mesh:
         lines.append(f"host {e.host}: outside the mesh (no service, no route): sent as it is by the HTTP library")
         return lines
-    kind = "configured mesh service" if e.configured else "route parent only (no service configured)"
-    lines.append(f"host {e.host} port {e.port}: {e.service} ({kind})")
+    kind = "a configured mesh service" if e.configured else "a route parent only, no service configured"
+    lines.append(f"host {e.host} port {e.port}: {e.service}, {kind}")
     table = f"{e.table_source or 'none'}" + (f" version {e.table_version}" if e.table_version else "")
     lines.append(f"route table: {table}")
     if e.routes != "apply":
