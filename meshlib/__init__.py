@@ -39,6 +39,7 @@ from meshlib.errors import (
     RedirectRefusedError,
 )
 from meshlib.policy import Policy, current_deadline, policy
+from meshlib.routing.explain import Explanation
 from meshlib.security import IdentityError, TLSSettings, find_identity_error
 from meshlib.status import MeshStatus
 
@@ -57,6 +58,7 @@ __all__ = [
     "DeadlineExceeded",
     "DiscoveryError",
     "Endpoint",
+    "Explanation",
     "IdentityError",
     "MeshConfig",
     "MeshError",

@@ -55,6 +55,7 @@ from meshlib._mesh import MeshTransport
 from meshlib._plan import described_url
 from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
+from meshlib.routing.explain import Explanation, explain
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
 from meshlib.status import MeshStatus, status_of
 from meshlib.telemetry.client import ClientTelemetry
@@ -400,6 +401,34 @@ class _MeshClient:
             "sync" if isinstance(self._mesh, MeshTransport) else "async",
             self._mesh.routes_view(),
         )
+
+    def explain(
+        self,
+        request: Any,
+        url: Any = None,
+        *,
+        headers: Any = None,
+        params: Any = None,
+        extensions: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """What this client would do with a request, and why: route, rule, filters, backends, endpoints, policy.
+
+        ``request`` is a request (``client.build_request(...)``) or a method, then ``url`` (and optional
+        ``headers``, ``params``, ``extensions``) build one with :meth:`build_request`, so the client's own
+        headers and ``base_url`` apply as they would to a call. Nothing is sent and nothing is drawn or counted:
+        it reports what is known now (endpoints appear once discovery has started; ``meshlib explain`` starts
+        it). Explain the request from where the call would be made: the ``meshlib.policy()`` scopes in effect
+        there are part of the answer. See docs/routing.md, "meshlib explain".
+        """
+        if isinstance(request, str):
+            if url is None:
+                raise TypeError("explain(method, url): the url is missing")
+            request = self.build_request(  # type: ignore[attr-defined]
+                request, url, headers=headers, params=params, extensions=extensions
+            )
+        elif url is not None or headers is not None or params is not None or extensions is not None:
+            raise TypeError("explain(request) takes a built request alone, or explain(method, url, headers=...)")
+        return explain(self._mesh, request)
 
     @property
     def http_library(self) -> str:

@@ -20,6 +20,7 @@ PUBLIC = {
     "DeadlineExceeded",
     "DiscoveryError",
     "Endpoint",
+    "Explanation",
     "IdentityError",
     "MeshConfig",
     "MeshError",

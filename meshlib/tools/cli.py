@@ -1,4 +1,4 @@
-"""The ``meshlib`` command: ``meshlib demo``, ``meshlib resolve <service>``, ``meshlib status``, ``--version``.
+"""The ``meshlib`` command: ``meshlib demo``, ``resolve <service>``, ``status``, ``explain``, ``--version``.
 
 ``demo`` shows balancing, retries, circuit breakers and outlier ejection on real loopback backends (see
 :mod:`meshlib.tools.demo`). ``resolve`` answers "what would my application's client see for this service?":
@@ -12,8 +12,11 @@ with :func:`meshlib.status.format_status`. Whatever answers on that port is not 
 :data:`MAX_STATUS_BYTES` within :data:`STATUS_TIMEOUT` seconds, must be HTTP 200 with JSON of the shape
 :func:`meshlib.status.check_status` expects, and everything printed from it is escaped and bounded
 (:func:`meshlib.status.printable`); anything else is one line on stderr naming the address and what was
-expected, exit code 1. Configuration problems are reported as one line on stderr with exit code 2 (the usual
-"usage error" code), never as a traceback.
+expected, exit code 1. ``explain`` prints :meth:`meshlib.Client.explain` for a request (nothing sent), after
+starting discovery of the backends the winning rule can pick and waiting up to ``--wait`` seconds for their
+first answers (:func:`meshlib.routing.explain.wait_for_discovery`, the first-use path a call takes).
+Configuration problems are reported as one line on stderr with exit code 2 (the usual "usage error" code),
+never as a traceback.
 
 Like everything in :mod:`meshlib.tools`, this module uses meshlib's public API only.
 """
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 import meshlib
 from meshlib.discovery import DiscoverySettings, Resolution, build_resolver
 from meshlib.errors import DiscoveryError  # the library-neutral kind: discovery raises it, whichever HTTP library
+from meshlib.routing.explain import wait_for_discovery
 from meshlib.status import ServiceStatus, StatusFormatError, check_status, format_status, printable
 from meshlib.tools.demo import DemoOptions, run_demo
 
@@ -52,6 +56,9 @@ DEFAULT_ADMIN_ADDR = "127.0.0.1:9901"
 #: The variable that names a service's discovery target is this prefix and the service's ``<NAME>``.
 SERVICE_VARIABLE_PREFIX = "MESHLIB_SERVICE_"
 ADMIN_ADDR_VARIABLE = "MESHLIB_ADMIN_ADDR"
+#: Seconds ``meshlib explain`` waits for discovery's first answers by default, and at most.
+DEFAULT_EXPLAIN_WAIT = 2.0
+MAX_EXPLAIN_WAIT = 60.0
 
 
 class UsageError(Exception):
@@ -116,7 +123,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the JSON the endpoint answered")
     status.set_defaults(handler=run_status_command)
+
+    explain = commands.add_parser(
+        "explain",
+        help="print how a request would be routed: rule matched and why the others did not, filters, backends "
+        "with weights and endpoints, effective policy",
+        description="Build meshlib.Client() from the MESHLIB_* environment, start discovery of the backends the "
+        "winning rule can pick (waiting up to --wait seconds for their first answers), and print what the client "
+        "would do with the request. Nothing is sent.",
+    )
+    explain.add_argument("method", metavar="METHOD", help="the request method, e.g. POST")
+    explain.add_argument("url", metavar="URL", help="the URL the application calls, e.g. http://payments/charge")
+    explain.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        dest="headers",
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable)",
+    )
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    explain.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        default=DEFAULT_EXPLAIN_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait for discovery's first answers (default {DEFAULT_EXPLAIN_WAIT:g})",
+    )
+    explain.set_defaults(handler=run_explain_command)
     return parser
+
+
+def _wait_seconds(raw: str) -> float:
+    """argparse type for ``--wait``: seconds from 0 to :data:`MAX_EXPLAIN_WAIT`."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {raw!r}") from None
+    if not 0.0 <= value <= MAX_EXPLAIN_WAIT:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to {MAX_EXPLAIN_WAIT:g}, got {raw!r}")
+    return value
+
+
+def parse_header(raw: str) -> tuple[str, str]:
+    """``-H 'name: value'`` as curl writes it: a :class:`UsageError` naming the argument unless the name is an
+    HTTP token and the value has no line break."""
+    name, colon, value = raw.partition(":")
+    name = name.strip()
+    value = value.strip()
+    if not colon or not name or not all(c in _TOKEN for c in name) or any(c in value for c in "\r\n\x00"):
+        raise UsageError(f"-H {printable(raw, 200)!r}: expected 'NAME: VALUE', NAME an HTTP header name")
+    return name, value
+
+
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def run_explain_command(args: argparse.Namespace) -> int:
+    """``meshlib explain METHOD URL``: print :meth:`meshlib.Client.explain` after discovery had a chance to answer."""
+    headers = [parse_header(raw) for raw in args.headers]
+    method: str = args.method
+    if not method or not all(c in _TOKEN for c in method):
+        raise UsageError(f"METHOD {printable(method, 40)!r}: expected an HTTP method such as GET or POST")
+    # What meshlib.Client() reads: the process's MESHLIB_* variables, validated as the application's client would.
+    with meshlib.Client(config=meshlib.MeshConfig.from_env(), inner_transport="httpx") as client:
+        try:
+            request = client.build_request(method.upper(), args.url, headers=headers)
+        except Exception as exc:  # httpx.InvalidURL, UnsupportedProtocol...: the library's words for a bad URL
+            raise UsageError(f"URL {printable(args.url, 200)!r}: {printable(exc, 200)}") from None
+        explanation = client.explain(request)
+        if explanation.local is None:
+            names = [b.service for b in explanation.backends if b.configured and b.weight > 0 and not b.invalid]
+            wait_for_discovery(client, [n for n in names if n is not None], args.wait)
+            explanation = client.explain(request)
+    print(json.dumps(explanation.to_dict(), indent=2) if args.json else explanation.text())
+    return EXIT_OK
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
