@@ -38,11 +38,13 @@ __all__ = [
     "PathMatch",
     "PathModifier",
     "QueryMatch",
+    "QueryString",
     "Redirect",
     "RouteMatch",
     "RouteTable",
     "Rule",
     "URLRewrite",
+    "first_query_values",
 ]
 
 PathKind = Literal["Exact", "PathPrefix", "RegularExpression"]
@@ -316,24 +318,135 @@ class Rule:
         return self.backends[bisect.bisect_right(cumulative, draw)]
 
 
+#: Distinct (method, path) pairs whose candidate entries one :class:`HostRoutes` remembers (then it starts over:
+#: paths with ids in them must not grow memory without bound).
+_CANDIDATES_CACHE_SIZE = 1024
+_ABSENT = object()
+
+
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
-    """The routes attached to one service (and port), compiled into one list in Gateway API precedence order."""
+    """The routes attached to one service (and port), compiled into one list in Gateway API precedence order.
+
+    Matching is the request path's only loop over the table, so :meth:`select` is compiled for speed (S9 in
+    docs/performance.md): the method and path conditions depend on the request's method and path alone, so the
+    entries that pass them (the *candidates*, in order) are computed once per distinct (method, path) and
+    remembered (bounded); header and query conditions are then tested on the candidates only, each header read
+    at most once per request and the query string parsed only if a candidate has a query condition. The result
+    is the same as testing every entry's :meth:`RouteMatch.test` in order.
+    """
 
     service: str
     #: (match, rule) pairs, most specific first: the first whose match the request meets wins.
     entries: tuple[tuple[RouteMatch, Rule], ...]
     #: Whether any match reads query parameters (the query string is parsed only then).
     reads_query: bool = False
+    #: (method, path) -> candidate entries; filled by :meth:`select` (a cache of a pure function).
+    _candidates: dict[tuple[str, str], tuple[tuple[RouteMatch, Rule], ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def select(
         self, method: str, path: str, headers: Any, query: Mapping[str, str] | None = None
     ) -> tuple[RouteMatch, Rule] | None:
         """The first (match, rule) the request meets, or ``None``: no rule matched (the call gets a 404)."""
-        for entry in self.entries:
-            if entry[0].test(method, path, headers, query):
+        cache = self._candidates
+        key = (method, path)
+        candidates = cache.get(key)
+        if candidates is None:
+            candidates = tuple(
+                entry
+                for entry in self.entries
+                if (entry[0].method is None or entry[0].method == method) and entry[0].path.test(path)
+            )
+            if len(cache) >= _CANDIDATES_CACHE_SIZE:
+                cache.clear()
+            cache[key] = candidates
+        seen: dict[str, str | None] | None = None
+        params: Mapping[str, str] | None = None
+        for entry in candidates:
+            match = entry[0]
+            ok = True
+            for header in match.headers:
+                name = header.name
+                if seen is None:
+                    seen = {}
+                found = seen.get(name, _ABSENT)
+                if found is _ABSENT:
+                    found = seen[name] = _header_value(headers, name)
+                if found is None:
+                    ok = False
+                elif header.kind == "Exact":
+                    ok = found == header.value
+                else:
+                    regex = header.regex
+                    ok = regex is not None and regex.fullmatch(found) is not None
+                if not ok:
+                    break
+            if ok and match.query:
+                if params is None:
+                    params = query._values() if type(query) is QueryString else (query or {})
+                for param in match.query:
+                    found = params.get(param.name)
+                    if found is None:
+                        ok = False
+                    elif param.kind == "Exact":
+                        ok = found == param.value
+                    else:
+                        regex = param.regex
+                        ok = regex is not None and regex.fullmatch(found) is not None
+                    if not ok:
+                        break
+            if ok:
                 return entry
         return None
+
+
+class QueryString(Mapping[str, str]):
+    """The first value of each query parameter of a raw query string (what ``url.params.get`` returns, as
+    httpx and httpx2 parse it: ``parse_qs(..., keep_blank_values=True)``), parsed on first use only."""
+
+    __slots__ = ("_parsed", "_raw")
+
+    def __init__(self, raw: str) -> None:
+        self._raw = raw
+        self._parsed: dict[str, str] | None = None
+
+    def _values(self) -> dict[str, str]:
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = first_query_values(self._raw)
+        return parsed
+
+    def __getitem__(self, name: str) -> str:
+        return self._values()[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The first value of ``name``, or ``default``."""
+        return self._values().get(name, default)
+
+    def __iter__(self) -> Any:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+
+def first_query_values(raw: str) -> dict[str, str]:
+    """``{name: first value}`` of a raw query string, exactly as ``urllib.parse.parse_qsl(raw,
+    keep_blank_values=True)`` decodes it (the fast split is only taken when nothing needs unquoting)."""
+    found: dict[str, str] = {}
+    if "%" in raw or "+" in raw:
+        from urllib.parse import parse_qsl
+
+        for name, value in parse_qsl(raw, keep_blank_values=True):
+            found.setdefault(name, value)
+        return found
+    for part in raw.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            found.setdefault(name, value)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
