@@ -305,10 +305,10 @@ class _Mesh(Generic[T]):
         cut = raw.find(b"?")
         path = (raw if cut < 0 else raw[:cut]).decode("ascii")
         method = request.method
-        query = None
+        params = None
         if routes.reads_query:  # parsed lazily, only if a candidate rule has a query condition
-            query = QueryString("" if cut < 0 else raw[cut + 1 :].decode("ascii"))
-        selected = routes.select(method, path, request.headers, query)
+            params = QueryString("" if cut < 0 else raw[cut + 1 :].decode("ascii"))
+        selected = routes.select(method, path, request.headers, params)
         if selected is None:
             return self._local(
                 request, None, 404, "no-route", f"no route of service {target.name!r} matched {method} {path}"

@@ -321,7 +321,6 @@ class Rule:
 #: Distinct (method, path) pairs whose candidate entries one :class:`HostRoutes` remembers (then it starts over:
 #: paths with ids in them must not grow memory without bound).
 _CANDIDATES_CACHE_SIZE = 1024
-_ABSENT = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,8 +370,9 @@ class HostRoutes:
                 name = header.name
                 if seen is None:
                     seen = {}
-                found = seen.get(name, _ABSENT)
-                if found is _ABSENT:
+                if name in seen:
+                    found = seen[name]
+                else:
                     found = seen[name] = _header_value(headers, name)
                 if found is None:
                     ok = False
