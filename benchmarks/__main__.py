@@ -28,6 +28,8 @@ SCENARIOS = {
     "s5": "benchmarks.s5_outage",
     "s6": "benchmarks.s6_scale",
     "s7": "benchmarks.s7_async_throughput",
+    "s9": "benchmarks.s9_routes",
+    "s10": "benchmarks.s10_mirror",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"

@@ -8,12 +8,16 @@ path (routing, the call plan, the lease, the tracked body). The per-request coun
 run of ``N_LONG`` and one of ``N_SHORT`` requests divided by their difference, so start-up and warm-up cancel.
 
 Variants: raw httpx, ``meshlib.httpx``, raw httpx2, ``meshlib.httpx2`` (the httpx2 pair is skipped when httpx2
-is not installed). Output: a table and ``docs/performance/instructions.json``. Needs ``valgrind`` (Debian).
-About four minutes on two cores.
+is not installed); and the routing pair of S9 (``--only routes``): meshlib sending S9's request
+(``/api/orders?region=eu&page=2``, ``x-tenant``) without a route table and with S9's 50-rule table whose last
+rule matches, so the difference is exactly what matching and routing cost.
+Output: a table and ``docs/performance/instructions.json``. Needs ``valgrind`` (Debian). About four minutes on
+two cores (``--only routes``: about two).
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import importlib.util
 import json
@@ -23,9 +27,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 N_SHORT, N_LONG = 500, 1500
-OUT = Path(__file__).resolve().parent.parent / "docs" / "performance" / "instructions.json"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "performance" / "instructions.json"
 
 _CHILD = """
 import importlib, sys
@@ -34,15 +40,26 @@ lib = importlib.import_module(library)
 class Canned(lib.BaseTransport):
     def handle_request(self, request):
         return lib.Response(200, stream=lib.ByteStream(b"x" * 1024))
+headers = None
 if variant == "raw":
     client, url = lib.Client(transport=Canned()), "http://127.0.0.1:8080/"
-else:
+elif variant == "mesh":
     mesh = importlib.import_module("meshlib." + library)
     client = mesh.Client(services={"svc": "static://127.0.0.1:8080"}, environ={}, transport=Canned())
     url = "http://svc/"
+else:  # "routed-none" / "routed-50": S9's request, without and with its 50-rule table
+    from benchmarks import route_tables
+    mesh = importlib.import_module("meshlib." + library)
+    client = mesh.Client(services={"bench": "static://127.0.0.1:8080"}, environ={}, transport=Canned())
+    if variant == "routed-50":
+        client.mesh.install_routes(route_tables.fifty_rules())
+    url, headers = "http://bench" + route_tables.PATH, route_tables.HEADERS
 for _ in range(200 + n):
-    client.get(url)
+    client.get(url, headers=headers)
 """
+
+#: Which pairs to count: ``base`` (raw vs mesh), ``routes`` (mesh without vs with S9's 50-rule table).
+SETS = {"base": ("raw", "mesh"), "routes": ("routed-none", "routed-50")}
 
 
 def _count(library: str, variant: str, n: int) -> int:
@@ -64,7 +81,8 @@ def _count(library: str, variant: str, n: int) -> int:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
     )
     found = re.search(r"refs:\s*([\d,]+)", result.stderr)
     if found is None:
@@ -72,27 +90,53 @@ def _count(library: str, variant: str, n: int) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", choices=sorted(SETS), help="count one pair only (the other's last result is kept in the JSON)"
+    )
+    args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)")
         return 1
     libraries = ["httpx"] + (["httpx2"] if importlib.util.find_spec("httpx2") else [])
-    jobs = [(lib, variant, n) for lib in libraries for variant in ("raw", "mesh") for n in (N_SHORT, N_LONG)]
+    sets = [args.only] if args.only else list(SETS)
+    jobs = [(lib, v, n) for lib in libraries for name in sets for v in SETS[name] for n in (N_SHORT, N_LONG)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         counts = dict(zip(jobs, pool.map(lambda job: _count(*job), jobs), strict=True))
-    rows: dict[str, dict[str, float]] = {}
-    for lib in libraries:
-        per = {v: (counts[(lib, v, N_LONG)] - counts[(lib, v, N_SHORT)]) / (N_LONG - N_SHORT) for v in ("raw", "mesh")}
-        rows[lib] = {"raw": per["raw"], "mesh": per["mesh"], "added": per["mesh"] - per["raw"]}
-        rows[lib]["ratio"] = per["mesh"] / per["raw"]
-    print(f"{'library':8} {'raw/req':>10} {'mesh/req':>10} {'added':>9} {'ratio':>7}")
-    for lib, row in rows.items():
-        print(f"{lib:8} {row['raw']:>10,.0f} {row['mesh']:>10,.0f} {row['added']:>9,.0f} {row['ratio']:>7.3f}")
-    if "httpx2" in rows:
-        cross = rows["httpx2"]["mesh"] / rows["httpx"]["raw"]
-        print(f"meshlib.httpx2 against raw httpx: {cross:.3f}")
+
+    def per(lib: str, v: str) -> float:
+        return (counts[(lib, v, N_LONG)] - counts[(lib, v, N_SHORT)]) / (N_LONG - N_SHORT)
+
+    old: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data: dict[str, Any] = {"n": [N_SHORT, N_LONG]}
+    if "base" in sets:
+        rows: dict[str, dict[str, float]] = {}
+        for lib in libraries:
+            raw, mesh = per(lib, "raw"), per(lib, "mesh")
+            rows[lib] = {"raw": raw, "mesh": mesh, "added": mesh - raw, "ratio": mesh / raw}
+        print(f"{'library':8} {'raw/req':>10} {'mesh/req':>10} {'added':>9} {'ratio':>7}")
+        for lib, row in rows.items():
+            print(f"{lib:8} {row['raw']:>10,.0f} {row['mesh']:>10,.0f} {row['added']:>9,.0f} {row['ratio']:>7.3f}")
+        if "httpx2" in rows:
+            cross = rows["httpx2"]["mesh"] / rows["httpx"]["raw"]
+            print(f"meshlib.httpx2 against raw httpx: {cross:.3f}")
+        data["instructions_per_request"] = rows
+    elif "instructions_per_request" in old:
+        data["instructions_per_request"] = old["instructions_per_request"]
+    if "routes" in sets:
+        routed: dict[str, dict[str, float]] = {}
+        for lib in libraries:
+            none, fifty = per(lib, "routed-none"), per(lib, "routed-50")
+            routed[lib] = {"no_table": none, "table_50_rules": fifty, "added": fifty - none}
+        print(f"{'library':8} {'no table':>10} {'50 rules':>10} {'added':>9}   (S9's request, meshlib)")
+        for lib, row in routed.items():
+            print(f"{lib:8} {row['no_table']:>10,.0f} {row['table_50_rules']:>10,.0f} {row['added']:>9,.0f}")
+        data["routes_50_rules"] = routed
+    elif "routes_50_rules" in old:
+        data["routes_50_rules"] = old["routes_50_rules"]
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"instructions_per_request": rows, "n": [N_SHORT, N_LONG]}, indent=2) + "\n")
+    OUT.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 

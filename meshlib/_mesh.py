@@ -54,7 +54,7 @@ from meshlib.policy import POLICY_EXTENSION, Policy
 from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHODS
 from meshlib.routing.decision import EXT_ROUTE, ActiveLimit, Routed, local_answer
 from meshlib.routing.filters import modify, redirect_location
-from meshlib.routing.model import EMPTY_TABLE, HostRoutes, RouteTable
+from meshlib.routing.model import EMPTY_TABLE, HostRoutes, QueryString, RouteTable
 from meshlib.status import RejectedRoutes, RoutesStatus
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.tracing import send_suppressed
@@ -361,7 +361,10 @@ class _Mesh(Generic[T]):
         cut = raw.find(b"?")
         path = (raw if cut < 0 else raw[:cut]).decode("ascii")
         method = request.method
-        selected = routes.select(method, path, request.headers, url.params if routes.reads_query else None)
+        params = None
+        if routes.reads_query:  # parsed lazily, only if a candidate rule has a query condition
+            params = QueryString("" if cut < 0 else raw[cut + 1 :].decode("ascii"))
+        selected = routes.select(method, path, request.headers, params)
         if selected is None:
             return self._local(
                 request, None, 404, "no-route", f"no route of service {target.name!r} matched {method} {path}"

@@ -39,11 +39,13 @@ __all__ = [
     "PathMatch",
     "PathModifier",
     "QueryMatch",
+    "QueryString",
     "Redirect",
     "RouteMatch",
     "RouteTable",
     "Rule",
     "URLRewrite",
+    "first_query_values",
 ]
 
 PathKind = Literal["Exact", "PathPrefix", "RegularExpression"]
@@ -334,6 +336,11 @@ class Rule:
         return self.backends[bisect.bisect_right(cumulative, draw)]
 
 
+#: Distinct (method, path) pairs whose candidate entries one :class:`HostRoutes` remembers (then it starts over:
+#: paths with ids in them must not grow memory without bound).
+_CANDIDATES_CACHE_SIZE = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
     """The routes attached to one service (and port), compiled into one list in Gateway API precedence order.
@@ -341,8 +348,14 @@ class HostRoutes:
     :meth:`select` does not try every entry: an index built at construction maps each ``Exact`` path and each
     ``PathPrefix`` value to its entries, so a request only tries the entries its path can meet (those whose
     value is one of the request path's segment prefixes, or the path itself) plus the entries no index can
-    rule out (``PathPrefix /``, regular expressions), in precedence order. A 50-rule table costs about what a
-    handful of rules do (``benchmarks/routes.py``).
+    rule out (``PathPrefix /``, regular expressions), in precedence order.
+
+    Then, because matching is the request path's only loop over the table, :meth:`select` is compiled for speed (S9 in
+    docs/performance.md): the method and path conditions depend on the request's method and path alone, so the
+    entries that pass them (the *candidates*, in order) are computed once per distinct (method, path) and
+    remembered (bounded); header and query conditions are then tested on the candidates only, each header read
+    at most once per request and the query string parsed only if a candidate has a query condition. The result
+    is the same as testing every entry's :meth:`RouteMatch.test` in order.
     """
 
     service: str
@@ -354,6 +367,10 @@ class HostRoutes:
     by_exact: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     by_prefix: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     always: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    #: (method, path) -> candidate entries; filled by :meth:`select` (a cache of a pure function).
+    _candidates: dict[tuple[str, str], tuple[tuple[RouteMatch, Rule], ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         exact: dict[str, list[int]] = {}
@@ -400,16 +417,105 @@ class HostRoutes:
         self, method: str, path: str, headers: Any, query: Mapping[str, str] | None = None
     ) -> tuple[RouteMatch, Rule] | None:
         """The first (match, rule) the request meets, or ``None``: no rule matched (the call gets a 404)."""
-        entries = self.entries
-        view: dict[str, str] | None = None
-        for position in self.candidates(path):
-            entry = entries[position]
+        cache = self._candidates
+        key = (method, path)
+        candidates = cache.get(key)
+        if candidates is None:
+            entries = self.entries
+            candidates = tuple(
+                entry
+                for entry in (entries[position] for position in self.candidates(path))
+                if (entry[0].method is None or entry[0].method == method) and entry[0].path.test(path)
+            )
+            if len(cache) >= _CANDIDATES_CACHE_SIZE:
+                cache.clear()
+            cache[key] = candidates
+        seen: dict[str, str | None] | None = None
+        params: Mapping[str, str] | None = None
+        for entry in candidates:
             match = entry[0]
-            if match.headers and view is None and (match.method is None or match.method == method):
-                view = header_view(headers)
-            if match.test(method, path, headers if view is None else view, query):
+            ok = True
+            for header in match.headers:
+                name = header.name
+                if seen is None:
+                    seen = {}
+                if name in seen:
+                    found = seen[name]
+                else:
+                    found = seen[name] = _header_value(headers, name)
+                if found is None:
+                    ok = False
+                elif header.kind == "Exact":
+                    ok = found == header.value
+                else:
+                    regex = header.regex
+                    ok = regex is not None and regex.fullmatch(found) is not None
+                if not ok:
+                    break
+            if ok and match.query:
+                if params is None:
+                    params = query._values() if type(query) is QueryString else (query or {})
+                for param in match.query:
+                    found = params.get(param.name)
+                    if found is None:
+                        ok = False
+                    elif param.kind == "Exact":
+                        ok = found == param.value
+                    else:
+                        regex = param.regex
+                        ok = regex is not None and regex.fullmatch(found) is not None
+                    if not ok:
+                        break
+            if ok:
                 return entry
         return None
+
+
+class QueryString(Mapping[str, str]):
+    """The first value of each query parameter of a raw query string (what ``url.params.get`` returns, as
+    httpx and httpx2 parse it: ``parse_qs(..., keep_blank_values=True)``), parsed on first use only."""
+
+    __slots__ = ("_parsed", "_raw")
+
+    def __init__(self, raw: str) -> None:
+        self._raw = raw
+        self._parsed: dict[str, str] | None = None
+
+    def _values(self) -> dict[str, str]:
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = first_query_values(self._raw)
+        return parsed
+
+    def __getitem__(self, name: str) -> str:
+        return self._values()[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The first value of ``name``, or ``default``."""
+        return self._values().get(name, default)
+
+    def __iter__(self) -> Any:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+
+def first_query_values(raw: str) -> dict[str, str]:
+    """``{name: first value}`` of a raw query string, exactly as ``urllib.parse.parse_qsl(raw,
+    keep_blank_values=True)`` decodes it (the fast split is only taken when nothing needs unquoting)."""
+    found: dict[str, str] = {}
+    if "%" in raw or "+" in raw:
+        from urllib.parse import parse_qsl
+
+        for name, value in parse_qsl(raw, keep_blank_values=True):
+            found.setdefault(name, value)
+        return found
+    for part in raw.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            found.setdefault(name, value)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
