@@ -74,6 +74,24 @@ def test_demo_runs_both_balancers_p2c_avoids_slow_and_retries_hide_the_failing_b
         comparison_row(out, label)
     assert "so callers saw" in out
 
+    # The split phase: a routes file splits demo-api 90/10 between two versions, then is edited to 50/50 while
+    # callers send. Each version of the file routed its 300 calls (min(--requests, 500)); the shares are binomial
+    # draws (sd 1.7 and 2.9 points over 300 calls): the bounds are more than 4 sd wide.
+    assert "[split] demo-api routed by a routes file (MESHLIB_ROUTES_FILE=" in out
+    steps = re.findall(
+        r"^  (\d+/\d+)\s+([0-9a-f]{12})\s+(\d+)\s+(\d+) \(\s*[\d.]+%\)\s+(\d+) \(\s*[\d.]+%\)$", out, re.MULTILINE
+    )
+    assert [step[0] for step in steps] == ["90/10", "50/50"]
+    assert steps[0][1] != steps[1][1]  # the edit was applied as a new version of the file
+    shares = []
+    for _, _, total, v1, v2 in steps:
+        assert int(total) >= 300 and int(v1) + int(v2) == int(total)
+        shares.append(100 * int(v2) / int(total))
+    assert 3.0 <= shares[0] <= 20.0
+    assert 35.0 <= shares[1] <= 65.0
+    match = re.search(r"^  callers: (\d+) requests, (\d+) errors, while the file was edited under them$", out, re.M)
+    assert match is not None and int(match.group(1)) >= 600 and match.group(2) == "0"
+
 
 def test_demo_ignores_the_users_mesh_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -111,6 +129,7 @@ def test_demo_redraws_in_place_on_a_terminal() -> None:
     assert log.propagate
     assert not log.handlers
     assert "ejected failing" in text
+    assert text.count("[split] demo-api") >= 2  # the split phase's table was redrawn too, then finished
 
 
 def test_comparison_notes_cite_the_runs_numbers() -> None:

@@ -88,3 +88,26 @@ def test_resilience_main_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert f"{example.REQUESTS} requests, 0 errors seen by callers" in out
     assert "resilience: OK" in out
+
+
+def test_canary_rollout_moves_traffic_by_editing_the_routes_file_with_no_failed_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    example = load_example("canary")
+    assert example.main(["--requests", "200"]) == 0  # main checks every step's shares against its weights
+    out = capsys.readouterr().out
+    assert "GET /charge with x-canary: 1 -> payments-v2" in out
+    steps = re.findall(r"^step (\d): payments-v1 (\d+) / payments-v2 (\d+): version ([0-9a-f]{12})", out, re.MULTILINE)
+    assert [(n, v1, v2) for n, v1, v2, _ in steps] == [
+        ("0", "100", "0"),
+        ("1", "90", "10"),
+        ("2", "50", "50"),
+        ("3", "0", "100"),
+    ]
+    assert len({version for *_, version in steps}) == 4  # each edit was applied as a new version
+    shares = re.findall(r"^  (\d+) requests routed by it: payments-v1 (\d+) .*payments-v2 (\d+) ", out, re.MULTILINE)
+    assert len(shares) == 4 and all(int(total) >= 200 for total, _, _ in shares)
+    assert shares[0][2] == "0" and shares[3][1] == "0"  # 100/0 and 0/100 are exact
+    assert 0 < int(shares[1][2]) < int(shares[2][2]) < int(shares[3][2])
+    assert re.search(r"^\d+ requests over 4 versions of the file, 0 failed$", out, re.MULTILINE)
+    assert "canary: OK" in out

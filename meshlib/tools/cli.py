@@ -85,12 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="compare p2c_ewma and round_robin on loopback backends (one slow, one failing), with retries, "
-        "breakers and outlier ejection at work",
+        "breakers and outlier ejection at work; then a 90/10 -> 50/50 traffic split by a routes file",
         description="Start 5 loopback backends (3 healthy, 1 slow, 1 failing with 503) and send the same "
         "requests through meshlib.Client balanced by p2c_ewma, then by round_robin, each with a fresh client and "
         "the mesh's default resilience settings (MESHLIB_* mesh settings are ignored; MESHLIB_HTTP_LIBRARY picks "
         "httpx or httpx2). Shows per endpoint the "
-        "attempts, latency, errors, breaker state and ejection; per balancer what callers saw and the retries.",
+        "attempts, latency, errors, breaker state and ejection; per balancer what callers saw and the retries. "
+        "Then a Gateway API routes file splits the service 90/10 between two versions, edited to 50/50 while "
+        "callers send: the share each backend got per version of the file.",
     )
     defaults = DemoOptions()
     demo.add_argument(

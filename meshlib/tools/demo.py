@@ -31,7 +31,13 @@ loopback backends of :mod:`meshlib.testing`.
 While a phase runs, the table is redrawn in place about five times a second when stdout is a terminal;
 otherwise (or with ``live=False``) it is printed once at the end of each phase. The mesh's resilience log
 lines (breaker opened, endpoint ejected) are shown as the table's events instead of going to stderr, where
-they would break the redraw. A comparison of the two balancers closes the run.
+they would break the redraw. A comparison of the two balancers follows.
+
+A last phase shows a traffic split (:func:`run_split_phase`): two more backends become the services
+``demo-api-v1`` and ``demo-api-v2``, and a Gateway API HTTPRoute in a temporary ``MESHLIB_ROUTES_FILE`` splits
+calls to ``demo-api`` between them 90/10; the file is then rewritten to 50/50 while the callers keep sending,
+and the table shows the share each version of the file gave each backend (the new version is awaited in
+``mesh_status().routes.version``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -56,7 +63,7 @@ import meshlib
 from meshlib.status import ServiceStatus
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay
 
-__all__ = ["DemoOptions", "PhaseResult", "run_demo"]
+__all__ = ["DemoOptions", "PhaseResult", "SplitResult", "run_demo", "run_split_phase"]
 
 #: The logical name every demo request addresses; the backends are its endpoints.
 SERVICE = "demo-api"
@@ -782,16 +789,254 @@ def describe(fleet: Fleet, options: DemoOptions) -> list[str]:
 
 
 def run_demo(options: DemoOptions = DemoOptions(), out: TextIO | None = None) -> list[PhaseResult]:
-    """Run both phases on the same backends, print each table and the comparison; return the results."""
+    """Run both balancer phases on the same backends, print each table and the comparison, then the traffic
+    split phase (:func:`run_split_phase`); return the balancer phases' results."""
     stream = out if out is not None else sys.stdout
     live = options.live and stream.isatty()
     results: list[PhaseResult] = []
-    with start_fleet(backend_specs(options.seed)) as fleet, hidden_cursor(stream, live):
-        print("\n".join(describe(fleet, options)), file=stream, flush=True)
-        for balancer in BALANCERS:
-            print(file=stream)
-            view: PhaseView = LiveView(stream) if live else PlainView(stream)
-            results.append(run_phase(balancer, fleet, options, view))
-    print(file=stream)
-    print("\n".join(render_comparison(results)), file=stream, flush=True)
+    with hidden_cursor(stream, live):
+        with start_fleet(backend_specs(options.seed)) as fleet:
+            print("\n".join(describe(fleet, options)), file=stream, flush=True)
+            for balancer in BALANCERS:
+                print(file=stream)
+                view: PhaseView = LiveView(stream) if live else PlainView(stream)
+                results.append(run_phase(balancer, fleet, options, view))
+        print(file=stream)
+        print("\n".join(render_comparison(results)), file=stream, flush=True)
+        print(file=stream)
+        run_split_phase(options, LiveView(stream) if live else PlainView(stream))
     return results
+
+
+# --- the traffic split phase ------------------------------------------------------------------------------
+
+#: The two versions the split phase's routes file divides ``SERVICE`` between (each a service of one backend).
+SPLIT_BACKENDS = (f"{SERVICE}-v1", f"{SERVICE}-v2")
+#: The weights (v1, v2) of each version of the routes file, in order: a canary, then half the traffic.
+SPLIT_STEPS = ((90, 10), (50, 50))
+#: Requests each version of the file routes (at most ``DemoOptions.requests``).
+SPLIT_REQUESTS = 500
+#: How long the phase waits for the client to apply an edit of the file (it takes one reload interval).
+SPLIT_APPLY_TIMEOUT = 10.0
+#: How often the split phase's client checks the routes file (the default is 1 s; quicker for a demo).
+SPLIT_RELOAD_INTERVAL = "100ms"
+#: The response header the route sets: which version of the file (its weights) routed a call.
+SPLIT_HEADER = "x-demo-split"
+
+SPLIT_ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {service}-split}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: {service}}}]
+  rules:
+  - backendRefs: [{{name: {v1}, weight: {w1}}}, {{name: {v2}, weight: {w2}}}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {{set: [{{name: {header}, value: "{w1}/{w2}"}}]}}
+"""
+
+
+def split_route(w1: int, w2: int) -> str:
+    """The routes file of one step: every call to ``SERVICE`` split ``w1``/``w2`` between its two versions."""
+    v1, v2 = SPLIT_BACKENDS
+    return SPLIT_ROUTE.format(service=SERVICE, v1=v1, v2=v2, w1=w1, w2=w2, header=SPLIT_HEADER)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace the file at ``path`` by writing a sibling and renaming it over (the watcher never sees half)."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class SplitStep:
+    """One version of the routes file: its weights, its version (``mesh_status()``) and what it routed."""
+
+    weights: tuple[int, int]
+    version: str
+    #: Calls this version routed, by the backend that answered them.
+    counts: dict[str, int]
+
+    @property
+    def label(self) -> str:
+        """``"90/10"``."""
+        return f"{self.weights[0]}/{self.weights[1]}"
+
+    @property
+    def total(self) -> int:
+        """Calls this version of the file routed."""
+        return sum(self.counts.values())
+
+    def share(self, backend: str) -> float:
+        """Share (0-1) of this version's calls that ``backend`` answered."""
+        return self.counts.get(backend, 0) / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """The split phase: each step, and the calls that failed (for the callers) over the whole phase."""
+
+    steps: list[SplitStep]
+    calls: int
+    errors: int
+
+
+class SplitTally:
+    """Calls of the split phase by (version of the file that routed them, backend), and failures. One lock."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self._seen: dict[tuple[str, str], int] = {}
+        self.errors = 0
+
+    def record(self, split: str | None, backend: str | None) -> None:
+        """One call: answered by ``backend`` as routed by ``split`` (``None``: it failed)."""
+        with self.changed:
+            if split is None or backend is None:
+                self.errors += 1
+            else:
+                self._seen[(split, backend)] = self._seen.get((split, backend), 0) + 1
+            self.changed.notify_all()
+
+    def routed_by(self, split: str) -> dict[str, int]:
+        """Calls per backend among those the version ``split`` of the file routed."""
+        with self.changed:
+            return {backend: n for (label, backend), n in self._seen.items() if label == split}
+
+    def calls(self) -> int:
+        """Every call made so far, failed ones included."""
+        with self.changed:
+            return sum(self._seen.values()) + self.errors
+
+
+def send_until(client: meshlib.Client, url: str, tally: SplitTally, stop: threading.Event) -> None:
+    """One caller of the split phase: GET ``url`` until ``stop``, recording which version routed each call."""
+    errors = (importlib.import_module(client.http_library).HTTPError, meshlib.MeshError)
+    while not stop.is_set():
+        try:
+            response = client.get(url)
+        except errors:
+            tally.record(None, None)
+            continue
+        ok = response.status_code < 500
+        tally.record(response.headers.get(SPLIT_HEADER) if ok else None, response.headers.get("x-backend"))
+
+
+def render_split(steps: Sequence[SplitStep], tally: SplitTally, path: str, options: DemoOptions) -> list[str]:
+    """The split phase's table: one line per version of the file applied so far, then what callers saw."""
+    v1, v2 = SPLIT_BACKENDS
+    lines = [
+        f"[split] {SERVICE} routed by a routes file (MESHLIB_ROUTES_FILE={path}), {options.concurrency} callers",
+        f"  {'weights':<8} {'version':<13} {'requests':>8} {v1:>17} {v2:>17}",
+    ]
+    for step in steps:
+        cells = [f"{step.counts.get(name, 0):>6} ({step.share(name):6.1%})" for name in SPLIT_BACKENDS]
+        lines.append(f"  {step.label:<8} {step.version:<13} {step.total:>8} {cells[0]:>17} {cells[1]:>17}")
+    calls = tally.calls()
+    lines.append(f"  callers: {calls} requests, {tally.errors} errors, while the file was edited under them")
+    return lines
+
+
+def wait_for_version(client: meshlib.Client, previous: str | None, tick: Callable[[], None]) -> str:
+    """The routes version the client serves once it is no longer ``previous`` (``mesh_status()``, polled every
+    :data:`REFRESH_SECONDS` with ``tick`` to redraw); ``TimeoutError`` after :data:`SPLIT_APPLY_TIMEOUT`."""
+    deadline = time.monotonic() + SPLIT_APPLY_TIMEOUT
+    while True:
+        routes = client.mesh_status().routes
+        if routes is not None and routes.version != previous:
+            return routes.version
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the demo's routes file was not applied within {SPLIT_APPLY_TIMEOUT:g} s")
+        tick()
+        time.sleep(REFRESH_SECONDS / 4)  # a status snapshot is polled: there is no event to wait on
+
+
+def run_split_phase(options: DemoOptions, view: PhaseView) -> SplitResult:
+    """A routes file splits ``SERVICE`` 90/10 between two versions, then is edited to 50/50 while callers send.
+
+    Two loopback backends become the services ``demo-api-v1`` and ``demo-api-v2``; ``demo-api`` itself is
+    only the parent of a Gateway API HTTPRoute in a temporary ``MESHLIB_ROUTES_FILE``. ``options.concurrency``
+    callers send until each version of the file has routed ``min(options.requests, SPLIT_REQUESTS)`` calls;
+    the file is rewritten (atomically) between the two steps and the phase waits for ``mesh_status()`` to show
+    the new version. Each answer carries the weights of the version that routed it (a response header the
+    route sets), so a step's shares count exactly that version's calls. Like the balancer phases it ignores
+    the user's ``MESHLIB_*`` settings.
+    """
+    per_step = min(options.requests, SPLIT_REQUESTS)
+    tally = SplitTally()
+    steps: list[SplitStep] = []
+    stop = threading.Event()
+    with (
+        BackendGroup(Backend(name) for name in SPLIT_BACKENDS) as group,
+        tempfile.TemporaryDirectory(prefix="meshlib-demo-") as folder,
+    ):
+        path = os.path.join(folder, "routes.yaml")
+        write_atomically(path, split_route(*SPLIT_STEPS[0]))
+        environ = {"MESHLIB_ROUTES_FILE": path, "MESHLIB_ROUTES_RELOAD_INTERVAL": SPLIT_RELOAD_INTERVAL}
+        services = {backend.name: f"static://{backend.address}" for backend in group}
+        config = meshlib.MeshConfig.from_env(environ, services=services)
+        callers: list[threading.Thread] = []
+        with meshlib.Client(config=config) as client:
+
+            def table() -> list[str]:
+                shown = [*steps]
+                if current is not None:
+                    shown.append(SplitStep(current[0], current[1], tally.routed_by(current[2])))
+                return render_split(shown, tally, path, options)
+
+            current: tuple[tuple[int, int], str, str] | None = None
+            try:
+                version: str | None = None
+                for number, weights in enumerate(SPLIT_STEPS):
+                    if number:
+                        write_atomically(path, split_route(*weights))
+                    version = wait_for_version(client, version, lambda: view.update(table()))
+                    label = f"{weights[0]}/{weights[1]}"
+                    current = (weights, version, label)
+                    if not callers:
+                        for i in range(options.concurrency):
+                            caller = threading.Thread(
+                                target=send_until,
+                                args=(client, f"http://{SERVICE}/work", tally, stop),
+                                name=f"meshlib-demo-split-{i}",
+                                daemon=True,
+                            )
+                            caller.start()
+                            callers.append(caller)
+
+                    def step_done(label: str = label) -> bool:
+                        return sum(tally.routed_by(label).values()) >= per_step
+
+                    done = False
+                    while not done:  # redraw every REFRESH_SECONDS until this version routed its share of calls
+                        with tally.changed:
+                            done = tally.changed.wait_for(step_done, REFRESH_SECONDS)
+                        view.update(table())
+                    steps.append(SplitStep(weights, version, {}))
+                    current = None
+            finally:
+                stop.set()
+                for caller in callers:
+                    caller.join(30)
+        # Calls in flight when a step ended were counted under it afterwards: the final counts.
+        steps[:] = [SplitStep(s.weights, s.version, tally.routed_by(s.label)) for s in steps]
+    view.finish([*table(), *split_notes(steps)])
+    return SplitResult(steps=list(steps), calls=tally.calls(), errors=tally.errors)
+
+
+def split_notes(steps: Sequence[SplitStep], width: int = 106) -> list[str]:
+    """What to read in the split table, with this run's numbers."""
+    if not steps:
+        return []
+    v2 = SPLIT_BACKENDS[1]
+    observed = ", ".join(f"{step.share(v2):.1%} for weights {step.label}" for step in steps)
+    notes = [
+        f"Each call drew its backend by the rule's weights: {v2} answered {observed}. The weights changed by "
+        "editing the file under the running client: no restart, and calls in flight finished on the table they "
+        "started with (each share counts only the calls that version of the file routed).",
+        "See docs/routing.md for the model and a canary walk-through, and examples/canary.py for a full rollout.",
+    ]
+    return [line for note in notes for line in textwrap.wrap(note, width, initial_indent="- ", subsequent_indent="  ")]
