@@ -52,7 +52,7 @@ from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy
 from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHODS
-from meshlib.routing.decision import EXT_ROUTE, ActiveLimit, Routed, local_answer
+from meshlib.routing.decision import EXT_ROUTE, ActiveLimit, BackendChoice, Routed, local_answer
 from meshlib.routing.filters import modify, redirect_location
 from meshlib.routing.model import EMPTY_TABLE, HostRoutes, QueryString, RouteTable
 from meshlib.status import RejectedRoutes, RoutesStatus
@@ -87,7 +87,7 @@ def _no_first_answer(service: Service[Any]) -> str:
 class _Target(Generic[T]):
     """What a request host names in the mesh: its configured service and/or the routes attached to it."""
 
-    __slots__ = ("bases", "key", "name", "routes", "service")
+    __slots__ = ("bases", "choices", "key", "name", "routes", "service")
 
     def __init__(
         self,
@@ -95,7 +95,9 @@ class _Target(Generic[T]):
         name: str,
         service: Service[T] | None,
         routes: Mapping[int | None, HostRoutes] | None,
+        *,
         bases: dict[int, Policy],
+        choices: dict[int, BackendChoice],
     ) -> None:
         self.key = key
         self.name = name
@@ -105,6 +107,8 @@ class _Target(Generic[T]):
         self.routes = routes
         #: ``id(rule)`` -> the call policy base of that rule: this service's policy merged with the rule's.
         self.bases = bases
+        #: ``id(backend)`` -> what a call routed to that backend needs (valid backends of mesh services only).
+        self.choices = choices
 
 
 class _RouterState(Generic[T]):
@@ -158,12 +162,22 @@ class _Router(Generic[T]):
         found: _Target[T] | None = None
         if service is not None or routes is not None:
             bases: dict[int, Policy] = {}
+            choices: dict[int, BackendChoice] = {}
             if routes is not None:
                 own = self.config.policy_for(key)
                 for host_routes in routes.values():
                     for _, rule in host_routes.entries:
-                        bases[id(rule)] = own.merge(rule.policy)
-            found = _Target(key, service.name if service is not None else host.lower(), service, routes, bases)
+                        base = bases[id(rule)] = own.merge(rule.policy)
+                        for backend in rule.backends:
+                            name = backend.service
+                            backend_service = None if name is None else self.services.get(service_key(name))
+                            if name is None or backend_service is None:
+                                continue  # an invalid backend: its share is answered 500
+                            # The TLS name as the route wrote it (env-configured names have "_" for "-").
+                            sni = None if service_key(name) == key else name
+                            choices[id(backend)] = BackendChoice(rule, backend, backend_service, base, sni)
+            called = service.name if service is not None else host.lower()
+            found = _Target(key, called, service, routes, bases=bases, choices=choices)
         if len(cache) >= _ROUTE_CACHE_SIZE:
             cache.clear()  # bounded: arbitrary outside hosts must not grow memory
         cache[host] = found
@@ -385,27 +399,17 @@ class _Mesh(Generic[T]):
                 headers=[("location", location)],
             )
         backend = rule.pick(self.rng)
-        name = None if backend is None else backend.service
-        service = None if name is None else self._router.services.get(service_key(name))
-        if backend is None or name is None or service is None:
+        choice = None if backend is None else target.choices.get(id(backend))
+        if backend is None or choice is None:
             if backend is None:
                 why = "its backends' weights are all zero" if rule.backends else "it has no backends"
             else:
                 why = f"the backend drawn is invalid ({backend.invalid or backend.service})"
             return self._local(request, rule, 500, "no-backend", f"route rule {rule.label} matched but {why}")
-        routed = Routed(
-            rule,
-            match,
-            backend,
-            target.name,
-            target.bases[id(rule)],
-            # The name as the route wrote it (a host name: env-configured service names have "_" for "-").
-            sni=None if service_key(name) == target.key else name,
-        )
-        fault = rule.filters.fault or backend.filters.fault
-        if fault is not None:
-            self._fault(routed, fault)
-        return routed, service
+        routed = Routed(rule, match, backend, choice, target.name)
+        if choice.fault is not None:
+            self._fault(routed, choice.fault)
+        return routed, choice.service
 
     def _fault(self, routed: Routed, fault: Any) -> None:
         """Draw the fault filter's delay and abort for one call (Istio's percentages, A33's active limit)."""

@@ -216,7 +216,7 @@ _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment"
 
 def routed_url(request: Any, routed: Routed) -> Any:
     """The logical URL a routed call's attempts go to: the caller's, or its path as a ``URLRewrite`` made it."""
-    rewrite = routed.rule.filters.rewrite or routed.backend.filters.rewrite
+    rewrite = routed.choice.rewrite
     url = request.url
     if rewrite is None or rewrite.path is None:
         return url
@@ -228,9 +228,10 @@ def routed_url(request: Any, routed: Routed) -> Any:
 
 def apply_request_filters(routed: Routed, headers: Any) -> None:
     """A routed attempt's headers: the request header filters, then a ``URLRewrite`` hostname as its ``Host``."""
-    for modifier in routed.request_modifiers():
+    choice = routed.choice
+    for modifier in choice.request_modifiers:
         modify(headers, modifier)
-    rewrite = routed.rule.filters.rewrite or routed.backend.filters.rewrite
+    rewrite = choice.rewrite
     if rewrite is not None and rewrite.hostname is not None:
         headers["Host"] = rewrite.hostname
 
@@ -290,7 +291,7 @@ class Call(Generic[T]):
         #: The route decision (``None``: the called service has no routes) and the URL attempts are sent to:
         #: the caller's, or the one a ``URLRewrite`` filter made.
         self.routed = routed
-        self.url = request.url if routed is None else routed_url(request, routed)
+        self.url = request.url if routed is None or routed.choice.rewrite is None else routed_url(request, routed)
         rules = request.extensions.get(POLICY_EXTENSION)
         base = service.policy if routed is None else routed.base
         self.policy, self.deadline = effective(base, rules if isinstance(rules, Policy) else None)
@@ -512,7 +513,7 @@ class Call(Generic[T]):
         caller_headers = request.headers
         headers = outgoing.headers
         outgoing.extensions = extensions
-        if routed is not None:
+        if routed is not None and (routed.choice.request_modifiers or routed.choice.rewrite is not None):
             apply_request_filters(routed, headers)
         if math.isfinite(remaining):
             value = encode_timeout(remaining)
@@ -577,7 +578,7 @@ class Call(Generic[T]):
         routed = self.routed
         if routed is not None:
             extensions[EXT_ROUTE] = routed.label
-            for modifier in routed.response_modifiers():
+            for modifier in routed.choice.response_modifiers:
                 modify(response.headers, modifier)
         return response
 

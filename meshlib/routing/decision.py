@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshlib.policy import Policy
-    from meshlib.routing.model import Backend, HeaderModifier, Mirror, RouteMatch, Rule
+    from meshlib.routing.model import Backend, Fault, HeaderModifier, Mirror, RouteMatch, Rule, URLRewrite
 
-__all__ = ["EXT_LOCAL", "EXT_ROUTE", "ActiveLimit", "Routed", "local_answer"]
+__all__ = ["EXT_LOCAL", "EXT_ROUTE", "ActiveLimit", "BackendChoice", "Routed", "local_answer"]
 
 #: ``response.extensions`` key: the rule a routed call matched (its label), on every routed response.
 EXT_ROUTE = "meshlib.route"
@@ -59,72 +59,79 @@ class ActiveLimit:
             self.active -= 1
 
 
+class BackendChoice:
+    """What a call routed to one backend of one rule needs, worked out once when the route table is installed
+    (for each called service, rule and backend), so routing a call costs a few attribute reads.
+
+    ``service`` is the backend's mesh service (the driver's type); ``base`` the call policy below scopes and
+    request (the called service's policy merged with the rule's); ``sni`` the TLS server name when the backend
+    is another service than the one called (its own name, so its own certificate is checked; ``None``: the
+    called name); the header changes (rule's then backend's on the request; backend's then rule's on the
+    response), the URL rewrite, mirrors and fault of the rule and backend together.
+    """
+
+    __slots__ = (
+        "base",
+        "fault",
+        "mirrors",
+        "request_modifiers",
+        "response_modifiers",
+        "rewrite",
+        "service",
+        "sni",
+    )
+
+    def __init__(self, rule: Rule, backend: Backend, service: Any, base: Policy, sni: str | None) -> None:
+        self.service = service
+        self.base = base
+        self.sni = sni
+        ours, theirs = rule.filters, backend.filters
+        self.request_modifiers: tuple[HeaderModifier, ...] = tuple(
+            m for m in (ours.request_headers, theirs.request_headers) if m is not None
+        )
+        self.response_modifiers: tuple[HeaderModifier, ...] = tuple(
+            m for m in (theirs.response_headers, ours.response_headers) if m is not None
+        )
+        self.rewrite: URLRewrite | None = ours.rewrite or theirs.rewrite
+        self.mirrors: tuple[Mirror, ...] = ours.mirrors + theirs.mirrors
+        self.fault: Fault | None = ours.fault or theirs.fault
+
+
 class Routed:
-    """The route decision of one call: rule, match, backend, policy base and the draws made for it."""
+    """The route decision of one call: rule, match, backend (and its :class:`BackendChoice`), and the fault
+    draws made for it."""
 
     __slots__ = (
         "abort_status",
         "backend",
         "base",
         "called",
+        "choice",
         "delay_s",
         "fault_slot",
+        "label",
         "match",
         "mirrors",
         "rule",
         "sni",
     )
 
-    def __init__(
-        self,
-        rule: Rule,
-        match: RouteMatch,
-        backend: Backend,
-        called: str,
-        base: Policy,
-        *,
-        sni: str | None = None,
-    ) -> None:
+    def __init__(self, rule: Rule, match: RouteMatch, backend: Backend, choice: BackendChoice, called: str) -> None:
         self.rule = rule
         self.match = match
         self.backend = backend
-        #: The host the application called (the route's parent), for the ``Host`` the backend receives.
+        self.choice = choice
+        #: The host the application called (the route's parent).
         self.called = called
-        #: The call's policy below scopes and request: the called service's policy merged with the rule's.
-        self.base = base
-        #: The TLS server name to send when the backend is another service than the one called (its own name,
-        #: so the certificate checked is the backend's); ``None``: the called name.
-        self.sni = sni
+        #: The matched rule's low-cardinality name (spans, metrics, ``response.extensions``).
+        self.label = rule.label
+        #: The call's policy below scopes and request (see :class:`BackendChoice`).
+        self.base = choice.base
+        self.sni = choice.sni
+        self.mirrors = choice.mirrors
         self.delay_s: float | None = None
         self.abort_status: int | None = None
         self.fault_slot: ActiveLimit | None = None
-        mirrors = rule.filters.mirrors
-        if backend.filters.mirrors:
-            mirrors = mirrors + backend.filters.mirrors
-        self.mirrors: tuple[Mirror, ...] = mirrors
-
-    @property
-    def label(self) -> str:
-        """The matched rule's low-cardinality name (spans, metrics, ``response.extensions``)."""
-        return self.rule.label
-
-    def request_modifiers(self) -> tuple[HeaderModifier, ...]:
-        """The request header changes to apply, rule's first, then the backend's."""
-        found = []
-        if self.rule.filters.request_headers is not None:
-            found.append(self.rule.filters.request_headers)
-        if self.backend.filters.request_headers is not None:
-            found.append(self.backend.filters.request_headers)
-        return tuple(found)
-
-    def response_modifiers(self) -> tuple[HeaderModifier, ...]:
-        """The response header changes to apply, backend's first (nearer the answer), then the rule's."""
-        found = []
-        if self.backend.filters.response_headers is not None:
-            found.append(self.backend.filters.response_headers)
-        if self.rule.filters.response_headers is not None:
-            found.append(self.rule.filters.response_headers)
-        return tuple(found)
 
     def end(self) -> None:
         """The call ended: give back its fault slot, if it took one."""

@@ -302,6 +302,8 @@ class Rule:
     name: str | None = None
     #: Running totals of the backends' weights (for :meth:`pick`); computed at construction.
     cumulative: tuple[int, ...] = field(default=(), compare=False)
+    #: The rule's low-cardinality name for spans and metrics (``route#index``, or ``route/rule-name``); computed.
+    label: str = field(default="", init=False, compare=False)
 
     def __post_init__(self) -> None:
         total = 0
@@ -310,11 +312,7 @@ class Rule:
             total += backend.weight
             running.append(total)
         object.__setattr__(self, "cumulative", tuple(running))
-
-    @property
-    def label(self) -> str:
-        """The rule's low-cardinality name for spans and metrics."""
-        return f"{self.route}/{self.name}" if self.name else f"{self.route}#{self.index}"
+        object.__setattr__(self, "label", f"{self.route}/{self.name}" if self.name else f"{self.route}#{self.index}")
 
     @property
     def total_weight(self) -> int:
