@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -366,9 +366,7 @@ class HostRoutes:
     by_prefix: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     always: tuple[int, ...] = field(default=(), compare=False, repr=False)
     #: (method, path) -> candidate entries; filled by :meth:`select` (a cache of a pure function).
-    _candidates: dict[tuple[str, str], tuple[tuple[RouteMatch, Rule], ...]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    _candidates: dict[tuple[str, str], _Dispatch] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         exact: dict[str, list[int]] = {}
@@ -417,26 +415,48 @@ class HostRoutes:
         """The first (match, rule) the request meets, or ``None``: no rule matched (the call gets a 404)."""
         cache = self._candidates
         key = (method, path)
-        candidates = cache.get(key)
-        if candidates is None:
+        dispatch = cache.get(key)
+        if dispatch is None:
             entries = self.entries
-            candidates = tuple(
-                entry
-                for entry in (entries[position] for position in self.candidates(path))
-                if (entry[0].method is None or entry[0].method == method) and entry[0].path.test(path)
+            dispatch = _Dispatch(
+                tuple(
+                    entry
+                    for entry in (entries[position] for position in self.candidates(path))
+                    if (entry[0].method is None or entry[0].method == method) and entry[0].path.test(path)
+                )
             )
             if len(cache) >= _CANDIDATES_CACHE_SIZE:
                 cache.clear()
-            cache[key] = candidates
-        seen: dict[str, str | None] | None = None
+            cache[key] = dispatch
+        candidates = dispatch.candidates
+        seen: dict[str, str | None] = {}
         params: Mapping[str, str] | None = None
-        for entry in candidates:
+        order: Iterable[int]
+        if dispatch.keyed is None:
+            order = range(len(candidates))
+        else:  # only the candidates whose exact header/query value is the request's can match (see _Dispatch)
+            picked = list(dispatch.unkeyed)
+            sources = 1 if picked else 0
+            for is_header, name, by_value in dispatch.keyed:
+                if is_header:
+                    value = seen[name] = _header_value(headers, name)
+                else:
+                    if params is None:
+                        params = query._values() if type(query) is QueryString else (query or {})
+                    value = params.get(name)
+                hit = None if value is None else by_value.get(value)
+                if hit:
+                    picked.extend(hit)
+                    sources += 1
+            if sources > 1:
+                picked.sort()
+            order = picked
+        for position in order:
+            entry = candidates[position]
             match = entry[0]
             ok = True
             for header in match.headers:
                 name = header.name
-                if seen is None:
-                    seen = {}
                 if name in seen:
                     found = seen[name]
                 else:
@@ -467,6 +487,50 @@ class HostRoutes:
             if ok:
                 return entry
         return None
+
+
+#: Fewer candidates than this are simply tested in order (building and reading the dispatch costs more).
+_DISPATCH_MIN = 5
+
+
+class _Dispatch:
+    """The candidates of one (method, path), and a dispatch on exact header and query values over them.
+
+    Each candidate with an ``Exact`` header condition is keyed by its first one (else by its first ``Exact``
+    query condition); a keyed candidate can only match a request whose value for that header (or parameter) is
+    its key, since the condition fails otherwise. So a request tests the unkeyed candidates and those filed
+    under its own values, still in precedence order: the same first match as testing every candidate, found
+    without testing the (typically many) rules that differ only by a header or query value.
+    """
+
+    __slots__ = ("candidates", "keyed", "unkeyed")
+
+    def __init__(self, candidates: tuple[tuple[RouteMatch, Rule], ...]) -> None:
+        self.candidates = candidates
+        #: (is a header, name, value -> candidate positions) per keyed name; ``None``: test every candidate.
+        self.keyed: tuple[tuple[bool, str, dict[str, tuple[int, ...]]], ...] | None = None
+        self.unkeyed: tuple[int, ...] = ()
+        if len(candidates) < _DISPATCH_MIN:
+            return
+        tables: dict[tuple[bool, str], dict[str, list[int]]] = {}
+        unkeyed: list[int] = []
+        for position, (match, _) in enumerate(candidates):
+            header = next((h for h in match.headers if h.kind == "Exact"), None)
+            if header is not None:
+                tables.setdefault((True, header.name), {}).setdefault(header.value, []).append(position)
+                continue
+            param = next((q for q in match.query if q.kind == "Exact"), None)
+            if param is not None:
+                tables.setdefault((False, param.name), {}).setdefault(param.value, []).append(position)
+                continue
+            unkeyed.append(position)
+        if not tables:
+            return
+        self.unkeyed = tuple(unkeyed)
+        self.keyed = tuple(
+            (is_header, name, {value: tuple(positions) for value, positions in by_value.items()})
+            for (is_header, name), by_value in tables.items()
+        )
 
 
 class QueryString(Mapping[str, str]):

@@ -78,3 +78,54 @@ def test_first_query_values_is_parse_qsl_first_value(raw: str) -> None:
         expected.setdefault(name, value)
     assert first_query_values(raw) == expected
     assert dict(QueryString(raw)) == expected
+
+
+# -- the exact-value dispatch (many rules differing only by a header or query value) -------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = ("x-tenant", "x-b")
+_PARAMS = ("region", "page")
+_VALUES = ("a", "b", "c")
+
+
+@st.composite
+def _match(draw: st.DrawFn) -> RouteMatch:
+    headers = tuple(
+        HeaderMatch(name, "Exact", draw(st.sampled_from(_VALUES)))
+        if draw(st.booleans())
+        else HeaderMatch(name, "RegularExpression", "[ab]", _regex("[ab]"))
+        for name in draw(st.lists(st.sampled_from(_NAMES), max_size=2, unique=True))
+    )
+    query = tuple(
+        QueryMatch(name, "Exact", draw(st.sampled_from(_VALUES)))
+        if draw(st.booleans())
+        else QueryMatch(name, "RegularExpression", "[bc]", _regex("[bc]"))
+        for name in draw(st.lists(st.sampled_from(_PARAMS), max_size=2, unique=True))
+    )
+    method = draw(st.sampled_from((None, None, "GET", "POST")))
+    path = draw(st.sampled_from((PathMatch("PathPrefix", "/"), PathMatch("PathPrefix", "/api"))))
+    return RouteMatch(path=path, method=method, headers=headers, query=query)
+
+
+@given(
+    matches=st.lists(_match(), min_size=1, max_size=30),
+    method=st.sampled_from(("GET", "POST")),
+    header_values=st.fixed_dictionaries({name: st.sampled_from((None, *_VALUES)) for name in _NAMES}),
+    param_values=st.fixed_dictionaries({name: st.sampled_from((None, *_VALUES)) for name in _PARAMS}),
+)
+def test_dispatch_on_exact_values_selects_what_testing_every_entry_selects(
+    matches: list[RouteMatch],
+    method: str,
+    header_values: dict[str, str | None],
+    param_values: dict[str, str | None],
+) -> None:
+    entries = tuple((match, Rule("r", index, matches=(match,))) for index, match in enumerate(matches))
+    routes = HostRoutes("svc", entries, any(match.query for match in matches))
+    headers = httpx.Headers({name: value for name, value in header_values.items() if value is not None})
+    raw_query = "&".join(f"{name}={value}" for name, value in param_values.items() if value is not None)
+    params = first_query_values(raw_query)
+    expected = next((entry for entry in entries if entry[0].test(method, "/api/x", headers, params)), None)
+    assert routes.select(method, "/api/x", headers, QueryString(raw_query)) is expected
+    assert routes.select(method, "/api/x", headers, QueryString(raw_query)) is expected  # cached dispatch too
