@@ -47,19 +47,21 @@ elif variant == "mesh":
     mesh = importlib.import_module("meshlib." + library)
     client = mesh.Client(services={"svc": "static://127.0.0.1:8080"}, environ={}, transport=Canned())
     url = "http://svc/"
-else:  # "routed-none" / "routed-50": S9's request, without and with its 50-rule table
+else:  # "routed-none" / "routed-1" / "routed-50": S9's request, without a table, with 1 rule, with 50 rules
     from benchmarks import route_tables
     mesh = importlib.import_module("meshlib." + library)
     client = mesh.Client(services={"bench": "static://127.0.0.1:8080"}, environ={}, transport=Canned())
     if variant == "routed-50":
         client.mesh.install_routes(route_tables.fifty_rules())
+    elif variant == "routed-1":
+        client.mesh.install_routes(route_tables.one_rule())
     url, headers = "http://bench" + route_tables.PATH, route_tables.HEADERS
 for _ in range(200 + n):
     client.get(url, headers=headers)
 """
 
 #: Which pairs to count: ``base`` (raw vs mesh), ``routes`` (mesh without vs with S9's 50-rule table).
-SETS = {"base": ("raw", "mesh"), "routes": ("routed-none", "routed-50")}
+SETS = {"base": ("raw", "mesh"), "routes": ("routed-none", "routed-1", "routed-50")}
 
 
 def _count(library: str, variant: str, n: int) -> int:
@@ -127,11 +129,23 @@ def main(argv: list[str] | None = None) -> int:
     if "routes" in sets:
         routed: dict[str, dict[str, float]] = {}
         for lib in libraries:
-            none, fifty = per(lib, "routed-none"), per(lib, "routed-50")
-            routed[lib] = {"no_table": none, "table_50_rules": fifty, "added": fifty - none}
-        print(f"{'library':8} {'no table':>10} {'50 rules':>10} {'added':>9}   (S9's request, meshlib)")
+            none, one, fifty = per(lib, "routed-none"), per(lib, "routed-1"), per(lib, "routed-50")
+            routed[lib] = {
+                "no_table": none,
+                "table_1_rule": one,
+                "table_50_rules": fifty,
+                "added_1": one - none,
+                "added": fifty - none,
+            }
+        print(
+            f"{'library':8} {'no table':>10} {'1 rule':>10} {'50 rules':>10} {'added 1':>9} {'added 50':>9}"
+            "   (S9's request, meshlib)"
+        )
         for lib, row in routed.items():
-            print(f"{lib:8} {row['no_table']:>10,.0f} {row['table_50_rules']:>10,.0f} {row['added']:>9,.0f}")
+            print(
+                f"{lib:8} {row['no_table']:>10,.0f} {row['table_1_rule']:>10,.0f} {row['table_50_rules']:>10,.0f} "
+                f"{row['added_1']:>9,.0f} {row['added']:>9,.0f}"
+            )
         data["routes_50_rules"] = routed
     elif "routes_50_rules" in old:
         data["routes_50_rules"] = old["routes_50_rules"]
