@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,9 @@ def _run(
 
 def run(ctx: Context) -> ScenarioResult:
     """Every library and mode; the four variants interleaved; p99 differences from ``off`` per repeat."""
-    rate = 200.0
+    # The issue's 200 requests/s saturates a 2-core machine running clients, backends and mirrors at once (the
+    # "off" runs' p99 is then queueing, not meshlib); S10_RATE sets another rate for such machines.
+    rate = float(os.environ.get("S10_RATE", "200"))
     duration = ctx.scale(10.0, 2.0)
     rows: list[dict[str, Any]] = []
     checks: list[Check] = []

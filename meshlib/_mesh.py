@@ -43,7 +43,7 @@ from meshlib._bounded import DEADLINE
 from meshlib._config import MeshConfig, service_key
 from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
-from meshlib._plan import _DEFAULT_PORTS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._plan import _DEFAULT_PORTS, _URI_FIELDS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
@@ -371,13 +371,11 @@ class _Mesh(Generic[T]):
             routes = by_port.get(None)
             if routes is None:
                 return None
-        raw = url.raw_path
-        cut = raw.find(b"?")
-        path = (raw if cut < 0 else raw[:cut]).decode("ascii")
+        path, query = _path_and_query(url)
         method = request.method
         params = None
         if routes.reads_query:  # parsed lazily, only if a candidate rule has a query condition
-            params = QueryString("" if cut < 0 else raw[cut + 1 :].decode("ascii"))
+            params = QueryString(query)
         selected = routes.select(method, path, request.headers, params)
         if selected is None:
             return self._local(
@@ -386,7 +384,6 @@ class _Mesh(Generic[T]):
         match, rule = selected
         redirect = rule.filters.redirect
         if redirect is not None:
-            query = "" if cut < 0 else raw[cut + 1 :].decode("ascii")
             location = redirect_location(
                 scheme=url.scheme, host=url.host, port=url.port, path=path, query=query, match=match, redirect=redirect
             )
@@ -530,6 +527,20 @@ class _Mesh(Generic[T]):
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError(reason=self._closed_reason)
+
+
+def _path_and_query(url: Any) -> tuple[str, str]:
+    """The URL's path and query string as sent (percent-encoded, never decoded): what routes match on.
+
+    Read from the parsed form both libraries keep (``URL.raw_path`` would encode it and the caller decode it
+    again, per call); a future release without it takes ``raw_path``.
+    """
+    parsed: Any = getattr(url, "_uri_reference", None)
+    if getattr(type(parsed), "_fields", None) == _URI_FIELDS:
+        return parsed.path or "/", parsed.query or ""
+    raw = url.raw_path.decode("ascii")
+    path, _, query = raw.partition("?")
+    return path, query
 
 
 def _parse_routes(data: bytes, source: str, *, services: Mapping[str, str], namespace: str | None) -> RouteTable:
