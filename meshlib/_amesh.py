@@ -133,16 +133,10 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
-        target = self._router.route(request.url.host)
-        service = None if target is None else target.service
-        routed = None
-        if target is not None and target.routes is not None:
-            decided = self._route(target, request)
-            if type(decided) is tuple:
-                routed, service = decided
-            elif decided is not None:
-                await anyio.lowlevel.checkpoint()  # answered without I/O: still a point where others run
-                return decided  # answered by the routes themselves (404, redirect, 500)
+        service, routed, answer = self._decide(request)
+        if answer is not None:
+            await anyio.lowlevel.checkpoint()  # answered without I/O: still a point where others run
+            return answer  # answered by the routes themselves (404, redirect, 500)
         if service is None:
             if self._passthrough is None:
                 self._passthrough = self.lib.AsyncHTTPTransport()

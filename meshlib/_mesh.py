@@ -359,6 +359,20 @@ class _Mesh(Generic[T]):
             faults=faults,
         )
 
+    def _decide(self, request: Any) -> tuple[Service[T] | None, Routed | None, Any]:
+        """Where a request goes: its service (``None``: outside the mesh, pass it through) and route decision,
+        or, third, the answer the routes give themselves (404, redirect, 500), with no service."""
+        target = self._router.route(request.url.host)
+        if target is None:
+            return None, None, None
+        if target.routes is not None:
+            decided = self._route(target, request)
+            if type(decided) is tuple:
+                return decided[1], decided[0], None
+            if decided is not None:
+                return None, None, decided
+        return target.service, None, None
+
     def _route(self, target: _Target[T], request: Any) -> tuple[Routed, Service[T]] | Any | None:
         """Route a call to a service with routes: its decision and backend, a response meshlib gives itself
         (no rule matched: 404; a redirect; no usable backend: 500), or ``None`` when no route applies to this
@@ -654,15 +668,9 @@ class MeshTransport(_Mesh[Any]):
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
-        target = self._router.route(request.url.host)
-        service = None if target is None else target.service
-        routed = None
-        if target is not None and target.routes is not None:
-            decided = self._route(target, request)
-            if type(decided) is tuple:
-                routed, service = decided
-            elif decided is not None:
-                return decided  # answered by the routes themselves (404, redirect, 500)
+        service, routed, answer = self._decide(request)
+        if answer is not None:
+            return answer  # answered by the routes themselves (404, redirect, 500)
         if service is None:
             if self._passthrough is None:
                 self._passthrough = self.lib.HTTPTransport()

@@ -94,12 +94,7 @@ class HeaderMatch:
 
     def test_value(self, found: str | None) -> bool:
         """Whether a request whose header value is ``found`` (``None``: absent) meets this match."""
-        if found is None:
-            return False
-        if self.kind == "Exact":
-            return found == self.value
-        regex = self.regex
-        return regex is not None and regex.fullmatch(found) is not None
+        return _value_meets(self.kind, self.value, self.regex, found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +109,16 @@ class QueryMatch:
 
     def test_value(self, found: str | None) -> bool:
         """Whether a request whose first ``name`` parameter is ``found`` (``None``: absent) meets this match."""
-        if found is None:
-            return False
-        if self.kind == "Exact":
-            return found == self.value
-        regex = self.regex
-        return regex is not None and regex.fullmatch(found) is not None
+        return _value_meets(self.kind, self.value, self.regex, found)
+
+
+def _value_meets(kind: ValueKind, value: str, regex: re.Pattern[str] | None, found: str | None) -> bool:
+    """A header or query condition on the value ``found`` (``None``: absent): equal, or a full regex match."""
+    if found is None:
+        return False
+    if kind == "Exact":
+        return found == value
+    return regex is not None and regex.fullmatch(found) is not None
 
 
 @dataclass(frozen=True, slots=True)
