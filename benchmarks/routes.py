@@ -1,5 +1,7 @@
 """Micro-benchmark (not a test): ``HostRoutes.select`` on a 50-rule table compiled by the Gateway API parser,
-the matching rule last, with httpx ``Headers``. ``python -m benchmarks.routes`` prints microseconds per select.
+the matching rule last, with httpx ``Headers``; then a client's whole route decision (``_Mesh._decide``: host,
+table, match, backend draw, the call's route decision) without a table, with one rule and with S9's 50 rules.
+``python -m benchmarks.routes`` prints microseconds per select and per decision.
 
 The 49 rules before it are what a real table holds: path prefixes, some with a method, header or query
 condition, so every entry is tried (and fails) before the catch-all ``PathPrefix /`` matches.
@@ -61,6 +63,28 @@ def main() -> None:
             select("GET", "/charge/42", headers, query)
         elapsed = time.perf_counter() - start
         print(f"HostRoutes.select, 50 rules, match last, {what}: {elapsed / RUNS * 1e6:.2f} us ({RUNS:,} runs)")
+    decisions()
+
+
+def decisions() -> None:
+    """The route decision of one S9 request through a real client (no I/O), per table, best of 5 runs."""
+    import timeit
+
+    import meshlib.httpx
+    from benchmarks import route_tables
+
+    tables = {"no table": None, "1 rule": route_tables.one_rule(), "50 rules (S9)": route_tables.fifty_rules()}
+    base = None
+    for what, routes in tables.items():
+        with meshlib.httpx.Client(services={"bench": "static://127.0.0.1:8080"}, environ={}) as client:
+            if routes is not None:
+                client.mesh.install_routes(routes)
+            request = client.build_request("GET", "http://bench" + route_tables.PATH, headers=route_tables.HEADERS)
+            decide = client.mesh._decide
+            seconds = min(timeit.repeat(lambda: decide(request), number=20_000, repeat=5)) / 20_000  # noqa: B023
+        base = seconds if base is None else base
+        added = "" if routes is None else f", {(seconds - base) * 1e6:.2f} us more than no table"
+        print(f"route decision, {what}: {seconds * 1e6:.2f} us{added}")
 
 
 if __name__ == "__main__":
