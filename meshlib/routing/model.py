@@ -364,8 +364,9 @@ class HostRoutes:
     by_exact: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     by_prefix: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     always: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    by_keys: bool = field(default=False, compare=False, repr=False)
     #: (method, path) -> candidate entries; filled by :meth:`select` (a cache of a pure function).
-    _candidates: dict[tuple[str, str], _Dispatch] = field(default_factory=dict, compare=False, repr=False)
+    _candidates: dict[tuple[str, ...], _Dispatch] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         exact: dict[str, list[int]] = {}
@@ -383,6 +384,10 @@ class HostRoutes:
         put(self, "by_exact", {value: tuple(positions) for value, positions in exact.items()})
         put(self, "by_prefix", {value: tuple(positions) for value, positions in prefix.items()})
         put(self, "always", tuple(always))
+        # Entries no index rules out are all "PathPrefix /" (they meet every path): then which entries a path
+        # can meet depends only on the index keys it hits, and paths with ids (/charge/42, /charge/43...) share
+        # one cache entry (:meth:`_key`). A regular expression makes the whole path the key.
+        put(self, "by_keys", all(self.entries[i][0].path == _EVERY_PATH for i in always))
 
     def candidates(self, path: str) -> Sequence[int]:
         """The positions of the entries ``path`` may meet, in precedence order (a superset of those it meets)."""
@@ -408,12 +413,32 @@ class HostRoutes:
             return ()
         return sorted(chain.from_iterable(hits))
 
+    def _key(self, method: str, path: str) -> tuple[str, ...]:
+        """What decides the candidates of a request: its method and the index keys its path hits (the Exact
+        value, the PathPrefix values of its leading segments), or its whole path when that is not enough."""
+        if not self.by_keys or not path.startswith("/"):
+            return (method, path)
+        key = [method]
+        if path in self.by_exact:
+            key.append("=" + path)
+        by_prefix = self.by_prefix
+        if by_prefix:
+            end = 0
+            while True:
+                end = path.find("/", end + 1)
+                prefix = path if end < 0 else path[:end]
+                if prefix in by_prefix:
+                    key.append(prefix)
+                if end < 0:
+                    break
+        return tuple(key)
+
     def select(
         self, method: str, path: str, headers: Any, query: Mapping[str, str] | None = None
     ) -> tuple[RouteMatch, Rule] | None:
         """The first (match, rule) the request meets, or ``None``: no rule matched (the call gets a 404)."""
         cache = self._candidates
-        key = (method, path)
+        key = self._key(method, path)
         dispatch = cache.get(key)
         if dispatch is None:
             entries = self.entries
@@ -487,6 +512,8 @@ class HostRoutes:
                 return entry
         return None
 
+
+_EVERY_PATH = PathMatch("PathPrefix", "/")
 
 #: Fewer candidates than this are simply tested in order (building and reading the dispatch costs more).
 _DISPATCH_MIN = 5

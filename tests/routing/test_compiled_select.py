@@ -88,6 +88,13 @@ from hypothesis import strategies as st  # noqa: E402
 _NAMES = ("x-tenant", "x-b")
 _PARAMS = ("region", "page")
 _VALUES = ("a", "b", "c")
+_PATHS = (
+    PathMatch("PathPrefix", "/"),
+    PathMatch("PathPrefix", "/api"),
+    PathMatch("PathPrefix", "/api/v1"),
+    PathMatch("Exact", "/api/x"),
+    PathMatch("RegularExpression", "/api/[0-9]+", _regex("/api/[0-9]+")),
+)
 
 
 @st.composite
@@ -105,19 +112,21 @@ def _match(draw: st.DrawFn) -> RouteMatch:
         for name in draw(st.lists(st.sampled_from(_PARAMS), max_size=2, unique=True))
     )
     method = draw(st.sampled_from((None, None, "GET", "POST")))
-    path = draw(st.sampled_from((PathMatch("PathPrefix", "/"), PathMatch("PathPrefix", "/api"))))
+    path = draw(st.sampled_from(_PATHS if draw(st.booleans()) else _PATHS[:4]))  # with regexes, or without
     return RouteMatch(path=path, method=method, headers=headers, query=query)
 
 
 @given(
     matches=st.lists(_match(), min_size=1, max_size=30),
     method=st.sampled_from(("GET", "POST")),
+    paths=st.lists(st.sampled_from(("/api/x", "/api/12", "/api/13", "/api/v1/7", "/api", "/other", "x")), min_size=1),
     header_values=st.fixed_dictionaries({name: st.sampled_from((None, *_VALUES)) for name in _NAMES}),
     param_values=st.fixed_dictionaries({name: st.sampled_from((None, *_VALUES)) for name in _PARAMS}),
 )
 def test_dispatch_on_exact_values_selects_what_testing_every_entry_selects(
     matches: list[RouteMatch],
     method: str,
+    paths: list[str],
     header_values: dict[str, str | None],
     param_values: dict[str, str | None],
 ) -> None:
@@ -126,6 +135,6 @@ def test_dispatch_on_exact_values_selects_what_testing_every_entry_selects(
     headers = httpx.Headers({name: value for name, value in header_values.items() if value is not None})
     raw_query = "&".join(f"{name}={value}" for name, value in param_values.items() if value is not None)
     params = first_query_values(raw_query)
-    expected = next((entry for entry in entries if entry[0].test(method, "/api/x", headers, params)), None)
-    assert routes.select(method, "/api/x", headers, QueryString(raw_query)) is expected
-    assert routes.select(method, "/api/x", headers, QueryString(raw_query)) is expected  # cached dispatch too
+    for path in paths:  # several paths through one table: the cache (keyed by method and index keys) is shared
+        expected = next((entry for entry in entries if entry[0].test(method, path, headers, params)), None)
+        assert routes.select(method, path, headers, QueryString(raw_query)) is expected
