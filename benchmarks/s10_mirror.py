@@ -199,14 +199,14 @@ def run(ctx: Context) -> ScenarioResult:
         "primary: 2 backends, lognormal median 10 ms sigma 0.5, same seed for every variant of a repeat; mirror: "
         f"1 backend, {MIRROR_DELAY * 1e3:.0f} ms (on), refusing (dead), never answering (hung); "
         f"route timeout {ROUTE_TIMEOUT:.0f} s",
-        "primary and mirror backends share the server CPU: the mirror's own work (200 extra requests/s) is "
+        f"primary and mirror backends share the server CPU: the mirror's own work ({rate:.0f} extra requests/s) is "
         "part of what the primary sees",
     ]
     if HTTPX2_MISSING:
         notes.append(HTTPX2_MISSING)
     return ScenarioResult(
         "s10",
-        "primary latency with request mirroring off / on / dead mirror / hung mirror (open loop 200/s)",
+        f"primary latency with request mirroring off / on / dead mirror / hung mirror (open loop {rate:.0f}/s)",
         [
             "library",
             "mode",
