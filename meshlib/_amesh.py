@@ -133,17 +133,24 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
-        service, routed, answer = self._decide(request)
-        if answer is not None:
-            await anyio.lowlevel.checkpoint()  # answered without I/O: still a point where others run
-            return answer  # answered by the routes themselves (404, redirect, 500)
+        target = self._router.route(request.url.host)
+        routed = None
+        if target is not None and target.routes is None:
+            service = target.service  # the common case, inline: a service without routes
+        else:
+            service, routed, answer = self._decide(request)
+            if answer is not None:
+                await anyio.lowlevel.checkpoint()  # answered without I/O: still a point where others run
+                return answer  # answered by the routes themselves (404, redirect, 500)
         if service is None:
             if self._passthrough is None:
                 self._passthrough = self.lib.AsyncHTTPTransport()
             return await self._passthrough.handle_async_request(request)
         call = self._call(service, request, routed)
         try:
-            active = await self._view(service, call)
+            active = service.active
+            if active is None or _TESTING.enabled or service.cache.consecutive_failures:
+                active = await self._view(service, call)
         except BaseException as exc:
             if routed is not None:
                 routed.end()

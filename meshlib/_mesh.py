@@ -361,7 +361,10 @@ class _Mesh(Generic[T]):
 
     def _decide(self, request: Any) -> tuple[Service[T] | None, Routed | None, Any]:
         """Where a request goes: its service (``None``: outside the mesh, pass it through) and route decision,
-        or, third, the answer the routes give themselves (404, redirect, 500), with no service."""
+        or, third, the answer the routes give themselves (404, redirect, 500), with no service.
+
+        The drivers inline the common case (a host without routes: its service) and call this otherwise.
+        """
         target = self._router.route(request.url.host)
         if target is None:
             return None, None, None
@@ -668,16 +671,23 @@ class MeshTransport(_Mesh[Any]):
 
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
-        service, routed, answer = self._decide(request)
-        if answer is not None:
-            return answer  # answered by the routes themselves (404, redirect, 500)
+        target = self._router.route(request.url.host)
+        routed = None
+        if target is not None and target.routes is None:
+            service = target.service  # the common case, inline: a service without routes
+        else:
+            service, routed, answer = self._decide(request)
+            if answer is not None:
+                return answer  # answered by the routes themselves (404, redirect, 500)
         if service is None:
             if self._passthrough is None:
                 self._passthrough = self.lib.HTTPTransport()
             return self._passthrough.handle_request(request)
         call = self._call(service, request, routed)
         try:
-            active = self._view(service, call)
+            active = service.active
+            if active is None or _TESTING.enabled or service.cache.consecutive_failures:
+                active = self._view(service, call)
         except BaseException as exc:
             if routed is not None:
                 routed.end()
