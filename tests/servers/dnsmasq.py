@@ -273,7 +273,9 @@ class Dnsmasq:
                 raise RuntimeError(f"dnsmasq exited at startup on port {self.port}:\n{log}")
             try:
                 reply = dns.query.udp(query, self.host, port=self.port, timeout=0.05)
-            except (dns.exception.Timeout, OSError):
+            except (dns.exception.Timeout, dns.query.BadResponse, OSError):
+                # BadResponse: a late answer to an earlier poll that timed out, reaching a new socket that got the
+                # same ephemeral port (seen once on a loaded machine): not this poll's answer, poll again.
                 time.sleep(0.01)
                 continue
             if reply.rcode() == dns.rcode.NOERROR and any(
