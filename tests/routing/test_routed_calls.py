@@ -182,7 +182,7 @@ def test_backend_receives_the_called_host_and_routed_responses_name_their_rule(s
     assert response.extensions["meshlib.service"] == "payments_v2"  # MESHLIB_SERVICE_PAYMENTS_V2's name
 
 
-def test_header_filters_and_rewrite_are_seen_by_the_backend_and_response_filters_by_the_caller(
+def test_header_filters_are_seen_by_the_backend_and_response_filters_by_the_caller(
     start_backends: BackendFactory,
 ) -> None:
     (v1,) = start_backends(1, prefix="v1-")

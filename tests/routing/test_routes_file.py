@@ -255,3 +255,64 @@ async def test_async_reload_under_live_traffic(tmp_path: Path, trio_of_backends:
             done.set()
     assert all(expected[label] == backend for label, backend in seen)
     assert {label for label, _ in seen} == {"one", "two"}
+
+
+REWRITE_AND_REDIRECT = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payments}
+spec:
+  parentRefs: [{group: "", kind: Service, name: payments}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1/charge}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: billing.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /charge}}
+    backendRefs: [{name: payments-v1}]
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /v1/charge/9}, statusCode: 301}
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rewrite_is_seen_by_the_backend_and_a_redirect_is_followed_through_the_routes(
+    mode: str, tmp_path: Path, trio_of_backends: tuple[Any, Any, Any]
+) -> None:
+    v1, v2, shadow = trio_of_backends
+    path = tmp_path / "routes.yaml"
+    write(path, REWRITE_AND_REDIRECT)
+    env = environ(path, v1, v2, shadow)
+
+    def calls(client: Any) -> tuple[Any, Any, Any]:
+        return (
+            client.get("http://payments/v1/charge/7?x=1"),
+            client.get("http://payments/old"),
+            client.get("http://payments/old", follow_redirects=True),
+        )
+
+    if mode == "sync":
+        with meshlib.Client(environ=env) as client:
+            rewritten, redirect, followed = calls(client)
+    else:
+
+        async def run() -> tuple[Any, Any, Any]:
+            async with meshlib.AsyncClient(environ=env) as client:
+                return (
+                    await client.get("http://payments/v1/charge/7?x=1"),
+                    await client.get("http://payments/old"),
+                    await client.get("http://payments/old", follow_redirects=True),
+                )
+
+        rewritten, redirect, followed = anyio.run(run)
+    assert rewritten.status_code == 200
+    first = v1.requests[0]
+    assert first.path == "/charge/7?x=1"  # the prefix replaced, the rest and the query kept
+    assert first.headers["host"] == "billing.internal"
+    assert redirect.status_code == 301
+    assert redirect.headers["location"] == "http://payments/v1/charge/9"
+    assert redirect.extensions["meshlib.local"] == "redirect"
+    assert followed.status_code == 200  # the redirect led back into the routes: rewritten and sent to v1
+    assert v1.requests[1].path == "/charge/9"
+    assert v1.count == 2
