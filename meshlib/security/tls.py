@@ -461,20 +461,34 @@ class ReloadingContext(ssl.SSLContext):
                     error,
                 )
                 return False
-            self._inner = inner
-            self._not_after = not_after
             self._signature = signature
             self._failed = None
-            self._expiry_logged = False
-            with self._changed:
-                self._generation += 1
-                self._changed.notify_all()
+            self._swap(inner, not_after)
         logger.info(
             "TLS files reloaded (%s)%s; new connections use them",
             ", ".join(self.settings.files),
             f", client certificate valid until {_utc(not_after)}" if not_after is not None else "",
         )
         return True
+
+    def swap(self, inner: ssl.SSLContext, not_after: datetime.datetime | None = None) -> None:
+        """Swap in ``inner``, a fully built context from another source of material (the SPIFFE Workload API).
+
+        The same whole-context swap as a file rotation (one reference assignment; new connections use
+        ``inner``, connections already made keep theirs) and the same :attr:`generation` count.
+        """
+        with self._check_lock:
+            self._swap(inner, not_after)
+
+    def _swap(self, inner: ssl.SSLContext, not_after: datetime.datetime | None) -> None:
+        if self._alpn is not None:
+            inner.set_alpn_protocols(self._alpn)
+        self._inner = inner
+        self._not_after = not_after
+        self._expiry_logged = False
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
     def _warn_if_expired(self, now: datetime.datetime) -> None:
         if self._not_after is not None and self._not_after <= now and not self._expiry_logged:
