@@ -9,8 +9,10 @@ for on the contexts' generation, never on time.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -25,7 +27,7 @@ import meshlib
 from meshlib.security.workload_api import WorkloadAPISource, from_env
 from meshlib.testing import Backend, Behavior
 from tests.httplib import httpx
-from tests.security.pki import CA
+from tests.security.pki import CA, server_context
 from tests.servers.workload_api import SVID, WorkloadAPIServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -194,17 +196,13 @@ def test_bundle_rotation_to_a_new_ca(pair: Pair) -> None:
         old.stop()
 
 
-def _server_with(pair: Pair, svid: SVID) -> meshlib.security.ReloadingContext:
-    import ssl
-
-    from tests.security.pki import server_context
-
+def _server_with(pair: Pair, svid: SVID) -> ssl.SSLContext:
+    """A plain file-loaded server context presenting ``svid`` (a workload that missed the rotation)."""
     directory = Path(tempfile.mkdtemp(prefix="wl-"))
     try:
-        context: ssl.SSLContext = server_context(svid.leaf, directory)
+        return server_context(svid.leaf, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return context  # type: ignore[return-value]
 
 
 def test_socket_missing_is_a_config_error(socket_dir: Path) -> None:
@@ -247,3 +245,29 @@ def test_extra_missing_names_the_install_command(socket_dir: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "spiffe", None)
     with pytest.raises(meshlib.ConfigError, match=r"SPIFFE_ENDPOINT_SOCKET.*pip install 'meshlib\[spiffe\]'"):
         WorkloadAPISource(environ={"SPIFFE_ENDPOINT_SOCKET": f"unix://{socket_dir}/agent.sock"})
+
+
+def test_without_memfd_the_key_file_is_private_and_removed(
+    socket_dir: Path, ca: CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The non-Linux path: a 0700 directory with a 0600 file, removed once the context has loaded it."""
+    monkeypatch.delattr(os, "memfd_create")
+    scratch = socket_dir / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    modes: list[tuple[int, int]] = []
+    real_load = ssl.SSLContext.load_cert_chain
+
+    def spy(self: ssl.SSLContext, certfile: str, *args: object, **kwargs: object) -> None:
+        modes.append((os.stat(os.path.dirname(certfile)).st_mode & 0o777, os.stat(certfile).st_mode & 0o777))
+        real_load(self, certfile, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spy)
+    with (
+        WorkloadAPIServer(socket_dir / "agent.sock", [issue(ca, BACKEND_ID)]) as agent,
+        WorkloadAPISource(agent.endpoint) as source,
+    ):
+        source.server_context()
+        source.client_context(BACKEND_ID)
+    assert modes == [(0o700, 0o600), (0o700, 0o600)]
+    assert list(scratch.iterdir()) == []
