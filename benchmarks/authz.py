@@ -64,7 +64,9 @@ kind: AuthorizationPolicy
 metadata: {{name: allow-{index}, namespace: shop}}
 spec:
   rules:
-  - from: [{{source: {{principals: ["cluster.local/ns/team{index}/sa/*"]}}}}, {{source: {{ipBlocks: ["10.{index}.0.0/16"]}}}}]
+  - from:
+    - source: {{principals: ["cluster.local/ns/team{index}/sa/*"]}}
+    - source: {{ipBlocks: ["10.{index}.0.0/16"]}}
     to: [{{operation: {{methods: ["GET", "POST"], paths: ["/api/v{index}/*"], ports: ["8080"]}}}}]
 """
     for index in range(5)
