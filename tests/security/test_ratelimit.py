@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 
 import pytest
 
@@ -268,6 +271,16 @@ def test_no_caller_exceeds_its_rate_under_eviction_pressure() -> None:
 # -- threads and fork -------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def busy_switching() -> Iterator[None]:
+    """Threads switch every microsecond (not every 5 ms), so an unlocked read-modify-write would interleave."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("busy_switching")
 def test_threads_never_get_more_than_the_allowance() -> None:
     rl, _ = limiter(RateLimits(total=Limit(2000), identity=Limit(120)))  # a frozen clock: allowance is exact
     barrier = threading.Barrier(8)
@@ -302,13 +315,13 @@ def test_threads_never_get_more_than_the_allowance() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-@pytest.mark.timeout(30)
 def test_a_child_forked_while_the_lock_is_held_can_check() -> None:
     rl, _ = limiter(RateLimits(total=Limit(1)))
     rl._lock.acquire()  # as if another thread were inside check() at fork time
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
+            signal.alarm(10)  # a deadlocked child dies (SIGALRM) instead of hanging the suite
             os._exit(0 if rl.check(ALICE).allowed else 1)
     finally:
         rl._lock.release()
