@@ -57,6 +57,7 @@ __all__ = [
     "ASGIInboundMiddleware",
     "DeadlineHook",
     "DeadlineMiddleware",
+    "Refusal",
     "Hook",
     "InboundRequest",
     "MeshMiddleware",
@@ -293,6 +294,45 @@ def _enter(stack: ExitStack, hooks: Sequence[Hook], request: InboundRequest) -> 
 _NO_RETRY = (pushback.NO_RETRY_HEADER.encode(), b"1")
 
 
+class Refusal(Exception):
+    """Raised by a hook to answer the request itself, without calling the application (403, 429...).
+
+    The hooks entered before the one that refuses (the SERVER span, server metrics, peer identity) stay
+    entered and see the refusal's status on exit, so a refused request is traced and counted like any other.
+    ``reason`` is the short ``text/plain`` body (no secrets, nothing the caller sent unescaped); ``headers``
+    are added to the answer (``Retry-After`` for a 429). A websocket request is closed with code 1008 (policy
+    violation) before it is accepted, which ASGI servers answer with a 403.
+    """
+
+    def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers = tuple(headers)
+
+    def body(self) -> bytes:
+        """The answer's body: the reason and a newline."""
+        return (self.reason + "\n").encode("utf-8", "replace")
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """The answer's headers: ``text/plain`` and its length, then :attr:`headers`."""
+        return [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", str(len(self.body()))),
+            *self.headers,
+        ]
+
+
+async def _refuse_asgi(scope: ASGIScope, send: ASGISend, refusal: Refusal) -> None:
+    """Answer an ASGI request with ``refusal`` (the app is never called)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": refusal.reason[:120]})
+        return
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in refusal.header_list()]
+    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.body", "body": refusal.body()})
+
+
 class ASGIInboundMiddleware:
     """Runs ``hooks`` around every ``http`` and ``websocket`` request of an ASGI app (lifespan untouched)."""
 
@@ -316,7 +356,13 @@ class ASGIInboundMiddleware:
 
         try:
             with ExitStack() as stack:  # same task throughout: the scope set here is the handler's context
-                _enter(stack, self.hooks, request)
+                try:
+                    _enter(stack, self.hooks, request)
+                except Refusal as refusal:  # a hook answers (403, 429): the app never runs
+                    if scope["type"] == "websocket":
+                        request.status = 403
+                    await _refuse_asgi(scope, send_noting_status, refusal)
+                    return
                 await self.app(scope, receive, send_noting_status)
         finally:
             pushback.end_inbound(token)
@@ -381,7 +427,15 @@ class WSGIInboundMiddleware:
         request = _WSGIRequest(environ)
         state, _ = context.run(pushback.begin_inbound)  # the copied context ends with the request
         try:
-            entered = context.run(_enter, stack, self.hooks, request)
+            try:
+                entered = context.run(_enter, stack, self.hooks, request)
+            except Refusal as refusal:  # a hook answers (403, 429): the app never runs
+                from http import HTTPStatus
+
+                phrase = HTTPStatus(refusal.status).phrase if refusal.status in HTTPStatus._value2member_map_ else ""
+                start = request._start_response(start_response, state)
+                start(f"{refusal.status} {phrase}".rstrip(), refusal.header_list())
+                return _ScopedBody([refusal.body()], context, stack)
             body = context.run(self.app, environ, request._start_response(start_response, state))
         except BaseException:
             context.run(stack.__exit__, *sys.exc_info())
