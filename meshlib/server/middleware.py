@@ -110,6 +110,10 @@ class InboundRequest(Protocol):
         """The client's (IP, port) as the server saw it, when known."""
         ...
 
+    def server_port(self) -> int | None:
+        """The local port the request arrived on, when the server reports it."""
+        ...
+
     def peer_certificate(self) -> bytes | None:
         """The client's TLS certificate (DER) when the server exposes it (see the module docstring)."""
         ...
@@ -141,6 +145,10 @@ class _ASGIRequest:
     def peer_address(self) -> tuple[str, int] | None:
         client = self.scope.get("client")
         return (str(client[0]), int(client[1])) if client else None
+
+    def server_port(self) -> int | None:
+        server = self.scope.get("server")
+        return int(server[1]) if server and server[1] is not None else None
 
     def peer_certificate(self) -> bytes | None:
         tls = (self.scope.get("extensions") or {}).get("tls") or {}
@@ -182,6 +190,12 @@ class _WSGIRequest:
         names = [key[5:].lower().replace("_", "-") for key in self.environ if key.startswith("HTTP_")]
         names.extend(key.lower().replace("_", "-") for key in ("CONTENT_TYPE", "CONTENT_LENGTH") if key in self.environ)
         return names
+
+    def server_port(self) -> int | None:
+        try:
+            return int(self.environ.get("SERVER_PORT") or "")
+        except ValueError:
+            return None
 
     def peer_address(self) -> tuple[str, int] | None:
         address, port = self.environ.get("REMOTE_ADDR"), self.environ.get("REMOTE_PORT")
