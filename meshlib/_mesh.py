@@ -43,7 +43,19 @@ from meshlib._bounded import DEADLINE
 from meshlib._config import MeshConfig, service_key
 from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
-from meshlib._plan import _DEFAULT_PORTS, _URI_FIELDS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._plan import (
+    _DEFAULT_PORTS,
+    Attempt,
+    Call,
+    Cancel,
+    Plan,
+    Send,
+    Sleep,
+    Start,
+    Step,
+    WaitFirst,
+    path_and_query,
+)
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
@@ -382,7 +394,7 @@ class _Mesh(Generic[T]):
         routes = target.routes_for(url.port or _DEFAULT_PORTS.get(url.scheme, 80))
         if routes is None:
             return target.service, None, None
-        path, query = _path_and_query(url)
+        path, query = path_and_query(url)
         method = request.method
         params = None
         if routes.reads_query:  # parsed lazily, only if a candidate rule has a query condition
@@ -533,20 +545,6 @@ class _Mesh(Generic[T]):
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError(reason=self._closed_reason)
-
-
-def _path_and_query(url: Any) -> tuple[str, str]:
-    """The URL's path and query string as sent (percent-encoded, never decoded): what routes match on.
-
-    Read from the parsed form both libraries keep (``URL.raw_path`` would encode it and the caller decode it
-    again, per call); a future release without it takes ``raw_path``.
-    """
-    parsed: Any = getattr(url, "_uri_reference", None)
-    if getattr(type(parsed), "_fields", None) == _URI_FIELDS:
-        return parsed.path or "/", parsed.query or ""
-    raw = url.raw_path.decode("ascii")
-    path, _, query = raw.partition("?")
-    return path, query
 
 
 def _parse_routes(data: bytes, source: str, *, services: Mapping[str, str], namespace: str | None) -> RouteTable:

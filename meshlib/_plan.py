@@ -80,6 +80,7 @@ __all__ = [
     "Step",
     "WaitFirst",
     "endpoint_url",
+    "path_and_query",
 ]
 
 T = TypeVar("T")
@@ -214,14 +215,27 @@ def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
 _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
 
 
+def path_and_query(url: Any) -> tuple[str, str]:
+    """The URL's path and query string as sent (percent-encoded, never decoded): what routes match on.
+
+    Read from the parsed form both libraries keep (``URL.raw_path`` would encode it and the caller decode it
+    again, per call), as :func:`endpoint_url` does; a future release without it takes ``raw_path``.
+    """
+    parsed: Any = getattr(url, "_uri_reference", None)
+    if getattr(type(parsed), "_fields", None) == _URI_FIELDS:
+        return parsed.path or "/", parsed.query or ""
+    raw = url.raw_path.decode("ascii")
+    path, _, query = raw.partition("?")
+    return path, query
+
+
 def routed_url(request: Any, routed: Routed) -> Any:
     """The logical URL a routed call's attempts go to: the caller's, or its path as a ``URLRewrite`` made it."""
     rewrite = routed.choice.rewrite
     url = request.url
     if rewrite is None or rewrite.path is None:
         return url
-    raw_path = url.raw_path.decode("ascii")
-    path, _, query = raw_path.partition("?")
+    path, query = path_and_query(url)
     new_path = rewritten_path(path, routed.match, rewrite.path)
     return url.copy_with(raw_path=(new_path + ("?" + query if query else "")).encode("ascii"))
 
