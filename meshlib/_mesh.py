@@ -63,7 +63,7 @@ from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy
-from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHODS
+from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, resendable
 from meshlib.routing.decision import (
     EXT_ROUTE,
     ActiveLimit,
@@ -496,10 +496,10 @@ class _Mesh(Generic[T]):
                 self._count_mirror(service.name, "skipped-streaming")
                 continue
             request = call.request
-            if not (
-                call.method.upper() in IDEMPOTENT_METHODS
-                or call.policy.retry_non_idempotent
-                or IDEMPOTENCY_KEY_HEADER in request.headers
+            if not resendable(
+                call.method,
+                retry_non_idempotent=bool(call.policy.retry_non_idempotent),
+                has_idempotency_key=IDEMPOTENCY_KEY_HEADER in request.headers,
             ):
                 self._count_mirror(service.name, "skipped-unsafe")
                 continue
