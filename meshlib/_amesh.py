@@ -134,11 +134,10 @@ class AsyncMeshTransport(_Mesh[Any]):
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
         target = self._router.route(request.url.host)
+        service = None if target is None else target.service
         routed = None
-        if target is not None and target.routes is None:
-            service = target.service  # the common case, inline: a service without routes
-        else:
-            service, routed, answer = self._decide(request)
+        if target is not None and target.routes is not None:
+            service, routed, answer = self._route(target, request)
             if answer is not None:
                 await anyio.lowlevel.checkpoint()  # answered without I/O: still a point where others run
                 return answer  # answered by the routes themselves (404, redirect, 500)
@@ -164,7 +163,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             # waited: yield once, so a caller retrying in a loop cannot starve the event loop.
             await anyio.lowlevel.checkpoint()
             raise
-        if routed is not None and routed.mirrors and call.attempts:  # a server answered (no fault abort)
+        if routed is not None and routed.choice.mirrors and call.attempts:  # a server answered (no fault abort)
             self._mirror(call)
         return response
 

@@ -43,7 +43,19 @@ from meshlib._bounded import DEADLINE
 from meshlib._config import MeshConfig, service_key
 from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
-from meshlib._plan import _DEFAULT_PORTS, _URI_FIELDS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
+from meshlib._plan import (
+    _DEFAULT_PORTS,
+    Attempt,
+    Call,
+    Cancel,
+    Plan,
+    Send,
+    Sleep,
+    Start,
+    Step,
+    WaitFirst,
+    path_and_query,
+)
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
@@ -51,8 +63,16 @@ from meshlib.discovery.base import DiscoverySettings, Endpoint
 from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy
-from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHODS
-from meshlib.routing.decision import EXT_ROUTE, ActiveLimit, BackendChoice, Routed, local_answer
+from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, resendable
+from meshlib.routing.decision import (
+    EXT_ROUTE,
+    ActiveLimit,
+    BackendChoice,
+    Routed,
+    local_answer,
+    no_backend,
+    no_route,
+)
 from meshlib.routing.filters import modify, redirect_location
 from meshlib.routing.model import EMPTY_TABLE, HostRoutes, QueryString, RouteTable
 from meshlib.status import RejectedRoutes, RoutesStatus
@@ -109,6 +129,15 @@ class _Target(Generic[T]):
         self.bases = bases
         #: ``id(backend)`` -> what a call routed to that backend needs (valid backends of mesh services only).
         self.choices = choices
+
+    def routes_for(self, port: int) -> HostRoutes | None:
+        """The routes that apply to a call on ``port`` (those attached to it, else the port-less ones), or
+        ``None``: no route applies and the call goes to the service itself (GAMMA)."""
+        by_port = self.routes
+        if by_port is None:
+            return None
+        found = by_port.get(port)
+        return by_port.get(None) if found is None else found
 
 
 class _RouterState(Generic[T]):
@@ -244,10 +273,8 @@ class _Mesh(Generic[T]):
             interval=config.routes_reload_interval,
         )
         table = source.load_first()
-        version = source.current
-        if version is not None:
-            table = dataclasses.replace(table, source=version.path, version=version.version)
-        self.install_routes(table)
+        assert source.current is not None  # set by load_first
+        _publish_routes(self, table, source.current)
         self.routes_source = source
         source.start()
 
@@ -359,52 +386,29 @@ class _Mesh(Generic[T]):
             faults=faults,
         )
 
-    def _decide(self, request: Any) -> tuple[Service[T] | None, Routed | None, Any]:
-        """Where a request goes: its service (``None``: outside the mesh, pass it through) and route decision,
-        or, third, the answer the routes give themselves (404, redirect, 500), with no service.
-
-        The drivers inline the common case (a host without routes: its service) and call this otherwise.
-        """
-        target = self._router.route(request.url.host)
-        if target is None:
-            return None, None, None
-        if target.routes is not None:
-            decided = self._route(target, request)
-            if type(decided) is tuple:
-                return decided[1], decided[0], None
-            if decided is not None:
-                return None, None, decided
-        return target.service, None, None
-
-    def _route(self, target: _Target[T], request: Any) -> tuple[Routed, Service[T]] | Any | None:
-        """Route a call to a service with routes: its decision and backend, a response meshlib gives itself
-        (no rule matched: 404; a redirect; no usable backend: 500), or ``None`` when no route applies to this
-        port (the call goes to the service itself)."""
+    def _route(self, target: _Target[T], request: Any) -> tuple[Service[T] | None, Routed | None, Any]:
+        """Route a call to ``target`` (a host with routes): the service it goes to (``None``: outside the mesh,
+        pass it through) and the route decision; or, third, the answer the routes give themselves (no rule
+        matched: 404; a redirect; no usable backend: 500). No route for this port: the service itself."""
         url = request.url
-        by_port = target.routes
-        assert by_port is not None
-        routes = by_port.get(url.port or _DEFAULT_PORTS.get(url.scheme, 80))
+        routes = target.routes_for(url.port or _DEFAULT_PORTS.get(url.scheme, 80))
         if routes is None:
-            routes = by_port.get(None)
-            if routes is None:
-                return None
-        path, query = _path_and_query(url)
+            return target.service, None, None
+        path, query = path_and_query(url)
         method = request.method
         params = None
         if routes.reads_query:  # parsed lazily, only if a candidate rule has a query condition
             params = QueryString(query)
         selected = routes.select(method, path, request.headers, params)
         if selected is None:
-            return self._local(
-                request, None, 404, "no-route", f"no route of service {target.name!r} matched {method} {path}"
-            )
+            return None, None, self._local(request, None, 404, "no-route", no_route(target.name, method, path))
         match, rule = selected
         redirect = rule.filters.redirect
         if redirect is not None:
             location = redirect_location(
                 scheme=url.scheme, host=url.host, port=url.port, path=path, query=query, match=match, redirect=redirect
             )
-            return self._local(
+            answer = self._local(
                 request,
                 rule,
                 redirect.status_code,
@@ -412,18 +416,15 @@ class _Mesh(Generic[T]):
                 f"redirected to {location}",
                 headers=[("location", location)],
             )
+            return None, None, answer
         backend = rule.pick(self.rng)
         choice = None if backend is None else target.choices.get(id(backend))
         if backend is None or choice is None:
-            if backend is None:
-                why = "its backends' weights are all zero" if rule.backends else "it has no backends"
-            else:
-                why = f"the backend drawn is invalid ({backend.invalid or backend.service})"
-            return self._local(request, rule, 500, "no-backend", f"route rule {rule.label} matched but {why}")
-        routed = Routed(rule, match, backend, choice, target.name)
+            return None, None, self._local(request, rule, 500, "no-backend", no_backend(rule, backend))
+        routed = Routed(rule, match, backend, choice)
         if choice.fault is not None:
             self._fault(routed, choice.fault)
-        return routed, choice.service
+        return choice.service, routed, None
 
     def _fault(self, routed: Routed, fault: Any) -> None:
         """Draw the fault filter's delay and abort for one call (Istio's percentages, A33's active limit)."""
@@ -437,15 +438,15 @@ class _Mesh(Generic[T]):
         if slot is None:
             slot = self._fault_slots.setdefault(key, ActiveLimit(fault.max_active))
         if not slot.try_take():
-            self.telemetry.fault(routed.label, fault.name, "skipped-max-active")
+            self.telemetry.fault(routed.rule.label, fault.name, "skipped-max-active")
             return
         routed.fault_slot = slot
         routed.delay_s = fault.delay_s if delay else None
         routed.abort_status = fault.abort_status if abort else None
         if delay:
-            self.telemetry.fault(routed.label, fault.name, "delay")
+            self.telemetry.fault(routed.rule.label, fault.name, "delay")
         if abort:
-            self.telemetry.fault(routed.label, fault.name, "abort")
+            self.telemetry.fault(routed.rule.label, fault.name, "abort")
 
     def _local(
         self,
@@ -485,7 +486,7 @@ class _Mesh(Generic[T]):
         routed = call.routed
         assert routed is not None
         due: list[tuple[Service[T], Any]] = []
-        for mirror in routed.mirrors:
+        for mirror in routed.choice.mirrors:
             if mirror.fraction < 1.0 and self.rng.random() >= mirror.fraction:
                 continue
             service = self._router.services.get(service_key(mirror.service))
@@ -495,10 +496,10 @@ class _Mesh(Generic[T]):
                 self._count_mirror(service.name, "skipped-streaming")
                 continue
             request = call.request
-            if not (
-                call.method.upper() in IDEMPOTENT_METHODS
-                or call.policy.retry_non_idempotent
-                or IDEMPOTENCY_KEY_HEADER in request.headers
+            if not resendable(
+                call.method,
+                retry_non_idempotent=bool(call.policy.retry_non_idempotent),
+                has_idempotency_key=IDEMPOTENCY_KEY_HEADER in request.headers,
             ):
                 self._count_mirror(service.name, "skipped-unsafe")
                 continue
@@ -544,20 +545,6 @@ class _Mesh(Generic[T]):
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError(reason=self._closed_reason)
-
-
-def _path_and_query(url: Any) -> tuple[str, str]:
-    """The URL's path and query string as sent (percent-encoded, never decoded): what routes match on.
-
-    Read from the parsed form both libraries keep (``URL.raw_path`` would encode it and the caller decode it
-    again, per call); a future release without it takes ``raw_path``.
-    """
-    parsed: Any = getattr(url, "_uri_reference", None)
-    if getattr(type(parsed), "_fields", None) == _URI_FIELDS:
-        return parsed.path or "/", parsed.query or ""
-    raw = url.raw_path.decode("ascii")
-    path, _, query = raw.partition("?")
-    return path, query
 
 
 def _parse_routes(data: bytes, source: str, *, services: Mapping[str, str], namespace: str | None) -> RouteTable:
@@ -672,11 +659,10 @@ class MeshTransport(_Mesh[Any]):
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
         target = self._router.route(request.url.host)
+        service = None if target is None else target.service
         routed = None
-        if target is not None and target.routes is None:
-            service = target.service  # the common case, inline: a service without routes
-        else:
-            service, routed, answer = self._decide(request)
+        if target is not None and target.routes is not None:
+            service, routed, answer = self._route(target, request)
             if answer is not None:
                 return answer  # answered by the routes themselves (404, redirect, 500)
         if service is None:
@@ -698,7 +684,7 @@ class MeshTransport(_Mesh[Any]):
         except MeshError as exc:
             self.lib.localize(exc)
             raise
-        if routed is not None and routed.mirrors and call.attempts:  # a server answered (no fault abort)
+        if routed is not None and routed.choice.mirrors and call.attempts:  # a server answered (no fault abort)
             self._mirror(call)
         return response
 

@@ -80,6 +80,7 @@ __all__ = [
     "Step",
     "WaitFirst",
     "endpoint_url",
+    "path_and_query",
 ]
 
 T = TypeVar("T")
@@ -214,14 +215,27 @@ def endpoint_url(url: Any, endpoint: Endpoint) -> Any:
 _URI_FIELDS = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
 
 
+def path_and_query(url: Any) -> tuple[str, str]:
+    """The URL's path and query string as sent (percent-encoded, never decoded): what routes match on.
+
+    Read from the parsed form both libraries keep (``URL.raw_path`` would encode it and the caller decode it
+    again, per call), as :func:`endpoint_url` does; a future release without it takes ``raw_path``.
+    """
+    parsed: Any = getattr(url, "_uri_reference", None)
+    if getattr(type(parsed), "_fields", None) == _URI_FIELDS:
+        return parsed.path or "/", parsed.query or ""
+    raw = url.raw_path.decode("ascii")
+    path, _, query = raw.partition("?")
+    return path, query
+
+
 def routed_url(request: Any, routed: Routed) -> Any:
     """The logical URL a routed call's attempts go to: the caller's, or its path as a ``URLRewrite`` made it."""
     rewrite = routed.choice.rewrite
     url = request.url
     if rewrite is None or rewrite.path is None:
         return url
-    raw_path = url.raw_path.decode("ascii")
-    path, _, query = raw_path.partition("?")
+    path, query = path_and_query(url)
     new_path = rewritten_path(path, routed.match, rewrite.path)
     return url.copy_with(raw_path=(new_path + ("?" + query if query else "")).encode("ascii"))
 
@@ -293,7 +307,7 @@ class Call(Generic[T]):
         self.routed = routed
         self.url = request.url if routed is None or routed.choice.rewrite is None else routed_url(request, routed)
         rules = request.extensions.get(POLICY_EXTENSION)
-        base = service.policy if routed is None else routed.base
+        base = service.policy if routed is None else routed.choice.base
         self.policy, self.deadline = effective(base, rules if isinstance(rules, Policy) else None)
         # A body already in memory can be sent again; a one-shot stream (generator, file) cannot.
         self.replayable = isinstance(request.stream, lib.ByteStream)
@@ -383,7 +397,7 @@ class Call(Generic[T]):
         """The answer of a call the fault filter aborts: ``status``, made here, before any byte leaves."""
         response = local_answer(self.lib, self.request, status, why="fault-abort", reason="fault filter abort")
         assert self.routed is not None
-        response.extensions[EXT_ROUTE] = self.routed.label
+        response.extensions[EXT_ROUTE] = self.routed.rule.label
         response.extensions[EXT_SERVICE] = self.service.name
         response.extensions[EXT_ATTEMPTS] = 0
         return response
@@ -495,7 +509,8 @@ class Call(Generic[T]):
         routed = self.routed
         if request.url.scheme == "https" and "sni_hostname" not in extensions:
             # A backend other than the service called is checked against its own name (its certificate).
-            extensions["sni_hostname"] = routed.sni if routed is not None and routed.sni else request.url.host
+            sni = None if routed is None else routed.choice.sni
+            extensions["sni_hostname"] = sni or request.url.host
         per_try = self.policy.per_try_timeout
         budget = remaining if per_try is None or per_try <= 0 or per_try > remaining else per_try
         timeout = extensions.get("timeout")
@@ -577,7 +592,7 @@ class Call(Generic[T]):
         extensions[EXT_ATTEMPTS] = self.attempts
         routed = self.routed
         if routed is not None:
-            extensions[EXT_ROUTE] = routed.label
+            extensions[EXT_ROUTE] = routed.rule.label
             for modifier in routed.choice.response_modifiers:
                 modify(response.headers, modifier)
         return response

@@ -54,6 +54,7 @@ __all__ = [
     "classify_exception",
     "classify_response",
     "may_resend",
+    "resendable",
     "parse_retry_after",
     "should_retry",
 ]
@@ -310,6 +311,12 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+def resendable(method: str, *, retry_non_idempotent: bool, has_idempotency_key: bool) -> bool:
+    """Whether a request that may already have been processed may be sent again (retried, mirrored): its
+    method is idempotent (RFC 9110 9.2.2), it carries an ``Idempotency-Key``, or the policy opts in."""
+    return retry_non_idempotent or has_idempotency_key or method.upper() in IDEMPOTENT_METHODS
+
+
 def may_resend(
     method: str, classification: Classification, *, retry_non_idempotent: bool, has_idempotency_key: bool
 ) -> bool:
@@ -321,7 +328,7 @@ def may_resend(
     """
     if not classification.sent:
         return True
-    return retry_non_idempotent or has_idempotency_key or method.upper() in IDEMPOTENT_METHODS
+    return resendable(method, retry_non_idempotent=retry_non_idempotent, has_idempotency_key=has_idempotency_key)
 
 
 def should_retry(

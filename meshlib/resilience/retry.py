@@ -36,7 +36,7 @@ from meshlib import pushback
 from meshlib._testmode import MODE as _TESTING
 from meshlib.policy import Policy
 from meshlib.resilience.budget import RetryBudget
-from meshlib.resilience.classify import IDEMPOTENT_METHODS, Classification, Outcome
+from meshlib.resilience.classify import Classification, Outcome, resendable
 
 if TYPE_CHECKING:
     import tenacity
@@ -76,8 +76,8 @@ class RetryRule:
         self.method = method
         self.replayable = replayable
         #: Whether a request that may have reached the server may be sent again (RFC 9110 9.2.2 or opt-in).
-        self.resend_ok = bool(
-            policy.retry_non_idempotent or has_idempotency_key or method.upper() in IDEMPOTENT_METHODS
+        self.resend_ok = resendable(
+            method, retry_non_idempotent=bool(policy.retry_non_idempotent), has_idempotency_key=has_idempotency_key
         )
         self._budget = budget
         self._exhausted = on_budget_exhausted

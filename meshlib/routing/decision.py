@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from meshlib.policy import Policy
     from meshlib.routing.model import Backend, Fault, HeaderModifier, Mirror, RouteMatch, Rule, URLRewrite
 
-__all__ = ["EXT_LOCAL", "EXT_ROUTE", "ActiveLimit", "BackendChoice", "Routed", "local_answer"]
+__all__ = ["EXT_LOCAL", "EXT_ROUTE", "ActiveLimit", "BackendChoice", "Routed", "local_answer", "no_backend", "no_route"]
 
 #: ``response.extensions`` key: the rule a routed call matched (its label), on every routed response.
 EXT_ROUTE = "meshlib.route"
@@ -101,34 +101,14 @@ class Routed:
     """The route decision of one call: rule, match, backend (and its :class:`BackendChoice`), and the fault
     draws made for it."""
 
-    __slots__ = (
-        "abort_status",
-        "backend",
-        "base",
-        "called",
-        "choice",
-        "delay_s",
-        "fault_slot",
-        "label",
-        "match",
-        "mirrors",
-        "rule",
-        "sni",
-    )
+    __slots__ = ("abort_status", "backend", "choice", "delay_s", "fault_slot", "match", "rule")
 
-    def __init__(self, rule: Rule, match: RouteMatch, backend: Backend, choice: BackendChoice, called: str) -> None:
+    def __init__(self, rule: Rule, match: RouteMatch, backend: Backend, choice: BackendChoice) -> None:
         self.rule = rule
         self.match = match
         self.backend = backend
+        #: What a call to this backend of this rule needs: policy base, TLS name, filters, mirrors, fault.
         self.choice = choice
-        #: The host the application called (the route's parent).
-        self.called = called
-        #: The matched rule's low-cardinality name (spans, metrics, ``response.extensions``).
-        self.label = rule.label
-        #: The call's policy below scopes and request (see :class:`BackendChoice`).
-        self.base = choice.base
-        self.sni = choice.sni
-        self.mirrors = choice.mirrors
         self.delay_s: float | None = None
         self.abort_status: int | None = None
         self.fault_slot: ActiveLimit | None = None
@@ -138,6 +118,20 @@ class Routed:
         slot, self.fault_slot = self.fault_slot, None
         if slot is not None:
             slot.release()
+
+
+def no_route(service: str, method: str, path: str) -> str:
+    """Why a call got the routes' 404: no rule of ``service``'s routes matched (the request path and explain)."""
+    return f"no route of service {service!r} matched {method} {path}"
+
+
+def no_backend(rule: Rule, backend: Backend | None) -> str:
+    """Why a call got the routes' 500: the matched rule had no backend to draw, or drew an invalid one."""
+    if backend is None:
+        why = "its backends' weights are all zero" if rule.backends else "it has no backends"
+    else:
+        why = f"the backend drawn is invalid ({backend.invalid or backend.service})"
+    return f"route rule {rule.label} matched but {why}"
 
 
 def local_answer(

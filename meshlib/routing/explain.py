@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from meshlib.policy import DEFAULT_POLICY, NO_POLICY, POLICY_EXTENSION, Policy, current_deadline, current_policy
-from meshlib.routing.model import HeaderModifier, PathMatch, RouteMatch, _header_value
+from meshlib.routing.decision import no_backend, no_route
+from meshlib.routing.model import HeaderModifier, PathMatch, QueryString, RouteMatch, _header_value
 from meshlib.status import printable
 
 if TYPE_CHECKING:
@@ -288,7 +289,7 @@ def explain(mesh: _Mesh[Any], request: Any) -> Explanation:
     No I/O, no random draw, nothing recorded: the explanation reads the route table, the services' status
     views and the policy scopes of the calling context, as they are at this instant.
     """
-    from meshlib._plan import _DEFAULT_PORTS
+    from meshlib._plan import _DEFAULT_PORTS, path_and_query
 
     url = request.url
     method = request.method
@@ -311,14 +312,9 @@ def explain(mesh: _Mesh[Any], request: Any) -> Explanation:
     if target is None:
         return base
     base = replace(base, in_mesh=True, service=target.name, configured=target.service is not None)
-    by_port = target.routes
-    routes = None
-    if by_port is not None:
-        routes = by_port.get(port)
-        if routes is None:
-            routes = by_port.get(None)
+    routes = target.routes_for(port)  # the request path's own lookup
     if routes is None:
-        state = "none attached" if by_port is None else f"none for port {port}"
+        state = "none attached" if target.routes is None else f"none for port {port}"
         service = target.service
         if service is None:  # a route parent only, and no route here: the request leaves the mesh as it is
             return replace(base, routes=state)
@@ -328,10 +324,8 @@ def explain(mesh: _Mesh[Any], request: Any) -> Explanation:
             backends=(_backend_of(mesh, service.name, 1, 100.0, None),),
             policy=_policy(mesh, target, None, service.policy, request),
         )
-    raw = url.raw_path
-    cut = raw.find(b"?")
-    path = (raw if cut < 0 else raw[:cut]).decode("ascii")
-    query = url.params if routes.reads_query else None
+    path, raw_query = path_and_query(url)  # as the request path reads them
+    query = QueryString(raw_query) if routes.reads_query else None
     selected = routes.select(method, path, request.headers, query)
     candidates = []
     for match, rule in routes.entries:
@@ -349,7 +343,7 @@ def explain(mesh: _Mesh[Any], request: Any) -> Explanation:
         )
     base = replace(base, routes="apply", candidates=tuple(candidates))
     if selected is None:
-        message = f"no route of service {target.name!r} matched {method} {path}"
+        message = no_route(target.name, method, path)
         return replace(base, local=LocalAnswer(404, "no-route", printable(message, 500)))
     match, rule = selected
     base = replace(base, winner=printable(rule.label), filters=_filters(rule.filters, "rule", match, path, url))
@@ -362,7 +356,7 @@ def explain(mesh: _Mesh[Any], request: Any) -> Explanation:
             host=url.host,
             port=url.port,
             path=path,
-            query="" if cut < 0 else raw[cut + 1 :].decode("ascii"),
+            query=raw_query,
             match=match,
             redirect=redirect,
         )
@@ -382,8 +376,7 @@ def explain(mesh: _Mesh[Any], request: Any) -> Explanation:
     )
     base = replace(base, backends=backends, policy=_policy(mesh, target, rule, target.bases[id(rule)], request))
     if total <= 0:
-        why = "its backends' weights are all zero" if rule.backends else "it has no backends"
-        message = f"route rule {rule.label} matched but {why}"
+        message = no_backend(rule, None)
         return replace(base, local=LocalAnswer(500, "no-backend", printable(message, 500)))
     return base
 

@@ -485,28 +485,15 @@ class HostRoutes:
                     found = seen[name]
                 else:
                     found = seen[name] = _header_value(headers, name)
-                if found is None:
+                if not header.test_value(found):
                     ok = False
-                elif header.kind == "Exact":
-                    ok = found == header.value
-                else:
-                    regex = header.regex
-                    ok = regex is not None and regex.fullmatch(found) is not None
-                if not ok:
                     break
             if ok and match.query:
                 if params is None:
                     params = query._values() if type(query) is QueryString else (query or {})
                 for param in match.query:
-                    found = params.get(param.name)
-                    if found is None:
+                    if not param.test_value(params.get(param.name)):
                         ok = False
-                    elif param.kind == "Exact":
-                        ok = found == param.value
-                    else:
-                        regex = param.regex
-                        ok = regex is not None and regex.fullmatch(found) is not None
-                    if not ok:
                         break
             if ok:
                 return entry
