@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
+from typing import NamedTuple
 
 from meshlib._config.model import MeshConfig, ResilienceSettings, ServiceConfig, service_key
 from meshlib._config.parse import (
@@ -142,7 +143,19 @@ SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
 #: who makes an inbound request's SERVER span and HTTP server metrics (the inbound middleware, read by
 #: :func:`server_telemetry_from_env` when it is built).
 SERVER_TELEMETRY_VARIABLE = "MESHLIB_SERVER_TELEMETRY"
-_READ_ELSEWHERE = frozenset({"MESHLIB_HTTP_LIBRARY", SERVER_TELEMETRY_VARIABLE})
+#: The inbound middleware's policy files (read by :func:`inbound_files_from_env` when it is built).
+AUTHZ_FILE_VARIABLE = "MESHLIB_AUTHZ_FILE"
+RATELIMIT_FILE_VARIABLE = "MESHLIB_RATELIMIT_FILE"
+INBOUND_RELOAD_VARIABLE = "MESHLIB_INBOUND_RELOAD_INTERVAL"
+_READ_ELSEWHERE = frozenset(
+    {
+        "MESHLIB_HTTP_LIBRARY",
+        SERVER_TELEMETRY_VARIABLE,
+        AUTHZ_FILE_VARIABLE,
+        RATELIMIT_FILE_VARIABLE,
+        INBOUND_RELOAD_VARIABLE,
+    }
+)
 KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED} | _READ_ELSEWHERE
 
 
@@ -155,6 +168,28 @@ def server_telemetry_from_env(value: str | None = None, environ: Mapping[str, st
         return parse_server_telemetry("server_telemetry (argument)", value)
     raw = (os.environ if environ is None else environ).get(SERVER_TELEMETRY_VARIABLE, "")
     return parse_server_telemetry(SERVER_TELEMETRY_VARIABLE, raw) if raw.strip() else "auto"
+
+
+class InboundFiles(NamedTuple):
+    """The inbound middleware's policy files from the environment (``None``: not set) and how often to check them."""
+
+    authz: str | None
+    rate_limits: str | None
+    reload_interval: float
+
+
+def inbound_files_from_env(environ: Mapping[str, str] | None = None) -> InboundFiles:
+    """``MESHLIB_AUTHZ_FILE``, ``MESHLIB_RATELIMIT_FILE`` and ``MESHLIB_INBOUND_RELOAD_INTERVAL`` (default 1 s; ``0``
+    reads the files once). Unset or blank means no file. A bad value is a :class:`ConfigError` naming the variable."""
+    env = os.environ if environ is None else environ
+
+    def path(variable: str) -> str | None:
+        raw = env.get(variable, "")
+        return parse_file_path(variable, raw) if raw.strip() else None
+
+    raw_interval = env.get(INBOUND_RELOAD_VARIABLE, "")
+    interval = parse_duration_or_zero(INBOUND_RELOAD_VARIABLE, raw_interval) if raw_interval.strip() else 1.0
+    return InboundFiles(path(AUTHZ_FILE_VARIABLE), path(RATELIMIT_FILE_VARIABLE), interval)
 
 
 def mesh_config_from_env(

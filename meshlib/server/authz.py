@@ -5,7 +5,9 @@ It runs after :class:`~meshlib.server.middleware.PeerIdentityHook` (the verified
 none) and refuses denied requests with a 403 and a short reason (:class:`~meshlib.server.middleware.Refusal`),
 so the application never sees them. Policies come from ``MESHLIB_AUTHZ_FILE`` (watched and hot-reloaded by
 :class:`meshlib.control.file.FileSource`: validated whole, swapped atomically; an invalid version keeps the last
-good one) or are given in code. The decision is written on the SERVER span.
+good one) or are given in code. The decision is written on the SERVER span (``meshlib.authz.decision``,
+``meshlib.authz.policy``) and counted in ``meshlib.server.authz`` (the same two attributes; the policy is absent
+when none decided: no ALLOW policy applies, or none of them matched). AUDIT matches are logged at INFO.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from meshlib.control.file import FileSource, FileVersion
+from meshlib.control.file import FileSource, FileSourceStatus, FileVersion
 from meshlib.security.authz import AuthzRequest, PolicySet, header_map, parse_policies
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
-from meshlib.telemetry.inbound import annotate_server_span
+from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
 
 __all__ = ["AUTHZ_FILE_VARIABLE", "AuthorizationHook"]
 
@@ -38,14 +40,21 @@ class AuthorizationHook:
     """Refuses requests the policies deny (403), before the application; list it after the peer identity hook.
 
     ``policies``: a :class:`~meshlib.security.authz.PolicySet` given in code; ``file``: a policies file to load
-    now (an invalid one is a :class:`~meshlib.ConfigError` here) and watch every ``reload_interval`` seconds.
+    now (an invalid one is a :class:`~meshlib.ConfigError` here) and watch every ``reload_interval`` seconds
+    (``0``: read once). ``meter_provider``: where the decision counter goes (default: the global provider).
     """
 
     def __init__(
-        self, policies: PolicySet | None = None, *, file: str | None = None, reload_interval: float = 1.0
+        self,
+        policies: PolicySet | None = None,
+        *,
+        file: str | None = None,
+        reload_interval: float = 1.0,
+        meter_provider: Any = None,
     ) -> None:
         if (policies is None) == (file is None):
             raise TypeError("AuthorizationHook takes policies= or file=, one of them")
+        self._sinks = ServerSinks(meter_provider)
         self.source: FileSource[PolicySet] | None = None
         if file is not None:
             source: FileSource[PolicySet] = FileSource(
@@ -72,14 +81,23 @@ class AuthorizationHook:
                 headers=headers,
             )
         )
-        annotate_server_span("meshlib.authz.decision", "allow" if decision.allowed else "deny")
+        verdict = "allow" if decision.allowed else "deny"
+        annotate_server_span("meshlib.authz.decision", verdict)
+        attributes = {"meshlib.authz.decision": verdict}
         if decision.policy is not None:
             annotate_server_span("meshlib.authz.policy", decision.policy)
+            attributes["meshlib.authz.policy"] = decision.policy
+        for sink in self._sinks.current():
+            sink.authz.add(1, attributes)
         if decision.audit:
             logger.info("authz audit: %s %s by policy %s", request.method, request.path[:200], decision.audit_policy)
         if not decision.allowed:
             raise Refusal(403, decision.reason)
         return None
+
+    def status(self) -> FileSourceStatus | None:
+        """The watched file's state (version in use, rejected versions and why), or ``None`` without a file."""
+        return None if self.source is None else self.source.status()
 
     def close(self) -> None:
         """Stop watching the policies file."""

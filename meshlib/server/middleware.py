@@ -38,15 +38,21 @@ import contextvars
 import logging
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshlib import pushback
-from meshlib._config.env import server_telemetry_from_env
+from meshlib._config.env import inbound_files_from_env, server_telemetry_from_env
 from meshlib.deadline import INBOUND_HEADERS, budget_from_headers, deadline_scope
 from meshlib.security.identity import SpiffeId, presented_identity
 from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook, annotate_server_span
+
+if TYPE_CHECKING:
+    from meshlib.security.authz import PolicySet
+    from meshlib.security.ratelimit import RateLimits
+    from meshlib.server.authz import AuthorizationHook
+    from meshlib.server.ratelimit import RateLimitHook
 
 logger = logging.getLogger("meshlib.server")
 
@@ -550,8 +556,22 @@ def mesh_hooks(
     peer_identity: PeerIdentityHook | None = None,
     deadline_headers: Iterable[str] | None = None,
     server_telemetry: str | None = None,
+    authz: AuthorizationHook | PolicySet | None = None,
+    rate_limits: RateLimitHook | RateLimits | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[Hook, ...]:
-    """The inbound half's hooks, outermost first: server span, server metrics, peer identity, deadline.
+    """The inbound half's hooks, outermost first: server span, server metrics, peer identity, authorization, rate
+    limits, deadline.
+
+    ``authz``: Istio ``AuthorizationPolicy`` enforcement (:class:`~meshlib.server.authz.AuthorizationHook`, or a
+    :class:`~meshlib.security.authz.PolicySet` to enforce); by default from ``MESHLIB_AUTHZ_FILE`` when set (loaded
+    now: an invalid file is a :class:`~meshlib.ConfigError` naming it; then watched every
+    ``MESHLIB_INBOUND_RELOAD_INTERVAL``), else none. ``rate_limits``: likewise
+    (:class:`~meshlib.server.ratelimit.RateLimitHook` or :class:`~meshlib.security.ratelimit.RateLimits`,
+    default ``MESHLIB_RATELIMIT_FILE``). Both run after the peer identity hook, which gives them the caller's
+    verified SPIFFE ID, and inside the span and metrics hooks, so a refused request (403, 429) still has its
+    SERVER span and duration; authorization runs first, so a denied caller spends no rate-limit budget.
+    ``environ``: read instead of ``os.environ``.
 
     The span is outermost so the duration is recorded while it is current (an SDK with exemplars links the
     measurement to the trace) and so the span ends last: once it is exported, the request is fully accounted.
@@ -559,11 +579,35 @@ def mesh_hooks(
     meshlib makes the SERVER span and server metrics when the framework already does
     (:mod:`meshlib.telemetry.inbound`).
     """
-    mode = server_telemetry_from_env(server_telemetry)
+    from meshlib.security.authz import PolicySet
+    from meshlib.security.ratelimit import RateLimits
+    from meshlib.server.authz import AuthorizationHook
+    from meshlib.server.ratelimit import RateLimitHook
+
+    mode = server_telemetry_from_env(server_telemetry, environ)
+    files = inbound_files_from_env(environ)
+    gates: list[Hook] = []
+    if isinstance(authz, PolicySet):
+        authz = AuthorizationHook(authz, meter_provider=meter_provider)
+    elif authz is None and files.authz is not None:
+        authz = AuthorizationHook(
+            file=files.authz, reload_interval=files.reload_interval, meter_provider=meter_provider
+        )
+    if authz is not None:
+        gates.append(authz)
+    if isinstance(rate_limits, RateLimits):
+        rate_limits = RateLimitHook(rate_limits, meter_provider=meter_provider)
+    elif rate_limits is None and files.rate_limits is not None:
+        rate_limits = RateLimitHook(
+            file=files.rate_limits, reload_interval=files.reload_interval, meter_provider=meter_provider
+        )
+    if rate_limits is not None:
+        gates.append(rate_limits)
     return (
         ServerTraceHook(tracer_provider, mode=mode),
         ServerMetricsHook(meter_provider, mode=mode),
         peer_identity or PeerIdentityHook(),
+        *gates,
         DeadlineHook(deadline_headers),
     )
 
@@ -574,7 +618,9 @@ class MeshMiddleware(ASGIInboundMiddleware):
     ``Starlette(middleware=[Middleware(MeshMiddleware)])``, ``app.add_middleware(MeshMiddleware)`` (FastAPI)
     or ``MeshMiddleware(app, tracer_provider=...)``. ``tracer_provider`` / ``meter_provider`` default to the
     global providers; ``peer_identity`` replaces the default :class:`PeerIdentityHook` (say, one with a
-    ``resolve`` function); ``server_telemetry`` as in :func:`mesh_hooks`; ``hooks`` run innermost.
+    ``resolve`` function); ``server_telemetry``, ``authz`` and ``rate_limits`` as in :func:`mesh_hooks` (by default
+    ``MESHLIB_AUTHZ_FILE`` and ``MESHLIB_RATELIMIT_FILE``: a denied caller gets 403, one over its limit 429, and
+    the app never runs); ``hooks`` run innermost.
 
     Add it *inside* the framework's tracing (FastAPI's native telemetry, Starlette's or the contrib
     ``OpenTelemetryMiddleware`` listed before it): the framework's SERVER span is then current when meshlib's
@@ -591,6 +637,8 @@ class MeshMiddleware(ASGIInboundMiddleware):
         peer_identity: PeerIdentityHook | None = None,
         deadline_headers: Iterable[str] | None = None,
         server_telemetry: str | None = None,
+        authz: AuthorizationHook | PolicySet | None = None,
+        rate_limits: RateLimitHook | RateLimits | None = None,
         hooks: Sequence[Hook] = (),
     ) -> None:
         base = mesh_hooks(
@@ -599,6 +647,8 @@ class MeshMiddleware(ASGIInboundMiddleware):
             peer_identity=peer_identity,
             deadline_headers=deadline_headers,
             server_telemetry=server_telemetry,
+            authz=authz,
+            rate_limits=rate_limits,
         )
         super().__init__(app, hooks=(*base, *hooks))
         if server_telemetry_from_env(server_telemetry) != "on":
@@ -647,6 +697,8 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
         peer_identity: PeerIdentityHook | None = None,
         deadline_headers: Iterable[str] | None = None,
         server_telemetry: str | None = None,
+        authz: AuthorizationHook | PolicySet | None = None,
+        rate_limits: RateLimitHook | RateLimits | None = None,
         hooks: Sequence[Hook] = (),
     ) -> None:
         base = mesh_hooks(
@@ -655,5 +707,7 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
             peer_identity=peer_identity,
             deadline_headers=deadline_headers,
             server_telemetry=server_telemetry,
+            authz=authz,
+            rate_limits=rate_limits,
         )
         super().__init__(app, hooks=(*base, *hooks))

@@ -5,16 +5,19 @@ client identity, overrides for named clients; GCRA). It runs after
 :class:`~meshlib.server.middleware.PeerIdentityHook`, keyed by the caller's verified SPIFFE ID (callers without
 one share one bucket). Limits come from ``MESHLIB_RATELIMIT_FILE`` (watched; a new version starts with full
 buckets) or from code. meshlib clients honour ``Retry-After``: a refused mesh caller backs off and retries.
+A refusal is written on the SERVER span (``meshlib.ratelimit``: the limit that refused) and counted in
+``meshlib.server.rate_limited`` (attribute ``meshlib.ratelimit``: ``total``, ``identity`` or ``override``; the
+caller's identity is not an attribute, so the series stay bounded).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from meshlib.control.file import FileSource, FileVersion
+from meshlib.control.file import FileSource, FileSourceStatus, FileVersion
 from meshlib.security.ratelimit import RateLimiter, RateLimits, parse_rate_limits
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
-from meshlib.telemetry.inbound import annotate_server_span
+from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
 
 __all__ = ["RATELIMIT_FILE_VARIABLE", "RateLimitHook"]
 
@@ -35,7 +38,8 @@ class RateLimitHook:
 
     ``limits``: :class:`~meshlib.security.ratelimit.RateLimits` given in code; ``file``: a limits file loaded now
     (an invalid one is a :class:`~meshlib.ConfigError` here) and watched every ``reload_interval`` seconds.
-    ``max_identities`` bounds the callers tracked at once.
+    ``max_identities`` bounds the callers tracked at once; ``meter_provider``: where the refusal counter goes
+    (default: the global provider).
     """
 
     def __init__(
@@ -45,9 +49,11 @@ class RateLimitHook:
         file: str | None = None,
         reload_interval: float = 1.0,
         max_identities: int = 10_000,
+        meter_provider: Any = None,
     ) -> None:
         if (limits is None) == (file is None):
             raise TypeError("RateLimitHook takes limits= or file=, one of them")
+        self._sinks = ServerSinks(meter_provider)
         self.max_identities = max_identities
         self.source: FileSource[RateLimits] | None = None
         if file is not None:
@@ -71,9 +77,16 @@ class RateLimitHook:
         peer = peer_identity()
         verdict = self.limiter.check(None if peer is None else str(peer))
         if not verdict.allowed:
-            annotate_server_span("meshlib.ratelimit", verdict.limit or "total")
+            limit = verdict.limit or "total"
+            annotate_server_span("meshlib.ratelimit", limit)
+            for sink in self._sinks.current():
+                sink.rate_limited.add(1, {"meshlib.ratelimit": limit})
             raise Refusal(429, f"rate limited ({verdict.limit} limit)", [("retry-after", verdict.retry_after)])
         return None
+
+    def status(self) -> FileSourceStatus | None:
+        """The watched file's state (version in use, rejected versions and why), or ``None`` without a file."""
+        return None if self.source is None else self.source.status()
 
     def close(self) -> None:
         """Stop watching the limits file."""

@@ -75,6 +75,7 @@ __all__ = [
     "TRACESTATE_MAX_LENGTH",
     "TRACESTATE_MAX_MEMBERS",
     "ServerMetricsHook",
+    "ServerSinks",
     "ServerTraceHook",
     "framework_records_metrics",
     "annotate_server_span",
@@ -382,6 +383,31 @@ class _Measured(AbstractContextManager[None]):
             sink.duration.record(seconds, attributes)
 
 
+class ServerSinks:
+    """Where an inbound hook records: the instruments of ``meter_provider`` (default: the global provider, once
+    the application sets one) plus the process's extra sinks (the admin endpoint's ``/metrics``, while one runs).
+
+    :meth:`current` is a couple of attribute reads on the request path; the global provider's instruments are
+    looked up until one is set, then kept.
+    """
+
+    __slots__ = ("_explicit", "_own")
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        self._explicit = meter_provider is not None and type(meter_provider).__name__ != "_ProxyMeterProvider"
+        sink = server_metrics_for(meter_provider) if self._explicit else None
+        self._own: tuple[ServerMetrics, ...] = () if sink is None else (sink,)
+
+    def current(self) -> tuple[ServerMetrics, ...]:
+        """Every sink a measurement taken now goes to (possibly none)."""
+        own = self._own
+        if not own and not self._explicit and global_meter_provider_set():
+            sink = server_metrics_for(None)
+            self._own = own = () if sink is None else (sink,)
+        extra = process_server_sinks()
+        return (own + extra if extra else own) if own else extra
+
+
 class ServerMetricsHook:
     """Inbound hook: ``http.server.request.duration`` and ``http.server.active_requests``.
 
@@ -391,28 +417,18 @@ class ServerMetricsHook:
     request the framework measures itself (:func:`framework_records_metrics`).
     """
 
-    __slots__ = ("_explicit", "_mode", "_own", "_provider")
+    __slots__ = ("_mode", "_sinks")
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None, *, mode: str | None = None) -> None:
         self._mode = server_telemetry_from_env(mode)
-        self._provider = meter_provider
-        self._explicit = meter_provider is not None and type(meter_provider).__name__ != "_ProxyMeterProvider"
-        sink = server_metrics_for(meter_provider) if self._explicit else None
-        self._own: tuple[ServerMetrics, ...] = () if sink is None else (sink,)
-
-    def _current(self) -> tuple[ServerMetrics, ...]:
-        if not self._own and not self._explicit and global_meter_provider_set():
-            sink = server_metrics_for(None)
-            self._own = () if sink is None else (sink,)
-        return self._own
+        self._sinks = ServerSinks(meter_provider)
 
     def __call__(self, request: InboundRequest) -> AbstractContextManager[object] | None:
         if self._mode == "off":
             return None
         if self._mode == "auto" and framework_records_metrics(request, current_server_span()):
             return None  # the framework measures this request: one duration stream, not two
-        own, extra = self._current(), process_server_sinks()
-        sinks = (own + extra if extra else own) if own else extra
+        sinks = self._sinks.current()
         if not sinks:
             return None
         method = method_attributes(request.method.upper())[1]

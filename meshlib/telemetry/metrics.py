@@ -348,6 +348,16 @@ class ServerMetrics:
         self.active = meter.create_up_down_counter(
             "http.server.active_requests", unit="{request}", description="HTTP server requests in progress."
         )
+        self.authz = meter.create_counter(
+            "meshlib.server.authz",
+            unit="{request}",
+            description="Inbound requests decided by authorization policies, by decision and deciding policy.",
+        )
+        self.rate_limited = meter.create_counter(
+            "meshlib.server.rate_limited",
+            unit="{request}",
+            description="Inbound requests refused with 429 by a local rate limit, by the limit that refused them.",
+        )
 
 
 M = TypeVar("M")
