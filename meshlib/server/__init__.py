@@ -3,11 +3,14 @@
 The deadline (a request carrying ``grpc-timeout``, or Envoy's/Finagle's deadline headers, is handled inside a
 deadline scope, so the mesh calls its handler makes get at most the caller's remaining budget), and with
 :class:`MeshMiddleware` / :class:`WSGIMeshMiddleware` the rest of the inbound half: trace context and a
-SERVER span, server metrics, the peer's SPIFFE ID. See :mod:`meshlib.server.middleware`.
+SERVER span, server metrics, the peer's SPIFFE ID, authorization by Istio ``AuthorizationPolicy``
+(:class:`AuthorizationHook`) and rate limits per caller (:class:`RateLimitHook`). See
+:mod:`meshlib.server.middleware`.
 """
 
 from __future__ import annotations
 
+from meshlib.server.authz import AuthorizationHook
 from meshlib.server.middleware import (
     DEADLINE_ATTRIBUTE,
     PEER_IDENTITY_ATTRIBUTE,
@@ -19,12 +22,14 @@ from meshlib.server.middleware import (
     InboundRequest,
     MeshMiddleware,
     PeerIdentityHook,
+    Refusal,
     WSGIDeadlineMiddleware,
     WSGIInboundMiddleware,
     WSGIMeshMiddleware,
     mesh_hooks,
     peer_identity,
 )
+from meshlib.server.ratelimit import RateLimitHook
 from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
 
 __all__ = [
@@ -32,12 +37,15 @@ __all__ = [
     "PEER_IDENTITY_ATTRIBUTE",
     "PEER_IDENTITY_KEY",
     "ASGIInboundMiddleware",
+    "AuthorizationHook",
     "DeadlineHook",
     "DeadlineMiddleware",
     "Hook",
     "InboundRequest",
     "MeshMiddleware",
     "PeerIdentityHook",
+    "RateLimitHook",
+    "Refusal",
     "ServerMetricsHook",
     "ServerTraceHook",
     "WSGIDeadlineMiddleware",

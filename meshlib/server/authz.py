@@ -20,9 +20,13 @@ from meshlib.security.authz import AuthzRequest, PolicySet, header_map, parse_po
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
 from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
 
-__all__ = ["AUTHZ_FILE_VARIABLE", "AuthorizationHook"]
+__all__ = ["AUTHZ_FILE_VARIABLE", "DENIED_BODY", "AuthorizationHook"]
 
 logger = logging.getLogger("meshlib.server")
+
+#: The 403 body, Envoy's RBAC filter's words: which policy denied is for the operator (span, metric, DEBUG log),
+#: not for the caller.
+DENIED_BODY = "RBAC: access denied"
 
 #: Where the policies file is named.
 AUTHZ_FILE_VARIABLE = "MESHLIB_AUTHZ_FILE"
@@ -92,7 +96,8 @@ class AuthorizationHook:
         if decision.audit:
             logger.info("authz audit: %s %s by policy %s", request.method, request.path[:200], decision.audit_policy)
         if not decision.allowed:
-            raise Refusal(403, decision.reason)
+            logger.debug("authz: %s %s denied: %s", request.method, request.path[:200], decision.reason)
+            raise Refusal(403, DENIED_BODY)
         return None
 
     def status(self) -> FileSourceStatus | None:

@@ -61,7 +61,7 @@ def test_policies_allow_the_principal_deny_others_and_deny_admin_paths(kind: str
         admin = client.get("/admin/users", headers={"x-test-peer": SLEEP})
     assert allowed.status_code == 200
     assert [other.status_code, anonymous.status_code, admin.status_code] == [403, 403, 403]
-    assert "deny-admin" in admin.text
+    assert admin.text == "RBAC: access denied\n"  # Envoy's words; the policy name is not told to the caller
     assert ran == ["/orders"]  # the handler ran for the allowed request only
 
 
