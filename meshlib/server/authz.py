@@ -74,7 +74,7 @@ class AuthorizationHook:
     def __call__(self, request: InboundRequest) -> Any:
         peer = peer_identity()
         address = request.peer_address()
-        headers = header_map((name, request.header(name) or "") for name in request.header_names())
+        headers = header_map(request.header_pairs())  # repeated headers joined with "," as Envoy's matchers see them
         decision = self.policies.evaluate(
             AuthzRequest(
                 principal=None if peer is None else str(peer),

@@ -112,6 +112,11 @@ class InboundRequest(Protocol):
         """Every request header name, lower-cased."""
         ...
 
+    def header_pairs(self) -> Iterable[tuple[str | bytes, str | bytes]]:
+        """Every request header as received, repeated names included (ASGI: raw bytes pairs; WSGI: the
+        server's ``HTTP_*`` variables, which already join repeated headers)."""
+        ...
+
     def peer_address(self) -> tuple[str, int] | None:
         """The client's (IP, port) as the server saw it, when known."""
         ...
@@ -147,6 +152,9 @@ class _ASGIRequest:
     def header_names(self) -> list[str]:
         self.header("")
         return list(self._headers or ())
+
+    def header_pairs(self) -> Iterable[tuple[str | bytes, str | bytes]]:
+        return self.scope.get("headers", ())  # type: ignore[no-any-return]
 
     def peer_address(self) -> tuple[str, int] | None:
         client = self.scope.get("client")
@@ -196,6 +204,13 @@ class _WSGIRequest:
         names = [key[5:].lower().replace("_", "-") for key in self.environ if key.startswith("HTTP_")]
         names.extend(key.lower().replace("_", "-") for key in ("CONTENT_TYPE", "CONTENT_LENGTH") if key in self.environ)
         return names
+
+    def header_pairs(self) -> Iterable[tuple[str | bytes, str | bytes]]:
+        for key, value in self.environ.items():
+            if key.startswith("HTTP_"):
+                yield key[5:].lower().replace("_", "-"), str(value)
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                yield key.lower().replace("_", "-"), str(value)
 
     def server_port(self) -> int | None:
         try:

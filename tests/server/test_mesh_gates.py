@@ -236,3 +236,33 @@ def test_an_edited_authz_file_takes_effect_and_an_invalid_edit_keeps_the_last_go
         state = authz.status()
         assert state is not None and state.rejected is not None
     authz.close()
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_repeated_request_headers_are_matched_joined_as_envoy_presents_them(kind: str) -> None:
+    ran.clear()
+    policies = parse_policies(
+        """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: tagged}
+spec:
+  action: ALLOW
+  rules:
+  - when: [{key: "request.headers[x-tag]", values: ["one,two"]}]
+""",
+        source="test",
+    )
+    hooks = mesh_hooks(authz=policies, server_telemetry="off", environ={})
+    from meshlib.server.middleware import ASGIInboundMiddleware, WSGIInboundMiddleware
+
+    served = (
+        serve_asgi(ASGIInboundMiddleware(asgi_app, hooks=hooks))
+        if kind == "asgi"
+        else serve_wsgi(WSGIInboundMiddleware(wsgi_app, hooks=hooks))
+    )
+    with served as url, httpx.Client(base_url=url) as client:
+        both = client.get("/x", headers=[("x-tag", "one"), ("x-tag", "two")])
+        first_only = client.get("/x", headers={"x-tag": "one"})
+    assert (both.status_code, first_only.status_code) == (200, 403)
+    assert ran == ["/x"]
