@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,73 @@ def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert "demo" in capsys.readouterr().err
     assert main(["demo", "--requests", "0"]) == 2
     assert "--requests" in capsys.readouterr().err
+
+
+AUTHZ_POLICIES = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/checkout"]}}]
+    to: [{operation: {methods: ["POST"], paths: ["/charge"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin/*"]}}]
+"""
+
+
+def test_authz_lists_the_policies_and_decides_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    path = tmp_path / "authz.yaml"
+    path.write_text(AUTHZ_POLICIES)
+    assert main(["authz", "--file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 policies (1 DENY, 1 ALLOW, 0 AUDIT)" in out and "shop/deny-admin" in out
+
+    checkout = "spiffe://cluster.local/ns/shop/sa/checkout"
+    assert main(["authz", "--file", str(path), "POST", "/charge?x=1", "--peer", checkout]) == 0
+    assert "ALLOW" in capsys.readouterr().out.splitlines()[-2]
+
+    monkeypatch.setenv("MESHLIB_AUTHZ_FILE", str(path))  # the default file
+    assert main(["authz", "POST", "/charge", "--json"]) == 1  # no identity: the ALLOW policy does not match
+    decision = json.loads(capsys.readouterr().out)["decision"]
+    assert decision == {
+        "allowed": False,
+        "status": 403,
+        "policy": None,
+        "action": None,
+        "rule": None,
+        "reason": "denied: no ALLOW policy matched",
+        "audit_policy": None,
+    }
+    assert main(["authz", "GET", "/public/../admin/users", "--peer", checkout, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["decision"]["policy"] == "shop/deny-admin"  # normalized path
+
+
+def test_authz_bad_file_and_usage_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "authz.yaml"
+    path.write_text(AUTHZ_POLICIES.replace("action: DENY", "action: REJECT"))
+    assert main(["authz", "--file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "document 2" in err and "spec.action='REJECT'" in err
+    assert main(["authz"]) == 2
+    assert "MESHLIB_AUTHZ_FILE" in capsys.readouterr().err
+    path.write_text(AUTHZ_POLICIES)
+    assert main(["authz", "--file", str(path), "GET"]) == 2
+    assert "METHOD and PATH" in capsys.readouterr().err
+    assert main(["authz", "--file", str(path), "GET", "/x", "--peer", "checkout"]) == 2
+    assert "SPIFFE ID" in capsys.readouterr().err
+    assert main(["authz", "--file", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read it" in capsys.readouterr().err

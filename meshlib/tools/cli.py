@@ -1,4 +1,5 @@
-"""The ``meshlib`` command: ``meshlib demo``, ``resolve <service>``, ``status``, ``explain``, ``--version``.
+"""The ``meshlib`` command: ``meshlib demo``, ``resolve <service>``, ``status``, ``explain``, ``authz``,
+``--version``.
 
 ``demo`` shows balancing, retries, circuit breakers and outlier ejection on real loopback backends (see
 :mod:`meshlib.tools.demo`). ``resolve`` answers "what would my application's client see for this service?":
@@ -14,7 +15,9 @@ with :func:`meshlib.status.format_status`. Whatever answers on that port is not 
 (:func:`meshlib.status.printable`); anything else is one line on stderr naming the address and what was
 expected, exit code 1. ``explain`` prints :meth:`meshlib.Client.explain` for a request (nothing sent), after
 starting discovery of the backends the winning rule can pick and waiting up to ``--wait`` seconds for their
-first answers (:func:`meshlib.routing.explain.wait_for_discovery`, the first-use path a call takes).
+first answers (:func:`meshlib.routing.explain.wait_for_discovery`, the first-use path a call takes). ``authz``
+validates an Istio ``AuthorizationPolicy`` file as the inbound middleware would and, given a request (method,
+path, the caller's SPIFFE ID, address, port, headers), prints the decision it would make.
 Configuration problems are reported as one line on stderr with exit code 2 (the usual "usage error" code),
 never as a traceback.
 
@@ -56,6 +59,12 @@ DEFAULT_ADMIN_ADDR = "127.0.0.1:9901"
 #: The variable that names a service's discovery target is this prefix and the service's ``<NAME>``.
 SERVICE_VARIABLE_PREFIX = "MESHLIB_SERVICE_"
 ADMIN_ADDR_VARIABLE = "MESHLIB_ADMIN_ADDR"
+#: ``meshlib authz``'s default policies file.
+AUTHZ_FILE_VARIABLE = "MESHLIB_AUTHZ_FILE"
+#: ``meshlib authz`` with a request the policies deny.
+EXIT_DENIED = 1
+#: Largest policies file ``meshlib authz`` reads (the parser refuses more than 4 MiB itself).
+MAX_AUTHZ_BYTES = 8 * 1024 * 1024
 #: Seconds ``meshlib explain`` waits for discovery's first answers by default, and at most.
 DEFAULT_EXPLAIN_WAIT = 2.0
 MAX_EXPLAIN_WAIT = 60.0
@@ -154,7 +163,109 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how long to wait for discovery's first answers (default {DEFAULT_EXPLAIN_WAIT:g})",
     )
     explain.set_defaults(handler=run_explain_command)
+
+    authz = commands.add_parser(
+        "authz",
+        help="validate an Istio AuthorizationPolicy file (MESHLIB_AUTHZ_FILE) and decide a request with it",
+        description="Load the policies file as the inbound middleware would (same validation, same errors) and "
+        "list its policies; with METHOD and PATH, print the decision the middleware would make for that request: "
+        "allow or deny (403), the deciding policy and rule, and any AUDIT match. Exit code 0 when the request is "
+        f"allowed (or no request is given), {EXIT_DENIED} when it is denied, {EXIT_USAGE} for a bad file or usage.",
+    )
+    authz.add_argument("method", nargs="?", metavar="METHOD", help="the request method, e.g. POST")
+    authz.add_argument("path", nargs="?", metavar="PATH", help="the request path, e.g. /charge (a query is ignored)")
+    authz.add_argument("--file", metavar="FILE", help="the policies file (default: $MESHLIB_AUTHZ_FILE)")
+    authz.add_argument(
+        "--peer", metavar="SPIFFE-ID", help="the caller's verified identity (omit it for a caller without one)"
+    )
+    authz.add_argument("--ip", metavar="ADDRESS", help="the caller's IP address (for ipBlocks)")
+    authz.add_argument("--port", type=_port, metavar="PORT", help="the local port the request arrives on")
+    authz.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        dest="headers",
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable; repeated names are joined with ',' as Envoy does)",
+    )
+    authz.add_argument("--json", action="store_true", help="print the result as JSON")
+    authz.set_defaults(handler=run_authz_command)
     return parser
+
+
+def _port(raw: str) -> int:
+    """argparse type for a TCP port."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {raw!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
+
+
+def run_authz_command(args: argparse.Namespace) -> int:
+    """``meshlib authz [METHOD PATH]``: validate the policies file; decide one request with it."""
+    from meshlib.security.authz import AuthzRequest, header_map, parse_policies
+
+    path_arg: str | None = args.file or os.environ.get(AUTHZ_FILE_VARIABLE, "").strip() or None
+    if path_arg is None:
+        raise UsageError(f"no policies file: pass --file FILE or set {AUTHZ_FILE_VARIABLE}")
+    if (args.method is None) != (args.path is None):
+        raise UsageError("give both METHOD and PATH, or neither (to only validate the file)")
+    try:
+        with open(path_arg, "rb") as file:
+            data = file.read(MAX_AUTHZ_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{printable(path_arg, 200)}: cannot read it: {printable(exc.strerror or exc, 200)}") from None
+    policies = parse_policies(data, source=path_arg)  # a bad file is a ConfigError: exit 2, one line
+    listed = [{"name": p.name, "action": p.action, "rules": len(p.rules)} for p in policies.policies]
+    result: dict[str, object] = {"file": path_arg, "policies": listed}
+    decision = None
+    if args.method is not None:
+        method: str = args.method
+        if not method or not all(c in _TOKEN for c in method):
+            raise UsageError(f"METHOD {printable(method, 40)!r}: expected an HTTP method such as GET or POST")
+        request_path: str = args.path.partition("?")[0]
+        if not request_path.startswith("/") or any(c in request_path for c in "\r\n\x00"):
+            raise UsageError(f"PATH {printable(args.path, 200)!r}: expected an absolute path such as /charge")
+        peer: str | None = args.peer
+        if peer is not None and not peer.startswith("spiffe://"):
+            raise UsageError(f"--peer {printable(peer, 200)!r}: expected a SPIFFE ID (spiffe://trust-domain/path)")
+        headers = header_map(parse_header(raw) for raw in args.headers)
+        decision = policies.evaluate(AuthzRequest(peer, args.ip, method, request_path, args.port, headers))
+        result["request"] = {"method": method, "path": request_path, "peer": peer, "ip": args.ip, "port": args.port}
+        result["decision"] = {
+            "allowed": decision.allowed,
+            "status": 200 if decision.allowed else 403,
+            "policy": decision.policy,
+            "action": decision.action,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "audit_policy": decision.audit_policy if decision.audit else None,
+        }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        counts = {action: sum(1 for p in listed if p["action"] == action) for action in ("DENY", "ALLOW", "AUDIT")}
+        print(
+            f"{printable(path_arg, 200)}: {len(listed)} "
+            f"{'policy' if len(listed) == 1 else 'policies'} "
+            f"({counts['DENY']} DENY, {counts['ALLOW']} ALLOW, {counts['AUDIT']} AUDIT)"
+        )
+        for entry in listed:
+            rules = entry["rules"]
+            noun = "rule" if rules == 1 else "rules"
+            print(f"  {entry['action']:<6} {printable(entry['name'], 200)}  {rules} {noun}")
+        if decision is not None:
+            verdict = "ALLOW (the app runs)" if decision.allowed else "DENY (403 RBAC: access denied)"
+            print(f"{printable(args.method, 40)} {printable(args.path.partition('?')[0], 200)}: {verdict}")
+            where = "" if decision.rule is None else f", rule {decision.rule}"
+            print(f"  {printable(decision.reason, 300)}{where}")
+            if decision.audit:
+                print(f"  audited by {printable(decision.audit_policy, 200)}")
+    return EXIT_OK if decision is None or decision.allowed else EXIT_DENIED
 
 
 def _wait_seconds(raw: str) -> float:
