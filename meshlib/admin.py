@@ -5,7 +5,8 @@ else, as Envoy's docs say its admin must never be exposed). Every ``meshlib.Clie
 created with it registers with a small HTTP server running on one daemon thread (a non-blocking loop with
 per-connection deadlines and bounds, so no peer can hold a thread: :mod:`meshlib._admin_http`):
 
-* ``GET /status`` -- JSON: ``{"meshlib": version, "pid": ..., "clients": [client.mesh_status().to_dict()...]}``;
+* ``GET /status`` -- JSON: ``{"meshlib": version, "pid": ..., "clients": [client.mesh_status().to_dict()...],
+  "inbound": [the inbound middleware's policy files (``FileSourceStatus.to_dict()``)...]}``;
 * ``GET /metrics`` -- meshlib's metrics in Prometheus text format, through the OpenTelemetry Prometheus
   exporter when it is installed (``pip install 'meshlib[prometheus]'``); else 404 saying so. The registered
   clients' instruments, and the inbound middleware's ``http.server.*`` of the whole process (a process-wide
@@ -42,6 +43,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from meshlib.control.file import reported
 from meshlib.status import status_of
 
 if TYPE_CHECKING:  # telemetry (OpenTelemetry) and http.server are imported by the first admin server
@@ -155,6 +157,7 @@ class AdminServer:
                 for mesh, kind in clients
                 if mesh is not None
             ],
+            "inbound": [source.to_dict() for source in reported()],
         }
 
     def metrics_text(self) -> tuple[bytes, str] | None:

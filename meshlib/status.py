@@ -274,6 +274,16 @@ _ROUTES_SPEC: dict[str, _Spec] = {
     "applied": "int",
 }
 _REJECTED_SPEC: dict[str, _Spec] = {"version": "str", "error": "str"}
+#: Optional (older versions have none): the inbound middleware's watched policy files.
+_INBOUND_SPEC: dict[str, _Spec] = {
+    "what": "str",
+    "variable": "str",
+    "path": "str",
+    "version": "str|null",
+    "applied": "int",
+    "missing": "bool",
+}
+_INBOUND_REJECTED_SPEC: dict[str, _Spec] = {"version": "str|null", "error": "str"}
 _STATUS_SPEC: dict[str, _Spec] = {
     "meshlib": "str",
     "pid": "int",
@@ -360,9 +370,27 @@ def format_status(payload: object) -> str:
             _check(routes, _ROUTES_SPEC, f"clients[{index}].routes")
             if routes.get("rejected") is not None:
                 _check(routes["rejected"], _REJECTED_SPEC, f"clients[{index}].routes.rejected")
+    inbound = status.get("inbound")
+    if inbound is not None:
+        _check(inbound, [_INBOUND_SPEC], "inbound")
+        for index, source in enumerate(inbound):
+            if source.get("rejected") is not None:
+                _check(source["rejected"], _INBOUND_REJECTED_SPEC, f"inbound[{index}].rejected")
     text = printable
     clients = status["clients"]
     lines = [f"meshlib {text(status['meshlib'])}, pid {status['pid']}: {len(clients)} client(s)"]
+    for source in inbound or ():
+        state = " (file missing: the last good version keeps serving)" if source["missing"] else ""
+        lines.append(
+            f"inbound {text(source['what'])}: {text(source['variable'])}={text(source['path'])} "
+            f"version {_cell(source['version'])}, {source['applied']} version(s) applied{state}"
+        )
+        rejected = source.get("rejected")
+        if rejected is not None:
+            lines.append(
+                f"  REJECTED version {_cell(rejected['version'])} (the previous one keeps serving): "
+                f"{text(rejected['error'], _ERROR_LIMIT)}"
+            )
     for number, client in enumerate(clients, 1):
         services = client["services"]
         lines.append(f"client {number} ({text(client['client'])}): {len(services)} service(s)")

@@ -599,3 +599,26 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- files the admin endpoint reports ---------------------------------------------------------------------------
+
+_reported: weakref.WeakSet[FileSource[Any]] = weakref.WeakSet()
+_reported_lock = threading.Lock()
+
+
+def report(source: FileSource[Any]) -> None:
+    """List ``source`` in the admin endpoint's ``/status`` (``inbound``) for as long as it lives.
+
+    For files that belong to no client (the inbound middleware's policy files); a client's routes file is
+    reported with the client. Held weakly: a source that is collected disappears from the list.
+    """
+    with _reported_lock:
+        _reported.add(source)
+
+
+def reported() -> list[FileSourceStatus]:
+    """The state of every source passed to :func:`report` that is still alive, by path."""
+    with _reported_lock:
+        sources = list(_reported)
+    return sorted((source.status() for source in sources), key=lambda status: (status.path, status.what))

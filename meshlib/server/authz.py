@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from meshlib.control.file import FileSource, FileSourceStatus, FileVersion
+from meshlib.control.file import FileSource, FileSourceStatus, FileVersion, report
 from meshlib.security.authz import AuthzRequest, PolicySet, header_map, parse_policies
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
 from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
@@ -66,6 +66,7 @@ class AuthorizationHook:
             )
             policies = source.load_first()
             self.source = source
+            report(source)  # shown in the admin endpoint's /status (``meshlib status``)
             source.start()
         assert policies is not None
         #: The policies in force; replaced whole (one assignment) when the file changes.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshlib.control.file import FileSource, FileSourceStatus, FileVersion
+from meshlib.control.file import FileSource, FileSourceStatus, FileVersion, report
 from meshlib.security.ratelimit import RateLimiter, RateLimits, parse_rate_limits
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
 from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
@@ -68,6 +68,7 @@ class RateLimitHook:
             )
             limits = source.load_first()
             self.source = source
+            report(source)  # shown in the admin endpoint's /status (``meshlib status``)
             source.start()
         assert limits is not None
         #: The limiter in force; replaced whole (one assignment) when the file changes.

@@ -384,3 +384,33 @@ def test_admin_metrics_include_the_inbound_server_metrics(start_backends: Backen
     assert 'http_request_method="GET"' in count and 'http_response_status_code="418"' in count
     assert count.endswith(" 3.0")
     assert re.search(r'^http_server_active_requests\{[^}]*http_request_method="GET"[^}]*\} 0\.0$', text, re.M)
+
+
+def test_meshlib_status_shows_the_inbound_policy_files_and_a_rejected_version(
+    start_backends: BackendFactory, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    from meshlib.server.authz import AuthorizationHook
+
+    path = tmp_path / "authz.yaml"
+    path.write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n"
+        "spec: {action: ALLOW, rules: [{}]}\n"
+    )
+    hook = AuthorizationHook(file=str(path), reload_interval=0)
+    path.write_text(path.read_text().replace("ALLOW", "ALLOWED"))
+    assert hook.source is not None and hook.source.check_now()
+    backends = start_backends(1)
+    try:
+        with meshlib.Client(environ=_env(backends, ADMIN_ADDR="127.0.0.1:0")) as client:
+            address = client.admin_address
+            assert address is not None
+            assert main(["status", "--addr", f"127.0.0.1:{address[1]}"]) == 0
+            table = capsys.readouterr().out
+            raw = _get(address, "/status").json()
+    finally:
+        hook.close()
+    mine = [source for source in raw["inbound"] if source["path"] == str(path)]
+    assert len(mine) == 1 and mine[0]["what"] == "authz" and mine[0]["applied"] == 1
+    assert "ALLOWED" in mine[0]["rejected"]["error"]
+    assert f"inbound authz: MESHLIB_AUTHZ_FILE={path} version" in table
+    assert "REJECTED version" in table and "spec.action='ALLOWED'" in table
