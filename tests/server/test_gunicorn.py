@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,22 @@ def _point_srv(dns: Dnsmasq, backend: Backend) -> None:
 
 
 class Gunicorn:
-    """``gunicorn --preload -w 2`` serving the test app on a loopback port, in its own process group."""
+    """``gunicorn --preload -w 2`` serving the test app on a loopback port, in its own process group (``app`` and
+    ``options`` replace the app and the options before ``--worker-class sync --bind``)."""
 
-    def __init__(self, environ: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        environ: dict[str, str],
+        log: Path,
+        *,
+        app: str = "tests.server.gunicorn_app:app",
+        options: Sequence[str] = ("--preload", "--workers", str(WORKERS)),
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "gunicorn", "--preload", "--workers", str(WORKERS), "--worker-class", "sync"]
-        command += ["--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "tests.server.gunicorn_app:app"]
+        command = [sys.executable, "-m", "gunicorn", *options, "--worker-class", "sync"]
+        command += ["--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", app]
         env = {**os.environ, **environ, "PYTHONPATH": str(ROOT)}
         with log.open("wb") as output:
             self.process = subprocess.Popen(
