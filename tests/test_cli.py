@@ -262,9 +262,7 @@ def test_authz_lists_the_policies_and_decides_a_request(
     assert json.loads(capsys.readouterr().out)["decision"]["policy"] == "shop/deny-admin"  # normalized path
 
 
-def test_authz_bad_file_and_usage_are_one_line_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_authz_bad_file_and_usage_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "authz.yaml"
     path.write_text(AUTHZ_POLICIES.replace("action: DENY", "action: REJECT"))
     assert main(["authz", "--file", str(path)]) == 2

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from meshlib.control.file import FileSource, FileSourceStatus, FileVersion, report
-from meshlib.security.authz import AuthzRequest, PolicySet, header_map, parse_policies
+from meshlib.security.authz import AuthzRequest, Decision, PolicySet, header_map, parse_policies
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
 from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
 
@@ -72,7 +72,9 @@ class AuthorizationHook:
         #: The policies in force; replaced whole (one assignment) when the file changes.
         self.policies: PolicySet = policies
 
-    def __call__(self, request: InboundRequest) -> Any:
+    def decide(self, request: InboundRequest) -> Decision:
+        """The policies' decision for ``request`` (read while its hooks run: the peer identity is the verified one
+        :class:`~meshlib.server.middleware.PeerIdentityHook` found), without acting on it."""
         peer = peer_identity()
         address = request.peer_address()
         headers = header_map(request.header_pairs())  # repeated headers joined with "," as Envoy's matchers see them
@@ -86,6 +88,10 @@ class AuthorizationHook:
                 headers=headers,
             )
         )
+        return decision
+
+    def __call__(self, request: InboundRequest) -> Any:
+        decision = self.decide(request)
         verdict = "allow" if decision.allowed else "deny"
         annotate_server_span("meshlib.authz.decision", verdict)
         attributes = {"meshlib.authz.decision": verdict}

@@ -25,7 +25,8 @@ and the deadline (:class:`DeadlineHook`).
 
 **Peer identity** needs the client's certificate, which only some servers hand to the app: ASGI servers that
 implement the ASGI TLS extension put the chain in ``scope["extensions"]["tls"]["client_cert_chain"]``
-(uvicorn does not implement it, and neither does the stdlib's wsgiref); Apache ``mod_ssl`` + ``mod_wsgi``
+(uvicorn does not by itself: run it with :mod:`meshlib.server.uvicorn`'s protocol classes, which add it; the
+stdlib's wsgiref does not either); Apache ``mod_ssl`` + ``mod_wsgi``
 export ``SSL_CLIENT_CERT`` (``SSLOptions +ExportCertData``); gunicorn passes its TLS socket as
 ``environ["gunicorn.socket"]``. Those are read by default. Anything else (a server that terminates TLS
 another way, a proxy that forwards a verified identity) is supplied by the application:

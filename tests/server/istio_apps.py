@@ -14,10 +14,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from meshlib.security.authz import parse_policies
+from meshlib.security.authz import Decision, parse_policies
 from meshlib.server.authz import AuthorizationHook
 from meshlib.server.middleware import (
     ASGIInboundMiddleware,
+    InboundRequest,
     PeerIdentityHook,
     WSGIInboundMiddleware,
     peer_identity,
@@ -27,13 +28,30 @@ CONTROL_POLICIES = "/__control/policies"
 CONTROL_CALLS = "/__control/calls"
 
 
+class RecordingAuthz(AuthorizationHook):
+    """The real hook, noting the reason of each denial (the 403 body is Envoy's ``RBAC: access denied`` whichever
+    policy decided, so the test reads the deciding policy here)."""
+
+    def __init__(self, owner: Protected) -> None:
+        super().__init__(policies=parse_policies("", source="no policy"))
+        self.owner = owner
+
+    def decide(self, request: InboundRequest) -> Decision:
+        decision = super().decide(request)
+        if not decision.allowed:
+            with self.owner._lock:
+                self.owner.calls.append(f"refused: {decision.reason}")
+        return decision
+
+
 class Protected:
-    """The handler behind the hooks; ``calls`` lists ``"METHOD PATH PEER"`` for each request it handled."""
+    """The handler behind the hooks; ``calls`` lists ``"METHOD PATH PEER"`` for each request it handled and
+    ``"refused: REASON"`` for each the authorization hook denied."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self._lock = threading.Lock()
-        self.authz = AuthorizationHook(policies=parse_policies("", source="no policy"))
+        self.authz = RecordingAuthz(self)
         hooks = (PeerIdentityHook(), self.authz)
         self.asgi = ASGIInboundMiddleware(self._asgi, hooks=hooks)
         self.wsgi = WSGIInboundMiddleware(self._wsgi, hooks=hooks)
