@@ -636,7 +636,7 @@ class MeshMiddleware(ASGIInboundMiddleware):
     global providers; ``peer_identity`` replaces the default :class:`PeerIdentityHook` (say, one with a
     ``resolve`` function); ``server_telemetry``, ``authz`` and ``rate_limits`` as in :func:`mesh_hooks` (by default
     ``MESHLIB_AUTHZ_FILE`` and ``MESHLIB_RATELIMIT_FILE``: a denied caller gets 403, one over its limit 429, and
-    the app never runs); ``hooks`` run innermost.
+    the app never runs); ``hooks`` run innermost; ``environ`` is read instead of ``os.environ``.
 
     Add it *inside* the framework's tracing (FastAPI's native telemetry, Starlette's or the contrib
     ``OpenTelemetryMiddleware`` listed before it): the framework's SERVER span is then current when meshlib's
@@ -656,6 +656,7 @@ class MeshMiddleware(ASGIInboundMiddleware):
         authz: AuthorizationHook | PolicySet | None = None,
         rate_limits: RateLimitHook | RateLimits | None = None,
         hooks: Sequence[Hook] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         base = mesh_hooks(
             tracer_provider=tracer_provider,
@@ -665,6 +666,7 @@ class MeshMiddleware(ASGIInboundMiddleware):
             server_telemetry=server_telemetry,
             authz=authz,
             rate_limits=rate_limits,
+            environ=environ,
         )
         super().__init__(app, hooks=(*base, *hooks))
         if server_telemetry_from_env(server_telemetry) != "on":
@@ -716,6 +718,7 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
         authz: AuthorizationHook | PolicySet | None = None,
         rate_limits: RateLimitHook | RateLimits | None = None,
         hooks: Sequence[Hook] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         base = mesh_hooks(
             tracer_provider=tracer_provider,
@@ -725,5 +728,6 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
             server_telemetry=server_telemetry,
             authz=authz,
             rate_limits=rate_limits,
+            environ=environ,
         )
         super().__init__(app, hooks=(*base, *hooks))
