@@ -30,6 +30,8 @@ SCENARIOS = {
     "s7": "benchmarks.s7_async_throughput",
     "s9": "benchmarks.s9_routes",
     "s10": "benchmarks.s10_mirror",
+    "s11": "benchmarks.s11_denial",
+    "s12": "benchmarks.s12_flood",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"
