@@ -174,8 +174,9 @@ class WorkloadAPISource:
     ``endpoint`` is the Workload API socket (``unix:///path``); ``None`` reads ``SPIFFE_ENDPOINT_SOCKET``
     from ``environ`` (default ``os.environ``). Construction blocks until the first SVID arrives, at most
     ``timeout`` seconds (default :data:`DEFAULT_TIMEOUT`; retrying meanwhile: SPIRE refuses a workload until
-    it is registered); a :class:`~meshlib.ConfigError` naming ``SPIFFE_ENDPOINT_SOCKET`` says why not (the ``spiffe`` extra
-    missing, a malformed value, no socket, nothing answering, no SVID, with the Workload API's last error).
+    it is registered); a :class:`~meshlib.ConfigError` naming ``SPIFFE_ENDPOINT_SOCKET`` says why not (the
+    ``spiffe`` extra missing, a malformed value, no socket, nothing answering, no SVID, with the Workload
+    API's last error).
     Later updates arrive on py-spiffe's stream thread and are swapped into every context handed out; if the
     stream breaks, the source reconnects with backoff and the last good SVID stays in use meanwhile (see the
     module docstring). :meth:`close` ends the stream. Thread-safe; the request path only reads a context's
