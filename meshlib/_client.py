@@ -34,12 +34,22 @@ TLS: a service with meshlib TLS settings (``MESHLIB_TLS_*``, ``MESHLIB_SERVICE_<
 ``ServiceConfig(tls=...)``) connects with a :class:`~meshlib.security.tls.ReloadingContext` built from them
 (mTLS, SPIFFE identity, rotation; see ``docs/security.md``), and the client's ``verify=``/``cert=`` do not
 apply to it. Every other service uses the client's ``verify=``/``cert=``, exactly as httpx would.
+
+SPIFFE Workload API: with ``SPIFFE_ENDPOINT_SOCKET`` set (in ``environ=``, else ``os.environ``) and the
+``spiffe`` extra installed, every service whose TLS settings name a server SPIFFE ID (``server_id``,
+``MESHLIB_TLS_SERVER_ID``) takes its client certificate, key and trust bundle from the Workload API instead of
+files: one :class:`~meshlib.security.workload_api.WorkloadAPISource` per client, opened at construction
+(an unusable socket is a :class:`meshlib.ConfigError` then), closed with the client, re-opened lazily in a
+forked child. Such a service may not also name certificate, key or CA files (a ``ConfigError`` naming both);
+services without a server SPIFFE ID keep their file or default TLS. See ``docs/security.md``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import weakref
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -57,6 +67,7 @@ from meshlib.discovery.base import Endpoint
 from meshlib.errors import ConfigError
 from meshlib.routing.explain import Explanation, explain
 from meshlib.security.tls import ReloadingContext, TLSContexts, TLSSettings
+from meshlib.security.workload_api import ENDPOINT_VARIABLE, WorkloadAPISource
 from meshlib.status import MeshStatus, status_of
 from meshlib.telemetry.client import ClientTelemetry
 from meshlib.telemetry.propagation import AsyncPropagatingTransport, PropagatingTransport, PropagationRule
@@ -107,6 +118,9 @@ class _PoolFactory:
     (20-40 ms each, on the first request). Services with TLS settings get a
     :class:`~meshlib.security.tls.ReloadingContext`, one per distinct settings, built here at client
     construction so a bad file is a :class:`meshlib.ConfigError` now rather than a failed request later.
+
+    With ``SPIFFE_ENDPOINT_SOCKET`` set, services whose settings name a ``server_id`` get their context from
+    the client's :attr:`source` (the SPIFFE Workload API) instead (:meth:`_spiffe_context`).
     """
 
     def __init__(self, lib: HttpLib, kwargs: Mapping[str, Any], mesh: MeshConfig, inner: object, kind: str) -> None:
@@ -129,23 +143,67 @@ class _PoolFactory:
         self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
         #: Service key -> the context its endpoints connect with, for services with TLS settings.
         self.contexts: dict[str, ReloadingContext] = {}
-        for key, svc in mesh.services.items():
-            settings = mesh.tls_for(key)
-            if settings is None:
-                continue
-            self.contexts[key] = self.tls.context_for(settings)
-            if not settings.verify:
-                logger.warning(
-                    "TLS verification is disabled for service %s (%s=false): its servers are not authenticated",
-                    svc.name,
-                    settings.variable("verify"),
-                )
+        #: The client's SPIFFE Workload API source, if ``SPIFFE_ENDPOINT_SOCKET`` is set and a service uses it.
+        self.source: WorkloadAPISource | None = None
+        self._closer: weakref.finalize[[], Any] | None = None
+        environ = os.environ if mesh.environ is None else mesh.environ
+        endpoint = environ.get(ENDPOINT_VARIABLE, "")
+        try:
+            for key, svc in mesh.services.items():
+                settings = mesh.tls_for(key)
+                if settings is None:
+                    continue
+                if settings.server_id is not None and endpoint.strip():
+                    self.contexts[key] = self._spiffe_context(settings, endpoint)
+                else:
+                    self.contexts[key] = self.tls.context_for(settings)
+                if not settings.verify:
+                    logger.warning(
+                        "TLS verification is disabled for service %s (%s=false): its servers are not authenticated",
+                        svc.name,
+                        settings.variable("verify"),
+                    )
+        except BaseException:
+            self.close()  # a source already opened for an earlier service must not outlive the failed client
+            raise
+        if endpoint.strip() and self.source is None:
+            logger.info(
+                "%s is set but no mesh service names a server SPIFFE ID (MESHLIB_TLS_SERVER_ID or "
+                "MESHLIB_SERVICE_<NAME>__TLS_SERVER_ID): this client does not use the Workload API",
+                ENDPOINT_VARIABLE,
+            )
         if self.contexts and (self._verify is not True or self._cert is not None):
             logger.warning(
                 "the client's verify=/cert= arguments do not apply to mesh services with TLS settings (%s): "
                 "those connect with their MESHLIB_TLS_* / TLSSettings configuration",
                 ", ".join(sorted(mesh.services[key].name for key in self.contexts)),
             )
+
+    def _spiffe_context(self, settings: TLSSettings, endpoint: str) -> ReloadingContext:
+        """The Workload API context for a service requiring ``settings.server_id`` (opening the source once).
+
+        Certificates come from one place or the other: files named too are a :class:`~meshlib.ConfigError`
+        naming both settings, never silently ignored (a stale file must not look like SPIFFE rotation, and an
+        unused SVID must not look like file TLS).
+        """
+        assert settings.server_id is not None
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(settings, attr)
+            if value is not None:
+                raise ConfigError(
+                    settings.variable(attr),
+                    value,
+                    f"no TLS file for a service whose server SPIFFE ID ({settings.variable('server_id')}) is checked "
+                    f"with the SPIFFE Workload API's SVID and bundle ({ENDPOINT_VARIABLE}={endpoint.strip()}): "
+                    f"unset one of the two",
+                )
+        if self.source is None:
+            source = self.source = WorkloadAPISource(environ={ENDPOINT_VARIABLE: endpoint})
+            # A client dropped without close() must not leave its stream running for the life of the process.
+            closer = weakref.finalize(self, source.close)
+            closer.atexit = False
+            self._closer = closer
+        return self.source.client_context(settings.server_id, settings.server_name)
 
     def _choose(self, kwargs: Mapping[str, Any], mesh: MeshConfig, inner: object, kind: str) -> None:
         """Resolve a named inner transport (argument, else ``MESHLIB_INNER_TRANSPORT``)."""
@@ -197,6 +255,8 @@ class _PoolFactory:
         if context is None:
             return self._context()
         self.tls.watch(context)  # rotation starts with the first connection pool that uses the context
+        if self.source is not None:
+            self.source.resume()  # in a forked child: the child's own Workload API stream (a pid check otherwise)
         return context
 
     def _made(self, endpoint: Endpoint, context: ssl.SSLContext, method: str) -> Any:
@@ -237,8 +297,10 @@ class _PoolFactory:
         return transport
 
     def close(self) -> None:
-        """Stop watching certificate files."""
+        """Stop watching certificate files; end the Workload API stream."""
         self.tls.close()
+        if self._closer is not None:
+            self._closer()  # source.close(), once
 
 
 def _warn_tls_ignored(mesh: MeshConfig) -> None:
@@ -387,6 +449,11 @@ class _MeshClient:
             if kind != "sync":
                 self._mesh.connections = pools.connections  # type: ignore[union-attr]
         self._observability.start(self._mesh, kind)
+
+    @property
+    def workload_api(self) -> WorkloadAPISource | None:
+        """The client's SPIFFE Workload API source (``SPIFFE_ENDPOINT_SOCKET``), or ``None`` when it uses none."""
+        return self._pools.source if self._pools is not None else None
 
     @property
     def tls_contexts(self) -> Mapping[str, ReloadingContext]:

@@ -17,6 +17,19 @@ each in with :meth:`~meshlib.security.tls.ReloadingContext.swap` (one reference 
 use the new SVID; open connections keep theirs; no connection sees a new certificate with an old key. An update
 that cannot be used is logged (ERROR) and the last good contexts stay: never fail open.
 
+**Reconnecting, fail-static.** Each stream is opened without py-spiffe's own retries, so every break
+(the agent restarting, a gRPC error, a message that cannot be parsed) reaches :meth:`WorkloadAPISource._on_error`,
+which logs it (WARNING, once per outage) and reconnects with exponential backoff (0.1 s doubling to 5 s) on a
+new channel (gRPC's own channel backoff grows to minutes). Meanwhile every context keeps the last good SVID;
+the first update after the outage is logged (INFO) and swapped in. If the SVID expires before the agent is
+back, an ERROR says so once.
+
+**fork().** gRPC channels and py-spiffe's thread do not survive a fork, and the child must not use the
+parent's. In a forked child the source lets go of the parent's client and stream (never closing them) and
+opens its own when it is next used (:meth:`WorkloadAPISource.resume`, called by ``client_context``,
+``server_context`` and by meshlib clients when they make a connection pool); the contexts it handed out keep
+serving the last SVID until then.
+
 **Trust.** By default only the bundle of the SVID's own trust domain is trusted. OpenSSL cannot tie a CA to
 the trust domain it signs for, so trusting federated bundles as well (``trust_federated=True``) lets any
 federated CA sign a certificate claiming any trust domain's ID; the client's expected SPIFFE ID still has to
@@ -31,6 +44,7 @@ duration of the load, then both are removed.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import shutil
@@ -38,6 +52,7 @@ import ssl
 import stat
 import tempfile
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +73,9 @@ ENDPOINT_VARIABLE = "SPIFFE_ENDPOINT_SOCKET"
 #: workload not (yet) registered waits (SPIRE returns PERMISSION_DENIED and the client retries), and a
 #: process that cannot get its identity should fail at start, clearly, rather than serve without one.
 DEFAULT_TIMEOUT = 10.0
+#: Reconnect backoff after a stream breaks: the first retry after this many seconds, doubling up to the maximum.
+RECONNECT_BACKOFF = 0.1
+RECONNECT_BACKOFF_MAX = 5.0
 _INSTALL = "pip install 'meshlib[spiffe]'"
 _EXPECTED_ENDPOINT = "a Unix socket URI such as unix:///run/spire/agent.sock"
 
@@ -99,6 +117,7 @@ class _Material:
         self.spiffe_id = str(svid.spiffe_id)
         self.trust_domain = svid.spiffe_id.trust_domain
         self.not_after: datetime.datetime = svid.leaf.not_valid_after_utc
+        self.serial: int = svid.leaf.serial_number
         bundles = context.x509_bundle_set.bundles
         if not trust_federated:
             bundles = {bundle for bundle in bundles if bundle.trust_domain == self.trust_domain}
@@ -154,11 +173,14 @@ class WorkloadAPISource:
 
     ``endpoint`` is the Workload API socket (``unix:///path``); ``None`` reads ``SPIFFE_ENDPOINT_SOCKET``
     from ``environ`` (default ``os.environ``). Construction blocks until the first SVID arrives, at most
-    ``timeout`` seconds; a :class:`~meshlib.ConfigError` naming ``SPIFFE_ENDPOINT_SOCKET`` says why not (the
-    ``spiffe`` extra missing, a malformed value, no socket, nothing answering, no SVID). Later updates arrive
-    on py-spiffe's stream thread and are swapped into every context handed out; if the stream breaks,
-    py-spiffe reconnects with backoff and the last SVID stays in use meanwhile. :meth:`close` ends the stream.
-    Thread-safe; the request path only reads a context's current inner context.
+    ``timeout`` seconds (default :data:`DEFAULT_TIMEOUT`; retrying meanwhile: SPIRE refuses a workload until
+    it is registered); a :class:`~meshlib.ConfigError` naming ``SPIFFE_ENDPOINT_SOCKET`` says why not (the
+    ``spiffe`` extra missing, a malformed value, no socket, nothing answering, no SVID, with the Workload
+    API's last error).
+    Later updates arrive on py-spiffe's stream thread and are swapped into every context handed out; if the
+    stream breaks, the source reconnects with backoff and the last good SVID stays in use meanwhile (see the
+    module docstring). :meth:`close` ends the stream. Thread-safe; the request path only reads a context's
+    current inner context.
     """
 
     def __init__(
@@ -166,9 +188,10 @@ class WorkloadAPISource:
         endpoint: str | None = None,
         *,
         environ: Mapping[str, str] | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = None,
         trust_federated: bool = False,
     ) -> None:
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         env = os.environ if environ is None else environ
         self.variable = ENDPOINT_VARIABLE if endpoint is None else "WorkloadAPISource.endpoint"
         endpoint = env.get(ENDPOINT_VARIABLE, "") if endpoint is None else endpoint
@@ -176,9 +199,9 @@ class WorkloadAPISource:
             raise ConfigError(self.variable, endpoint, _EXPECTED_ENDPOINT)
         self.endpoint = endpoint.strip()
         self.trust_federated = trust_federated
-        path = _socket_path(self.variable, self.endpoint)
+        self._path = path = _socket_path(self.variable, self.endpoint)
         try:
-            from spiffe import WorkloadApiClient
+            from spiffe import WorkloadApiClient  # noqa: F401 (the extra is present: say so now, clearly)
         except ImportError as error:
             raise ConfigError(
                 self.variable,
@@ -199,17 +222,35 @@ class WorkloadAPISource:
             raise ConfigError(self.variable, self.endpoint, f"the Workload API socket: {path} is not a socket")
 
         self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._closing = threading.Event()
         self._first = threading.Event()
-        self._first_error: str | None = None
+        self._last_error: str | None = None
         self._material: _Material | None = None
-        self._clients: dict[str, ReloadingContext] = {}
+        self._clients: dict[tuple[str, str | None], tuple[ExpectedIdentity, ReloadingContext]] = {}
         self._server: ReloadingContext | None = None
         self._closed = False
         self._updates = 0
-        self._client: WorkloadApiClient = WorkloadApiClient(self.endpoint)
-        self._stream: StreamCancelHandler = self._client.stream_x509_contexts(self._on_update, self._on_error)
+        self._errors = 0
+        self._attempt = 0  # reconnect attempts since the last good update (the backoff's exponent)
+        self._broken = False  # a stream broke and no update has arrived since (the outage is logged once)
+        self._expiry_logged = False
+        self._pid = os.getpid()
+        self._client: WorkloadApiClient | None = None
+        self._stream: StreamCancelHandler | None = None
+        self._serial = 0  # which stream is current: callbacks of a replaced one are ignored
+        _SOURCES.add(self)
+        try:
+            self._connect()
+        except Exception as error:  # the socket went between the check above and now
+            self._last_error = f"{type(error).__name__}: {error}"
+            self._spawn_reconnect()
         if not self._first.wait(timeout) or self._material is None:
-            reason = self._first_error or f"no X.509-SVID within {timeout:g} s (nothing answering on {path}?)"
+            reason = f"no X.509-SVID within {timeout:g} s"
+            if self._last_error is not None:
+                reason += f"; last error: {self._last_error}"
+            else:
+                reason += f" (nothing answering on {path}?)"
             self.close()
             raise ConfigError(
                 self.variable, self.endpoint, f"a Workload API that issues this workload an SVID; {reason}"
@@ -236,31 +277,59 @@ class WorkloadAPISource:
         return self._material.not_after
 
     @property
+    def serial_number(self) -> int:
+        """The serial number of the SVID (leaf certificate) in use."""
+        assert self._material is not None
+        return self._material.serial
+
+    @property
     def updates(self) -> int:
         """Workload API updates applied (1 after construction)."""
         return self._updates
 
-    def client_context(self, server_id: str) -> ReloadingContext:
+    @property
+    def stream_errors(self) -> int:
+        """Times a stream (or an attempt to open one) ended in an error; each is followed by a reconnect."""
+        return self._errors
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def wait_for_svid(self, serial_number: int, timeout: float) -> bool:
+        """Block until the SVID in use has ``serial_number``; ``False`` if ``timeout`` ran out first."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._material is not None and self._material.serial == serial_number, timeout
+            )
+
+    def client_context(self, server_id: str, server_name: str | None = None) -> ReloadingContext:
         """A client context presenting the SVID, trusting the bundle, and requiring ``server_id`` of the server.
 
-        ``server_id`` is a SPIFFE ID (``spiffe://td/path``) or a trust domain (``spiffe://td``). One context
-        per ``server_id``, shared and kept current by every later update.
+        ``server_id`` is a SPIFFE ID (``spiffe://td/path``) or a trust domain (``spiffe://td``);
+        ``server_name``, if given, is sent as SNI instead of the URL's host. One context per
+        (``server_id``, ``server_name``), shared and kept current by every later update.
         """
         try:
             expected = ExpectedIdentity.parse(server_id)
         except ValueError as error:
             raise ConfigError("server_id", server_id, f"a SPIFFE ID or trust domain ({error})") from None
+        self.resume()
+        key = (str(expected), server_name)
         with self._lock:
-            context = self._clients.get(str(expected))
-            if context is None:
+            found = self._clients.get(key)
+            if found is None:
                 assert self._material is not None
                 inner = _client_inner(self._material, expected)
-                context = ReloadingContext(TLSSettings(server_id=str(expected)), inner, not_after=self.not_after)
-                self._clients[str(expected)] = context
-            return context
+                settings = TLSSettings(server_id=str(expected), server_name=server_name)
+                found = (expected, ReloadingContext(settings, inner, not_after=self.not_after))
+                self._clients[key] = found
+            return found[1]
 
     def server_context(self) -> ReloadingContext:
         """A server context presenting the SVID and requiring a client certificate that chains to the bundle."""
+        self.resume()
         with self._lock:
             if self._server is None:
                 assert self._material is not None
@@ -268,14 +337,37 @@ class WorkloadAPISource:
                 self._server = ReloadingContext(TLSSettings(), inner, not_after=self.not_after)
             return self._server
 
+    def resume(self) -> None:
+        """In a forked child, open this process's own stream (once); elsewhere nothing. Cheap: a pid check."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid() or self._closed:
+                return
+            self._pid = os.getpid()
+            self._attempt = 0
+        logger.info("SPIFFE Workload API (%s): reconnecting in forked process %d", self.endpoint, os.getpid())
+        try:
+            self._connect()
+        except Exception as error:
+            self._failed(error)
+            self._spawn_reconnect()
+
     def close(self) -> None:
         """End the Workload API stream; contexts handed out keep the last SVID."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._stream.cancel()
-        self._client.close()
+            client, stream = self._client, self._stream
+            self._client = self._stream = None
+        self._closing.set()
+        if self._pid != os.getpid():
+            return  # a forked child that never resumed: those are the parent's (abandoned at the fork)
+        if stream is not None:
+            stream.cancel()
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> WorkloadAPISource:
         return self
@@ -283,28 +375,111 @@ class WorkloadAPISource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- py-spiffe's stream thread ----------------------------------------------------------------------------
+    # -- the stream -------------------------------------------------------------------------------------------
 
-    def _on_update(self, update: X509Context) -> None:
-        try:
-            material = _Material(update, self.trust_federated)
+    def _connect(self) -> None:
+        """Open a new channel and stream (py-spiffe's retries off: every break comes to :meth:`_on_error`)."""
+        from spiffe import WorkloadApiClient
+
+        client = WorkloadApiClient(self.endpoint)  # ArgumentError if the socket file is gone (agent restarting)
+        with self._lock:
+            if self._closed:
+                client.close()
+                return
+            old = self._client
+            self._serial += 1
+            serial = self._serial
+            self._client = client
+            self._stream = client.stream_x509_contexts(
+                functools.partial(self._on_update, serial),
+                functools.partial(self._on_error, serial),
+                retry_connect=False,
+            )
+        if old is not None:
+            old.close()  # its stream has ended (that is why we reconnect)
+
+    def _spawn_reconnect(self) -> None:
+        threading.Thread(target=self._reconnect, name="meshlib-workload-api-reconnect", daemon=True).start()
+
+    def _reconnect(self) -> None:
+        """Try :meth:`_connect` with exponential backoff until it opens a stream or the source closes."""
+        while True:
             with self._lock:
                 if self._closed:
                     return
+                delay = min(RECONNECT_BACKOFF * 2**self._attempt, RECONNECT_BACKOFF_MAX)
+                self._attempt = min(self._attempt + 1, 16)
+            self._warn_if_expired()
+            if self._closing.wait(delay):
+                return
+            try:
+                self._connect()
+            except Exception as error:  # the agent's socket is not back yet: try again later
+                self._failed(error)
+                continue
+            return
+
+    def _failed(self, error: BaseException) -> None:
+        """Record (and, once per outage, log) a stream that broke or could not be opened."""
+        with self._lock:
+            self._errors += 1
+            self._last_error = f"{type(error).__name__}: {error}"
+            first_of_outage = self._first.is_set() and not self._broken and not self._closed
+            self._broken = True
+            material = self._material
+        if first_of_outage and material is not None:
+            logger.warning(
+                "SPIFFE Workload API (%s) stream broke (%s: %s); reconnecting with backoff; new connections "
+                "keep the SVID %s (valid until %s) meanwhile",
+                self.endpoint,
+                type(error).__name__,
+                error,
+                material.spiffe_id,
+                material.not_after.isoformat(),
+            )
+        else:
+            logger.debug("SPIFFE Workload API (%s): %s: %s", self.endpoint, type(error).__name__, error)
+
+    def _warn_if_expired(self) -> None:
+        material = self._material
+        if material is None or self._expiry_logged:
+            return
+        if material.not_after <= datetime.datetime.now(datetime.timezone.utc):
+            self._expiry_logged = True
+            logger.error(
+                "SPIFFE Workload API (%s) still unreachable and the SVID %s expired at %s: peers will refuse "
+                "new connections until the agent is back",
+                self.endpoint,
+                material.spiffe_id,
+                material.not_after.isoformat(),
+            )
+
+    # -- py-spiffe's stream thread ----------------------------------------------------------------------------
+
+    def _on_update(self, serial: int, update: X509Context) -> None:
+        try:
+            material = _Material(update, self.trust_federated)
+            with self._lock:
+                if self._closed or serial != self._serial:
+                    return
                 # Build everything first, then swap: a failure leaves every context on the last good SVID.
-                clients = {key: _client_inner(material, ExpectedIdentity.parse(key)) for key in self._clients}
+                clients = {key: _client_inner(material, expected) for key, (expected, _) in self._clients.items()}
                 server = _server_inner(material) if self._server is not None else None
+                with self._changed:
+                    self._material = material
+                    self._changed.notify_all()
                 for key, inner in clients.items():
-                    self._clients[key].swap(inner, material.not_after)
+                    self._clients[key][1].swap(inner, material.not_after)
                 if server is not None and self._server is not None:
                     self._server.swap(server, material.not_after)
-                self._material = material
                 self._updates += 1
+                self._attempt = 0
+                recovered, self._broken = self._broken, False
+                self._expiry_logged = False
         except Exception as error:  # a bad update must not end the stream thread or the last good contexts
+            self._last_error = f"an update that cannot be used ({type(error).__name__}: {error})"
             if not self._first.is_set():
-                self._first_error = f"the first update cannot be used ({type(error).__name__}: {error})"
-                self._first.set()
-                return
+                return  # construction keeps waiting (and reports this if nothing better comes)
             logger.error(
                 "SPIFFE Workload API (%s) sent an X.509-SVID update that cannot be used; new connections keep "
                 "the previous SVID: %s: %s",
@@ -313,6 +488,8 @@ class WorkloadAPISource:
                 error,
             )
             return
+        if recovered:
+            logger.info("SPIFFE Workload API (%s): stream reconnected", self.endpoint)
         if self._first.is_set():
             logger.info(
                 "SPIFFE Workload API (%s): new X.509-SVID %s, valid until %s; new connections use it",
@@ -322,19 +499,54 @@ class WorkloadAPISource:
             )
         self._first.set()
 
-    def _on_error(self, error: Exception) -> None:
-        """py-spiffe gave up on the stream (an error it does not retry): keep the last SVID, say so."""
-        if not self._first.is_set():
-            self._first_error = f"the Workload API stream failed ({error})"
-            self._first.set()
-            return
-        if self._closed:
-            return
-        logger.error(
-            "SPIFFE Workload API (%s) stream ended with %s; new connections keep the SVID %s until it expires "
-            "at %s (restart the process to reconnect)",
-            self.endpoint,
-            error,
-            self.spiffe_id,
-            self.not_after.isoformat(),
-        )
+    def _on_error(self, serial: int, error: Exception) -> None:
+        """The stream ended (py-spiffe's thread, which ends when this returns): record it and reconnect."""
+        with self._lock:
+            if self._closed or serial != self._serial:
+                return
+        self._failed(error)
+        self._reconnect()
+
+    # -- fork --------------------------------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child (only this thread runs): new locks; the parent's client and stream are abandoned.
+
+        They are kept referenced (:data:`_ABANDONED`) so the garbage collector never closes the parent's
+        channel from here; :meth:`resume` opens the child's own stream when the source is next used.
+        """
+        _ABANDONED.append((self._client, self._stream))
+        self._client = self._stream = None
+        self._serial += 1
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        closing, self._closing = self._closing, threading.Event()
+        if closing.is_set():
+            self._closing.set()
+        self._first = threading.Event()
+        self._first.set()
+        self._broken = False
+        contexts = [context for _, context in self._clients.values()]
+        if self._server is not None:
+            contexts.append(self._server)
+        for context in contexts:
+            context._check_lock = threading.Lock()
+            context._changed = threading.Condition()
+
+
+#: Every source of this process, for the fork hook (weakly).
+_SOURCES: weakref.WeakSet[WorkloadAPISource] = weakref.WeakSet()
+#: What forked children inherited and must neither use nor close.
+_ABANDONED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for source in list(_SOURCES):
+        try:
+            source._after_fork()
+        except Exception:  # never let one source stop the others from letting go of the parent's stream
+            logger.exception("resetting a SPIFFE Workload API source after fork() failed")
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

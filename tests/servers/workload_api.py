@@ -200,6 +200,11 @@ class WorkloadAPIServer:
         with self._state.changed:
             return self._state.changed.wait_for(lambda: self._state.streams >= count, timeout)
 
+    def wait_for_streams_at_most(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until at most ``count`` streams are open (``False`` if ``timeout`` ran out)."""
+        with self._state.changed:
+            return self._state.changed.wait_for(lambda: self._state.streams <= count, timeout)
+
     def stop(self) -> None:
         """End every stream and stop serving (the socket file goes)."""
         with self._state.changed:
