@@ -7,7 +7,7 @@ The ``orders`` service is an ASGI app behind ``meshlib.server.MeshMiddleware`` o
 certificate). Its operator wrote two files, named as a deployment would name them::
 
     MESHLIB_AUTHZ_FILE=authz.yaml          # Istio AuthorizationPolicy: only checkout may call, and not /admin
-    MESHLIB_RATELIMIT_FILE=ratelimit.yaml  # Linkerd HTTPLocalRateLimitPolicy: 5 requests/s per caller
+    MESHLIB_RATELIMIT_FILE=ratelimit.yaml  # Linkerd HTTPLocalRateLimitPolicy: 3 requests/s per caller
 
 Two workloads call it with ``meshlib.Client``, each presenting its own X.509-SVID from a throw-away CA (the
 same PKI as ``examples/mtls.py``):
@@ -16,9 +16,10 @@ same PKI as ``examples/mtls.py``):
   ``GET /admin/stats`` is **denied** by the DENY policy even for checkout;
 * ``reporting`` (``spiffe://example.org/ns/shop/sa/reporting``) is **denied**: 403 ``RBAC: access denied``,
   and the handler never runs;
-* then checkout sends 8 requests at once with retries off: 5 pass (its burst), 3 are **rate-limited** (429 with
-  ``Retry-After``); reporting's denials spent none of that budget; and a checkout client with meshlib's default
-  retries gets a 429, waits as ``Retry-After`` says, and succeeds.
+* then checkout sends 8 requests at once with retries off: what is left of its burst (3 requests, one already
+  spent) passes, the rest are **rate-limited** (429 with ``Retry-After``); reporting's denials spent none of that
+  budget; and the same call inside ``meshlib.policy(retries=2)`` gets a 429, waits as ``Retry-After`` says, and
+  succeeds.
 
 The script prints each outcome, what the handler saw, and the server's decision counters
 (``meshlib.server.authz``, ``meshlib.server.rate_limited``, read with the OpenTelemetry SDK's in-memory reader).
@@ -72,7 +73,7 @@ metadata: {name: orders, namespace: shop}
 spec:
   targetRef: {group: policy.linkerd.io, kind: Server, name: orders-https}
   total: {requestsPerSecond: 100}
-  identity: {requestsPerSecond: 5}
+  identity: {requestsPerSecond: 3}
 """
 
 
@@ -179,7 +180,7 @@ def run(directory: Path) -> Outcome:
     server, thread, port = serve(app, orders, ca_file)
     try:
 
-        def client(files: Any, retries: str) -> meshlib.Client:
+        def client(files: Any) -> meshlib.Client:
             return meshlib.Client(
                 environ={
                     "MESHLIB_SERVICE_ORDERS": f"static://127.0.0.1:{port}",
@@ -187,11 +188,11 @@ def run(directory: Path) -> Outcome:
                     "MESHLIB_TLS_CA_FILE": str(ca_file),
                     "MESHLIB_TLS_CERT_FILE": str(files.cert),
                     "MESHLIB_TLS_KEY_FILE": str(files.key),
-                    "MESHLIB_RETRIES": retries,
+                    "MESHLIB_RETRIES": "0",
                 }
             )
 
-        with client(checkout, "0") as as_checkout, client(reporting, "0") as as_reporting:
+        with client(checkout) as as_checkout, client(reporting) as as_reporting:
             allowed = as_checkout.get("https://orders/orders/42")
             outcome.say(f"checkout  GET /orders/42     -> {allowed.status_code} {allowed.text}")
             admin = as_checkout.get("https://orders/admin/stats")
@@ -210,12 +211,12 @@ def run(directory: Path) -> Outcome:
                 f"checkout  GET /orders x8     -> {[r.status_code for r in burst]} "
                 f"(429s say Retry-After: {', '.join(outcome.retry_after)})"
             )
-        with client(checkout, "2") as patient:
-            answer = patient.get("https://orders/orders")
+            with meshlib.policy(retries=2):  # code narrows the environment's "no retries" for this call
+                answer = as_checkout.get("https://orders/orders")
             outcome.backed_off_attempts = int(answer.extensions["meshlib.attempts"])
             outcome.statuses["patient"] = [answer.status_code]
             outcome.say(
-                f"checkout  GET /orders with retries -> {answer.status_code} after "
+                f"checkout  GET /orders, retries=2 -> {answer.status_code} after "
                 f"{outcome.backed_off_attempts} attempts (waited as Retry-After said)"
             )
     finally:
@@ -243,9 +244,7 @@ def run(directory: Path) -> Outcome:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the example in a temporary directory; exit code 0 when every outcome is the expected one."""
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(
-        argv
-    )
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         outcome = run(Path(directory))
     expected = (

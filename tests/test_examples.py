@@ -111,3 +111,26 @@ def test_canary_rollout_moves_traffic_by_editing_the_routes_file_with_no_failed_
     assert 0 < int(shares[1][2]) < int(shares[2][2]) < int(shares[3][2])
     assert re.search(r"^\d+ requests over 4 versions of the file, 0 failed$", out, re.MULTILINE)
     assert "canary: OK" in out
+
+
+def test_zero_trust_allows_checkout_denies_reporting_and_rate_limits_checkout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("uvicorn", reason="uvicorn is in the dev extra")
+    example = load_example("zero_trust")
+    assert example.main([]) == 0
+    out = capsys.readouterr().out
+    assert "checkout  GET /orders/42     -> 200" in out
+    assert "checkout  GET /admin/stats   -> 403 RBAC: access denied" in out
+    assert "reporting GET /orders/42 x3  -> [403, 403, 403] RBAC: access denied" in out
+    burst = re.search(r"GET /orders x8 +-> \[([0-9, ]+)\]", out)
+    assert burst is not None
+    statuses = [int(s) for s in burst.group(1).split(", ")]
+    assert statuses.count(429) >= 4 and set(statuses) == {200, 429}  # 2 left of the burst of 3 (a refill or two)
+    assert "Retry-After: 1" in out
+    assert re.search(r"retries=2 -> 200 after [2-3] attempts", out)  # a 429 first, then admitted after waiting
+    assert "GET /orders/42 from spiffe://example.org/ns/shop/sa/checkout" in out
+    assert "reporting" not in out.split("the handler ran")[1].split("server counters")[0]  # never reached the app
+    assert "meshlib.server.authz{meshlib.authz.decision=deny} 3" in out  # reporting: no ALLOW policy matched
+    assert "meshlib.server.authz{meshlib.authz.decision=deny,meshlib.authz.policy=shop/no-admin} 1" in out
+    assert "zero trust inbound: OK" in out

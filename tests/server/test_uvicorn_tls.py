@@ -196,3 +196,34 @@ def test_websocket_over_tls_gets_the_extension_and_the_peer(pki: Pki, protocol: 
             answer = json.loads(websocket.recv(timeout=10))
     assert [der(pem) for pem in answer["tls"]["client_cert_chain"]] == [pki.sleep.der]
     assert answer["peer"] == SLEEP
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+@pytest.mark.parametrize("protocol", HTTP_PROTOCOLS)
+def test_connections_have_nagle_off(pki: Pki, protocol: str, tls: bool) -> None:
+    """uvicorn writes a response's head and body separately: with Nagle on, keep-alive requests wait for delayed
+    ACKs. The protocol classes set TCP_NODELAY on each accepted connection (read back from the server's socket)."""
+    import socket
+
+    seen: list[int] = []
+    base = getattr(protocols, protocol)
+
+    class Probe(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    options = {**pki.options(protocol), "http": Probe} if tls else {"http": Probe}
+    with serve_asgi(tls_app, **options) as url:
+        port = int(url.rsplit(":", 1)[1])
+        if tls:
+            connection = HTTPSConnection("127.0.0.1", port, context=pki.client_context(), timeout=10)
+            try:
+                get(connection)
+            finally:
+                connection.close()
+        else:
+            with httpx.Client() as client:
+                assert client.get(url).status_code == 200
+    assert seen and all(flag != 0 for flag in seen)
