@@ -1,6 +1,8 @@
 """The rate-limited server of S12: ``python -m benchmarks.limited --port P --limits FILE``.
 
-uvicorn (its default HTTP parser: httptools when installed) serving a one-route ASGI app that answers ``200 ok``,
+uvicorn with meshlib's protocol class (:mod:`meshlib.server.uvicorn`: httptools when installed, else h11; it turns
+Nagle's algorithm off, without which uvicorn's separate head and body writes wait for delayed ACKs) serving a
+one-route ASGI app that answers ``200 ok``,
 wrapped in ``ASGIInboundMiddleware(app, hooks=[PeerIdentityHook(resolve=...), RateLimitHook(limits)])``. The
 caller's SPIFFE ID is read from the ``x-caller`` header (the resolver stands in for mTLS, which would make the
 benchmark measure TLS instead of the limiter); the limits come from a Linkerd ``HTTPLocalRateLimitPolicy``
@@ -59,9 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import uvicorn
 
+    from meshlib.server import uvicorn as protocols
+
     logging.getLogger("meshlib").setLevel(logging.ERROR)
+    http = getattr(protocols, "HttpToolsProtocol", protocols.H11Protocol)
     config = uvicorn.Config(
-        build(args.limits), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off", access_log=False
+        build(args.limits),
+        host="127.0.0.1",
+        port=args.port,
+        http=http,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
     )
     uvicorn.Server(config).run()
 

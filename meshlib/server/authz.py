@@ -13,12 +13,14 @@ when none decided: no ALLOW policy applies, or none of them matched). AUDIT matc
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from meshlib.control.file import FileSource, FileSourceStatus, FileVersion, report
-from meshlib.security.authz import AuthzRequest, Decision, PolicySet, header_map, parse_policies
+from meshlib.security.authz import Decision, PolicySet, header_map, parse_policies
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
-from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
+from meshlib.telemetry.inbound import ServerSinks, current_server_span
 
 __all__ = ["AUTHZ_FILE_VARIABLE", "DENIED_BODY", "AuthorizationHook"]
 
@@ -27,6 +29,10 @@ logger = logging.getLogger("meshlib.server")
 #: The 403 body, Envoy's RBAC filter's words: which policy denied is for the operator (span, metric, DEBUG log),
 #: not for the caller.
 DENIED_BODY = "RBAC: access denied"
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+#: Distinct (decision, policy) attribute sets kept for reuse.
+_ATTRIBUTE_SETS = 1024
 
 #: Where the policies file is named.
 AUTHZ_FILE_VARIABLE = "MESHLIB_AUTHZ_FILE"
@@ -59,6 +65,7 @@ class AuthorizationHook:
         if (policies is None) == (file is None):
             raise TypeError("AuthorizationHook takes policies= or file=, one of them")
         self._sinks = ServerSinks(meter_provider)
+        self._attributes: dict[tuple[bool, str | None], dict[str, str]] = {}
         self.source: FileSource[PolicySet] | None = None
         if file is not None:
             source: FileSource[PolicySet] = FileSource(
@@ -74,36 +81,44 @@ class AuthorizationHook:
 
     def decide(self, request: InboundRequest) -> Decision:
         """The policies' decision for ``request`` (read while its hooks run: the peer identity is the verified one
-        :class:`~meshlib.server.middleware.PeerIdentityHook` found), without acting on it."""
+        :class:`~meshlib.server.middleware.PeerIdentityHook` found), without acting on it.
+
+        Only what some policy reads is collected: the headers, the source address and the port are skipped
+        when no policy matches on them (a map of every header costs more than most evaluations).
+        """
+        policies = self.policies
         peer = peer_identity()
-        address = request.peer_address()
-        headers = header_map(request.header_pairs())  # repeated headers joined with "," as Envoy's matchers see them
-        decision = self.policies.evaluate(
-            AuthzRequest(
-                principal=None if peer is None else str(peer),
-                source_ip=None if address is None else address[0],
-                method=request.method,
-                path=request.path,
-                port=request.server_port(),
-                headers=headers,
-            )
+        address = request.peer_address() if policies.needs_source_ip else None
+        return policies.evaluate_fields(
+            None if peer is None else str(peer),
+            None if address is None else address[0],
+            request.method,
+            request.path,
+            request.server_port() if policies.needs_port else None,
+            # repeated headers joined with "," as Envoy's matchers see them
+            header_map(request.header_pairs()) if policies.needs_headers else _NO_HEADERS,
         )
-        return decision
 
     def __call__(self, request: InboundRequest) -> Any:
         decision = self.decide(request)
-        verdict = "allow" if decision.allowed else "deny"
-        annotate_server_span("meshlib.authz.decision", verdict)
-        attributes = {"meshlib.authz.decision": verdict}
-        if decision.policy is not None:
-            annotate_server_span("meshlib.authz.policy", decision.policy)
-            attributes["meshlib.authz.policy"] = decision.policy
+        key = (decision.allowed, decision.policy)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = {"meshlib.authz.decision": "allow" if decision.allowed else "deny"}
+            if decision.policy is not None:
+                attributes["meshlib.authz.policy"] = decision.policy
+            if len(self._attributes) < _ATTRIBUTE_SETS:  # policy names come from the file: bounded anyway
+                self._attributes[key] = attributes
+        span = current_server_span()
+        if span is not None:
+            span.set_attributes(attributes)
         for sink in self._sinks.current():
             sink.authz.add(1, attributes)
         if decision.audit:
             logger.info("authz audit: %s %s by policy %s", request.method, request.path[:200], decision.audit_policy)
         if not decision.allowed:
-            logger.debug("authz: %s %s denied: %s", request.method, request.path[:200], decision.reason)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("authz: %s %s denied: %s", request.method, request.path[:200], decision.reason)
             raise Refusal(403, DENIED_BODY)
         return None
 

@@ -41,6 +41,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshlib import pushback
@@ -341,22 +342,38 @@ class Refusal(Exception):
     """
 
     def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(f"{status} {reason}")
+        super().__init__(status, reason)
         self.status = status
         self.reason = reason
         self.headers = tuple(headers)
+        self._body = (reason + "\n").encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
 
     def body(self) -> bytes:
         """The answer's body: the reason and a newline."""
-        return (self.reason + "\n").encode("utf-8", "replace")
+        return self._body
 
     def header_list(self) -> list[tuple[str, str]]:
         """The answer's headers: ``text/plain`` and its length, then :attr:`headers`."""
         return [
             ("content-type", "text/plain; charset=utf-8"),
-            ("content-length", str(len(self.body()))),
+            ("content-length", str(len(self._body))),
             *self.headers,
         ]
+
+    def asgi_headers(self) -> list[tuple[bytes, bytes]]:
+        """:meth:`header_list` as ASGI wants it (Latin-1 bytes)."""
+        return [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(self._body)),
+            *((name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers),
+        ]
+
+
+#: Reason phrases for a refusal's WSGI status line.
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 async def _refuse_asgi(scope: ASGIScope, send: ASGISend, refusal: Refusal) -> None:
@@ -364,8 +381,7 @@ async def _refuse_asgi(scope: ASGIScope, send: ASGISend, refusal: Refusal) -> No
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": refusal.reason[:120]})
         return
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in refusal.header_list()]
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.start", "status": refusal.status, "headers": refusal.asgi_headers()})
     await send({"type": "http.response.body", "body": refusal.body()})
 
 
@@ -466,9 +482,7 @@ class WSGIInboundMiddleware:
             try:
                 entered = context.run(_enter, stack, self.hooks, request)
             except Refusal as refusal:  # a hook answers (403, 429): the app never runs
-                from http import HTTPStatus
-
-                phrase = HTTPStatus(refusal.status).phrase if refusal.status in HTTPStatus._value2member_map_ else ""
+                phrase = _PHRASES.get(refusal.status, "")
                 start = request._start_response(start_response, state)
                 start(f"{refusal.status} {phrase}".rstrip(), refusal.header_list())
                 return _ScopedBody([refusal.body()], context, stack)
