@@ -30,8 +30,8 @@ SCENARIOS = {
     "s7": "benchmarks.s7_async_throughput",
     "s9": "benchmarks.s9_routes",
     "s10": "benchmarks.s10_mirror",
-    "s11": "benchmarks.s11_denial",
-    "s12": "benchmarks.s12_flood",
+    "z1": "benchmarks.z1_denial",
+    "z2": "benchmarks.z2_flood",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"

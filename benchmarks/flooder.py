@@ -1,4 +1,4 @@
-"""The flooding caller of S12: ``python -m benchmarks.flooder --port P --caller ID --connections C --duration S``.
+"""The flooding caller of Z2: ``python -m benchmarks.flooder --port P --caller ID --connections C --duration S``.
 
 Opens ``C`` keep-alive connections, prints ``ready``, waits for a line on stdin, then on every connection writes
 ``--pipeline`` requests ``GET /`` with ``x-caller: ID`` at once (HTTP/1.1 pipelining) and reads their answers,

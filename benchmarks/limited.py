@@ -1,4 +1,4 @@
-"""The rate-limited server of S12: ``python -m benchmarks.limited --port P --limits FILE``.
+"""The rate-limited server of Z2: ``python -m benchmarks.limited --port P --limits FILE``.
 
 uvicorn with meshlib's protocol class (:mod:`meshlib.server.uvicorn`: httptools when installed, else h11; it turns
 Nagle's algorithm off, without which uvicorn's separate head and body writes wait for delayed ACKs) serving a

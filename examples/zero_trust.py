@@ -222,6 +222,7 @@ def run(directory: Path) -> Outcome:
     finally:
         server.should_exit = True
         thread.join(30)
+        app.close()  # stop watching the policy files before the directory goes
 
     outcome.say(f"the handler ran {len(outcome.handled)} times:")
     for line in outcome.handled[:3]:

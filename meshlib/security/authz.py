@@ -10,7 +10,7 @@ The set is for the one workload that reads it: ``metadata.namespace``, ``spec.se
 are accepted (a file written for Kubernetes loads unchanged) and do not scope anything; every policy in the file
 applies. Anything meshlib cannot enforce as Istio would (``CUSTOM``, JWT fields, hosts, other ``when`` keys,
 path templates, the dry-run annotation) is refused, never ignored: a policy that silently enforced less than it
-says would fail open. docs/security-authz.md lists the semantics and the choices made.
+says would fail open. docs/security.md (Authorization policies) lists the semantics and the choices made.
 
 Matchers are compiled at parse time (exact values in frozensets, prefixes and suffixes in tuples for one
 ``str.startswith``/``endswith`` call, CIDRs as :mod:`ipaddress` networks), so an evaluation is a few attribute

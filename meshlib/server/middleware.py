@@ -376,6 +376,13 @@ class Refusal(Exception):
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
+def _close_hooks(hooks: Sequence[Hook]) -> None:
+    for hook in hooks:
+        close = getattr(hook, "close", None)
+        if callable(close):
+            close()
+
+
 async def _refuse_asgi(scope: ASGIScope, send: ASGISend, refusal: Refusal) -> None:
     """Answer an ASGI request with ``refusal`` (the app is never called)."""
     if scope["type"] == "websocket":
@@ -391,6 +398,14 @@ class ASGIInboundMiddleware:
     def __init__(self, app: ASGIApp, hooks: Sequence[Hook] = ()) -> None:
         self.app = app
         self.hooks = tuple(hooks)
+
+    def close(self) -> None:
+        """Stop what the hooks run in the background (the policy files' watchers): calls each hook's ``close()``.
+
+        Optional: the watchers are daemon threads that end when the middleware is collected; call it when an
+        app is torn down before the process ends (tests, a reloaded app) so a removed file is not reported.
+        """
+        _close_hooks(self.hooks)
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] not in ("http", "websocket") or not self.hooks:
@@ -470,6 +485,14 @@ class WSGIInboundMiddleware:
     def __init__(self, app: WSGIApp, hooks: Sequence[Hook] = ()) -> None:
         self.app = app
         self.hooks = tuple(hooks)
+
+    def close(self) -> None:
+        """Stop what the hooks run in the background (the policy files' watchers): calls each hook's ``close()``.
+
+        Optional: the watchers are daemon threads that end when the middleware is collected; call it when an
+        app is torn down before the process ends (tests, a reloaded app) so a removed file is not reported.
+        """
+        _close_hooks(self.hooks)
 
     def __call__(self, environ: dict[str, Any], start_response: WSGIStartResponse) -> Iterable[bytes]:
         if not self.hooks:

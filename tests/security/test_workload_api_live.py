@@ -1,7 +1,7 @@
 """Issue 12: "SVID rotation through the Workload API server under live traffic with 0 failed requests".
 
 A real uvicorn server serves over mTLS with ``WorkloadAPISource.server_context()`` (uvicorn's
-``ssl_context_factory``, as docs/security-workload-api-client.md shows); a meshlib client (sync, or async)
+``ssl_context_factory``, as docs/security.md shows); a meshlib client (sync, or async)
 finds its SVID through ``SPIFFE_ENDPOINT_SOCKET`` and sends requests without pause while the Workload API
 doubles rotate both SVIDs, or move both workloads to a new CA with an overlap of old and new. Every response
 says which client certificate the server saw (uvicorn's h11 protocol, subclassed only to read the peer

@@ -266,3 +266,18 @@ spec:
         first_only = client.get("/x", headers={"x-tag": "one"})
     assert (both.status_code, first_only.status_code) == (200, 403)
     assert ran == ["/x"]
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_closing_the_middleware_stops_watching_the_policy_files(kind: str, tmp_path: Path) -> None:
+    authz_path, limits_path = tmp_path / "authz.yaml", tmp_path / "limits.yaml"
+    authz_path.write_text(POLICIES)
+    limits_path.write_text(LIMITS)
+    environ = {"MESHLIB_AUTHZ_FILE": str(authz_path), "MESHLIB_RATELIMIT_FILE": str(limits_path)}
+    middleware = (
+        MeshMiddleware(asgi_app, environ=environ) if kind == "asgi" else WSGIMeshMiddleware(wsgi_app, environ=environ)
+    )
+    sources = [h.source for h in middleware.hooks if isinstance(h, AuthorizationHook | RateLimitHook)]
+    assert len(sources) == 2 and all(s is not None and s.watching for s in sources)
+    middleware.close()
+    assert all(s is not None and not s.watching for s in sources)

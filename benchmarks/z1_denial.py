@@ -1,4 +1,4 @@
-"""S11 -- what authorization adds per request: the inbound middleware denying, allowing and without authz.
+"""Z1 -- what authorization adds per request: the inbound middleware denying, allowing and without authz.
 
 Issue 12's target: *the denial path adds at most 20 µs per request*. Measured in-process, no server: the ASGI
 middleware (:class:`~meshlib.server.middleware.ASGIInboundMiddleware`) is awaited directly with a fresh copy of a
@@ -24,7 +24,7 @@ the app ran) is checked before timing. Each repeat times ``requests`` back-to-ba
 (least disturbed by other work) and the median, in µs per request, and the added cost = best(variant) -
 best(baseline). One thread, one core; the event loop runs but never waits (nothing suspends).
 
-``python -m benchmarks s11`` or ``python -m benchmarks.s11_denial [--requests N] [--repeats R]``.
+``python -m benchmarks z1`` or ``python -m benchmarks.z1_denial [--requests N] [--repeats R]``.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def _time_part(call: Callable[[], object], n: int) -> float:
 
 def measure(requests: int, repeats: int) -> ScenarioResult:
     """Time every protocol and variant; rows in µs per request, checks against :data:`TARGET_US`."""
-    policies = parse_policies(POLICIES, source="benchmarks/s11_denial.py")
+    policies = parse_policies(POLICIES, source="benchmarks/z1_denial.py")
     loop = asyncio.new_event_loop()
     try:
         variants = [_Variant(p, v, policies) for p in PROTOCOLS for v in VARIANTS]
@@ -361,7 +361,7 @@ def measure(requests: int, repeats: int) -> ScenarioResult:
         "a `when` on a header; these policies have none, so the hook skips it)",
     ]
     return ScenarioResult(
-        "s11",
+        "z1",
         "authorization cost per request: inbound middleware denying / allowing vs without authz (in-process)",
         ["protocol", "variant", "status", "best_us", "median_us", "added_us"],
         rows,
@@ -372,7 +372,7 @@ def measure(requests: int, repeats: int) -> ScenarioResult:
 
 
 def run(ctx: Context) -> ScenarioResult:
-    """The scenario as ``python -m benchmarks s11`` runs it."""
+    """The scenario as ``python -m benchmarks z1`` runs it."""
     return measure(int(ctx.scale(2_000, 1_000)), int(ctx.scale(30, 10)) * max(1, ctx.repeats // 3))
 
 
@@ -381,14 +381,14 @@ def plot(result: ScenarioResult, out: Path) -> list[Path]:
     protocols = list(result.series)
     names = [v for v in VARIANTS if v not in ("app alone", "baseline")]
     values = {v: [float(result.series[p].get(v, float("nan"))) for p in protocols] for v in names}
-    path = out / "s11_added_us.png"
-    ok = bar_chart(path, f"S11: µs per request added by authz (target <= {TARGET_US:.0f})", protocols, values, "µs")
+    path = out / "z1_added_us.png"
+    ok = bar_chart(path, f"Z1: µs per request added by authz (target <= {TARGET_US:.0f})", protocols, values, "µs")
     return [path] if ok else []
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run S11 alone and print its table and checks (exit status 0 whatever the verdicts)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.s11_denial", description=__doc__.splitlines()[0])
+    """Run Z1 alone and print its table and checks (exit status 0 whatever the verdicts)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.z1_denial", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2_000, help="requests per variant per repeat")
     parser.add_argument("--repeats", type=int, default=30, help="interleaved repeats (best and median reported)")
     args = parser.parse_args(argv)

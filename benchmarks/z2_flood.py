@@ -1,4 +1,4 @@
-"""S12 -- one caller floods a rate-limited server; do the others still get through?
+"""Z2 -- one caller floods a rate-limited server; do the others still get through?
 
 Issue 12's target: *others keep at least 99% success while one caller floods*. A real uvicorn server
 (:mod:`benchmarks.limited`, its own process, on loopback) runs
@@ -25,8 +25,8 @@ that loop, not the limiter (a 429 costs a few µs of limiter work: ``python -m b
 ``python -m benchmarks`` the server runs on CPU 0 and this process and the flooder (which inherits its
 affinity) share CPU 1; standalone the operating system places them (``--pin`` pins as the harness does).
 
-``python -m benchmarks s12`` (``S12_DURATION`` sets the phase length, default 10 s; ``--quick``: 3 s) or
-``python -m benchmarks.s12_flood [--duration S] [--callers N] [--rate R] [--connections C] [--identity-rps N]
+``python -m benchmarks z2`` (``Z2_DURATION`` sets the phase length, default 10 s; ``--quick``: 3 s) or
+``python -m benchmarks.z2_flood [--duration S] [--callers N] [--rate R] [--connections C] [--identity-rps N]
 [--total-rps N] [--pin]``.
 """
 
@@ -87,9 +87,9 @@ class Params:
     def validate(self) -> None:
         """Refuse parameters that cannot make a meaningful run, naming the value."""
         if self.duration <= 0 or self.callers < 1 or self.rate <= 0 or self.connections < 1 or self.pipeline < 1:
-            raise ValueError(f"S12 parameters must be positive: {self}")
+            raise ValueError(f"Z2 parameters must be positive: {self}")
         if self.rate * self.duration < 1:
-            raise ValueError(f"S12: rate x duration = {self.rate * self.duration:g}; each caller needs >= 1 request")
+            raise ValueError(f"Z2: rate x duration = {self.rate * self.duration:g}; each caller needs >= 1 request")
 
 
 def caller_id(k: int) -> str:
@@ -107,7 +107,7 @@ class LimitedServer(_Process):
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> LimitedServer:
-        self._dir = tempfile.TemporaryDirectory(prefix="meshlib-s12-")
+        self._dir = tempfile.TemporaryDirectory(prefix="meshlib-z2-")
         limits = Path(self._dir.name) / "ratelimit.yaml"
         limits.write_text(LIMITS.format(total=self.params.total_rps, identity=self.params.identity_rps))
         self.port = free_ports(1)[0]
@@ -297,7 +297,7 @@ def measure(params: Params, server_prefix: Sequence[str] = ()) -> ScenarioResult
         "others_cpu_pct: this process's (the well-behaved callers')",
     ]
     return ScenarioResult(
-        "s12",
+        "z2",
         "one caller floods a rate-limited uvicorn server: the others' success and latency",
         [
             "variant",
@@ -324,8 +324,8 @@ def measure(params: Params, server_prefix: Sequence[str] = ()) -> ScenarioResult
 
 
 def run(ctx: Context) -> ScenarioResult:
-    """The scenario as ``python -m benchmarks s12`` runs it (``S12_DURATION`` overrides the phase length)."""
-    duration = float(os.environ.get("S12_DURATION", ctx.scale(10.0, 3.0)))
+    """The scenario as ``python -m benchmarks z2`` runs it (``Z2_DURATION`` overrides the phase length)."""
+    duration = float(os.environ.get("Z2_DURATION", ctx.scale(10.0, 3.0)))
     return measure(Params(duration=duration), ctx.pinning.server_prefix)
 
 
@@ -333,15 +333,15 @@ def plot(result: ScenarioResult, out: Path) -> list[Path]:
     """The others' p99 latency, quiet and flooded, per variant."""
     variants = list(result.series)
     values = {p: [float(result.series[v].get(p, math.nan)) for v in variants] for p in PHASES}
-    path = out / "s12_others_p99.png"
-    ok = bar_chart(path, "S12: well-behaved callers' p99 (ms), quiet vs one caller flooding", variants, values, "ms")
+    path = out / "z2_others_p99.png"
+    ok = bar_chart(path, "Z2: well-behaved callers' p99 (ms), quiet vs one caller flooding", variants, values, "ms")
     return [path] if ok else []
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run S12 alone and print its table and checks (exit status 0 whatever the verdicts)."""
+    """Run Z2 alone and print its table and checks (exit status 0 whatever the verdicts)."""
     defaults = Params()
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.s12_flood", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.z2_flood", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=defaults.duration, help="seconds per phase")
     parser.add_argument("--callers", type=int, default=defaults.callers, help="well-behaved callers")
     parser.add_argument("--rate", type=float, default=defaults.rate, help="requests/s of each well-behaved caller")
