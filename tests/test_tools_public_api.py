@@ -23,6 +23,7 @@ ALLOWED = {
     "meshlib.discovery",
     "meshlib.errors",
     "meshlib.routing.explain",  # explain's public helpers (wait_for_discovery takes the client, not its mesh)
+    "meshlib.security.authz",  # the documented policy engine (parse_policies, PolicySet), for `meshlib authz`
     "meshlib.status",
     "meshlib.testing",
 }
