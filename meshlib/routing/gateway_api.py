@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import math
 import re
@@ -24,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from meshlib._config.model import service_key
+from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, load_documents
+from meshlib.control.documents import SHOW_LIMIT as _SHOW_LIMIT
+from meshlib.control.documents import show as _show
 from meshlib.errors import RoutesError
 from meshlib.policy import MAX_RETRIES, NO_POLICY, Policy
 from meshlib.routing.model import (
@@ -60,10 +62,6 @@ __all__ = [
 logger = logging.getLogger("meshlib")
 
 #: Limits on one routes source (hostile or runaway input): refused above them.
-MAX_TEXT = 4 * 1024 * 1024
-MAX_DOCUMENTS = 1000
-MAX_DEPTH = 64
-MAX_NODES = 200_000
 #: The longest regular expression accepted (the spec's own limit on path values).
 MAX_REGEX = 1024
 
@@ -101,29 +99,9 @@ _FILTER_FIELDS = {
 }
 _NOT_REPEATED = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite", "CORS")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SHOW_LIMIT = 100
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
-
-
-class _Shown(str):
-    """A value as shown in an error: truncated, control characters escaped (its repr is itself)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _show(value: object) -> _Shown:
-    try:
-        text = repr(value)
-    except Exception:  # a repr that fails must not hide the real error
-        text = f"<{type(value).__name__}>"
-    if len(text) > _SHOW_LIMIT:
-        text = text[:_SHOW_LIMIT] + "..."
-    return _Shown(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 @dataclass(slots=True)
@@ -135,92 +113,6 @@ class _Doc:
 
     def fail(self, path: str, value: object, expected: str) -> NoReturn:
         raise RoutesError(self.source, self.label, path, _show(value), expected)
-
-
-# -- loading and bounds -------------------------------------------------------------------------------------------
-
-
-def _load(text: str | bytes, source: str) -> list[tuple[str, Any]]:
-    """The documents of ``text`` as ``(label, object)``, each JSON array item or YAML document one entry."""
-    size = len(text)
-    if size > MAX_TEXT:
-        raise RoutesError(source, "", "", _show(f"{size} bytes"), f"at most {MAX_TEXT} bytes (4 MiB) of routes")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RoutesError(
-                source, "", "", _show(text[max(0, exc.start - 10) : exc.start + 10]), "UTF-8 text"
-            ) from None
-    stripped = text.lstrip("\ufeff \t\r\n")
-    loaded: list[Any] = []
-    try:
-        if stripped.startswith(("{", "[")):
-            value = json.loads(stripped)
-            loaded = value if isinstance(value, list) else [value]
-        else:
-            loaded = _load_yaml(stripped, source)
-    except RecursionError:
-        raise RoutesError(source, "", "", _show(text[:40]), f"nesting at most {MAX_DEPTH} deep") from None
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise RoutesError(source, "", where, _show(exc.msg), "valid JSON") from None
-    if len(loaded) > MAX_DOCUMENTS:
-        raise RoutesError(source, "", "", _show(f"{len(loaded)} documents"), f"at most {MAX_DOCUMENTS} documents")
-    documents: list[tuple[str, Any]] = []
-    budget = [MAX_NODES]
-    for number, value in enumerate(loaded, 1):
-        label = f"document {number}"
-        _walk(value, 0, budget, _Doc(source, label))
-        if isinstance(value, Mapping) and isinstance(value.get("items"), list) and _is_list_kind(value.get("kind")):
-            for index, item in enumerate(value["items"], 1):
-                documents.append((f"{label} item {index}", item))
-                if len(documents) > MAX_DOCUMENTS:
-                    raise RoutesError(
-                        source, label, "items", _show(len(value["items"])), f"at most {MAX_DOCUMENTS} items"
-                    )
-        elif value is not None:  # an empty YAML document ("---" twice) is no document
-            documents.append((label, value))
-    return documents
-
-
-def _is_list_kind(kind: object) -> bool:
-    return isinstance(kind, str) and kind.endswith("List")
-
-
-def _load_yaml(text: str, source: str) -> list[Any]:
-    import yaml  # only when a YAML source is read (import cost)
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    documents: list[Any] = []
-    try:
-        for document in yaml.load_all(text, Loader=loader):  # a safe loader
-            documents.append(document)
-            if len(documents) > MAX_DOCUMENTS:
-                raise RoutesError(source, "", "", _show(f"over {MAX_DOCUMENTS} documents"), f"at most {MAX_DOCUMENTS}")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RoutesError(source, f"document {len(documents) + 1}", where, _show(problem), "valid YAML") from None
-    return documents
-
-
-def _walk(value: Any, depth: int, budget: list[int], doc: _Doc) -> None:
-    """Count every node walked (an alias counts each time it is reached) and bound the nesting depth."""
-    budget[0] -= 1
-    if budget[0] < 0:
-        doc.fail("", f"over {MAX_NODES} nodes", f"at most {MAX_NODES} nodes in all (aliases counted each use)")
-    if depth > MAX_DEPTH:
-        doc.fail("", f"over {MAX_DEPTH} levels", f"nesting at most {MAX_DEPTH} deep")
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                doc.fail("", key, "string keys")
-            _walk(item, depth + 1, budget, doc)
-    elif isinstance(value, list):
-        for item in value:
-            _walk(item, depth + 1, budget, doc)
 
 
 # -- typed field readers ------------------------------------------------------------------------------------------
@@ -869,7 +761,7 @@ def parse_routes(
     client_ns = namespace or "default"
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
     version = hashlib.sha256(raw).hexdigest()[:16]
-    documents = _load(text, source)
+    documents = load_documents(text, source, error=RoutesError, what="routes")
     bodies: list[tuple[_Doc, Mapping[str, Any]]] = []
     faults: dict[tuple[str, str], Fault] = {}
     for label, value in documents:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
+from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, load_documents
+from meshlib.control.documents import show as _show
 from meshlib.errors import ConfigError
 
 __all__ = [
@@ -50,10 +51,6 @@ __all__ = [
 logger = logging.getLogger("meshlib")
 
 #: Limits on one policy source (hostile or runaway input): refused above them.
-MAX_TEXT = 4 * 1024 * 1024
-MAX_DOCUMENTS = 1000
-MAX_DEPTH = 64
-MAX_NODES = 200_000
 #: At most this many rules per policy, sources/operations per rule (Istio's CRD: ``MaxItems=512``), and values
 #: per field or conditions per rule.
 MAX_ITEMS = 512
@@ -69,7 +66,6 @@ _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 _HEADER_KEY = re.compile(r"request\.headers\[([^\]]*)\]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SHOW_LIMIT = 100
 _SPIFFE = "spiffe://"
 
 _SOURCE_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks")
@@ -108,25 +104,6 @@ class AuthzPolicyError(ConfigError):
         self.path = path
         where = f"{source}, {document}" if document else source
         super().__init__(f"{where}: {path}" if path else where, value, expected)
-
-
-class _Shown(str):
-    """A value as shown in an error: truncated, control characters escaped (its repr is itself)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _show(value: object) -> _Shown:
-    try:
-        text = repr(value)
-    except Exception:  # a repr that fails must not hide the real error
-        text = f"<{type(value).__name__}>"
-    if len(text) > _SHOW_LIMIT:
-        text = text[:_SHOW_LIMIT] + "..."
-    return _Shown(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 @dataclass(slots=True)
@@ -569,89 +546,6 @@ def _uses_ip(policy: Policy) -> bool:
     return False
 
 
-# -- loading and bounds -------------------------------------------------------------------------------------------
-
-
-def _load(text: str | bytes, source: str) -> list[tuple[str, Any]]:
-    """The documents of ``text`` as ``(label, object)``, each JSON array item or YAML document one entry."""
-    size = len(text)
-    if size > MAX_TEXT:
-        raise AuthzPolicyError(source, "", "", _show(f"{size} bytes"), f"at most {MAX_TEXT} bytes (4 MiB) of policies")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            shown = _show(text[max(0, exc.start - 10) : exc.start + 10])
-            raise AuthzPolicyError(source, "", "", shown, "UTF-8 text") from None
-    stripped = text.lstrip("\ufeff \t\r\n")
-    loaded: list[Any]
-    try:
-        if stripped.startswith(("{", "[")):
-            value = json.loads(stripped)
-            loaded = value if isinstance(value, list) else [value]
-        else:
-            loaded = _load_yaml(stripped, source)
-    except RecursionError:
-        raise AuthzPolicyError(source, "", "", _show(text[:40]), f"nesting at most {MAX_DEPTH} deep") from None
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise AuthzPolicyError(source, "", where, _show(exc.msg), "valid JSON") from None
-    if len(loaded) > MAX_DOCUMENTS:
-        shown = _show(f"{len(loaded)} documents")
-        raise AuthzPolicyError(source, "", "", shown, f"at most {MAX_DOCUMENTS} documents")
-    documents: list[tuple[str, Any]] = []
-    budget = [MAX_NODES]
-    for number, value in enumerate(loaded, 1):
-        label = f"document {number}"
-        _walk(value, 0, budget, _Doc(source, label))
-        kind = value.get("kind") if isinstance(value, Mapping) else None
-        if isinstance(kind, str) and kind.endswith("List") and isinstance(value.get("items"), list):
-            for index, item in enumerate(value["items"], 1):
-                documents.append((f"{label} item {index}", item))
-                if len(documents) > MAX_DOCUMENTS:
-                    shown = _show(len(value["items"]))
-                    raise AuthzPolicyError(source, label, "items", shown, f"at most {MAX_DOCUMENTS} items")
-        elif value is not None:  # an empty YAML document ("---" twice) is no document
-            documents.append((label, value))
-    return documents
-
-
-def _load_yaml(text: str, source: str) -> list[Any]:
-    import yaml  # only when a YAML source is read (import cost)
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    documents: list[Any] = []
-    try:
-        for document in yaml.load_all(text, Loader=loader):  # a safe loader
-            documents.append(document)
-            if len(documents) > MAX_DOCUMENTS:
-                shown = _show(f"over {MAX_DOCUMENTS} documents")
-                raise AuthzPolicyError(source, "", "", shown, f"at most {MAX_DOCUMENTS} documents")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise AuthzPolicyError(source, f"document {len(documents) + 1}", where, _show(problem), "valid YAML") from None
-    return documents
-
-
-def _walk(value: Any, depth: int, budget: list[int], doc: _Doc) -> None:
-    """Count every node walked (an alias counts each time it is reached) and bound the nesting depth."""
-    budget[0] -= 1
-    if budget[0] < 0:
-        doc.fail("", f"over {MAX_NODES} nodes", f"at most {MAX_NODES} nodes in all (aliases counted each use)")
-    if depth > MAX_DEPTH:
-        doc.fail("", f"over {MAX_DEPTH} levels", f"nesting at most {MAX_DEPTH} deep")
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                doc.fail("", key, "string keys")
-            _walk(item, depth + 1, budget, doc)
-    elif isinstance(value, list):
-        for item in value:
-            _walk(item, depth + 1, budget, doc)
-
-
 # -- typed field readers ------------------------------------------------------------------------------------------
 
 
@@ -901,7 +795,7 @@ def parse_policies(text: str | bytes, *, source: str) -> PolicySet:
     (the file path, or the variable). Raises :class:`AuthzPolicyError` on the first invalid field."""
     policies: list[Policy] = []
     seen: set[str] = set()
-    for label, value in _load(text, source):
+    for label, value in load_documents(text, source, error=AuthzPolicyError, what="policies"):
         doc = _Doc(source, label)
         if not isinstance(value, Mapping):
             doc.fail("", value, "a Kubernetes object (apiVersion, kind, metadata, spec)")

@@ -388,13 +388,14 @@ def parse_rate_limits(text: str | bytes, *, source: str, trust_domain: str | Non
     (size, documents, depth, nodes). Raises :class:`RateLimitError` naming source, document, field, value and
     what was expected.
     """
-    from meshlib.routing import gateway_api as g  # the bounded loader and field readers (only when parsing)
+    from meshlib.control.documents import load_documents  # the bounded loader (only when parsing)
+    from meshlib.routing import gateway_api as g  # its field readers
 
     if trust_domain is not None and (not isinstance(trust_domain, str) or not _TRUST_DOMAIN.fullmatch(trust_domain)):
         raise RateLimitError(source, "", "trust_domain", trust_domain, "a SPIFFE trust domain (a-z 0-9 . - _)")
     try:
         found: list[RateLimits] = []
-        for label, value in g._load(text, source):
+        for label, value in load_documents(text, source, error=RateLimitError, what="rate limits"):
             doc = g._Doc(source, label)
             if not isinstance(value, Mapping):
                 doc.fail("", value, "a Kubernetes object (apiVersion, kind, metadata, spec)")

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from meshlib.control.file import FileSource, FileSourceStatus, FileVersion, report
+from meshlib.control.file import FileVersion
 from meshlib.security.authz import Decision, PolicySet, header_map, parse_policies
+from meshlib.server._watched import WatchedFileHook
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
 from meshlib.telemetry.inbound import ServerSinks, current_server_span
 
@@ -46,7 +47,7 @@ def _publish(hook: AuthorizationHook, policies: PolicySet, version: FileVersion)
     hook.policies = policies
 
 
-class AuthorizationHook:
+class AuthorizationHook(WatchedFileHook[PolicySet]):
     """Refuses requests the policies deny (403), before the application; list it after the peer identity hook.
 
     ``policies``: a :class:`~meshlib.security.authz.PolicySet` given in code; ``file``: a policies file to load
@@ -66,15 +67,10 @@ class AuthorizationHook:
             raise TypeError("AuthorizationHook takes policies= or file=, one of them")
         self._sinks = ServerSinks(meter_provider)
         self._attributes: dict[tuple[bool, str | None], dict[str, str]] = {}
-        self.source: FileSource[PolicySet] | None = None
         if file is not None:
-            source: FileSource[PolicySet] = FileSource(
-                file, _parse, _publish, owner=self, variable=AUTHZ_FILE_VARIABLE, interval=reload_interval, what="authz"
+            policies = self._watch(
+                file, _parse, _publish, variable=AUTHZ_FILE_VARIABLE, interval=reload_interval, what="authz"
             )
-            policies = source.load_first()
-            self.source = source
-            report(source)  # shown in the admin endpoint's /status (``meshlib status``)
-            source.start()
         assert policies is not None
         #: The policies in force; replaced whole (one assignment) when the file changes.
         self.policies: PolicySet = policies
@@ -121,12 +117,3 @@ class AuthorizationHook:
                 logger.debug("authz: %s %s denied: %s", request.method, request.path[:200], decision.reason)
             raise Refusal(403, DENIED_BODY)
         return None
-
-    def status(self) -> FileSourceStatus | None:
-        """The watched file's state (version in use, rejected versions and why), or ``None`` without a file."""
-        return None if self.source is None else self.source.status()
-
-    def close(self) -> None:
-        """Stop watching the policies file."""
-        if self.source is not None:
-            self.source.stop()

@@ -639,23 +639,14 @@ def mesh_hooks(
 
     mode = server_telemetry_from_env(server_telemetry, environ)
     files = inbound_files_from_env(environ)
-    gates: list[Hook] = []
-    if isinstance(authz, PolicySet):
-        authz = AuthorizationHook(authz, meter_provider=meter_provider)
-    elif authz is None and files.authz is not None:
-        authz = AuthorizationHook(
-            file=files.authz, reload_interval=files.reload_interval, meter_provider=meter_provider
+    gates = [
+        hook
+        for hook in (
+            _gate(authz, PolicySet, AuthorizationHook, files.authz, files.reload_interval, meter_provider),
+            _gate(rate_limits, RateLimits, RateLimitHook, files.rate_limits, files.reload_interval, meter_provider),
         )
-    if authz is not None:
-        gates.append(authz)
-    if isinstance(rate_limits, RateLimits):
-        rate_limits = RateLimitHook(rate_limits, meter_provider=meter_provider)
-    elif rate_limits is None and files.rate_limits is not None:
-        rate_limits = RateLimitHook(
-            file=files.rate_limits, reload_interval=files.reload_interval, meter_provider=meter_provider
-        )
-    if rate_limits is not None:
-        gates.append(rate_limits)
+        if hook is not None
+    ]
     return (
         ServerTraceHook(tracer_provider, mode=mode),
         ServerMetricsHook(meter_provider, mode=mode),
@@ -663,6 +654,17 @@ def mesh_hooks(
         *gates,
         DeadlineHook(deadline_headers),
     )
+
+
+def _gate(  # noqa: PLR0917  # one call per gate kind, in mesh_hooks
+    given: Any, rules: type, hook: Callable[..., Hook], file: str | None, interval: float, meter_provider: Any
+) -> Hook | None:
+    """The hook for one gate: as given, built from rules given in code, else from its file, else none."""
+    if isinstance(given, rules):
+        return hook(given, meter_provider=meter_provider)
+    if given is None and file is not None:
+        return hook(file=file, reload_interval=interval, meter_provider=meter_provider)
+    return given  # type: ignore[no-any-return]
 
 
 class MeshMiddleware(ASGIInboundMiddleware):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshlib.control.file import FileSource, FileSourceStatus, FileVersion, report
+from meshlib.control.file import FileVersion
 from meshlib.security.ratelimit import RateLimiter, RateLimits, parse_rate_limits
+from meshlib.server._watched import WatchedFileHook
 from meshlib.server.middleware import InboundRequest, Refusal, peer_identity
 from meshlib.telemetry.inbound import ServerSinks, annotate_server_span
 
@@ -33,7 +34,7 @@ def _publish(hook: RateLimitHook, limits: RateLimits, version: FileVersion) -> N
     hook.limiter = RateLimiter(limits, max_identities=hook.max_identities)
 
 
-class RateLimitHook:
+class RateLimitHook(WatchedFileHook[RateLimits]):
     """Refuses callers over their limit with 429 and ``Retry-After``; list it after the peer identity hook.
 
     ``limits``: :class:`~meshlib.security.ratelimit.RateLimits` given in code; ``file``: a limits file loaded now
@@ -55,21 +56,10 @@ class RateLimitHook:
             raise TypeError("RateLimitHook takes limits= or file=, one of them")
         self._sinks = ServerSinks(meter_provider)
         self.max_identities = max_identities
-        self.source: FileSource[RateLimits] | None = None
         if file is not None:
-            source: FileSource[RateLimits] = FileSource(
-                file,
-                _parse,
-                _publish,
-                owner=self,
-                variable=RATELIMIT_FILE_VARIABLE,
-                interval=reload_interval,
-                what="rate limits",
+            limits = self._watch(
+                file, _parse, _publish, variable=RATELIMIT_FILE_VARIABLE, interval=reload_interval, what="rate limits"
             )
-            limits = source.load_first()
-            self.source = source
-            report(source)  # shown in the admin endpoint's /status (``meshlib status``)
-            source.start()
         assert limits is not None
         #: The limiter in force; replaced whole (one assignment) when the file changes.
         self.limiter = RateLimiter(limits, max_identities=max_identities)
@@ -84,12 +74,3 @@ class RateLimitHook:
                 sink.rate_limited.add(1, {"meshlib.ratelimit": limit})
             raise Refusal(429, f"rate limited ({verdict.limit} limit)", [("retry-after", verdict.retry_after)])
         return None
-
-    def status(self) -> FileSourceStatus | None:
-        """The watched file's state (version in use, rejected versions and why), or ``None`` without a file."""
-        return None if self.source is None else self.source.status()
-
-    def close(self) -> None:
-        """Stop watching the limits file."""
-        if self.source is not None:
-            self.source.stop()

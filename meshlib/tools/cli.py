@@ -145,15 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("method", metavar="METHOD", help="the request method, e.g. POST")
     explain.add_argument("url", metavar="URL", help="the URL the application calls, e.g. http://payments/charge")
-    explain.add_argument(
-        "-H",
-        "--header",
-        action="append",
-        default=[],
-        dest="headers",
-        metavar="'NAME: VALUE'",
-        help="a request header (repeatable)",
-    )
+    _add_header_option(explain, "a request header (repeatable)")
     explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     explain.add_argument(
         "--wait",
@@ -180,18 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     authz.add_argument("--ip", metavar="ADDRESS", help="the caller's IP address (for ipBlocks)")
     authz.add_argument("--port", type=_port, metavar="PORT", help="the local port the request arrives on")
-    authz.add_argument(
-        "-H",
-        "--header",
-        action="append",
-        default=[],
-        dest="headers",
-        metavar="'NAME: VALUE'",
-        help="a request header (repeatable; repeated names are joined with ',' as Envoy does)",
-    )
+    _add_header_option(authz, "a request header (repeatable; repeated names are joined with ',' as Envoy does)")
     authz.add_argument("--json", action="store_true", help="print the result as JSON")
     authz.set_defaults(handler=run_authz_command)
     return parser
+
+
+def _add_header_option(command: argparse.ArgumentParser, help: str) -> None:
+    """``-H 'NAME: VALUE'`` (curl's spelling), repeatable, into ``args.headers``."""
+    command.add_argument(
+        "-H", "--header", action="append", default=[], dest="headers", metavar="'NAME: VALUE'", help=help
+    )
 
 
 def _port(raw: str) -> int:

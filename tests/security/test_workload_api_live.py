@@ -32,6 +32,7 @@ import meshlib  # noqa: E402
 from meshlib.security.workload_api import WorkloadAPISource  # noqa: E402
 from tests.security.pki import CA  # noqa: E402
 from tests.security.test_workload_api import BACKEND_ID, FRONTEND_ID, issue  # noqa: E402
+from tests.server.test_middleware import _Server  # noqa: E402
 from tests.servers.workload_api import SVID, WorkloadAPIServer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
@@ -71,18 +72,6 @@ def _app(peers: dict[tuple[str, int], int]) -> Callable[..., Any]:
         await send({"type": "http.response.body", "body": body})
 
     return app
-
-
-class _Server(uvicorn.Server):  # type: ignore[misc]
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets)
-        finally:
-            self.ready.set()
 
 
 class Uvicorn:

@@ -6,10 +6,7 @@ reconnection), tests of meshlib's Workload API source against the double mean so
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,19 +23,6 @@ from tests.servers.workload_api import SVID, WorkloadAPIServer
 pytestmark = pytest.mark.timeout(30)
 
 ID = "spiffe://example.org/ns/default/sa/api"
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short private directory (Unix socket paths are limited to ~107 bytes; pytest's tmp_path can be longer)."""
-    directory = Path(tempfile.mkdtemp(prefix="wl-"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def ca() -> CA:
-    return CA("example.org CA", trust_domain="example.org")
 
 
 def svid(ca: CA, spiffe_id: str = ID) -> SVID:
