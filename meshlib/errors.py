@@ -203,14 +203,10 @@ class RedirectRefusedError(MeshError):
         self._request = request
 
 
-class RoutesError(ConfigError):
-    """A routes source (``MESHLIB_ROUTES_FILE``...) is invalid: names the source, the document, the field path,
-    the value found and what was expected.
-
-    Raised at client construction for the first version (nothing is routed on a table that failed); a later
-    version that fails is rejected the same way, logged, and shown in ``mesh_status()`` while the last good
-    table keeps serving (as an xDS NACK would).
-    """
+class SourceError(ConfigError):
+    """A file of Kubernetes-style documents an operator wrote is invalid: names the source, the document
+    (``document 2 (HTTPRoute payments)``), the field path, the value found and what was expected. The base of
+    :class:`RoutesError`, ``AuthzPolicyError`` and ``RateLimitError``."""
 
     def __init__(self, source: str, document: str, path: str, value: object, expected: str) -> None:
         self.source = source
@@ -218,3 +214,13 @@ class RoutesError(ConfigError):
         self.path = path
         where = f"{source}, {document}" if document else source
         super().__init__(f"{where}: {path}" if path else where, value, expected)
+
+
+class RoutesError(SourceError):
+    """A routes source (``MESHLIB_ROUTES_FILE``...) is invalid: names the source, the document, the field path,
+    the value found and what was expected.
+
+    Raised at client construction for the first version (nothing is routed on a table that failed); a later
+    version that fails is rejected the same way, logged, and shown in ``mesh_status()`` while the last good
+    table keeps serving (as an xDS NACK would).
+    """

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_TEXT",
     "SHOW_LIMIT",
     "Shown",
+    "list_field",
     "load_documents",
     "show",
 ]
@@ -40,7 +41,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SHOW_LIMIT = 100
 
 
-class DocumentError(Protocol):
+class ErrorFactory(Protocol):
     """The error a parser raises: built from ``(source, document, path, value, expected)``."""
 
     def __call__(self, source: str, document: str, path: str, value: object, expected: str) -> ConfigError: ...
@@ -66,7 +67,22 @@ def show(value: object) -> Shown:
     return Shown(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
-def load_documents(text: str | bytes, source: str, *, error: DocumentError, what: str) -> list[tuple[str, Any]]:
+class _Failing(Protocol):
+    def fail(self, path: str, value: object, expected: str) -> NoReturn: ...
+
+
+def list_field(doc: _Failing, path: str, value: object, max_items: int) -> list[Any]:
+    """A list field of a document (``None`` reads as empty), at most ``max_items`` long; else ``doc.fail``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        doc.fail(path, value, "a list")
+    if len(value) > max_items:
+        doc.fail(path, f"{len(value)} items", f"at most {max_items} items")
+    return value
+
+
+def load_documents(text: str | bytes, source: str, *, error: ErrorFactory, what: str) -> list[tuple[str, Any]]:
     """The documents of ``text`` as ``(label, object)``: each JSON array item or YAML document one entry, and each
     item of a ``...List`` object (``kubectl get -o yaml``) one entry. Empty YAML documents are skipped. ``what``
     names the content in the size error (``routes``, ``policies``)."""
@@ -108,7 +124,7 @@ def load_documents(text: str | bytes, source: str, *, error: DocumentError, what
     return documents
 
 
-def _load_yaml(text: str, source: str, error: DocumentError) -> list[Any]:
+def _load_yaml(text: str, source: str, error: ErrorFactory) -> list[Any]:
     import yaml  # only when a YAML source is read (import cost)
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -126,7 +142,7 @@ def _load_yaml(text: str, source: str, error: DocumentError) -> list[Any]:
     return documents
 
 
-def _walk(value: Any, depth: int, budget: list[int], where: tuple[str, str, DocumentError]) -> None:
+def _walk(value: Any, depth: int, budget: list[int], where: tuple[str, str, ErrorFactory]) -> None:
     """Count every node walked (an alias counts each time it is reached) and bound the nesting depth;
     ``where``: the source, the document's label and the error to raise."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from meshlib._config.model import service_key
-from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, load_documents
+from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, list_field, load_documents
 from meshlib.control.documents import SHOW_LIMIT as _SHOW_LIMIT
 from meshlib.control.documents import show as _show
 from meshlib.errors import RoutesError
@@ -128,14 +128,7 @@ def _mapping(doc: _Doc, path: str, value: object, allowed: Sequence[str]) -> Map
     return value
 
 
-def _list(doc: _Doc, path: str, value: object, max_items: int) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        doc.fail(path, value, "a list")
-    if len(value) > max_items:
-        doc.fail(path, f"{len(value)} items", f"at most {max_items} items")
-    return value
+_list = list_field
 
 
 def _string(doc: _Doc, path: str, value: object, *, max_len: int = 253, min_len: int = 1) -> str:

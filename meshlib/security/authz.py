@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, load_documents
+from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, list_field, load_documents
 from meshlib.control.documents import show as _show
-from meshlib.errors import ConfigError
+from meshlib.errors import SourceError
 
 __all__ = [
     "MAX_DEPTH",
@@ -90,20 +90,13 @@ _WHEN_KEYS = "request.headers[NAME], source.ip, source.namespace, source.princip
 # -- errors -------------------------------------------------------------------------------------------------------
 
 
-class AuthzPolicyError(ConfigError):
+class AuthzPolicyError(SourceError):
     """An authorization policy source (``MESHLIB_AUTHZ_FILE``...) is invalid: names the source, the document,
     the field path, the value found and what was expected.
 
     A first version that fails refuses to start (no request is authorized by a policy that failed); a later
     version that fails is rejected and logged while the last good set keeps deciding.
     """
-
-    def __init__(self, source: str, document: str, path: str, value: object, expected: str) -> None:
-        self.source = source
-        self.document = document
-        self.path = path
-        where = f"{source}, {document}" if document else source
-        super().__init__(f"{where}: {path}" if path else where, value, expected)
 
 
 @dataclass(slots=True)
@@ -563,14 +556,7 @@ def _mapping(doc: _Doc, path: str, value: object, allowed: Sequence[str]) -> Map
     return value
 
 
-def _list(doc: _Doc, path: str, value: object, max_items: int) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        doc.fail(path, value, "a list")
-    if len(value) > max_items:
-        doc.fail(path, f"{len(value)} items", f"at most {max_items} items")
-    return value
+_list = list_field
 
 
 def _string(doc: _Doc, path: str, value: object) -> str:

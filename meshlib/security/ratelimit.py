@@ -59,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from meshlib.errors import ConfigError, RoutesError
+from meshlib.errors import ConfigError, RoutesError, SourceError
 
 __all__ = [
     "DEFAULT_MAX_IDENTITIES",
@@ -95,16 +95,9 @@ _FRESH = -(2**62)
 LimitName = Literal["total", "identity", "override"]
 
 
-class RateLimitError(ConfigError):
+class RateLimitError(SourceError):
     """A rate limit source is invalid: names the source, the document, the field path, the value found and
     what was expected (the same shape as :class:`~meshlib.errors.RoutesError`)."""
-
-    def __init__(self, source: str, document: str, path: str, value: object, expected: str) -> None:
-        self.source = source
-        self.document = document
-        self.path = path
-        where = f"{source}, {document}" if document else source
-        super().__init__(f"{where}: {path}" if path else where, value, expected)
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
