@@ -473,8 +473,12 @@ class Call(Generic[T]):
                 breaker = service.breakers.get((endpoint.host, endpoint.port))
                 if breaker is None or breaker.allow():
                     return stats
+        # One snapshot of the breakers refusing now, for the choice and for the error below: read twice, a breaker
+        # whose penalty ends in between would be neither skipped nor reported (NoEndpointsError, not CircuitOpen).
+        held = service.open_breakers()
+        unhealthy = service.detector.ejected() | held if held else service.detector.ejected()
         if unhealthy and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy)):
-            unhealthy = service.open_breakers()  # panic: ignore ejections, never open breakers
+            unhealthy = held  # panic: ignore ejections, never open breakers
         refused: set[HostPort] = set()
         for _ in range(len(active.stats) + 1):
             excluded = set(unhealthy) | refused
@@ -493,7 +497,7 @@ class Call(Generic[T]):
             if breaker is None or breaker.allow():
                 return stats
             refused.add(address)  # half-open with its probe already out: choose another
-        if refused or service.open_breakers():
+        if refused or held:
             raise CircuitOpenError(
                 service.name,
                 "every usable endpoint's circuit breaker is open",
