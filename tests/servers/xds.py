@@ -32,6 +32,7 @@ Delta xDS, CSDS and LRS are not served (``UNIMPLEMENTED``).
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import logging
@@ -232,7 +233,7 @@ class XdsServer:
         with self._lock:
             return sorted(self._resources.get(type_url, {}))
 
-    def _changed(self, type_url: str, names: set[str], version: str | None) -> str:
+    def _changed(self, type_url: str, names: builtins.set[str], version: str | None) -> str:
         counter = self._counters.setdefault(type_url, itertools.count(1))
         new_version = version if version is not None else str(next(counter))
         self._versions[type_url] = new_version
@@ -267,10 +268,10 @@ class XdsServer:
         with self._lock:
             return len(self._streams)
 
-    def subscribed(self, type_url: str) -> set[str]:
+    def subscribed(self, type_url: str) -> builtins.set[str]:
         """The names every open stream is subscribed to for ``type_url`` (``*`` for a wildcard subscription)."""
         with self._lock:
-            names: set[str] = set()
+            names: builtins.set[str] = builtins.set()
             for stream in self._streams.values():
                 sub = stream.subs.get(type_url)
                 if sub is not None:

@@ -25,7 +25,7 @@ METHOD = "/echo.Echo/Who"
 def main() -> int:
     target = sys.argv[1]
     channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
-    call = channel.unary_unary(METHOD)
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(METHOD)
     for line in sys.stdin:
         command = json.loads(line)
         if "calls" in command:
