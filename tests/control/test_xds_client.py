@@ -78,7 +78,7 @@ def test_subscribe_ack_then_nack_keeps_the_valid_and_the_last_good(server: XdsSe
         second = server.set(CLUSTER, [r.cluster("a", lb_policy="least_request"), maglev("b")])
         message = server.wait_for_nack(CLUSTER, second, after=mark)
         assert "b" in message and "lb_policy" in message and "MAGLEV" in message
-        nack = [q for q in server.requests[mark:] if q.is_nack][0]
+        nack = next(q for q in server.requests[mark:] if q.is_nack)
         assert nack.version_info == first  # a NACK carries the last accepted version
         by_name = {s.name: s for s in ads.resources()}
         assert (by_name["a"].value, by_name["a"].version, by_name["a"].status) == ("LEAST_REQUEST", second, "ACKED")
