@@ -1,0 +1,1 @@
+"""xDS: meshlib steered by an xDS control plane (the ADS client, bootstrap, resources)."""
