@@ -194,7 +194,13 @@ def _build(
                 for _, w, d in members
             ]
         )
-    weights = iter(flatten_weights([s for group in shares for s in group if s]))
+    # Integer weights per priority: meshlib balances within one priority group at a time.
+    weights = {
+        p: iter(
+            flatten_weights([s for (_, _, q, _), group in zip(kept, shares, strict=True) if q == p for s in group if s])
+        )
+        for p in priority_totals
+    }
     localities, used, draining = [], [], []
     for (ident, weight, priority, members), group in zip(kept, shares, strict=True):
         endpoints = []
@@ -202,7 +208,7 @@ def _build(
             if is_draining:
                 draining.append(Endpoint(**fields))  # type: ignore[arg-type]
                 continue
-            endpoint = Endpoint(weight=next(weights) if share else 1, **fields)  # type: ignore[arg-type]
+            endpoint = Endpoint(weight=next(weights[priority]) if share else 1, **fields)  # type: ignore[arg-type]
             endpoints.append(endpoint)
         used.extend(endpoints)
         localities.append(Locality(*ident, weight=weight, priority=priority, endpoints=tuple(endpoints)))
