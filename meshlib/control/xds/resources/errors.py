@@ -1,0 +1,23 @@
+"""The error a NACKed xDS resource raises: the field path and what is wrong with it."""
+
+from __future__ import annotations
+
+from meshlib.errors import MeshError
+
+__all__ = ["XdsResourceError"]
+
+
+class XdsResourceError(MeshError, ValueError):
+    """An xDS resource failed validation (the ADS client NACKs it with ``str(error)`` as ``error_detail``).
+
+    ``path`` is the field path inside the resource (``outlier_detection.max_ejection_percent``,
+    ``endpoints[0].lb_endpoints[1].endpoint.address``), ``message`` the value found and what was expected.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+    def __reduce__(self) -> tuple[type[XdsResourceError], tuple[str, str]]:
+        return (type(self), (self.path, self.message))
