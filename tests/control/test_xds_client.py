@@ -31,9 +31,7 @@ class Clusters:
         cluster = cluster_pb2.Cluster()
         resource.Unpack(cluster)
         if cluster.lb_policy == cluster_pb2.Cluster.MAGLEV:
-            error = XdsResourceError("lb_policy", "MAGLEV is not supported")
-            error.name = cluster.name  # type: ignore[attr-defined]
-            raise error
+            raise XdsResourceError("lb_policy", "MAGLEV is not supported", name=cluster.name)
         return cluster.name, cluster_pb2.Cluster.LbPolicy.Name(cluster.lb_policy)
 
 

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from meshlib.control.xds.resources.errors import XdsResourceError
+
 logger = logging.getLogger("meshlib.xds")
 
 __all__ = [
@@ -69,16 +71,6 @@ MAX_ERROR = 4096
 MAX_MESSAGE = 64 * 1024 * 1024
 
 Status = Literal["REQUESTED", "ACKED", "NACKED", "DOES_NOT_EXIST"]
-
-
-class XdsResourceError(ValueError):
-    """A resource failed validation: ``path`` is the field (``virtual_hosts[0].routes[2].match``), the message says
-    what was wrong. Its text goes into the NACK's ``error_detail``."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
 
 
 class ResourceType(Protocol):
@@ -372,7 +364,7 @@ class AdsClient:
                 try:
                     name, value = entry.decoder.decode(resource)
                 except XdsResourceError as exc:
-                    name = getattr(exc, "name", None) or f"resources[{index}]"
+                    name = exc.name or f"resources[{index}]"
                     errors.append(f"{type_url.rsplit('.', 1)[-1]} {name}: {exc}")
                     if name in entry.watchers:
                         seen.add(name)

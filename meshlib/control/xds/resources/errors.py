@@ -11,13 +11,15 @@ class XdsResourceError(MeshError, ValueError):
     """An xDS resource failed validation (the ADS client NACKs it with ``str(error)`` as ``error_detail``).
 
     ``path`` is the field path inside the resource (``outlier_detection.max_ejection_percent``,
-    ``endpoints[0].lb_endpoints[1].endpoint.address``), ``message`` the value found and what was expected.
+    ``endpoints[0].lb_endpoints[1].endpoint.address``), ``message`` the value found and what was expected;
+    ``name`` the resource's name when it could be read (the ADS client then marks that resource NACKED).
     """
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, *, name: str | None = None) -> None:
         self.path = path
         self.message = message
-        super().__init__(f"{path}: {message}")
+        self.name = name
+        super().__init__(f"{path}: {message}" if path else message)
 
     def __reduce__(self) -> tuple[type[XdsResourceError], tuple[str, str]]:
         return (type(self), (self.path, self.message))
