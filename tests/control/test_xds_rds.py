@@ -119,7 +119,7 @@ def test_regexes_re2_or_meshlib_cannot_match_alike_are_nacked(pattern: str, why:
 def test_re2_syntax_is_translated_to_the_same_meaning() -> None:
     assert compile_re2("[[:digit:]]+", "w").fullmatch("123")
     assert compile_re2("[[:digit:]]+", "w").fullmatch("1:2") is None  # Python alone would read a set of chars
-    assert compile_re2("a$", "w").fullmatch("a\n") is None  # RE2's $ is the end of the text
+    assert compile_re2("a$\\n", "w").fullmatch("a\n") is None  # RE2's $ is the end of the text only
     assert compile_re2("\\Qa.b\\E", "w").fullmatch("a.b")
     assert compile_re2("\\Qa.b\\E", "w").fullmatch("axb") is None
     assert compile_re2("(?<id>\\d+)\\z", "w").fullmatch("42")
