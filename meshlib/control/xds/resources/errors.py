@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from meshlib.errors import MeshError
 
-__all__ = ["XdsResourceError"]
+__all__ = ["XdsResourceError", "shown"]
+
+#: Longest piece of a resource's own text quoted in an error (a hostile control plane may send anything).
+_SHOW = 120
+
+
+def shown(value: object) -> str:
+    """``value`` as quoted in an error: ``repr`` (control characters escaped), cut to a bounded length."""
+    text = repr(value)
+    return text if len(text) <= _SHOW else text[: _SHOW - 3] + "..."
 
 
 class XdsResourceError(MeshError, ValueError):
@@ -20,6 +29,11 @@ class XdsResourceError(MeshError, ValueError):
         self.message = message
         self.name = name
         super().__init__(f"{path}: {message}" if path else message)
+
+    @property
+    def field_path(self) -> str:
+        """:attr:`path` (the RDS/LDS validators' name for it)."""
+        return self.path
 
     def __reduce__(self) -> tuple[type[XdsResourceError], tuple[str, str]]:
         return (type(self), (self.path, self.message))
