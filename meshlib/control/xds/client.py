@@ -247,7 +247,7 @@ class AdsClient:
     # -- the stream -------------------------------------------------------------------------------------------
 
     def _request(self, type_url: str, *, error: str | None = None) -> Any:
-        from envoy.service.discovery.v3 import discovery_pb2  # type: ignore[import-untyped]
+        from envoy.service.discovery.v3 import discovery_pb2
         from google.rpc import status_pb2  # type: ignore[import-untyped]
 
         entry = self._types[type_url]

@@ -347,14 +347,14 @@ def validate_cluster(cluster: Proto, *, certificate_providers: Container[str] | 
 
 
 def _discovery(cluster: Proto) -> dict[str, object]:
-    from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto  # type: ignore[import-untyped]
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
 
     which = cluster.WhichOneof("cluster_discovery_type")
     if which == "cluster_type":
         custom = cluster.cluster_type
         if custom.name != _AGGREGATE:
             raise XdsResourceError("cluster_type.name", f"{custom.name!r} unsupported: only {_AGGREGATE!r} (A37)")
-        from envoy.extensions.clusters.aggregate.v3.cluster_pb2 import ClusterConfig  # type: ignore[import-untyped]
+        from envoy.extensions.clusters.aggregate.v3.cluster_pb2 import ClusterConfig
 
         config = ClusterConfig()
         url = custom.typed_config.type_url
@@ -475,12 +475,12 @@ def _policy_list(policies: Proto, path: str, depth: int) -> tuple[str, str, Ring
 def _one_policy(
     url: str, typed: object, path: str, depth: int
 ) -> tuple[str, str, RingHashConfig | None, int | None] | None:
-    from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (  # type: ignore[import-untyped]
+    from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (
         client_side_weighted_round_robin_pb2 as cswrr,
     )
-    from envoy.extensions.load_balancing_policies.least_request.v3.least_request_pb2 import LeastRequest  # type: ignore[import-untyped]
-    from envoy.extensions.load_balancing_policies.ring_hash.v3.ring_hash_pb2 import RingHash  # type: ignore[import-untyped]
-    from envoy.extensions.load_balancing_policies.wrr_locality.v3.wrr_locality_pb2 import WrrLocality  # type: ignore[import-untyped]
+    from envoy.extensions.load_balancing_policies.least_request.v3.least_request_pb2 import LeastRequest
+    from envoy.extensions.load_balancing_policies.ring_hash.v3.ring_hash_pb2 import RingHash
+    from envoy.extensions.load_balancing_policies.wrr_locality.v3.wrr_locality_pb2 import WrrLocality
 
     def unpack(message: object) -> None:
         if not typed.Unpack(message):  # type: ignore[attr-defined]
@@ -510,8 +510,8 @@ def _one_policy(
         # weight, so A58's policy is round robin over the endpoint weights.
         return "round_robin", url, None, None
     if url in _TYPED_STRUCT_URLS:
-        from udpa.type.v1.typed_struct_pb2 import TypedStruct as TypedStructV1  # type: ignore[import-untyped]
-        from xds.type.v3.typed_struct_pb2 import TypedStruct  # type: ignore[import-untyped]
+        from udpa.type.v1.typed_struct_pb2 import TypedStruct as TypedStructV1
+        from xds.type.v3.typed_struct_pb2 import TypedStruct
 
         struct = TypedStruct() if url == _TYPED_STRUCT_URLS[0] else TypedStructV1()
         unpack(struct)
@@ -524,7 +524,7 @@ def _one_policy(
 
 def _max_requests(cluster: Proto) -> int:
     """A32: the first DEFAULT-priority threshold's ``max_requests``; 1024 when unset."""
-    from envoy.config.core.v3.base_pb2 import RoutingPriority  # type: ignore[import-untyped]
+    from envoy.config.core.v3.base_pb2 import RoutingPriority
 
     for i, threshold in enumerate(cluster.circuit_breakers.thresholds):
         if threshold.priority != RoutingPriority.DEFAULT:
@@ -616,7 +616,7 @@ def _tls(cluster: Proto, providers: Container[str] | None) -> UpstreamTls | None
     socket = cluster.transport_socket
     if socket.name != _TLS_SOCKET:
         raise XdsResourceError("transport_socket.name", f"{socket.name!r}: expected {_TLS_SOCKET!r} (A29)")
-    from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import UpstreamTlsContext  # type: ignore[import-untyped]
+    from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import UpstreamTlsContext
 
     context = UpstreamTlsContext()
     url = socket.typed_config.type_url

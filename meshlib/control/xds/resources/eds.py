@@ -95,7 +95,7 @@ class EndpointsUpdate:
 
 def validate_load_assignment(assignment: Proto) -> EndpointsUpdate:
     """Validate ``assignment`` as gRPC does and map it (module docstring); raise :class:`XdsResourceError`."""
-    from envoy.config.core.v3.health_check_pb2 import HealthStatus  # type: ignore[import-untyped]
+    from envoy.config.core.v3.health_check_pb2 import HealthStatus
 
     if not assignment.cluster_name:
         raise XdsResourceError("cluster_name", "empty: a ClusterLoadAssignment needs a name")
