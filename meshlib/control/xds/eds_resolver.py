@@ -1,0 +1,159 @@
+"""Discovery fed by EDS: a :class:`~meshlib.discovery.base.Resolver` whose answers are pushed by the ADS stream.
+
+The refresh loop (:mod:`meshlib.discovery.refresh`) drives every discovery source the same way; an xDS cluster's
+endpoints arrive on the ADS stream instead of being asked for, so :meth:`EdsResolver.resolve` *waits for the next
+push* and returns ``Resolution(endpoints, ttl=None, watch=True)`` (the form Consul's blocking queries use): the loop
+calls it again at once and keeps the last good set while it raises. So a push takes effect as soon as the stream
+thread hands it over, without polling.
+
+- The first call returns as soon as the first ``ClusterLoadAssignment`` is accepted. A resource the server says
+  does not exist (or that never came within the client's does-not-exist timer) is a
+  :class:`~meshlib.DiscoveryError`; a NACKed update keeps the last accepted endpoints (the client never reports a
+  NACKed value).
+- Later calls block until the next change, at most ``wait`` seconds (then return the same answer: no change).
+- :meth:`aresolve` waits on the event loop (asyncio or trio) without a thread: the stream thread wakes the loop
+  with ``call_soon_threadsafe`` / ``TrioToken.run_sync_soon``.
+- :meth:`close` cancels the watch and ends any wait at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from meshlib.control.xds.client import CLUSTER_LOAD_ASSIGNMENT, AdsClient, ResourceState
+from meshlib.discovery.base import Resolution
+from meshlib.errors import DiscoveryError
+
+__all__ = ["EdsResolver"]
+
+#: Longest single wait for a push before answering "no change" (the refresh loop asks again at once).
+DEFAULT_WAIT = 60.0
+
+
+class EdsResolver:
+    """Endpoints of the EDS resource ``eds_name`` (a cluster's ``service_name``, else its name) from ``client``,
+    for meshlib service ``service``."""
+
+    def __init__(self, client: AdsClient, service: str, eds_name: str, *, wait: float = DEFAULT_WAIT) -> None:
+        self.service = service
+        self.source = f"xds EDS {eds_name} ({client.server})"
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._state: ResourceState | None = None
+        self._generation = 0
+        self._seen = 0
+        self._closed = False
+        self._wakers: list[Callable[[], None]] = []
+        self._cancel = client.watch(CLUSTER_LOAD_ASSIGNMENT, eds_name, self._on_state)
+
+    # -- fed by the ADS stream thread ------------------------------------------------------------------------------
+
+    def _on_state(self, state: ResourceState) -> None:
+        with self._changed:
+            self._state = state
+            self._generation += 1
+            wakers, self._wakers = self._wakers, []
+            self._changed.notify_all()
+        for wake in wakers:
+            wake()
+
+    # -- the Resolver protocol ---------------------------------------------------------------------------------
+
+    def resolve(self) -> Resolution:
+        """The endpoints after the next push (the first answer at once when one is there)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or self._generation > self._seen, self._wait)
+            return self._answer_locked()
+
+    async def aresolve(self) -> Resolution:
+        """:meth:`resolve` on the event loop: waits for a push without blocking the loop or holding a thread."""
+        from meshlib._aio import on_trio
+
+        with self._changed:
+            if self._closed or self._generation > self._seen:
+                return self._answer_locked()
+        if on_trio():
+            await self._wait_trio()
+        else:
+            await self._wait_asyncio()
+        with self._changed:
+            return self._answer_locked()
+
+    def close(self) -> None:
+        """Cancel the watch and end any wait at once. Idempotent."""
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            wakers, self._wakers = self._wakers, []
+            self._changed.notify_all()
+        self._cancel()
+        for wake in wakers:
+            wake()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _answer_locked(self) -> Resolution:
+        if self._closed:
+            raise DiscoveryError("the xDS resolver is closed", service=self.service, source=self.source)
+        self._seen = self._generation
+        state = self._state
+        if state is None:
+            raise DiscoveryError("no EDS answer from the control plane yet", service=self.service, source=self.source)
+        if state.status == "DOES_NOT_EXIST" or state.value is None:
+            reason = state.error or "the control plane has no such ClusterLoadAssignment"
+            raise DiscoveryError(reason, service=self.service, source=self.source)
+        endpoints = getattr(state.value, "endpoints", ())
+        return Resolution(tuple(endpoints), ttl=None, watch=True)
+
+    def _register(self, wake: Callable[[], None]) -> bool:
+        """Add ``wake`` to be called on the next push; ``False`` if one already came (or the resolver closed)."""
+        with self._changed:
+            if self._closed or self._generation > self._seen:
+                return False
+            self._wakers.append(wake)
+            return True
+
+    async def _wait_asyncio(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        pushed = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(pushed.set)
+
+        if self._register(wake):
+            try:
+                await asyncio.wait_for(pushed.wait(), self._wait)
+            except asyncio.TimeoutError:  # no push within the wait: answer "no change"
+                pass
+            finally:
+                self._forget(wake)
+
+    async def _wait_trio(self) -> None:
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        pushed = trio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # the run is over: nobody is waiting any more
+                token.run_sync_soon(pushed.set)
+
+        if self._register(wake):
+            try:
+                with trio.move_on_after(self._wait):
+                    await pushed.wait()
+            finally:
+                self._forget(wake)
+
+    def _forget(self, wake: Any) -> None:
+        with self._changed:
+            if wake in self._wakers:
+                self._wakers.remove(wake)
