@@ -750,7 +750,7 @@ def test_core_reads_the_variables_with_the_same_precedence(bootstrap_file: Path)
     assert core_refuses([None], blank) == [True]
 
 
-#: Where meshlib is stricter than C-core at parse time (docs/xds-bootstrap.md says why): C-core accepts these and
+#: Where meshlib is stricter than C-core at parse time (docs/xds.md says why): C-core accepts these and
 #: fails later (a lame channel, a failed handshake, an unparseable resource name) or never notices.
 C_CORE_ACCEPTS = {
     "servers-too-many",  # meshlib's bound

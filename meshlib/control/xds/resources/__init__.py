@@ -2,7 +2,7 @@
 
 Pure functions, no I/O: :func:`validate_listener` (LDS), :func:`validate_route_configuration` and
 :func:`to_route_table` (RDS). A resource they refuse raises :class:`XdsResourceError`, whose text is the NACK's
-``error_detail``. docs/xds-routes.md lists the fields honoured, ignored and refused.
+``error_detail``. docs/xds.md lists the fields honoured, ignored and refused.
 """
 
 from meshlib.control.xds.resources.errors import XdsResourceError

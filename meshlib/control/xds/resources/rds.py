@@ -3,7 +3,7 @@
 :func:`validate_route_configuration` is pure: the message in, an immutable :class:`RouteConfigUpdate` out (match
 conditions already compiled into meshlib's route model), or :class:`XdsResourceError` (the NACK). The rules are
 grpc-go's ``internal/xds/xdsclient/xdsresource/unmarshal_rds.go`` (gRFC A28 matching, A31 timeouts, A33/A39
-filter overrides, A44 retries, A42 hash policies); docs/xds-routes.md lists every field as supported, ignored
+filter overrides, A44 retries, A42 hash policies); docs/xds.md lists every field as supported, ignored
 or NACKed. What gRPC NACKs: a route without ``match`` or path specifier, an unknown path specifier or header
 matcher, a bad regex, an empty prefix/suffix/contains string matcher, weighted clusters whose weights sum to 0
 or above 2^32-1, ``num_retries`` 0, a non-positive backoff interval, a bad hash-policy regex, a required cluster
@@ -413,7 +413,7 @@ def _xds_header(name: str, text: str, test: Any, invert: bool) -> XdsHeaderMatch
 
 def _retry(policy: Any, where: str) -> RetryConfig:
     """``RetryPolicy`` (A44, grpc-go ``generateRetryConfig``): ``num_retries`` >= 1 (default 1), backoff intervals
-    > 0 (default 25 ms, max 10x base); ``retry_on`` mapped to HTTP statuses (docs/xds-routes.md)."""
+    > 0 (default 25 ms, max 10x base); ``retry_on`` mapped to HTTP statuses (docs/xds.md)."""
     statuses: set[int] = set()
     transport = False
     for raw in policy.retry_on.split(","):

@@ -3,7 +3,7 @@
 gRPC compiles ``RegexMatcher.regex`` with RE2 (grpc-go: Go's RE2-syntax ``regexp``, ``matcher.CompileSafeRegex``
 wraps it as ``^(?:...)$``: a full match). meshlib has no RE2 at run time, so each pattern is translated to an
 equivalent :mod:`re` pattern, matched with ``fullmatch``, and a pattern whose meaning would differ is refused
-(the resource is NACKed, naming the construct) rather than matched differently. docs/xds-routes.md lists it:
+(the resource is NACKed, naming the construct) rather than matched differently. docs/xds.md lists it:
 
 * translated: ``\\z`` -> ``\\Z``; ``$`` outside multi-line mode -> ``\\Z`` (Python's ``$`` also matches before a
   final newline, RE2's does not); ``\\Q...\\E`` -> the escaped literal; ``\\x{10FFFF}`` -> the character;
