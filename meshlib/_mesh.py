@@ -36,11 +36,11 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from meshlib._bounded import DEADLINE
-from meshlib._config import MeshConfig, service_key
+from meshlib._config import MeshConfig, ServiceConfig, service_key
 from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
 from meshlib._plan import (
@@ -59,7 +59,7 @@ from meshlib._plan import (
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
-from meshlib.discovery.base import DiscoverySettings, Endpoint
+from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolver
 from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy
@@ -141,12 +141,14 @@ class _Target(Generic[T]):
 
 
 class _RouterState(Generic[T]):
-    """One route table and the host lookups made from it: replaced whole, so a lookup never mixes two tables."""
+    """One route table, the services, and the host lookups made from them: replaced whole, so a lookup never
+    mixes two tables or two sets of services."""
 
-    __slots__ = ("cache", "table")
+    __slots__ = ("cache", "services", "table")
 
-    def __init__(self, table: RouteTable) -> None:
+    def __init__(self, table: RouteTable, services: dict[str, Service[T]]) -> None:
         self.table = table
+        self.services = services
         self.cache: dict[str, _Target[T] | None] = {}
 
 
@@ -160,22 +162,56 @@ class _Router(Generic[T]):
             dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ
         )
         self.config = config
-        self.services: dict[str, Service[T]] = {}
+        self._new_transport = new_transport
+        services: dict[str, Service[T]] = {}
         for key, svc in config.services.items():
             resolver = build_resolver(
                 svc.name, svc.target, settings, variable=svc.variable or f"services[{svc.name!r}]"
             )
-            self.services[key] = Service(svc, config, resolver, functools.partial(_for_service, new_transport, key))
-        self._state: _RouterState[T] = _RouterState(table)
+            services[key] = Service(svc, config, resolver, functools.partial(_for_service, new_transport, key))
+        self._state: _RouterState[T] = _RouterState(table, services)
+        self._swap = threading.Lock()  # writers only (control-plane threads); lookups read the state lock-free
 
     @property
     def table(self) -> RouteTable:
         """The route table in use."""
         return self._state.table
 
+    @property
+    def services(self) -> dict[str, Service[T]]:
+        """The services in use, by normalised name (a dict never changed once published: read it freely)."""
+        return self._state.services
+
     def install(self, table: RouteTable) -> None:
         """Route new calls by ``table`` from now on (one assignment: a call sees the old table or the new one)."""
-        self._state = _RouterState(table)
+        with self._swap:
+            self._state = _RouterState(table, self._state.services)
+
+    def add_services(
+        self, added: Mapping[str, tuple[ServiceConfig, Resolver]], table: RouteTable | None = None
+    ) -> None:
+        """Add services built from ``(config, resolver)`` by normalised name (a control plane's clusters), and
+        route by ``table`` if given, in one swap: a lookup sees the old services and table or the new ones. A name
+        already present is kept as it is (its pools, stats and breakers live on)."""
+        with self._swap:
+            state = self._state
+            services = dict(state.services)
+            for key, (svc, resolver) in added.items():
+                if key not in services:
+                    services[key] = Service(
+                        svc, self.config, resolver, functools.partial(_for_service, self._new_transport, key)
+                    )
+            self._state = _RouterState(state.table if table is None else table, services)
+
+    def remove_services(self, keys: Iterable[str]) -> list[Service[T]]:
+        """Stop routing to the services named ``keys`` (one swap) and return them, for the driver to close once
+        their calls are done. A route still naming one answers 500 (an invalid backend) from now on."""
+        with self._swap:
+            state = self._state
+            services = dict(state.services)
+            removed = [services.pop(key) for key in keys if key in services]
+            self._state = _RouterState(state.table, services)
+        return removed
 
     def route(self, host: str) -> _Target[T] | None:
         """What ``host`` names in the mesh, or ``None`` for hosts outside it."""
@@ -186,7 +222,8 @@ class _Router(Generic[T]):
         except KeyError:
             pass
         key = service_key(host)
-        service = self.services.get(key) if self.services else None
+        services = state.services
+        service = services.get(key) if services else None
         routes = state.table.services.get(key)
         found: _Target[T] | None = None
         if service is not None or routes is not None:
@@ -199,7 +236,7 @@ class _Router(Generic[T]):
                         base = bases[id(rule)] = own.merge(rule.policy)
                         for backend in rule.backends:
                             name = backend.service
-                            backend_service = None if name is None else self.services.get(service_key(name))
+                            backend_service = None if name is None else services.get(service_key(name))
                             if name is None or backend_service is None:
                                 continue  # an invalid backend: its share is answered 500
                             # The TLS name as the route wrote it (env-configured names have "_" for "-").
@@ -293,13 +330,13 @@ class _Mesh(Generic[T]):
         """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
         self._refreshers: dict[str, Any] = {}
 
-    def _on_collect(self) -> weakref.finalize[[dict[str, Any], list[Service[Any]]], Any]:
+    def _on_collect(self) -> weakref.finalize[[dict[str, Any], _Router[Any]], Any]:
         """When the client is garbage-collected unclosed: wake its refreshers to end, interrupt its resolvers.
 
         The finalizer refers to the refreshers and services, never to the mesh (or it would never run); it
         does not wait for anything, as it may run on any thread the garbage collector happens to run on.
         """
-        finalizer = weakref.finalize(self, _halt, self._refreshers, list(self.services.values()))
+        finalizer = weakref.finalize(self, _halt, self._refreshers, self._router)
         finalizer.atexit = False  # at exit daemon threads just stop; nothing to interrupt
         return finalizer
 
@@ -559,11 +596,12 @@ def _publish_routes(mesh: _Mesh[Any], table: RouteTable, version: Any) -> None:
     mesh.install_routes(dataclasses.replace(table, source=version.path, version=version.version))
 
 
-def _halt(refreshers: dict[str, Any], services: list[Service[Any]]) -> None:
-    """The finalizer of a mesh collected unclosed (see :meth:`_Mesh._on_collect`)."""
+def _halt(refreshers: dict[str, Any], router: _Router[Any]) -> None:
+    """The finalizer of a mesh collected unclosed (see :meth:`_Mesh._on_collect`): its services as they are then,
+    control-plane additions included."""
     for refresher in list(refreshers.values()):
         refresher.halt()
-    for service in services:
+    for service in list(router.services.values()):
         try:
             service.resolver.close()
         except Exception:
