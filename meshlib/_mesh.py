@@ -28,6 +28,7 @@ flavour (:meth:`meshlib._http.HttpLib.localize`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -394,6 +395,47 @@ class _Mesh(Generic[T]):
         """Route new calls by ``table`` (calls in flight finish on the table they started with)."""
         self._router.install(table)
         self._routes_loaded_at = time.time()
+
+    def add_services(
+        self, added: Mapping[str, tuple[ServiceConfig, Resolver]], table: RouteTable | None = None
+    ) -> None:
+        """Add services a control plane names (and route by ``table`` if given), in one swap; from any thread.
+        Their discovery starts on their first call, as for configured services."""
+        self._router.add_services(added, table)
+        if table is not None:
+            self._routes_loaded_at = time.time()
+
+    def remove_services(self, keys: Iterable[str]) -> None:
+        """Stop routing to the services ``keys`` (normalised names) and release them; from any thread.
+
+        Their refresh loop is halted and their resolver closed; their idle pools are closed now, and a pool
+        with a request in flight is closed by that request's lease when it ends (the pool is retiring), so
+        nothing in flight is cut. A call that was waiting for such a service's first answer fails at its
+        deadline.
+        """
+        with self._start_lock_or_none():
+            removed = self._router.remove_services(keys)
+            refreshers = [self._refreshers.pop(service.name, None) for service in removed]
+            first = getattr(self, "_first", None)
+            if first is not None:
+                for service in removed:
+                    first.pop(service.name, None)
+        for refresher in refreshers:
+            if refresher is not None:
+                refresher.halt()  # thread-safe for both drivers: a thread is told to end, a task is cancelled
+        for service in removed:
+            for transport in service.take_pools():
+                self.home.close_pool(transport)
+            try:
+                service.resolver.close()
+            except Exception:
+                logger.exception("closing the resolver of service %s failed", service.name)
+
+    def _start_lock_or_none(self) -> Any:
+        """The blocking driver's lock around starting refreshers (none for the async driver, whose refreshers
+        start on its loop)."""
+        lock = getattr(self, "_start_lock", None)
+        return lock if lock is not None else contextlib.nullcontext()
 
     def routes_view(self) -> RoutesStatus | None:
         """The route table's state for ``mesh_status()`` (``None``: no routes, none ever installed)."""
