@@ -159,3 +159,34 @@ def test_fail_static_across_a_control_plane_restart(server: XdsServer) -> None:
         assert ads.connection().streams >= 2
     finally:
         ads.close()
+
+
+def test_the_config_dump_shows_each_resource_as_csds_does(server: XdsServer) -> None:
+    import json
+
+    from meshlib.control.xds.dump import config_dump
+
+    first = server.set(CLUSTER, [r.cluster("a"), r.cluster("b")])
+    seen: queue.Queue[ResourceState] = queue.Queue()
+    ads = client(server)
+    try:
+        ads.watch(CLUSTER, "a", seen.put)
+        ads.watch(CLUSTER, "b", seen.put)
+        seen.get(timeout=10)
+        seen.get(timeout=10)
+        mark = server.mark()
+        second = server.set(CLUSTER, [r.cluster("a"), maglev("b")])
+        server.wait_for_nack(CLUSTER, second, after=mark)
+        dump = json.loads(json.dumps(config_dump(ads)))  # JSON all the way down
+    finally:
+        ads.close()
+    (config,) = dump["config"]
+    assert config["node"]["id"] == "meshlib-test"
+    entries = {e["name"]: e for e in config["genericXdsConfigs"]}
+    assert entries["a"]["clientStatus"] == "ACKED" and entries["a"]["versionInfo"] == second
+    assert entries["a"]["xdsConfig"]["@type"] == CLUSTER and entries["a"]["xdsConfig"]["name"] == "a"
+    assert entries["b"]["clientStatus"] == "NACKED" and entries["b"]["versionInfo"] == first
+    assert "MAGLEV" in entries["b"]["errorState"]["details"]
+    # The resource shown is the last good one (round robin, the default, left out of the JSON), not MAGLEV.
+    assert entries["b"]["xdsConfig"]["name"] == "b" and "lbPolicy" not in entries["b"]["xdsConfig"]
+    assert config["meshlib.connection"]["server"] == server.address and config["meshlib.connection"]["streams"] >= 1

@@ -30,6 +30,7 @@ grpcio and Envoy's generated API (``xds-protos``) are the ``xds`` extra; they ar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -102,6 +103,8 @@ class ResourceState:
     status: Status = "REQUESTED"
     error: str | None = None
     updated_at: float | None = None
+    #: The accepted resource as the server sent it (a ``google.protobuf.Any``), for the config dump (CSDS).
+    raw: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,11 @@ class AdsClient:
                     self._send_subscription(type_url)
 
         return cancel
+
+    @property
+    def node(self) -> Any:
+        """The ``envoy.config.core.v3.Node`` this client identifies itself with."""
+        return self._node
 
     def resources(self) -> list[ResourceState]:
         """Every resource's state, by type and name (CSDS)."""
@@ -370,7 +378,7 @@ class AdsClient:
                         seen.add(name)
                         old = entry.states.get(name) or ResourceState(type_url, name)
                         nacked = ResourceState(
-                            type_url, name, old.value, old.version, "NACKED", str(exc)[:MAX_ERROR], now
+                            type_url, name, old.value, old.version, "NACKED", str(exc)[:MAX_ERROR], now, old.raw
                         )
                         entry.states[name] = nacked
                         changed.append(nacked)
@@ -381,8 +389,10 @@ class AdsClient:
                 entry.requested_at.pop(name, None)
                 previous = entry.states.get(name)
                 if previous is not None and previous.status == "ACKED" and previous.value == value:
+                    # Unchanged: watchers hear nothing, but the version is the response's (as CSDS reports it).
+                    entry.states[name] = dataclasses.replace(previous, version=response.version_info, raw=resource)
                     continue
-                accepted = ResourceState(type_url, name, value, response.version_info, "ACKED", None, now)
+                accepted = ResourceState(type_url, name, value, response.version_info, "ACKED", None, now, resource)
                 entry.states[name] = accepted
                 changed.append(accepted)
             if entry.decoder.all_in_response and not self._ignore_deletion:
