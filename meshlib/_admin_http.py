@@ -353,12 +353,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._answer(404, METRICS_HINT.encode(), "text/plain")
             else:
                 self._answer(200, text[0], text[1])
+        elif path == "/config_dump":
+            body = json.dumps(admin.config_dump(), indent=2).encode() + b"\n"
+            self._answer(200, body, "application/json")
         elif path == "/":
             self._answer(
-                200, b"meshlib admin\n  /status   JSON snapshot of every client\n  /metrics  Prometheus\n", "text/plain"
+                200,
+                b"meshlib admin\n  /status       JSON snapshot of every client\n  /metrics      Prometheus\n"
+                b"  /config_dump  xDS resources held, CSDS-shaped\n",
+                "text/plain",
             )
         else:
-            self._answer(404, b"not found: try /status or /metrics\n", "text/plain")
+            self._answer(404, b"not found: try /status, /metrics or /config_dump\n", "text/plain")
 
     def _answer(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -160,6 +160,19 @@ class AdminServer:
             "inbound": [source.to_dict() for source in reported()],
         }
 
+    def config_dump(self) -> dict[str, Any]:
+        """What ``/config_dump`` answers: every live xDS client of this process, CSDS-shaped
+        (:func:`meshlib.control.xds.dump.config_dump`); ``{"config": []}`` without one (xDS unused or its extra
+        not installed, in which case nothing is imported)."""
+        import sys
+
+        if "meshlib.control.xds.client" not in sys.modules:
+            return {"config": []}
+        from meshlib.control.xds.client import live_clients
+        from meshlib.control.xds.dump import config_dump
+
+        return {"config": [config for client in live_clients() for config in config_dump(client)["config"]]}
+
     def metrics_text(self) -> tuple[bytes, str] | None:
         """``/metrics`` body and content type, or ``None`` when the exporter is missing."""
         return None if self._prometheus is None else self._prometheus.render()

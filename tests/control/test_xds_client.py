@@ -190,3 +190,27 @@ def test_the_config_dump_shows_each_resource_as_csds_does(server: XdsServer) -> 
     # The resource shown is the last good one (round robin, the default, left out of the JSON), not MAGLEV.
     assert entries["b"]["xdsConfig"]["name"] == "b" and "lbPolicy" not in entries["b"]["xdsConfig"]
     assert config["meshlib.connection"]["server"] == server.address and config["meshlib.connection"]["streams"] >= 1
+
+
+def test_the_admin_endpoint_serves_the_config_dump(server: XdsServer) -> None:
+    import meshlib
+    from tests.httplib import httpx
+
+    version = server.set(CLUSTER, [r.cluster("a")])
+    seen: queue.Queue[ResourceState] = queue.Queue()
+    ads = client(server)
+    try:
+        ads.watch(CLUSTER, "a", seen.put)
+        seen.get(timeout=10)
+        with meshlib.Client(environ={"MESHLIB_ADMIN_ADDR": "127.0.0.1:0"}) as mesh_client:
+            address = mesh_client.admin_address
+            assert address is not None
+            with httpx.Client(trust_env=False, timeout=10) as plain:
+                answer = plain.get(f"http://127.0.0.1:{address[1]}/config_dump")
+    finally:
+        ads.close()
+    assert answer.status_code == 200
+    mine = [c for c in answer.json()["config"] if c["meshlib.connection"]["server"] == server.address]
+    assert len(mine) == 1
+    (entry,) = mine[0]["genericXdsConfigs"]
+    assert (entry["name"], entry["clientStatus"], entry["versionInfo"]) == ("a", "ACKED", version)

@@ -37,6 +37,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -54,6 +55,7 @@ __all__ = [
     "ConnectionState",
     "ResourceState",
     "ResourceType",
+    "live_clients",
     "XdsResourceError",
 ]
 
@@ -72,6 +74,17 @@ MAX_ERROR = 4096
 MAX_MESSAGE = 64 * 1024 * 1024
 
 Status = Literal["REQUESTED", "ACKED", "NACKED", "DOES_NOT_EXIST"]
+
+#: Every live client of this process (weakly), for the admin endpoint's ``/config_dump``.
+_LIVE: weakref.WeakSet[AdsClient] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+def live_clients() -> list[AdsClient]:
+    """The ADS clients of this process that are alive and not closed, by server."""
+    with _LIVE_LOCK:
+        clients = list(_LIVE)
+    return sorted((c for c in clients if not c._stop.is_set()), key=lambda c: c.server)
 
 
 class ResourceType(Protocol):
@@ -172,6 +185,8 @@ class AdsClient:
         self._call: Any = None
         self._pid = os.getpid()
         self._first_message = True
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # -- the API ----------------------------------------------------------------------------------------------
 
