@@ -465,7 +465,7 @@ class Call(Generic[T]):
     def _pick(self, active: Active[T]) -> EndpointStats:
         service = self.service
         key = service.hash_key(self.request) if service.lb_name == "ring_hash" else None
-        unhealthy = service.unhealthy()
+        unhealthy, held = service.unhealthy()  # one reading serves the choice and the error below
         if not unhealthy and self.peer is None:  # the common case: a first attempt, every endpoint usable
             stats = active.pick(key, ())
             if stats is not None:
@@ -473,10 +473,6 @@ class Call(Generic[T]):
                 breaker = service.breakers.get((endpoint.host, endpoint.port))
                 if breaker is None or breaker.allow():
                     return stats
-        # One snapshot of the breakers refusing now, for the choice and for the error below: read twice, a breaker
-        # whose penalty ends in between would be neither skipped nor reported (NoEndpointsError, not CircuitOpen).
-        held = service.open_breakers()
-        unhealthy = service.detector.ejected() | held if held else service.detector.ejected()
         if unhealthy and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy)):
             unhealthy = held  # panic: ignore ejections, never open breakers
         refused: set[HostPort] = set()

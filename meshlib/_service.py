@@ -286,12 +286,15 @@ class Service(Generic[T]):
         breakers = self.breakers
         return frozenset(a for a in not_closed if a in breakers and not breakers[a].available())
 
-    def unhealthy(self) -> frozenset[HostPort]:
-        """Addresses the balancer should skip: ejected by outlier detection or behind an open breaker."""
+    def unhealthy(self) -> tuple[frozenset[HostPort], frozenset[HostPort]]:
+        """``(skip, held)`` from one reading: the addresses the balancer should skip (ejected by outlier detection
+        or behind an open breaker) and, of those, the ones behind an open breaker. One reading, because a
+        breaker whose penalty ends between two would be neither skipped nor reported as open."""
         ejected = self.detector.ejected()
         if not self._not_closed:
-            return ejected
-        return ejected | self.open_breakers()
+            return ejected, self._not_closed  # no breaker open: nothing held (and nothing allocated)
+        held = self.open_breakers()
+        return (ejected | held if held else ejected), held
 
     def hash_key(self, request: Any) -> bytes | None:
         """The request's consistent-hashing key (ring_hash only)."""

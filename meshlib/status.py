@@ -357,6 +357,14 @@ def _cell(value: object) -> str:
     return "-" if value is None else printable(value)
 
 
+def _rejected_line(rejected: Mapping[str, Any]) -> str:
+    """A refused version of a watched file (routes, inbound policies), escaped and bounded."""
+    return (
+        f"REJECTED version {_cell(rejected['version'])} (the previous one keeps serving): "
+        f"{printable(rejected['error'], _ERROR_LIMIT)}"
+    )
+
+
 def format_status(payload: object) -> str:
     """The admin endpoint's ``/status`` JSON as the table ``meshlib status`` prints.
 
@@ -385,12 +393,8 @@ def format_status(payload: object) -> str:
             f"inbound {text(source['what'])}: {text(source['variable'])}={text(source['path'])} "
             f"version {_cell(source['version'])}, {source['applied']} version(s) applied{state}"
         )
-        rejected = source.get("rejected")
-        if rejected is not None:
-            lines.append(
-                f"  REJECTED version {_cell(rejected['version'])} (the previous one keeps serving): "
-                f"{text(rejected['error'], _ERROR_LIMIT)}"
-            )
+        if source.get("rejected") is not None:
+            lines.append("  " + _rejected_line(source["rejected"]))
     for number, client in enumerate(clients, 1):
         services = client["services"]
         lines.append(f"client {number} ({text(client['client'])}): {len(services)} service(s)")
@@ -400,12 +404,8 @@ def format_status(payload: object) -> str:
                 f"  routes: {text(routes['source'])} version {text(routes['version'])}, "
                 f"{len(routes['routes'])} route(s), {routes['applied']} version(s) applied"
             )
-            rejected = routes.get("rejected")
-            if rejected is not None:
-                lines.append(
-                    f"    REJECTED version {text(rejected['version'])} (the previous one keeps serving): "
-                    f"{text(rejected['error'], _ERROR_LIMIT)}"
-                )
+            if routes.get("rejected") is not None:
+                lines.append("    " + _rejected_line(routes["rejected"]))
         for service in services:
             discovery, budget = service["discovery"], service["budget"]
             age = discovery["age_s"]

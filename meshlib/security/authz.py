@@ -446,11 +446,11 @@ class PolicySet:
         self._deny = tuple(p for p in self.policies if p.action == "DENY")
         self._allow = tuple(p for p in self.policies if p.action == "ALLOW")
         self._audit = tuple(p for p in self.policies if p.action == "AUDIT")
-        self._needs_ip = any(_uses_ip(p) for p in self.policies)
+        self._needs_ip = any(_reads(p, "source.ip") for p in self.policies)
         #: Whether any policy reads request headers / the destination port: a caller (the inbound hook) skips
         #: collecting what no policy reads (building a map of every header costs more than most evaluations).
-        self.needs_headers: bool = any(c.kind == "header" for p in self.policies for r in p.rules for c in r.conditions)
-        self.needs_port: bool = any(_uses_port(p) for p in self.policies)
+        self.needs_headers: bool = any(_reads(p, "header") for p in self.policies)
+        self.needs_port: bool = any(_reads(p, "destination.port") for p in self.policies)
 
     def __len__(self) -> int:
         return len(self.policies)
@@ -500,42 +500,38 @@ class PolicySet:
         return decision
 
     def _decide(self, a: _Attrs) -> Decision:
-        for policy in self._deny:
-            index = policy.first_match(a)
-            if index >= 0:
-                return policy.decision if index == 0 else _with_rule(policy.decision, index)
+        denied = _first_decision(self._deny, a)
+        if denied is not None:
+            return denied
         if not self._allow:
             return _NO_POLICY
-        for policy in self._allow:
-            index = policy.first_match(a)
-            if index >= 0:
-                return policy.decision if index == 0 else _with_rule(policy.decision, index)
-        return _NO_MATCH
+        allowed = _first_decision(self._allow, a)
+        return _NO_MATCH if allowed is None else allowed
+
+
+def _first_decision(policies: tuple[Policy, ...], a: _Attrs) -> Decision | None:
+    """The decision of the first of ``policies`` that matches (with its rule's index), else ``None``."""
+    for policy in policies:
+        index = policy.first_match(a)
+        if index >= 0:
+            return policy.decision if index == 0 else _with_rule(policy.decision, index)
+    return None
 
 
 def _with_rule(decision: Decision, index: int) -> Decision:
     return Decision(decision.allowed, decision.policy, decision.action, index, decision.reason)
 
 
-def _uses_port(policy: Policy) -> bool:
+def _reads(policy: Policy, kind: _ConditionKind) -> bool:
+    """Whether ``policy`` reads the request attribute ``kind``: in a ``when`` condition, or (for the source address
+    and the port) in a source's ``ipBlocks`` or an operation's ``ports``."""
     for rule in policy.rules:
-        for operation in rule.operations:
-            if operation.ports is not None or operation.not_ports is not None:
-                return True
-        for condition in rule.conditions:
-            if condition.kind == "destination.port":
-                return True
-    return False
-
-
-def _uses_ip(policy: Policy) -> bool:
-    for rule in policy.rules:
-        for source in rule.sources:
-            if source.ip_blocks is not None or source.not_ip_blocks is not None:
-                return True
-        for condition in rule.conditions:
-            if condition.kind == "source.ip":
-                return True
+        if any(condition.kind == kind for condition in rule.conditions):
+            return True
+        if kind == "source.ip" and any(s.ip_blocks is not None or s.not_ip_blocks is not None for s in rule.sources):
+            return True
+        if kind == "destination.port" and any(o.ports is not None or o.not_ports is not None for o in rule.operations):
+            return True
     return False
 
 

@@ -203,9 +203,7 @@ class _WSGIRequest:
         return "https" if self.environ.get("wsgi.url_scheme") == "https" else "http"
 
     def header_names(self) -> list[str]:
-        names = [key[5:].lower().replace("_", "-") for key in self.environ if key.startswith("HTTP_")]
-        names.extend(key.lower().replace("_", "-") for key in ("CONTENT_TYPE", "CONTENT_LENGTH") if key in self.environ)
-        return names
+        return [str(name) for name, _ in self.header_pairs()]
 
     def header_pairs(self) -> Iterable[tuple[str | bytes, str | bytes]]:
         for key, value in self.environ.items():
