@@ -20,7 +20,7 @@ import anyio.to_thread
 
 from meshlib import _aio
 from meshlib._bounded import DEADLINE
-from meshlib._mesh import _APPLY_IN_THREAD, _Mesh, _no_first_answer
+from meshlib._mesh import _APPLY_IN_THREAD, _Mesh, _no_first_answer, _no_routes, _until_deadline
 from meshlib._plan import _DEFAULT_PORTS, Attempt, Call, Cancel, Plan, Send, Sleep, Start, Step, WaitFirst
 from meshlib._service import Active, Service
 from meshlib._slots import Slots
@@ -53,7 +53,7 @@ class AsyncMeshTransport(_Mesh[Any]):
     loop (asyncio or trio), as its connection pools are.
     """
 
-    _refreshers: dict[str, RefreshTask]
+    _refreshers: dict[Any, RefreshTask]
 
     #: Connections per endpoint pool (its ``max_connections``) when meshlib made the pools; ``None``: no slots.
     #: Set by the client after construction; kept across a fork (``_driver_state`` runs again in the child).
@@ -62,7 +62,7 @@ class AsyncMeshTransport(_Mesh[Any]):
     def _driver_state(self) -> None:
         self._refreshers = {}
         # Created lazily inside the loop: an AsyncClient is often built before any loop runs.
-        self._first: dict[str, anyio.Event] = {}
+        self._first: dict[Any, anyio.Event] = {}
         self._closing: set[_aio.Task] = set()
         #: Endpoint pool -> its slots (:meth:`_take_slot`).
         self._gates: weakref.WeakKeyDictionary[Any, Slots] = weakref.WeakKeyDictionary()
@@ -76,14 +76,14 @@ class AsyncMeshTransport(_Mesh[Any]):
         the query running for the next one.
         """
         self._check_open()
-        first = self._first.get(service.name)
+        first = self._first.get(service)
         if first is None:
-            first = self._first[service.name] = anyio.Event()
+            first = self._first[service] = anyio.Event()
             # Weakly tied to this mesh: a client dropped unclosed is collected and its task ends.
             task = RefreshTask(
                 service.resolver, service.cache, self, lambda mesh, _: mesh._publish(service), 0.0, first=first
             )
-            self._refreshers[service.name] = task
+            self._refreshers[service] = task
             task.start()
         if not first.is_set():
             remaining = call.remaining()
@@ -134,6 +134,8 @@ class AsyncMeshTransport(_Mesh[Any]):
     async def handle_async_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
         target = self._router.route(request.url.host)
+        if target is not None and target.pending is not None and not target.pending.is_set():
+            target = await self._await_routes(target, request)
         service = None if target is None else target.service
         routed = None
         if target is not None and target.routes is not None:
@@ -166,6 +168,13 @@ class AsyncMeshTransport(_Mesh[Any]):
         if routed is not None and routed.choice.mirrors and call.attempts:  # a server answered (no fault abort)
             self._mirror(call)
         return response
+
+    async def _await_routes(self, target: Any, request: Any) -> Any:
+        """:meth:`_Mesh._await_routes` on the event loop (no thread held while waiting)."""
+        remaining = _until_deadline(target, request)
+        if not await target.pending.wait_async(remaining if math.isfinite(remaining) else None):
+            raise self.lib.localize(_no_routes(target, request))
+        return self._router.route(request.url.host)
 
     async def _view(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
         """The endpoints a call picks from: the active view, after discovery's first answer on first use."""
@@ -308,6 +317,8 @@ class AsyncMeshTransport(_Mesh[Any]):
         self.telemetry.unbind(self)
         if self.routes_source is not None:
             self.routes_source.stop()  # the poll thread: joined promptly (it only waits on an event)
+        if self.xds is not None:
+            await anyio.to_thread.run_sync(self.xds.close)  # ends the ADS streams (joins their threads)
         for task in self._refreshers.values():
             await task.stop()
         self._refreshers.clear()

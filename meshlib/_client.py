@@ -179,6 +179,11 @@ class _PoolFactory:
                 ", ".join(sorted(mesh.services[key].name for key in self.contexts)),
             )
 
+    def register_tls(self, key: str, settings: TLSSettings) -> None:
+        """Give service ``key`` (added later by a control plane: an xDS cluster) the context ``settings`` make;
+        from any thread (one dict assignment; the request path reads the dict)."""
+        self.contexts[key] = self.tls.context_for(settings)
+
     def _spiffe_context(self, settings: TLSSettings, endpoint: str) -> ReloadingContext:
         """The Workload API context for a service requiring ``settings.server_id`` (opening the source once).
 
@@ -445,7 +450,13 @@ class _MeshClient:
 
             self._mesh = driver(self._lib, mesh, same, owns_transports=False, telemetry=telemetry)
         else:
-            self._mesh = driver(self._lib, mesh, pools.sync if kind == "sync" else pools.async_, telemetry=telemetry)
+            self._mesh = driver(
+                self._lib,
+                mesh,
+                pools.sync if kind == "sync" else pools.async_,
+                telemetry=telemetry,
+                register_tls=pools.register_tls,
+            )
             if kind != "sync":
                 self._mesh.connections = pools.connections  # type: ignore[union-attr]
         self._observability.start(self._mesh, kind)

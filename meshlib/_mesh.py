@@ -62,8 +62,8 @@ from meshlib._testmode import MODE as _TESTING
 from meshlib.discovery import build_resolver
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolver
 from meshlib.discovery.refresh import RefreshThread
-from meshlib.errors import ClientClosedError, MeshError
-from meshlib.policy import POLICY_EXTENSION, Policy
+from meshlib.errors import ClientClosedError, DeadlineExceeded, MeshError
+from meshlib.policy import POLICY_EXTENSION, Policy, effective
 from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, resendable
 from meshlib.routing.decision import (
     EXT_ROUTE,
@@ -108,7 +108,7 @@ def _no_first_answer(service: Service[Any]) -> str:
 class _Target(Generic[T]):
     """What a request host names in the mesh: its configured service and/or the routes attached to it."""
 
-    __slots__ = ("bases", "choices", "key", "name", "routes", "service")
+    __slots__ = ("bases", "choices", "key", "name", "pending", "routes", "service")
 
     def __init__(
         self,
@@ -130,6 +130,12 @@ class _Target(Generic[T]):
         self.bases = bases
         #: ``id(backend)`` -> what a call routed to that backend needs (valid backends of mesh services only).
         self.choices = choices
+        #: A service routed by a control plane whose first routes are still due: calls wait on this latch.
+        self.pending: Any = None
+        if service is not None and routes is None:
+            latch = getattr(service.resolver, "pending", None)
+            if latch is not None and not latch.is_set():
+                self.pending = latch
 
     def routes_for(self, port: int) -> HostRoutes | None:
         """The routes that apply to a call on ``port`` (those attached to it, else the port-less ones), or
@@ -189,11 +195,16 @@ class _Router(Generic[T]):
             self._state = _RouterState(table, self._state.services)
 
     def add_services(
-        self, added: Mapping[str, tuple[ServiceConfig, Resolver]], table: RouteTable | None = None
-    ) -> None:
+        self,
+        added: Mapping[str, tuple[ServiceConfig, Resolver]],
+        table: RouteTable | None = None,
+        replaced: Mapping[str, tuple[ServiceConfig, Resolver]] | None = None,
+    ) -> list[Service[T]]:
         """Add services built from ``(config, resolver)`` by normalised name (a control plane's clusters), and
         route by ``table`` if given, in one swap: a lookup sees the old services and table or the new ones. A name
-        already present is kept as it is (its pools, stats and breakers live on)."""
+        already present is kept as it is (its pools, stats and breakers live on), unless it is in ``replaced``:
+        those are built anew, and the services they replace are returned for the driver to release."""
+        old: list[Service[T]] = []
         with self._swap:
             state = self._state
             services = dict(state.services)
@@ -202,7 +213,15 @@ class _Router(Generic[T]):
                     services[key] = Service(
                         svc, self.config, resolver, functools.partial(_for_service, self._new_transport, key)
                     )
+            for key, (svc, resolver) in (replaced or {}).items():
+                previous = services.get(key)
+                if previous is not None:
+                    old.append(previous)
+                services[key] = Service(
+                    svc, self.config, resolver, functools.partial(_for_service, self._new_transport, key)
+                )
             self._state = _RouterState(state.table if table is None else table, services)
+        return old
 
     def remove_services(self, keys: Iterable[str]) -> list[Service[T]]:
         """Stop routing to the services named ``keys`` (one swap) and return them, for the driver to close once
@@ -269,6 +288,7 @@ class _Mesh(Generic[T]):
         owns_transports: bool = True,
         passthrough: T | None = None,
         telemetry: ClientTelemetry | None = None,
+        register_tls: Callable[[str, Any], None] | None = None,
     ) -> None:
         self.lib = lib
         self.config = config
@@ -290,10 +310,22 @@ class _Mesh(Generic[T]):
         self._routes_loaded_at: float | None = None
         self._routing_state()
         self._driver_state()
+        #: The route tables of each source: the file's (or the API's) and the xDS control plane's.
+        self._tables_lock = threading.Lock()
+        self._base_table: RouteTable = EMPTY_TABLE
+        self._xds_table: RouteTable | None = None
+        self._shadowed: list[str] = []
+        #: The xDS control plane steering this client (``xds:`` targets), or ``None``.
+        self.xds: Any = None
         if config.routes_file is not None:
             self._watch_routes(config)
         self._finalizer = self._on_collect()
         _LIVE.add(self)
+        if any(svc.target.partition("://")[0].lower() == "xds" for svc in config.services.values()):
+            from meshlib.control.xds.source import source_for
+
+            self.xds = source_for(self, config, register_tls)
+            self.xds.start()
 
     def _watch_routes(self, config: MeshConfig) -> None:
         """Load ``MESHLIB_ROUTES_FILE`` now (an invalid file is a ``ConfigError`` here) and watch it for changes."""
@@ -329,7 +361,7 @@ class _Mesh(Generic[T]):
 
     def _driver_state(self) -> None:
         """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
-        self._refreshers: dict[str, Any] = {}
+        self._refreshers: dict[Any, Any] = {}
 
     def _on_collect(self) -> weakref.finalize[[dict[str, Any], _Router[Any]], Any]:
         """When the client is garbage-collected unclosed: wake its refreshers to end, interrupt its resolvers.
@@ -361,7 +393,11 @@ class _Mesh(Generic[T]):
         self._routing_state()
         old = self._router
         try:
-            self._router = _Router(self.config, self._new_transport, old.table)
+            self._router = _Router(self.config, self._new_transport, self._base_table)
+            self._tables_lock = threading.Lock()
+            self._xds_table = None
+            if self.xds is not None:  # the xDS services again, from the accepted resources; streams of its own
+                self.xds.after_fork(self)
         except Exception as exc:  # a resolver factory that fails the second time: refuse clearly, never share
             logger.exception("meshlib client could not be rebuilt after fork() in process %d", os.getpid())
             for service in old.services.values():  # lock-free: only this thread runs in the child
@@ -392,8 +428,12 @@ class _Mesh(Generic[T]):
         return self._router.table
 
     def install_routes(self, table: RouteTable) -> None:
-        """Route new calls by ``table`` (calls in flight finish on the table they started with)."""
-        self._router.install(table)
+        """Route new calls by ``table`` (calls in flight finish on the table they started with).
+
+        With an xDS control plane as well, ``table`` routes the hosts xDS does not (see :meth:`_combined`)."""
+        with self._tables_lock:
+            self._base_table = table
+            self._router.install(self._combined())
         self._routes_loaded_at = time.time()
 
     def add_services(
@@ -405,6 +445,45 @@ class _Mesh(Generic[T]):
         if table is not None:
             self._routes_loaded_at = time.time()
 
+    def apply_control_plane(
+        self,
+        table: RouteTable,
+        added: Mapping[str, tuple[ServiceConfig, Resolver]],
+        replaced: Mapping[str, tuple[ServiceConfig, Resolver]],
+    ) -> None:
+        """An xDS update: its routes (for the xDS hosts), new services and rebuilt ones, in one swap; the
+        services rebuilt are then released as removed ones are (calls in flight on them finish)."""
+        with self._tables_lock:
+            self._xds_table = table
+            old = self._router.add_services(added, self._combined(), replaced)
+        self._routes_loaded_at = time.time()
+        self._release(old)
+
+    def _combined(self) -> RouteTable:
+        """The file's (or API's) table with the xDS one: xDS routes its own hosts, the file every other."""
+        xds = self._xds_table
+        base = self._base_table
+        if xds is None:
+            return base
+        if not base.services:
+            return xds
+        services = dict(base.services)
+        shadowed = sorted(key for key in xds.services if key in services)
+        if shadowed and shadowed != self._shadowed:
+            logger.warning(
+                "routes of %s come from xDS; the routes %s has for them are ignored",
+                ", ".join(shadowed),
+                base.source or "the route table",
+            )
+        self._shadowed = shadowed
+        services.update(xds.services)
+        return RouteTable(
+            services,
+            f"{base.source} + {xds.source}",
+            f"{base.version} + {xds.version}",
+            tuple(base.routes) + tuple(xds.routes),
+        )
+
     def remove_services(self, keys: Iterable[str]) -> None:
         """Stop routing to the services ``keys`` (normalised names) and release them; from any thread.
 
@@ -413,13 +492,20 @@ class _Mesh(Generic[T]):
         nothing in flight is cut. A call that was waiting for such a service's first answer fails at its
         deadline.
         """
+        self._release(self._router.remove_services(keys))
+
+    def _release(self, removed: list[Service[T]]) -> None:
+        """Release services no longer routed to: halt their refresh loop, close their idle pools now (busy ones
+        close with their last lease) and their resolver. Refreshers are keyed by the service object, so a service
+        rebuilt under the same name starts its own."""
+        if not removed:
+            return
         with self._start_lock_or_none():
-            removed = self._router.remove_services(keys)
-            refreshers = [self._refreshers.pop(service.name, None) for service in removed]
+            refreshers = [self._refreshers.pop(service, None) for service in removed]
             first = getattr(self, "_first", None)
             if first is not None:
                 for service in removed:
-                    first.pop(service.name, None)
+                    first.pop(service, None)
         for refresher in refreshers:
             if refresher is not None:
                 refresher.halt()  # thread-safe for both drivers: a thread is told to end, a task is cancelled
@@ -638,6 +724,29 @@ def _publish_routes(mesh: _Mesh[Any], table: RouteTable, version: Any) -> None:
     mesh.install_routes(dataclasses.replace(table, source=version.path, version=version.version))
 
 
+def _until_deadline(target: _Target[Any], request: Any) -> float:
+    """Seconds left of ``request``'s deadline (its service's policy, scopes, the request's own); the request then
+    carries what is left as its deadline, so waiting for routes counts against the whole call."""
+    assert target.service is not None
+    rules = request.extensions.get(POLICY_EXTENSION)
+    _, deadline = effective(target.service.policy, rules if isinstance(rules, Policy) else None)
+    remaining = deadline - time.monotonic()
+    if remaining != float("inf"):
+        narrowed = (rules if isinstance(rules, Policy) else Policy()).merge(Policy(deadline=max(remaining, 0.0)))
+        request.extensions = {**request.extensions, POLICY_EXTENSION: narrowed}
+    return remaining
+
+
+def _no_routes(target: _Target[Any], request: Any) -> DeadlineExceeded:
+    assert target.service is not None
+    return DeadlineExceeded(
+        target.service.name,
+        f"no routes from the control plane within the deadline ({target.service.resolver.source}); they are "
+        "still awaited and will serve later calls",
+        request=request,
+    )
+
+
 def _halt(refreshers: dict[str, Any], router: _Router[Any]) -> None:
     """The finalizer of a mesh collected unclosed (see :meth:`_Mesh._on_collect`): its services as they are then,
     control-plane additions included."""
@@ -675,12 +784,12 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 class MeshTransport(_Mesh[Any]):
     """The blocking driver: ``meshlib.Client`` sends every mesh request through it (an httpx/httpx2 transport)."""
 
-    _refreshers: dict[str, RefreshThread]
+    _refreshers: dict[Any, RefreshThread]
 
     def _driver_state(self) -> None:
         self._refreshers = {}
         #: Set by each service's refresh thread once its first query has answered (or failed).
-        self._first: dict[str, threading.Event] = {}
+        self._first: dict[Any, threading.Event] = {}
         # Guards starting a service's refresh thread: held for a dict lookup and a thread start, never for I/O.
         self._start_lock = threading.Lock()
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -694,11 +803,11 @@ class MeshTransport(_Mesh[Any]):
         past it, ``DeadlineExceeded``, and the query goes on in the background and serves later calls. Each
         service has its own thread and event, so a hung first query holds up no other service.
         """
-        first = self._first.get(service.name)
+        first = self._first.get(service)
         if first is None:
             with self._start_lock:
                 self._check_open()
-                first = self._first.get(service.name)
+                first = self._first.get(service)
                 if first is None:
                     first = threading.Event()
                     # Weakly tied to this mesh: a client dropped unclosed is collected and its thread ends.
@@ -710,8 +819,8 @@ class MeshTransport(_Mesh[Any]):
                         0.0,
                         first=first,
                     )
-                    self._refreshers[service.name] = thread
-                    self._first[service.name] = first
+                    self._refreshers[service] = thread
+                    self._first[service] = first
                     thread.start()
         if not first.is_set():
             remaining = call.remaining()
@@ -739,6 +848,8 @@ class MeshTransport(_Mesh[Any]):
     def handle_request(self, request: Any) -> Any:
         """Send ``request`` to one endpoint of its service (or pass it through if not a mesh host)."""
         target = self._router.route(request.url.host)
+        if target is not None and target.pending is not None and not target.pending.is_set():
+            target = self._await_routes(target, request)
         service = None if target is None else target.service
         routed = None
         if target is not None and target.routes is not None:
@@ -767,6 +878,14 @@ class MeshTransport(_Mesh[Any]):
         if routed is not None and routed.choice.mirrors and call.attempts:  # a server answered (no fault abort)
             self._mirror(call)
         return response
+
+    def _await_routes(self, target: _Target[Any], request: Any) -> _Target[Any] | None:
+        """A call to a service whose control plane has not sent its first routes: wait for them (bounded by the
+        call's deadline, which the rest of the call then keeps) and route again."""
+        remaining = _until_deadline(target, request)
+        if not target.pending.wait(min(max(remaining, 0.0), threading.TIMEOUT_MAX)):
+            raise self.lib.localize(_no_routes(target, request))
+        return self._router.route(request.url.host)
 
     def _view(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
         """The endpoints a call picks from: the active view, after discovery's first answer on first use."""
@@ -911,6 +1030,8 @@ class MeshTransport(_Mesh[Any]):
         self.telemetry.unbind(self)
         if self.routes_source is not None:
             self.routes_source.stop()
+        if self.xds is not None:
+            self.xds.close()
         for thread in self._refreshers.values():
             thread.stop()
         self._refreshers.clear()

@@ -86,7 +86,7 @@ class Service(Generic[T]):
         key = service_key(config.name)
         #: The service's call policy (defaults, env, per-service env); scopes and requests narrow it per call.
         self.policy = mesh.policy_for(key)
-        settings = mesh.resilience_for(key)
+        settings = config.resilience if config.resilience is not None else mesh.resilience_for(key)
         self.settings = settings
         # Resilience state shared by every call to this service from this client (sync and async alike).
         self.budget = RetryBudget(

@@ -81,10 +81,10 @@ def test_removing_a_service_lets_a_response_in_flight_finish_then_releases_every
         client.mesh.add_services({key: (config, resolver)})
         assert client.get("http://ledger/warm").status_code == 200
         service = client.mesh.services[key]
-        refresher = client.mesh._refreshers["ledger"]
+        refresher = client.mesh._refreshers[service]
         with client.stream("GET", "http://ledger/in-flight") as response:
             client.mesh.remove_services([key])  # while the response is being read
-            assert resolver.closed.is_set() and "ledger" not in client.mesh._refreshers
+            assert resolver.closed.is_set() and service not in client.mesh._refreshers
             assert service.retiring  # the busy pool is retiring, not closed under the response
             assert response.read()  # the body still arrives
         assert service.retiring == {} and service.transports == {}  # closed by the last lease
@@ -102,7 +102,7 @@ async def test_removing_a_service_from_another_thread_on_an_async_client(start_b
         key, (config, resolver) = _ledger([backend])
         client.mesh.add_services({key: (config, resolver)})
         assert (await client.get("http://ledger/warm")).status_code == 200
-        task = client.mesh._refreshers["ledger"]._task
+        task = client.mesh._refreshers[client.mesh.services[key]]._task
         await anyio.to_thread.run_sync(client.mesh.remove_services, [key])  # as the xDS stream thread would
         assert resolver.closed.is_set() and key not in client.mesh.services
         with anyio.fail_after(5):

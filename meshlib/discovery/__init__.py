@@ -141,6 +141,7 @@ register_scheme(
     "meshlib.discovery.dns.srv_from_target",
     form="dns+srv://name, e.g. dns+srv://_http._tcp.users.internal or dns+srv://web.payments.service.consul",
 )
+register_scheme("xds", "meshlib.control.xds.source.from_target", form="xds:///listener-name")
 register_scheme(
     "consul",
     "meshlib.discovery.consul.from_target",

@@ -488,7 +488,7 @@ def test_client_close_stops_the_refresh_thread_during_a_blocking_query(
         with pytest.raises(client_httpx.HTTPError):
             client.get("http://payments/")  # nothing listens on 8080 of 127.0.0.2: only discovery matters
         consul.wait_for_blocked()
-        refresher = client.mesh._refreshers["payments"]
+        refresher = client.mesh._refreshers[client.mesh.services["PAYMENTS"]]
         refresher.stop()
         alive = refresher._thread.is_alive()
     finally:

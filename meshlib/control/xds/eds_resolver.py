@@ -83,6 +83,15 @@ class EdsResolver:
         with self._changed:
             return self._answer_locked()
 
+    def current(self) -> Resolution:
+        """The endpoints as they are now, without waiting for a push (an aggregate cluster reads its leaves so)."""
+        with self._changed:
+            seen = self._seen
+            try:
+                return self._answer_locked()
+            finally:
+                self._seen = seen  # a peek: the refresh loop still hears about the push it has not seen
+
     def close(self) -> None:
         """Cancel the watch and end any wait at once. Idempotent."""
         with self._changed:
@@ -98,10 +107,13 @@ class EdsResolver:
     # -- internals ---------------------------------------------------------------------------------------------
 
     def _answer_locked(self) -> Resolution:
+        state = self._state
         if self._closed:
+            # Interrupted by close(): the last answer, so the refresh loop sees no change and ends quietly.
+            if state is not None and state.value is not None:
+                return Resolution(tuple(getattr(state.value, "endpoints", ())), ttl=None, watch=True)
             raise DiscoveryError("the xDS resolver is closed", service=self.service, source=self.source)
         self._seen = self._generation
-        state = self._state
         if state is None:
             raise DiscoveryError("no EDS answer from the control plane yet", service=self.service, source=self.source)
         if state.status == "DOES_NOT_EXIST" or state.value is None:

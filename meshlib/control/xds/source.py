@@ -1,0 +1,861 @@
+"""xDS steering a client: the Listener -> RouteConfiguration -> Cluster -> ClusterLoadAssignment chain applied to
+the mesh (gRFC A27/A28, for plain HTTP).
+
+A service whose target is ``xds:///<name>`` (``MESHLIB_SERVICE_PAYMENTS=xds:///payments``) is reached through the
+routes its control plane sends. One :class:`XdsSource` per client does the work, on one thread of its own:
+
+* it watches the Listener :meth:`Bootstrap.listener_for` names for each such service, and the RouteConfiguration the
+  Listener names (or takes the inline one); the virtual host is chosen by the target's name, as gRPC's data-plane
+  authority; the result is a route table attached to the called host (``payments``);
+* every cluster those routes name is watched on CDS and becomes a meshlib service ``xds-cluster:<name>`` with the
+  cluster's balancer, in-flight limit (A32), outlier detection (A50) and upstream TLS (A29); its endpoints come from
+  EDS (:class:`~meshlib.control.xds.eds_resolver.EdsResolver`), from DNS for a LOGICAL_DNS cluster (A37), or from
+  each child in priority order for an aggregate cluster (A37);
+* **nothing half-applies**: a table is installed (one swap, with the services it needs) only when every cluster it
+  names has been answered (accepted, or known not to exist); until then the previous table keeps serving. A
+  resource that is NACKed keeps its last accepted version (the ADS client's rule), so a bad push changes nothing;
+* clusters no longer named are removed after the table without them is installed (calls in flight finish).
+
+Before the first table, a call to an xDS service waits for it (bounded by the call's deadline), as a first
+discovery answer is waited for. A Listener or RouteConfiguration the control plane says does not exist, or a
+RouteConfiguration with no virtual host for the name, makes calls fail at once with that reason
+(:class:`~meshlib.DiscoveryError`, what gRPC reports as UNAVAILABLE); a route table installed earlier keeps
+serving until then.
+
+Routes from ``MESHLIB_ROUTES_FILE`` and from xDS combine: xDS routes the hosts it is configured for, the file the
+others (a file route for an xDS host is ignored, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from meshlib._config.model import ServiceConfig, service_key
+from meshlib.discovery import Target, build_resolver
+from meshlib.discovery.base import DiscoverySettings, Resolution
+from meshlib.errors import ConfigError, DiscoveryError
+from meshlib.routing.model import RouteTable
+
+if TYPE_CHECKING:
+    from meshlib._config.model import MeshConfig
+    from meshlib.control.xds.bootstrap import Bootstrap, ListenerTarget
+    from meshlib.control.xds.client import AdsClient, ResourceState
+    from meshlib.control.xds.resources.cds import ClusterUpdate
+    from meshlib.discovery.base import Resolver
+    from meshlib.security.tls import TLSSettings
+
+__all__ = ["FORM", "XdsSource", "XdsTarget", "from_target", "uses_xds"]
+
+logger = logging.getLogger("meshlib.control.xds")
+
+FORM: Final = "xds:///listener-name or xds://authority/listener-name"
+#: How deep aggregate clusters may nest (gRPC's limit, A37).
+MAX_AGGREGATE_DEPTH: Final = 16
+
+
+# -- the placeholder resolver of an xds:/// service ---------------------------------------------------------------
+
+
+class Latch:
+    """Set once (the first route table, or a known failure); waited on by calls, blocking or on an event loop."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._wakers: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+    async def wait_async(self, timeout: float | None) -> bool:
+        """Wait without blocking the event loop or holding a thread (asyncio or trio)."""
+        from meshlib._aio import on_trio
+
+        if self._event.is_set():
+            return True
+        if on_trio():
+            import trio
+
+            token = trio.lowlevel.current_trio_token()
+            done = trio.Event()
+
+            def wake_trio() -> None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done.set)
+
+            if self._add(wake_trio):
+                try:
+                    with trio.move_on_after(float("inf") if timeout is None else timeout):
+                        await done.wait()
+                finally:
+                    self._forget(wake_trio)
+        else:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            fired = asyncio.Event()
+
+            def wake_asyncio() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                    loop.call_soon_threadsafe(fired.set)
+
+            if self._add(wake_asyncio):
+                try:
+                    await asyncio.wait_for(fired.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    self._forget(wake_asyncio)
+        return self._event.is_set()
+
+    def _add(self, wake: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self._wakers.append(wake)
+            return True
+
+    def _forget(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._wakers:
+                self._wakers.remove(wake)
+
+
+class XdsTarget:
+    """The resolver of a service named ``xds:///<name>``: a placeholder, as such a service is reached through the
+    routes xDS sends (to ``xds-cluster:*`` services), never through endpoints of its own.
+
+    ``pending`` is set when the service's first route table is installed, or when the control plane said it has
+    none (``why``); calls wait on it. Asked for endpoints (no table yet, or none any more), it raises the reason.
+    """
+
+    def __init__(self, service: str, target: str) -> None:
+        self.service = service
+        self.target = target
+        self.source = f"xDS {target}"
+        self.pending = Latch()
+        #: Why calls cannot be routed (``None``: waiting for the control plane, or routed).
+        self.why: str | None = None
+
+    def resolve(self) -> Resolution:
+        raise DiscoveryError(
+            self.why or "no route configuration from the xDS control plane yet",
+            service=self.service,
+            source=self.source,
+        )
+
+    async def aresolve(self) -> Resolution:
+        return self.resolve()
+
+    def close(self) -> None:
+        """Nothing to release: the client's :class:`XdsSource` holds the stream."""
+
+
+def from_target(target: Target, settings: DiscoverySettings) -> XdsTarget:
+    """The ``xds`` discovery scheme's factory: check the target's form (the bootstrap is checked by the client)."""
+    rest = target.rest
+    authority, slash, name = rest.partition("/")
+    if not slash or not name or "?" in rest or "#" in rest:
+        raise target.invalid("an xDS target naming a listener")
+    del authority, settings
+    return XdsTarget(target.service, target.uri)
+
+
+def uses_xds(config: MeshConfig) -> bool:
+    """Whether any service of ``config`` is steered by xDS."""
+    return any(svc.target.partition("://")[0].lower() == "xds" for svc in config.services.values())
+
+
+# -- the source ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Host:
+    """One ``xds:///`` service: its Listener, the RouteConfiguration that Listener names, and what came of them."""
+
+    key: str
+    name: str
+    target: str
+    authority: str
+    listener: ListenerTarget
+    client: AdsClient
+    placeholder: XdsTarget
+    lds: ResourceState | None = None
+    route_name: str | None = None
+    rds: ResourceState | None = None
+    cancel_rds: Callable[[], None] | None = None
+    error: str | None = None
+    version: str = ""
+
+
+@dataclass(eq=False)
+class _Cluster:
+    """One watched cluster: its CDS state, and what its live service (if any) was built from."""
+
+    name: str
+    client: AdsClient
+    cancel: Callable[[], None]
+    state: ResourceState | None = None
+    #: (the ClusterUpdate, hash header) the installed service was built from (``None``: no service).
+    installed: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostStatus:
+    """One xDS service as ``mesh_status().xds`` shows it."""
+
+    service: str
+    target: str
+    listener: str
+    route_configuration: str | None
+    routed: bool
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class XdsStatus:
+    """The xDS state of one client: its control planes, each service's routing, each cluster's state."""
+
+    servers: list[dict[str, Any]]
+    services: list[HostStatus]
+    clusters: dict[str, str]
+    applied: int
+    waiting_for: list[str]
+
+
+class XdsSource:
+    """The xDS control plane of one client (see the module docstring).
+
+    ``mesh`` is the client's mesh transport (held weakly: a client dropped unclosed is collected, and its
+    finalizer closes this source). ``register_tls(service_key, settings)`` makes the TLS context a cluster's
+    endpoints connect with (the client's pool factory); ``None``: clusters with TLS are refused.
+    """
+
+    def __init__(
+        self,
+        mesh: Any,
+        config: MeshConfig,
+        bootstrap: Bootstrap,
+        *,
+        register_tls: Callable[[str, TLSSettings], None] | None = None,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._mesh = weakref.ref(mesh)
+        self._config = config
+        self._bootstrap = bootstrap
+        self._register_tls = register_tls
+        self._client_options = dict(client_options or {})
+        self._settings = DiscoverySettings(
+            dns_servers=config.dns_servers, dns_timeout=config.dns_timeout, environ=config.environ
+        )
+        self._providers = {name: provider.files for name, provider in bootstrap.certificate_providers.items()}
+        self._clients: dict[str, AdsClient] = {}
+        self._hosts: dict[str, _Host] = {}
+        self._clusters: dict[str, _Cluster] = {}
+        self._events: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
+        self._status_lock = threading.Lock()
+        self._applied = 0
+        self._waiting: list[str] = []
+        self._closed = False
+        self._pid = os.getpid()
+        for key, svc in config.services.items():
+            if svc.target.partition("://")[0].lower() != "xds":
+                continue
+            listener = bootstrap.listener_for(svc.target)
+            path = svc.target.partition("://")[2].partition("/")[2]
+            placeholder = mesh.services[key].resolver
+            assert isinstance(placeholder, XdsTarget)
+            self._hosts[key] = _Host(
+                key, svc.name, svc.target, path, listener, self._client_for(listener.servers), placeholder
+            )
+        self._thread: threading.Thread | None = None
+        self._finalizer = weakref.finalize(mesh, XdsSource._stop_all, self._events, list(self._clients.values()))
+        self._finalizer.atexit = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe to every service's Listener and start applying what comes."""
+        self._thread = threading.Thread(target=self._run, name="meshlib-xds-apply", daemon=True)
+        self._thread.start()
+        for host in self._hosts.values():
+            self._watch_listener(host)
+
+    def close(self) -> None:
+        """End every ADS stream and the apply thread (the installed routes stay as they are)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        if self._pid != os.getpid():
+            return  # a forked child that never resumed: the clients are the parent's
+        XdsSource._stop_all(self._events, list(self._clients.values()))
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+    @staticmethod
+    def _stop_all(events: queue.SimpleQueue[Any], clients: list[AdsClient]) -> None:
+        events.put(None)
+        for client in clients:
+            client.close()
+
+    def after_fork(self, mesh: Any) -> None:
+        """In a forked child (only this thread runs): the mesh was rebuilt from configuration, so the streams are
+        opened again in this process (the accepted resources are kept) and the current state is applied anew."""
+        self._mesh = weakref.ref(mesh)
+        self._pid = os.getpid()
+        self._events = queue.SimpleQueue()
+        self._status_lock = threading.Lock()
+        self._finalizer = weakref.finalize(mesh, XdsSource._stop_all, self._events, list(self._clients.values()))
+        self._finalizer.atexit = False
+        if self._closed:
+            return
+        for host in self._hosts.values():
+            placeholder = mesh.services[host.key].resolver
+            assert isinstance(placeholder, XdsTarget)
+            host.placeholder = placeholder
+        for cluster in self._clusters.values():
+            cluster.installed = None  # the child's router has none of the parent's cluster services
+        for client in self._clients.values():
+            client.resume()
+        self._thread = None
+        self._thread = threading.Thread(target=self._run, name="meshlib-xds-apply", daemon=True)
+        self._thread.start()
+        self._events.put(("apply", None, None))
+        for client in self._clients.values():
+            client.start()
+
+    # -- status -----------------------------------------------------------------------------------------------------
+
+    @property
+    def clients(self) -> list[AdsClient]:
+        """The ADS clients (one per management server in use)."""
+        return list(self._clients.values())
+
+    def status(self) -> XdsStatus:
+        """The connection to each control plane, each service's routing and each cluster's state."""
+        servers = []
+        for client in self._clients.values():
+            connection = client.connection()
+            counts: dict[str, int] = {}
+            for state in client.resources():
+                counts[state.status] = counts.get(state.status, 0) + 1
+            servers.append(
+                {
+                    "server": connection.server,
+                    "connected": connection.connected,
+                    "streams": connection.streams,
+                    "last_error": connection.last_error,
+                    "since": connection.since,
+                    "resources": counts,
+                }
+            )
+        with self._status_lock:
+            hosts = [
+                HostStatus(
+                    host.name,
+                    host.target,
+                    host.listener.resource_name,
+                    host.route_name,
+                    host.placeholder.why is None and host.placeholder.pending.is_set(),
+                    host.error,
+                )
+                for host in self._hosts.values()
+            ]
+            clusters = {
+                name: ("WAITING" if cluster.state is None else cluster.state.status)
+                for name, cluster in sorted(self._clusters.items())
+            }
+            return XdsStatus(servers, hosts, clusters, self._applied, list(self._waiting))
+
+    # -- watches (any thread) ---------------------------------------------------------------------------------------
+
+    def _client_for(self, servers: Iterable[Any]) -> AdsClient:
+        from meshlib.control.xds import client as ads
+        from meshlib.control.xds.bootstrap import channel_for
+        from meshlib.control.xds.client import CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION
+        from meshlib.control.xds.client import AdsClient as Ads
+        from meshlib.control.xds.types import cluster_type, endpoints_type, listener_type, route_type
+
+        server = next(iter(servers))
+        client = self._clients.get(server.server_uri)
+        if client is None:
+            types: dict[str, Any] = {
+                LISTENER: listener_type(),
+                ROUTE_CONFIGURATION: route_type(),
+                CLUSTER: cluster_type(self._providers),
+                CLUSTER_LOAD_ASSIGNMENT: endpoints_type(),
+            }
+            client = Ads(
+                server.server_uri,
+                lambda: channel_for(server),
+                node_proto(self._bootstrap),
+                types,
+                ignore_resource_deletion=server.ignore_resource_deletion,
+                does_not_exist_timeout=ads.DOES_NOT_EXIST_TIMEOUT,  # read now: tests shorten it
+                **self._client_options,
+            )
+            self._clients[server.server_uri] = client
+        return client
+
+    def _post(self, kind: str, name: Any) -> Callable[[ResourceState], None]:
+        events = self._events
+
+        def watcher(state: ResourceState) -> None:
+            events.put((kind, name, state))
+
+        return watcher
+
+    def _watch_listener(self, host: _Host) -> None:
+        from meshlib.control.xds.client import LISTENER
+
+        host.client.watch(LISTENER, host.listener.resource_name, self._post("lds", host.key))
+
+    # -- the apply thread ---------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        events = self._events
+        while True:
+            item = events.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:  # everything already queued is applied together: one swap for a burst of pushes
+                try:
+                    more = events.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    return
+                batch.append(more)
+            try:
+                for kind, name, state in batch:
+                    self._record(kind, name, state)
+                self._apply()
+            except Exception:
+                logger.exception("applying an xDS update failed; the previous configuration keeps serving")
+
+    def _record(self, kind: str, name: Any, state: Any) -> None:
+        from meshlib.control.xds.client import ROUTE_CONFIGURATION
+
+        if kind == "lds":
+            host = self._hosts[name]
+            host.lds = state
+            listener: Any = state.value
+            wanted = (
+                None if listener is None or listener.inline_route_config is not None else listener.route_config_name
+            )
+            if wanted != host.route_name:
+                if host.cancel_rds is not None:
+                    host.cancel_rds()
+                host.route_name, host.rds, host.cancel_rds = wanted, None, None
+                if wanted is not None:
+                    host.cancel_rds = host.client.watch(
+                        ROUTE_CONFIGURATION, wanted, self._post("rds", (host.key, wanted))
+                    )
+        elif kind == "rds":
+            key, route_name = name
+            host = self._hosts[key]
+            if host.route_name == route_name:
+                host.rds = state
+        elif kind == "cds":
+            cluster = self._clusters.get(name)
+            if cluster is not None:
+                cluster.state = state
+
+    def _host_table(self, host: _Host) -> tuple[RouteTable | None, str | None]:
+        """The routes of one service from its Listener and RouteConfiguration: (table, None), (None, why it
+        cannot be routed) or (None, None) while an answer is still due."""
+        from meshlib.control.xds.resources.rds import NoVirtualHostError, to_route_table
+
+        lds = host.lds
+        if lds is None:
+            return None, None
+        if lds.value is None:
+            if lds.status == "DOES_NOT_EXIST":
+                return None, f"the xDS control plane has no Listener {host.listener.resource_name!r}"
+            return None, f"the Listener {host.listener.resource_name!r} was rejected: {lds.error}"
+        listener: Any = lds.value
+        config = listener.inline_route_config
+        version = f"lds:{lds.version}"
+        if config is None:
+            rds = host.rds
+            if rds is None:
+                return None, None
+            if rds.value is None:
+                if rds.status == "DOES_NOT_EXIST":
+                    return None, f"the xDS control plane has no RouteConfiguration {host.route_name!r}"
+                return None, f"the RouteConfiguration {host.route_name!r} was rejected: {rds.error}"
+            config = rds.value
+            version += f",rds:{rds.version}"
+        try:
+            table = to_route_table(
+                config,
+                listener_name=listener.name,
+                http_filters=listener.http_filters,
+                max_stream_duration_s=listener.max_stream_duration_s,
+                authority=host.authority,
+                version=version,
+            )
+        except NoVirtualHostError as error:
+            return None, str(error)
+        routes = table.services.get(service_key(host.authority))
+        if routes is None:
+            return None, None
+        return RouteTable({host.key: routes}, table.source, version, table.routes), None
+
+    def _apply(self) -> None:
+        """Recompute the table from every service's state and install it with its clusters, or wait."""
+        from meshlib.control.xds.client import CLUSTER
+        from meshlib.control.xds.resources.rds import CLUSTER_PREFIX
+
+        mesh = self._mesh()
+        if mesh is None or self._closed:
+            return
+        parts: dict[str, RouteTable] = {}
+        for host in self._hosts.values():
+            table, error = self._host_table(host)
+            host.error = error
+            if table is not None:
+                parts[host.key] = table
+        named: set[str] = set()
+        for table in parts.values():
+            for routes in table.services.values():
+                for host_routes in routes.values():
+                    for _, rule in host_routes.entries:
+                        for backend in rule.backends:
+                            if backend.service is not None and backend.service.startswith(CLUSTER_PREFIX):
+                                named.add(backend.service[len(CLUSTER_PREFIX) :])
+        # Every cluster named, and the children of aggregate ones, watched; an answer due holds the table back.
+        needed = self._closure(named)
+        for name in needed:
+            if name not in self._clusters:
+                client = next(iter(self._clients.values()))
+                cluster = _Cluster(name, client, lambda: None)
+                self._clusters[name] = cluster
+                cluster.cancel = client.watch(CLUSTER, name, self._post("cds", name))
+        waiting = sorted(name for name in needed if self._clusters[name].state is None)
+        with self._status_lock:
+            self._waiting = waiting
+        for host in self._hosts.values():  # a service that cannot be routed fails its calls now, with the reason
+            if host.error is not None and host.key not in parts:
+                self._routed(host, host.error)
+        if waiting:
+            logger.debug("xDS: holding the new routes until CDS answers for %s", ", ".join(waiting))
+            return
+        hashes = self._hash_headers(parts)
+        added: dict[str, tuple[ServiceConfig, Resolver]] = {}
+        replaced: dict[str, tuple[ServiceConfig, Resolver]] = {}
+        dropped: list[str] = []  # services of clusters now known not to exist, or no longer named
+        for name in sorted(named):
+            cluster = self._clusters[name]
+            update: Any = None if cluster.state is None else cluster.state.value
+            key = service_key(CLUSTER_PREFIX + name)
+            if update is None:  # known not to exist: its share of the routes answers 500 (an invalid backend)
+                if cluster.installed is not None:
+                    dropped.append(key)
+                    cluster.installed = None
+                continue
+            leaves = tuple(self._leaves(name)) if update.kind == "AGGREGATE" else ()
+            wanted = (update, hashes.get(name), leaves)
+            if wanted == cluster.installed:
+                continue
+            built = self._service_for(name, update, hashes.get(name))
+            if built is None:
+                if cluster.installed is not None:
+                    dropped.append(key)
+                    cluster.installed = None
+                continue
+            (replaced if cluster.installed is not None else added)[key] = built
+            cluster.installed = wanted
+        mesh.apply_control_plane(_merge(parts.values()), added, replaced)
+        for name in [name for name in self._clusters if name not in needed]:
+            cluster = self._clusters.pop(name)
+            cluster.cancel()
+            if cluster.installed is not None:
+                dropped.append(service_key(CLUSTER_PREFIX + name))
+        if dropped:
+            mesh.remove_services(dropped)
+        with self._status_lock:
+            self._applied += 1
+        for host in self._hosts.values():
+            if host.key in parts:
+                self._routed(host, None)
+        logger.debug("xDS: installed routes for %s (%d clusters)", ", ".join(sorted(parts)) or "no service", len(named))
+
+    def _routed(self, host: _Host, why: str | None) -> None:
+        with self._status_lock:
+            if why is not None and host.placeholder.why != why:
+                logger.warning("xDS service %s (%s) cannot be routed: %s", host.name, host.target, why)
+            host.placeholder.why = why
+        host.placeholder.pending.set()
+
+    def _closure(self, named: set[str]) -> set[str]:
+        """``named`` and, for each aggregate cluster already answered, its children (depth-bounded)."""
+        needed = set(named)
+        frontier = list(named)
+        for _ in range(MAX_AGGREGATE_DEPTH):
+            following: list[str] = []
+            for name in frontier:
+                cluster = self._clusters.get(name)
+                update: Any = None if cluster is None or cluster.state is None else cluster.state.value
+                if update is not None and update.kind == "AGGREGATE":
+                    for child in update.aggregate_clusters:
+                        if child not in needed:
+                            needed.add(child)
+                            following.append(child)
+            if not following:
+                break
+            frontier = following
+        return needed
+
+    @staticmethod
+    def _hash_headers(parts: Mapping[str, RouteTable]) -> dict[str, str]:
+        """The request header each cluster's ring hash uses: the first header hash policy of a route to it."""
+        found: dict[str, str] = {}
+        for table in parts.values():
+            for routes in table.services.values():
+                for host_routes in routes.values():
+                    for _, rule in host_routes.entries:
+                        header = getattr(rule.policy, "hash_header", None)
+                        if header is None:
+                            continue
+                        for backend in rule.backends:
+                            if backend.service is not None:
+                                found.setdefault(backend.service.partition(":")[2], header)
+        return found
+
+    def _service_for(
+        self, name: str, update: ClusterUpdate, hash_header: str | None
+    ) -> tuple[ServiceConfig, Resolver] | None:
+        """The meshlib service of one cluster: its settings and its resolver (``None``: it cannot be used)."""
+        from meshlib.control.xds.eds_resolver import EdsResolver
+        from meshlib.control.xds.resources.rds import CLUSTER_PREFIX
+
+        service = CLUSTER_PREFIX + name
+        key = service_key(service)
+        tls = None
+        if update.tls is not None:
+            try:
+                tls = update.tls.tls_settings(self._providers)
+            except Exception as error:  # never connect without the TLS the control plane asked for
+                logger.error("xDS cluster %s: its upstream TLS cannot be set up (%s); not routing to it", name, error)
+                return None
+            if self._register_tls is None:
+                logger.error("xDS cluster %s asks for upstream TLS, which this client cannot set up", name)
+                return None
+            self._register_tls(key, tls)
+        client = self._clusters[name].client
+        resolver: Resolver
+        if update.kind == "EDS":
+            resolver = EdsResolver(client, service, update.eds_service_name or name)
+        elif update.kind == "LOGICAL_DNS":
+            resolver = build_resolver(
+                service, f"dns://{update.dns_host}:{update.dns_port}", self._settings, variable=f"xDS cluster {name}"
+            )
+        else:
+            resolver = AggregateResolver(self, service, name)
+        lb = update.lb
+        config = ServiceConfig(
+            name=service,
+            target=f"xds-cluster:///{name}",
+            lb=lb,
+            hash_header=hash_header,
+            variable=f"xDS cluster {name}",
+            resilience=update.resilience(self._config.resilience),
+            tls=tls,
+        )
+        return config, resolver
+
+    def _leaves(self, name: str) -> list[ClusterUpdate]:
+        """An aggregate cluster's leaf clusters in priority order (A37: depth first, each once)."""
+        order: list[ClusterUpdate] = []
+        seen: set[str] = set()
+
+        def walk(current: str, depth: int) -> None:
+            if current in seen or depth > MAX_AGGREGATE_DEPTH:
+                return
+            seen.add(current)
+            cluster = self._clusters.get(current)
+            update: Any = None if cluster is None or cluster.state is None else cluster.state.value
+            if update is None:
+                return
+            if update.kind == "AGGREGATE":
+                for child in update.aggregate_clusters:
+                    walk(child, depth + 1)
+            else:
+                order.append(update)
+
+        walk(name, 0)
+        return order
+
+
+class AggregateResolver:
+    """The endpoints of an aggregate cluster (A37): each leaf cluster's in turn, its priorities after the previous
+    leaf's, so the balancer fails over from one to the next as from one priority to the next."""
+
+    def __init__(self, source: XdsSource, service: str, cluster: str) -> None:
+        from meshlib.control.xds.eds_resolver import EdsResolver
+
+        self.service = service
+        self.source = f"xDS aggregate cluster {cluster}"
+        self._children: list[Resolver] = []
+        for leaf in source._leaves(cluster):
+            if leaf.kind == "EDS":
+                self._children.append(
+                    EdsResolver(source._clusters[leaf.name].client, service, leaf.eds_service_name or leaf.name)
+                )
+            else:
+                self._children.append(
+                    build_resolver(
+                        service,
+                        f"dns://{leaf.dns_host}:{leaf.dns_port}",
+                        source._settings,
+                        variable=f"xDS cluster {leaf.name}",
+                    )
+                )
+        self._answers: list[Resolution | None] = [None] * len(self._children)
+        self._lock = threading.Lock()
+
+    def _combine(self) -> Resolution:
+        endpoints = []
+        offset = 0
+        for answer in self._answers:
+            if answer is None:
+                continue
+            top = 0
+            for endpoint in answer.endpoints:
+                endpoints.append(dataclasses.replace(endpoint, priority=endpoint.priority + offset))
+                top = max(top, endpoint.priority + 1)
+            offset += top
+        if not endpoints and all(answer is None for answer in self._answers):
+            raise DiscoveryError("no leaf cluster answered yet", service=self.service, source=self.source)
+        return Resolution(tuple(endpoints), ttl=5.0)
+
+    def resolve(self) -> Resolution:
+        for index, child in enumerate(self._children):
+            try:
+                self._answers[index] = _once(child)
+            except DiscoveryError:
+                self._answers[index] = None
+        return self._combine()
+
+    async def aresolve(self) -> Resolution:
+        for index, child in enumerate(self._children):
+            try:
+                self._answers[index] = await _aonce(child)
+            except DiscoveryError:
+                self._answers[index] = None
+        return self._combine()
+
+    def close(self) -> None:
+        for child in self._children:
+            child.close()
+
+
+def _once(resolver: Resolver) -> Resolution:
+    """One answer from ``resolver`` without waiting for a push (an EDS resolver answers its current state)."""
+    peek = getattr(resolver, "current", None)
+    return peek() if peek is not None else resolver.resolve()
+
+
+async def _aonce(resolver: Resolver) -> Resolution:
+    peek = getattr(resolver, "current", None)
+    return peek() if peek is not None else await resolver.aresolve()
+
+
+def _merge(tables: Iterable[RouteTable]) -> RouteTable:
+    """One table of every xDS service's routes."""
+    services: dict[str, Any] = {}
+    versions: list[str] = []
+    routes: list[str] = []
+    source = ""
+    for table in tables:
+        services.update(table.services)
+        versions.append(table.version)
+        routes.extend(table.routes)
+        source = source or table.source
+    return RouteTable(services, source or "xds", ";".join(versions), tuple(routes))
+
+
+def node_proto(bootstrap: Bootstrap) -> Any:
+    """The bootstrap's node as an ``envoy.config.core.v3.Node`` (metadata as a protobuf ``Struct``)."""
+    from envoy.config.core.v3 import base_pb2
+    from google.protobuf import json_format, struct_pb2  # type: ignore[import-untyped]
+
+    node = bootstrap.node
+    message = base_pb2.Node(
+        id=node.id,
+        cluster=node.cluster,
+        user_agent_name=node.user_agent_name,
+        user_agent_version=node.user_agent_version,
+        client_features=list(node.client_features),
+    )
+    message.locality.region = node.locality.region
+    message.locality.zone = node.locality.zone
+    message.locality.sub_zone = node.locality.sub_zone
+    if node.metadata:
+        metadata = struct_pb2.Struct()
+        json_format.ParseDict(_thaw(node.metadata), metadata)
+        message.metadata.CopyFrom(metadata)
+    return message
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def source_for(mesh: Any, config: MeshConfig, register_tls: Callable[[str, TLSSettings], None] | None) -> XdsSource:
+    """The :class:`XdsSource` of a client whose services use ``xds:``: the bootstrap from the environment
+    (:class:`~meshlib.ConfigError` if there is none, or the ``xds`` extra is missing)."""
+    from meshlib.control.xds.bootstrap import BOOTSTRAP_CONFIG_VARIABLE, BOOTSTRAP_FILE_VARIABLE, from_env
+
+    first = next(svc for svc in config.services.values() if svc.target.partition("://")[0].lower() == "xds")
+    try:
+        import envoy.config.listener.v3.listener_pb2  # noqa: F401
+        import grpc  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            first.variable or f"services[{first.name!r}]",
+            first.target,
+            f"the xds extra installed for an xds: target: pip install 'meshlib[xds]' ({error})",
+        ) from None
+    bootstrap = from_env(config.environ)
+    if bootstrap is None:
+        raise ConfigError(
+            first.variable or f"services[{first.name!r}]",
+            first.target,
+            f"an xDS bootstrap for an xds: target: set {BOOTSTRAP_FILE_VARIABLE} (a file) or "
+            f"{BOOTSTRAP_CONFIG_VARIABLE} (the JSON), as for gRPC's proxyless clients",
+        )
+    for svc in config.services.values():
+        if svc.target.partition("://")[0].lower() == "xds":
+            try:
+                bootstrap.listener_for(svc.target)
+            except ConfigError as error:
+                raise ConfigError(svc.variable or f"services[{svc.name!r}]", svc.target, error.expected) from None
+    return XdsSource(mesh, config, bootstrap, register_tls=register_tls)

@@ -1,0 +1,255 @@
+"""meshlib.Client steered by xDS end to end: ``MESHLIB_SERVICE_<NAME>=xds:///name`` plus a gRPC bootstrap, the ADS
+double (``tests/servers/xds.py``) as the control plane, real loopback backends behind the clusters.
+
+Each test pushes resources, makes real calls and asserts where they went (the backends count requests), for the
+sync client, and for the async client on asyncio and trio where the path differs (waiting for the first routes).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import meshlib
+from meshlib.control.xds.client import CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION
+from meshlib.testing import Backend
+from tests.conftest import BackendFactory
+from tests.servers import xds_resources as r
+from tests.servers.xds import XdsServer
+
+pytest.importorskip("grpc")
+
+
+@pytest.fixture
+def xds() -> Iterator[XdsServer]:
+    with XdsServer() as server:
+        yield server
+
+
+def env(xds: XdsServer, **services: str) -> dict[str, str]:
+    environ = {"GRPC_XDS_BOOTSTRAP_CONFIG": xds.bootstrap_json()}
+    for name, target in services.items():
+        environ[f"MESHLIB_SERVICE_{name.upper()}"] = target
+    return environ
+
+
+def endpoints(backends: list[Backend], **options: Any) -> list[Any]:
+    return [r.endpoint("127.0.0.1", b.port, **options) for b in backends]
+
+
+def push_payments(
+    xds: XdsServer, clusters: dict[str, list[Backend]], weights: dict[str, int] | None = None, *, rds: bool = True
+) -> None:
+    """Listener ``payments`` -> RouteConfiguration ``payments-routes`` -> weighted clusters -> EDS."""
+    if weights is None:
+        weights = {name: 1 for name in clusters}
+    if len(weights) == 1:
+        routes = [r.route(prefix="/", cluster=next(iter(weights)))]
+    else:
+        routes = [r.route(prefix="/", weighted_clusters=weights)]
+    config = r.route_configuration("payments-routes", [r.virtual_host("vh", ["payments"], routes)])
+    assignments = [r.cluster_load_assignment(n, [r.locality(endpoints(b))]) for n, b in clusters.items()]
+    xds.set(CLUSTER_LOAD_ASSIGNMENT, assignments)
+    xds.set(CLUSTER, [r.cluster(name) for name in clusters])
+    if rds:
+        xds.set(ROUTE_CONFIGURATION, [config])
+        xds.set(LISTENER, [r.listener("payments", rds="payments-routes")])
+    else:
+        xds.set(LISTENER, [r.listener("payments", route_config=config)])
+
+
+def served(backends: list[Backend]) -> list[int]:
+    return [b.count for b in backends]
+
+
+@pytest.mark.parametrize("rds", [True, False], ids=["rds", "inline"])
+def test_a_call_by_logical_name_goes_where_the_control_plane_routes_it(
+    xds: XdsServer, start_backends: BackendFactory, rds: bool
+) -> None:
+    backends = start_backends(2)
+    push_payments(xds, {"pay-v1": backends}, rds=rds)
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        for _ in range(20):
+            assert client.get("http://payments/charge").status_code == 200
+        assert sum(served(backends)) == 20 and all(served(backends))  # both endpoints of the cluster
+        assert {req.path for b in backends for req in b.requests} == {"/charge"}
+
+
+def test_the_first_call_waits_for_the_first_routes(xds: XdsServer, start_backends: BackendFactory) -> None:
+    """The client is built before the control plane has anything: the first call waits, then is served."""
+    (backend,) = start_backends(1)
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        xds.wait_for(lambda q: q.type_url == LISTENER and "payments" in q.resource_names)
+        push_payments(xds, {"pay-v1": [backend]})
+        assert client.get("http://payments/first").status_code == 200
+    assert backend.count == 1
+
+
+def test_a_pushed_split_moves_traffic_while_the_client_runs(xds: XdsServer, start_backends: BackendFactory) -> None:
+    v1, v2 = start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 100, "pay-v2": 0})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        client.mesh.rng = random.Random(7)
+        for _ in range(50):
+            client.get("http://payments/")
+        assert served(v1 + v2) == [50, 0]
+        mark = xds.mark()
+        push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 0, "pay-v2": 100})
+        xds.wait_for_ack(ROUTE_CONFIGURATION, xds.version(ROUTE_CONFIGURATION), after=mark)
+        wait_until_routed(client, v2)
+        before = served(v1 + v2)
+        for _ in range(50):
+            client.get("http://payments/")
+        after = served(v1 + v2)
+        assert after[0] == before[0] and after[1] == before[1] + 50  # every call now goes to v2
+
+
+def wait_until_routed(client: meshlib.Client, backends: list[Backend], tries: int = 200) -> None:
+    """Calls until one lands on ``backends`` (the ACK is sent before the apply thread swaps the table in)."""
+    for _ in range(tries):
+        count = sum(served(backends))
+        client.get("http://payments/probe")
+        if sum(served(backends)) > count:
+            return
+    raise AssertionError("traffic never moved to the pushed backends")
+
+
+def test_a_nacked_route_configuration_changes_nothing(xds: XdsServer, start_backends: BackendFactory) -> None:
+    from envoy.config.route.v3 import route_components_pb2
+
+    v1, v2 = start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 100, "pay-v2": 0})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        assert client.get("http://payments/").status_code == 200
+        mark = xds.mark()
+        bad = r.route(prefix="/", weighted_clusters={"pay-v1": 0, "pay-v2": 100})
+        bad.match.safe_regex.regex = "("  # not a regex: the whole RouteConfiguration is NACKed
+        bad.match.ClearField("prefix")
+        assert isinstance(bad, route_components_pb2.Route)
+        config = r.route_configuration("payments-routes", [r.virtual_host("vh", ["payments"], [bad])])
+        version = xds.set(ROUTE_CONFIGURATION, [config])
+        message = xds.wait_for_nack(ROUTE_CONFIGURATION, version, after=mark)
+        assert "payments-routes" in message
+        for _ in range(30):
+            assert client.get("http://payments/").status_code == 200
+        assert served(v1 + v2) == [31, 0]  # the last accepted routes kept serving
+
+
+def test_a_route_to_a_cluster_not_yet_answered_does_not_half_apply(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    """A new route naming a cluster the control plane has not sent keeps the previous table until it comes."""
+    v1, v2 = start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": v1})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        assert client.get("http://payments/").status_code == 200
+        mark = xds.mark()
+        config = r.route_configuration(
+            "payments-routes", [r.virtual_host("vh", ["payments"], [r.route(prefix="/", cluster="pay-v2")])]
+        )
+        version = xds.set(ROUTE_CONFIGURATION, [config])  # pay-v2 is not among the clusters yet
+        xds.wait_for_ack(ROUTE_CONFIGURATION, version, after=mark)
+        xds.wait_for(lambda q: q.type_url == CLUSTER and "pay-v2" in q.resource_names, after=mark)
+        for _ in range(10):
+            assert client.get("http://payments/").status_code == 200  # still the previous table: v1
+        assert served(v1 + v2) == [11, 0]
+        xds.set(CLUSTER_LOAD_ASSIGNMENT, [r.cluster_load_assignment("pay-v2", [r.locality(endpoints(v2))])])
+        xds.set(CLUSTER, [r.cluster("pay-v1"), r.cluster("pay-v2")])
+        wait_until_routed(client, v2)
+        assert client.get("http://payments/").status_code == 200
+        assert v2[0].count >= 2
+
+
+def test_a_listener_the_control_plane_does_not_have_fails_calls_with_the_reason(
+    xds: XdsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never sent: gRPC's does-not-exist timer (15 s, shortened here) decides; the call fails with the reason."""
+    from meshlib.control.xds import client as ads
+
+    monkeypatch.setattr(ads, "DOES_NOT_EXIST_TIMEOUT", 0.2)
+    xds.set(LISTENER, [r.listener("other", route_config=r.route_configuration("x", []))])
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        with pytest.raises(meshlib.DiscoveryError) as raised:
+            client.get("http://payments/")
+        assert "no Listener 'payments'" in str(raised.value)
+
+
+def test_a_listener_removed_by_the_control_plane_fails_calls_at_once(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    (backend,) = start_backends(1)
+    push_payments(xds, {"pay-v1": [backend]})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        assert client.get("http://payments/").status_code == 200
+        mark = xds.mark()
+        xds.remove(LISTENER, "payments")
+        xds.wait_for_ack(LISTENER, xds.version(LISTENER), after=mark)
+        for _ in range(200):
+            try:
+                client.get("http://payments/")
+            except meshlib.MeshError as error:
+                assert "no Listener 'payments'" in str(error)
+                break
+        else:
+            raise AssertionError("calls were still routed after the Listener was removed")
+
+
+def test_endpoint_weights_and_priorities_come_from_eds(xds: XdsServer, start_backends: BackendFactory) -> None:
+    primary, standby = start_backends(1), start_backends(1)
+    assignment = r.cluster_load_assignment(
+        "pay-v1", [r.locality(endpoints(primary), priority=0), r.locality(endpoints(standby), priority=1)]
+    )
+    config = r.route_configuration("payments-routes", [r.virtual_host("vh", ["payments"], [r.route(cluster="pay-v1")])])
+    xds.set(CLUSTER_LOAD_ASSIGNMENT, [assignment])
+    xds.set(CLUSTER, [r.cluster("pay-v1")])
+    xds.set(ROUTE_CONFIGURATION, [config])
+    xds.set(LISTENER, [r.listener("payments", rds="payments-routes")])
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        for _ in range(20):
+            client.get("http://payments/")
+        assert served(primary + standby) == [20, 0]  # priority 1 only when priority 0 cannot serve
+
+
+def test_a_cluster_that_goes_away_is_released(xds: XdsServer, start_backends: BackendFactory) -> None:
+    v1, v2 = start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 50, "pay-v2": 50})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        for _ in range(20):
+            client.get("http://payments/")
+        assert "XDS_CLUSTER:PAY_V2" in client.mesh.services
+        old = client.mesh.services["XDS_CLUSTER:PAY_V2"]
+        mark = xds.mark()
+        push_payments(xds, {"pay-v1": v1})
+        xds.wait_for(lambda q: q.type_url == CLUSTER and "pay-v2" not in q.resource_names, after=mark)
+        wait_until_gone(client, "XDS_CLUSTER:PAY_V2")
+        assert old.resolver._closed  # type: ignore[attr-defined]
+
+
+def wait_until_gone(client: meshlib.Client, key: str, tries: int = 200) -> None:
+    for _ in range(tries):
+        if key not in client.mesh.services:
+            return
+        client.get("http://payments/probe")
+    raise AssertionError(f"{key} was never removed")
+
+
+@pytest.mark.anyio
+async def test_the_async_client_waits_for_the_first_routes_on_its_loop(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    import anyio
+
+    (backend,) = start_backends(1)
+    async with meshlib.AsyncClient(environ=env(xds, payments="xds:///payments")) as client:
+        await anyio.to_thread.run_sync(
+            lambda: xds.wait_for(lambda q: q.type_url == LISTENER and "payments" in q.resource_names)
+        )
+        push_payments(xds, {"pay-v1": [backend]})
+        with anyio.fail_after(30):
+            assert (await client.get("http://payments/first")).status_code == 200
+        for _ in range(5):
+            assert (await client.get("http://payments/more")).status_code == 200
+    assert backend.count == 6
