@@ -171,10 +171,15 @@ class AsyncMeshTransport(_Mesh[Any]):
 
     async def _await_routes(self, target: Any, request: Any) -> Any:
         """:meth:`_Mesh._await_routes` on the event loop (no thread held while waiting)."""
-        remaining = _until_deadline(target, request)
-        if not await target.pending.wait_async(remaining if math.isfinite(remaining) else None):
-            raise self.lib.localize(_no_routes(target, request))
-        return self._router.route(request.url.host)
+        remaining = _until_deadline(self.config, target, request)
+        deadline = time.monotonic() + remaining
+        found = target
+        while found is not None and found.pending is not None and not found.pending.is_set():
+            left = deadline - time.monotonic()
+            if not await found.pending.wait_async(max(left, 0.0) if math.isfinite(left) else None):
+                raise self.lib.localize(_no_routes(found, request))
+            found = self._router.route(request.url.host)
+        return found
 
     async def _view(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
         """The endpoints a call picks from: the active view, after discovery's first answer on first use."""

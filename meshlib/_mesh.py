@@ -178,6 +178,9 @@ class _Router(Generic[T]):
             services[key] = Service(svc, config, resolver, functools.partial(_for_service, new_transport, key))
         self._state: _RouterState[T] = _RouterState(table, services)
         self._swap = threading.Lock()  # writers only (control-plane threads); lookups read the state lock-free
+        #: ``MESHLIB_XDS=all``: on a lookup miss, the latch a call to that host waits on while the control plane
+        #: has not said whether it routes it (:meth:`meshlib.control.xds.source.XdsSource.pending_for`).
+        self.dynamic: Callable[[str], Any] | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -264,6 +267,13 @@ class _Router(Generic[T]):
                             choices[id(backend)] = BackendChoice(rule, backend, backend_service, base, sni)
             called = service.name if service is not None else host.lower()
             found = _Target(key, called, service, routes, bases=bases, choices=choices)
+        elif self.dynamic is not None:
+            latch = self.dynamic(host)
+            if latch is not None:
+                found = _Target(key, host.lower(), None, None, bases={}, choices={})
+                found.pending = latch
+        if found is not None and found.pending is not None:
+            return found  # not cached: the answer changes when the control plane's does
         if len(cache) >= _ROUTE_CACHE_SIZE:
             cache.clear()  # bounded: arbitrary outside hosts must not grow memory
         cache[host] = found
@@ -321,10 +331,14 @@ class _Mesh(Generic[T]):
             self._watch_routes(config)
         self._finalizer = self._on_collect()
         _LIVE.add(self)
-        if any(svc.target.partition("://")[0].lower() == "xds" for svc in config.services.values()):
+        if config.xds == "all" or any(
+            svc.target.partition("://")[0].lower() == "xds" for svc in config.services.values()
+        ):
             from meshlib.control.xds.source import source_for
 
             self.xds = source_for(self, config, register_tls)
+            if config.xds == "all":
+                self._router.dynamic = self.xds.pending_for
             self.xds.start()
 
     def _watch_routes(self, config: MeshConfig) -> None:
@@ -397,6 +411,8 @@ class _Mesh(Generic[T]):
             self._tables_lock = threading.Lock()
             self._xds_table = None
             if self.xds is not None:  # the xDS services again, from the accepted resources; streams of its own
+                if self.config.xds == "all":
+                    self._router.dynamic = self.xds.pending_for
                 self.xds.after_fork(self)
         except Exception as exc:  # a resolver factory that fails the second time: refuse clearly, never share
             logger.exception("meshlib client could not be rebuilt after fork() in process %d", os.getpid())
@@ -458,6 +474,11 @@ class _Mesh(Generic[T]):
             old = self._router.add_services(added, self._combined(), replaced)
         self._routes_loaded_at = time.time()
         self._release(old)
+
+    def refresh_routes(self) -> None:
+        """Forget cached host lookups (the same tables, a new state): a control plane's set of hosts changed."""
+        with self._tables_lock:
+            self._router.install(self._router.table)
 
     def _combined(self) -> RouteTable:
         """The file's (or API's) table with the xDS one: xDS routes its own hosts, the file every other."""
@@ -724,12 +745,12 @@ def _publish_routes(mesh: _Mesh[Any], table: RouteTable, version: Any) -> None:
     mesh.install_routes(dataclasses.replace(table, source=version.path, version=version.version))
 
 
-def _until_deadline(target: _Target[Any], request: Any) -> float:
+def _until_deadline(config: MeshConfig, target: _Target[Any], request: Any) -> float:
     """Seconds left of ``request``'s deadline (its service's policy, scopes, the request's own); the request then
     carries what is left as its deadline, so waiting for routes counts against the whole call."""
-    assert target.service is not None
+    base = target.service.policy if target.service is not None else config.policy_for(target.key)
     rules = request.extensions.get(POLICY_EXTENSION)
-    _, deadline = effective(target.service.policy, rules if isinstance(rules, Policy) else None)
+    _, deadline = effective(base, rules if isinstance(rules, Policy) else None)
     remaining = deadline - time.monotonic()
     if remaining != float("inf"):
         narrowed = (rules if isinstance(rules, Policy) else Policy()).merge(Policy(deadline=max(remaining, 0.0)))
@@ -738,11 +759,10 @@ def _until_deadline(target: _Target[Any], request: Any) -> float:
 
 
 def _no_routes(target: _Target[Any], request: Any) -> DeadlineExceeded:
-    assert target.service is not None
     return DeadlineExceeded(
-        target.service.name,
-        f"no routes from the control plane within the deadline ({target.service.resolver.source}); they are "
-        "still awaited and will serve later calls",
+        target.name,
+        f"no routes from the control plane within the deadline ({target.pending.source}); they are still awaited "
+        "and will serve later calls",
         request=request,
     )
 
@@ -882,10 +902,15 @@ class MeshTransport(_Mesh[Any]):
     def _await_routes(self, target: _Target[Any], request: Any) -> _Target[Any] | None:
         """A call to a service whose control plane has not sent its first routes: wait for them (bounded by the
         call's deadline, which the rest of the call then keeps) and route again."""
-        remaining = _until_deadline(target, request)
-        if not target.pending.wait(min(max(remaining, 0.0), threading.TIMEOUT_MAX)):
-            raise self.lib.localize(_no_routes(target, request))
-        return self._router.route(request.url.host)
+        remaining = _until_deadline(self.config, target, request)
+        deadline = time.monotonic() + remaining
+        found: _Target[Any] | None = target
+        while found is not None and found.pending is not None and not found.pending.is_set():
+            left = deadline - time.monotonic()  # (a host may first wait for the control plane's hosts, then its own)
+            if not found.pending.wait(min(max(left, 0.0), threading.TIMEOUT_MAX)):
+                raise self.lib.localize(_no_routes(found, request))
+            found = self._router.route(request.url.host)
+        return found
 
     def _view(self, service: Service[Any], call: Call[Any]) -> Active[Any]:
         """The endpoints a call picks from: the active view, after discovery's first answer on first use."""

@@ -45,6 +45,7 @@ from meshlib._config.parse import (
     parse_server_telemetry,
     parse_statuses,
     parse_text,
+    parse_xds_mode,
 )
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
@@ -92,6 +93,7 @@ _GLOBALS: dict[str, tuple[str, _Parser]] = {
     "MESHLIB_ROUTES_RELOAD_INTERVAL": ("routes_reload_interval", parse_duration_or_zero),
     "MESHLIB_NAMESPACE": ("namespace", parse_namespace),
     "MESHLIB_MIRROR_CONCURRENCY": ("mirror_concurrency", parse_mirror_concurrency),
+    "MESHLIB_XDS": ("xds", parse_xds_mode),
 }
 
 #: Policy variables: suffix -> Policy field. ``MESHLIB_<SUFFIX>`` mesh-wide, ``MESHLIB_SERVICE_<NAME>__<SUFFIX>``

@@ -22,6 +22,7 @@ from meshlib._config.parse import (
     MAX_DURATION,
     NAMESPACE_EXPECTED,
     PERCENT_EXPECTED,
+    XDS_MODE_EXPECTED,
     control_character,
     is_header_name,
     is_namespace,
@@ -183,6 +184,9 @@ class MeshConfig:
       scale and Envoy's file-based xDS reacts within that too.
     * ``namespace=None`` -- ``MESHLIB_NAMESPACE``: the client's own Kubernetes namespace (an RFC 1123 label),
       which Gateway API consumer routes (GAMMA) are matched against; ``None``: unknown.
+    * ``xds=None`` -- ``MESHLIB_XDS``: ``"all"`` routes every host the xDS control plane (``GRPC_XDS_BOOTSTRAP``)
+      has a Listener for, from a wildcard LDS subscription; other hosts pass through. ``None``: only services
+      whose target is ``xds:///name`` are steered by xDS.
     * ``mirror_concurrency=16`` -- ``MESHLIB_MIRROR_CONCURRENCY``: mirrored requests (``RequestMirror``) one
       client keeps in flight; more are dropped and counted, so a slow or hung mirror never holds more
       (Envoy sends shadows without a limit; a bounded share of threads and sockets is the library's due).
@@ -211,6 +215,7 @@ class MeshConfig:
     routes_reload_interval: float = 1.0
     namespace: str | None = None
     mirror_concurrency: int = 16
+    xds: str | None = None
     #: The environment the settings were read from (``Client(environ=...)`` or ``os.environ``), for sources that
     #: read their own ecosystem's variables (``CONSUL_*``). Kept out of repr and comparisons: it holds secrets.
     environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
@@ -248,6 +253,7 @@ class MeshConfig:
         _check("MeshConfig", "mirror_concurrency", mirrors, ok, "an integer from 1 to 10,000")
         namespace = self.namespace
         _check("MeshConfig", "namespace", namespace, namespace is None or is_namespace(namespace), NAMESPACE_EXPECTED)
+        _check("MeshConfig", "xds", self.xds, self.xds in (None, "all"), XDS_MODE_EXPECTED)
         if not self.policy.complete:
             object.__setattr__(self, "policy", self.policy.resolved())
         policies = {key: self.policy.merge(svc.policy) for key, svc in self.services.items() if svc.policy is not None}

@@ -379,6 +379,17 @@ def parse_namespace(variable: str, raw: str) -> str:
     return text
 
 
+XDS_MODE_EXPECTED = "all (every host the xDS control plane has a Listener for is routed by it), or unset"
+
+
+def parse_xds_mode(variable: str, raw: str) -> str:
+    """``MESHLIB_XDS``: ``all``; any other value is refused (a typo must not leave xDS off silently)."""
+    text = raw.strip().lower()
+    if text != "all":
+        raise ConfigError(variable, shown(raw), XDS_MODE_EXPECTED)
+    return text
+
+
 def is_namespace(text: object) -> bool:
     """Whether ``text`` is a valid :func:`parse_namespace` value."""
     return isinstance(text, str) and _DNS_LABEL.fullmatch(text) is not None

@@ -253,3 +253,89 @@ async def test_the_async_client_waits_for_the_first_routes_on_its_loop(
         for _ in range(5):
             assert (await client.get("http://payments/more")).status_code == 200
     assert backend.count == 6
+
+
+# -- MESHLIB_XDS=all: every host the control plane has a Listener for --------------------------------------------
+
+
+def all_env(xds: XdsServer) -> dict[str, str]:
+    return {"GRPC_XDS_BOOTSTRAP_CONFIG": xds.bootstrap_json(), "MESHLIB_XDS": "all"}
+
+
+def host_listener(name: str, cluster: str) -> Any:
+    config = r.route_configuration(
+        f"{name}-routes", [r.virtual_host("vh", [name], [r.route(prefix="/", cluster=cluster)])]
+    )
+    return r.listener(name, route_config=config)
+
+
+def push_cluster(xds: XdsServer, clusters: dict[str, list[Backend]]) -> None:
+    xds.set(
+        CLUSTER_LOAD_ASSIGNMENT, [r.cluster_load_assignment(n, [r.locality(endpoints(b))]) for n, b in clusters.items()]
+    )
+    xds.set(CLUSTER, [r.cluster(name) for name in clusters])
+
+
+def test_xds_all_routes_every_host_with_a_listener_and_passes_the_others_through(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    mesh_backend, by_port, outside = start_backends(1), start_backends(1), start_backends(1)
+    push_cluster(xds, {"pay": mesh_backend, "led": by_port})
+    xds.set(LISTENER, [host_listener("payments", "pay"), host_listener(f"localhost:{outside[0].port}", "led")])
+    with meshlib.Client(environ=all_env(xds)) as client:
+        assert client.get("http://payments/a").status_code == 200  # waits for the wildcard LDS, then its routes
+        assert client.get(f"http://localhost:{outside[0].port}/b").status_code == 200  # host:port Listener
+        assert client.get(f"http://127.0.0.1:{outside[0].port}/c").status_code == 200  # no Listener: outside
+        xds.wait_for(lambda q: q.type_url == LISTENER and q.resource_names == ())  # a wildcard subscription
+    assert [b.requests[-1].path for b in (mesh_backend[0], by_port[0], outside[0])] == ["/a", "/b", "/c"]
+    assert served(mesh_backend + by_port + outside) == [1, 1, 1]
+
+
+def test_xds_all_a_listener_removed_lets_the_host_pass_through_again(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    in_mesh, outside = start_backends(1), start_backends(1)
+    name = f"localhost:{outside[0].port}"
+    push_cluster(xds, {"led": in_mesh})
+    xds.set(LISTENER, [host_listener(name, "led")])
+    with meshlib.Client(environ=all_env(xds)) as client:
+        assert client.get(f"http://{name}/in").status_code == 200
+        mark = xds.mark()
+        xds.remove(LISTENER, name)
+        xds.wait_for_ack(LISTENER, xds.version(LISTENER), after=mark)
+        for _ in range(200):
+            client.get(f"http://{name}/probe")
+            if outside[0].count:
+                break
+        assert outside[0].count and outside[0].requests[-1].path == "/probe"
+    assert in_mesh[0].requests[0].path == "/in"
+
+
+def test_xds_all_a_host_whose_routes_cannot_be_used_fails_rather_than_passing_through(
+    xds: XdsServer, start_backends: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane claims the host (a Listener) but its RouteConfiguration does not exist: 500 with the
+    reason, never a call to wherever the name resolves."""
+    from meshlib.control.xds import client as ads
+
+    monkeypatch.setattr(ads, "DOES_NOT_EXIST_TIMEOUT", 0.2)
+    (outside,) = start_backends(1)
+    name = f"localhost:{outside.port}"
+    xds.set(LISTENER, [r.listener(name, rds="missing-routes")])
+    with meshlib.Client(environ=all_env(xds)) as client:
+        response = client.get(f"http://{name}/")
+        assert response.status_code == 500
+        assert "no RouteConfiguration 'missing-routes'" in response.text
+    assert outside.count == 0
+
+
+def test_xds_all_without_a_bootstrap_is_a_config_error() -> None:
+    with pytest.raises(meshlib.ConfigError) as raised:
+        meshlib.Client(environ={"MESHLIB_XDS": "all"})
+    assert "MESHLIB_XDS" in str(raised.value) and "GRPC_XDS_BOOTSTRAP" in str(raised.value)
+
+
+def test_an_xds_target_without_a_bootstrap_names_the_variable() -> None:
+    with pytest.raises(meshlib.ConfigError) as raised:
+        meshlib.Client(environ={"MESHLIB_SERVICE_PAYMENTS": "xds:///payments"})
+    assert "MESHLIB_SERVICE_PAYMENTS" in str(raised.value) and "GRPC_XDS_BOOTSTRAP" in str(raised.value)

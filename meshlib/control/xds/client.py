@@ -132,6 +132,8 @@ class ConnectionState:
 
 
 Watcher = Callable[[ResourceState], None]
+#: Called with every resource a wildcard subscription holds (name -> state), after each answer of the type.
+WildcardWatcher = Callable[[dict[str, "ResourceState"]], None]
 ChannelFactory = Callable[[], Any]
 
 
@@ -141,6 +143,10 @@ class _Type:
 
     decoder: ResourceType
     watchers: dict[str, list[Watcher]] = field(default_factory=dict)
+    #: Watchers of every resource of the type (a wildcard subscription), called with the whole set.
+    wildcard: list[WildcardWatcher] = field(default_factory=list)
+    #: The names a wildcard answer last brought (their states are in ``states``).
+    wildcard_names: set[str] = field(default_factory=set)
     states: dict[str, ResourceState] = field(default_factory=dict)
     version: str = ""
     nonce: str = ""
@@ -220,6 +226,34 @@ class AdsClient:
 
         return cancel
 
+    def watch_all(self, type_url: str, watcher: WildcardWatcher) -> Callable[[], None]:
+        """Subscribe to every resource of ``type_url`` (an xDS wildcard: LDS and CDS only) and call ``watcher``
+        with all of them (name -> state) after each answer of that type; returns the function that cancels.
+
+        The request says wildcard the way every server understands: an empty name list while nothing is named,
+        else ``"*"`` beside the names (the xDS protocol's explicit wildcard)."""
+        with self._lock:
+            entry = self._types[type_url]
+            if not entry.decoder.all_in_response:
+                raise ValueError(f"a wildcard subscription is for LDS and CDS only, not {type_url}")
+            entry.wildcard.append(watcher)
+            if len(entry.wildcard) == 1:
+                self._send_subscription(type_url)
+        self.start()
+
+        def cancel() -> None:
+            with self._lock:
+                if watcher in entry.wildcard:
+                    entry.wildcard.remove(watcher)
+                    if not entry.wildcard:
+                        for name in entry.wildcard_names:
+                            if name not in entry.watchers:
+                                entry.states.pop(name, None)
+                        entry.wildcard_names.clear()
+                        self._send_subscription(type_url)
+
+        return cancel
+
     @property
     def node(self) -> Any:
         """The ``envoy.config.core.v3.Node`` this client identifies itself with."""
@@ -278,7 +312,9 @@ class AdsClient:
             type_url=type_url,
             version_info=entry.version,
             response_nonce=entry.nonce,
-            resource_names=sorted(entry.watchers),
+            resource_names=(["*", *sorted(entry.watchers)] if entry.watchers else [])
+            if entry.wildcard
+            else sorted(entry.watchers),
         )
         if self._first_message:  # the node goes in the stream's first request only (the protocol allows it)
             request.node.CopyFrom(self._node)
@@ -337,7 +373,7 @@ class AdsClient:
                     now = time.monotonic()
                     for name in entry.watchers:
                         entry.requested_at[name] = now
-                initial = [self._request(url) for url, entry in self._types.items() if entry.watchers]
+                initial = [self._request(url) for url, entry in self._types.items() if entry.watchers or entry.wildcard]
                 self._connected = True
                 self._streams += 1
                 self._since = time.time()
@@ -389,7 +425,7 @@ class AdsClient:
                 except XdsResourceError as exc:
                     name = exc.name or f"resources[{index}]"
                     errors.append(f"{type_url.rsplit('.', 1)[-1]} {name}: {exc}")
-                    if name in entry.watchers:
+                    if name in entry.watchers or entry.wildcard:
                         seen.add(name)
                         old = entry.states.get(name) or ResourceState(type_url, name)
                         nacked = ResourceState(
@@ -399,8 +435,8 @@ class AdsClient:
                         changed.append(nacked)
                     continue
                 seen.add(name)
-                if name not in entry.watchers:
-                    continue  # not subscribed (a wildcard answer): not kept
+                if name not in entry.watchers and not entry.wildcard:
+                    continue  # not subscribed (a wildcard answer to another watcher): not kept
                 entry.requested_at.pop(name, None)
                 previous = entry.states.get(name)
                 if previous is not None and previous.status == "ACKED" and previous.value == value:
@@ -411,12 +447,22 @@ class AdsClient:
                 entry.states[name] = accepted
                 changed.append(accepted)
             if entry.decoder.all_in_response and not self._ignore_deletion:
-                for name in list(entry.watchers):
+                for name in list(entry.watchers) + sorted(entry.wildcard_names - entry.watchers.keys()):
                     state = entry.states.get(name)
                     if name not in seen and state is not None and state.value is not None:
                         gone = ResourceState(type_url, name, None, response.version_info, "DOES_NOT_EXIST", None, now)
                         entry.states[name] = gone
                         changed.append(gone)
+            wildcard: list[WildcardWatcher] = []
+            everything: dict[str, ResourceState] = {}
+            if entry.wildcard:
+                kept = seen if not self._ignore_deletion else seen | entry.wildcard_names
+                for name in entry.wildcard_names - kept:
+                    if name not in entry.watchers:
+                        entry.states.pop(name, None)
+                entry.wildcard_names = {name for name in kept if name in entry.states}
+                everything = {name: entry.states[name] for name in sorted(entry.wildcard_names)}
+                wildcard = list(entry.wildcard)
             entry.nonce = response.nonce
             if errors:
                 self._outbox.put(self._request(type_url, error="; ".join(errors)))
@@ -428,6 +474,11 @@ class AdsClient:
                 self._outbox.put(self._request(type_url))
         for state in changed:
             self._notify(state)
+        for watch_all in wildcard:
+            try:
+                watch_all(everything)
+            except Exception:  # one watcher's bug must not stop the stream
+                logger.exception("xDS wildcard watcher for %s failed", type_url)
 
     def _notify(self, state: ResourceState) -> None:
         with self._lock:

@@ -68,7 +68,9 @@ MAX_AGGREGATE_DEPTH: Final = 16
 class Latch:
     """Set once (the first route table, or a known failure); waited on by calls, blocking or on an event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str = "xDS") -> None:
+        #: What is awaited, for error messages.
+        self.source = source
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._wakers: list[Callable[[], None]] = []
@@ -152,7 +154,7 @@ class XdsTarget:
         self.service = service
         self.target = target
         self.source = f"xDS {target}"
-        self.pending = Latch()
+        self.pending = Latch(self.source)
         #: Why calls cannot be routed (``None``: waiting for the control plane, or routed).
         self.why: str | None = None
 
@@ -198,7 +200,12 @@ class _Host:
     authority: str
     listener: ListenerTarget
     client: AdsClient
-    placeholder: XdsTarget
+    #: The configured service's placeholder resolver (``None``: a host found by ``MESHLIB_XDS=all``).
+    placeholder: XdsTarget | None
+    #: Set once the host is routed, or known not to be routable (calls wait on it until then).
+    latch: Latch = dataclasses.field(default_factory=Latch)
+    #: A host found by ``MESHLIB_XDS=all`` whose Listener is ``host:port``: its routes apply to that port only.
+    port: int | None = None
     lds: ResourceState | None = None
     route_name: str | None = None
     rds: ResourceState | None = None
@@ -285,8 +292,22 @@ class XdsSource:
             placeholder = mesh.services[key].resolver
             assert isinstance(placeholder, XdsTarget)
             self._hosts[key] = _Host(
-                key, svc.name, svc.target, path, listener, self._client_for(listener.servers), placeholder
+                key,
+                svc.name,
+                svc.target,
+                path,
+                listener,
+                self._client_for(listener.servers),
+                placeholder,
+                placeholder.pending,
             )
+        #: ``MESHLIB_XDS=all``: every Listener of the control plane (a wildcard LDS subscription) is a host.
+        self._all = config.xds == "all"
+        self._wildcard_client = self._client_for(bootstrap.servers) if self._all else None
+        #: Set when the first wildcard LDS answer is in (``all`` mode): until then calls to unknown hosts wait.
+        self._first_listeners = Latch(f"xDS wildcard LDS ({bootstrap.servers[0].server_uri})")
+        #: service key -> the latch of a host found by ``all`` whose routes are still due (replaced whole).
+        self._due: Mapping[str, Latch] = {}
         self._thread: threading.Thread | None = None
         self._finalizer = weakref.finalize(mesh, XdsSource._stop_all, self._events, list(self._clients.values()))
         self._finalizer.atexit = False
@@ -299,6 +320,21 @@ class XdsSource:
         self._thread.start()
         for host in self._hosts.values():
             self._watch_listener(host)
+        if self._wildcard_client is not None:
+            from meshlib.control.xds.client import LISTENER
+
+            events = self._events
+            self._wildcard_client.watch_all(LISTENER, lambda states: events.put(("lds*", None, states)))
+
+    def pending_for(self, host: str) -> Latch | None:
+        """``MESHLIB_XDS=all``: the latch a call to ``host`` (not otherwise in the mesh) waits on, or ``None``: it is
+        decided (routed by xDS, or outside the mesh). Lock-free: called by the router on a lookup miss."""
+        if not self._all:
+            return None
+        if not self._first_listeners.is_set():
+            return self._first_listeners
+        latch = self._due.get(service_key(host))
+        return latch if latch is not None and not latch.is_set() else None
 
     def close(self) -> None:
         """End every ADS stream and the apply thread (the installed routes stay as they are)."""
@@ -331,9 +367,11 @@ class XdsSource:
         if self._closed:
             return
         for host in self._hosts.values():
-            placeholder = mesh.services[host.key].resolver
-            assert isinstance(placeholder, XdsTarget)
-            host.placeholder = placeholder
+            if host.placeholder is not None:
+                placeholder = mesh.services[host.key].resolver
+                assert isinstance(placeholder, XdsTarget)
+                host.placeholder = placeholder
+                host.latch = placeholder.pending
         for cluster in self._clusters.values():
             cluster.installed = None  # the child's router has none of the parent's cluster services
         for client in self._clients.values():
@@ -377,7 +415,7 @@ class XdsSource:
                     host.target,
                     host.listener.resource_name,
                     host.route_name,
-                    host.placeholder.why is None and host.placeholder.pending.is_set(),
+                    host.error is None and host.latch.is_set(),
                     host.error,
                 )
                 for host in self._hosts.values()
@@ -458,6 +496,9 @@ class XdsSource:
     def _record(self, kind: str, name: Any, state: Any) -> None:
         from meshlib.control.xds.client import ROUTE_CONFIGURATION
 
+        if kind == "lds*":
+            self._listeners(state)
+            return
         if kind == "lds":
             host = self._hosts[name]
             host.lds = state
@@ -470,14 +511,12 @@ class XdsSource:
                     host.cancel_rds()
                 host.route_name, host.rds, host.cancel_rds = wanted, None, None
                 if wanted is not None:
-                    host.cancel_rds = host.client.watch(
-                        ROUTE_CONFIGURATION, wanted, self._post("rds", (host.key, wanted))
-                    )
+                    host.cancel_rds = host.client.watch(ROUTE_CONFIGURATION, wanted, self._post("rds", (name, wanted)))
         elif kind == "rds":
             key, route_name = name
-            host = self._hosts[key]
-            if host.route_name == route_name:
-                host.rds = state
+            found = self._hosts.get(key)
+            if found is not None and found.route_name == route_name:
+                found.rds = state
         elif kind == "cds":
             cluster = self._clusters.get(name)
             if cluster is not None:
@@ -522,6 +561,8 @@ class XdsSource:
         routes = table.services.get(service_key(host.authority))
         if routes is None:
             return None, None
+        if host.port is not None:
+            routes = {host.port: routes[None]}
         return RouteTable({host.key: routes}, table.source, version, table.routes), None
 
     def _apply(self) -> None:
@@ -533,11 +574,13 @@ class XdsSource:
         if mesh is None or self._closed:
             return
         parts: dict[str, RouteTable] = {}
-        for host in self._hosts.values():
+        for name, host in self._hosts.items():
             table, error = self._host_table(host)
             host.error = error
+            if table is None and error is not None and host.placeholder is None:
+                table = _unroutable(host, error)  # a host the control plane claims: fail, never pass through
             if table is not None:
-                parts[host.key] = table
+                parts[name] = table
         named: set[str] = set()
         for table in parts.values():
             for routes in table.services.values():
@@ -558,7 +601,7 @@ class XdsSource:
         with self._status_lock:
             self._waiting = waiting
         for host in self._hosts.values():  # a service that cannot be routed fails its calls now, with the reason
-            if host.error is not None and host.key not in parts:
+            if host.error is not None and host.placeholder is not None:
                 self._routed(host, host.error)
         if waiting:
             logger.debug("xDS: holding the new routes until CDS answers for %s", ", ".join(waiting))
@@ -598,17 +641,56 @@ class XdsSource:
             mesh.remove_services(dropped)
         with self._status_lock:
             self._applied += 1
-        for host in self._hosts.values():
-            if host.key in parts:
-                self._routed(host, None)
+        for name, host in self._hosts.items():
+            if name in parts:
+                self._routed(host, host.error)
         logger.debug("xDS: installed routes for %s (%d clusters)", ", ".join(sorted(parts)) or "no service", len(named))
 
     def _routed(self, host: _Host, why: str | None) -> None:
+        placeholder = host.placeholder
         with self._status_lock:
-            if why is not None and host.placeholder.why != why:
+            if why is not None and (placeholder is None or placeholder.why != why):
                 logger.warning("xDS service %s (%s) cannot be routed: %s", host.name, host.target, why)
-            host.placeholder.why = why
-        host.placeholder.pending.set()
+            if placeholder is not None:
+                placeholder.why = why
+        host.latch.set()
+
+    def _listeners(self, states: Mapping[str, ResourceState]) -> None:
+        """A wildcard LDS answer (``MESHLIB_XDS=all``): a host for each Listener named ``host`` or ``host:port``,
+        hosts whose Listener went away dropped; calls to a new host wait for its routes."""
+        from meshlib.control.xds.bootstrap import ListenerTarget
+
+        client = self._wildcard_client
+        assert client is not None
+        configured = {host.listener.resource_name for host in self._hosts.values() if host.placeholder is not None}
+        current = {name for name, host in self._hosts.items() if host.placeholder is None}
+        wanted: dict[str, ResourceState] = {}
+        for name, state in states.items():
+            if name in configured or (state.value is None and state.status != "NACKED"):
+                continue
+            if _listener_host(name) is None:
+                continue  # not a name a request host can have (an xdstp: name, a server listener...)
+            wanted[name] = state
+        for name in current - wanted.keys():
+            host = self._hosts.pop(name)
+            if host.cancel_rds is not None:
+                host.cancel_rds()
+            host.latch.set()
+        for name, state in wanted.items():
+            if name not in self._hosts:
+                found = _listener_host(name)
+                assert found is not None
+                called, port = found
+                target = ListenerTarget(name, tuple(self._bootstrap.servers))
+                self._hosts[name] = _Host(
+                    service_key(called), called, f"xds:///{name}", name, target, client, None, port=port
+                )
+            self._record("lds", name, state)
+        mesh = self._mesh()
+        self._due = {host.key: host.latch for host in self._hosts.values() if not host.latch.is_set()}
+        if mesh is not None:
+            mesh.refresh_routes()  # lookups cached before (an outside host that now has a Listener) start over
+        self._first_listeners.set()
 
     def _closure(self, named: set[str]) -> set[str]:
         """``named`` and, for each aggregate cluster already answered, its children (depth-bounded)."""
@@ -785,17 +867,43 @@ async def _aonce(resolver: Resolver) -> Resolution:
 
 
 def _merge(tables: Iterable[RouteTable]) -> RouteTable:
-    """One table of every xDS service's routes."""
+    """One table of every xDS service's routes (a host's port-specific Listeners beside its port-less one)."""
     services: dict[str, Any] = {}
     versions: list[str] = []
     routes: list[str] = []
     source = ""
     for table in tables:
-        services.update(table.services)
+        for key, by_port in table.services.items():
+            services[key] = {**services.get(key, {}), **by_port}
         versions.append(table.version)
         routes.extend(table.routes)
         source = source or table.source
     return RouteTable(services, source or "xds", ";".join(versions), tuple(routes))
+
+
+def _listener_host(name: str) -> tuple[str, int | None] | None:
+    """The request host (and port) a Listener named ``host`` or ``host:port`` serves; ``None`` for other names."""
+    if not name or "/" in name:
+        return None
+    host, colon, port = name.rpartition(":")
+    if colon and port.isdigit() and host:
+        if host.startswith("[") and host.endswith("]"):
+            return host[1:-1], int(port)
+        if ":" not in host:
+            return host, int(port)
+    return name, None
+
+
+def _unroutable(host: _Host, why: str) -> RouteTable:
+    """Routes that answer every call to ``host`` with 500 and ``why``: a host the control plane has a Listener for
+    but whose routes cannot be used must fail, not pass through to wherever its name resolves."""
+    from meshlib.routing.model import NO_FILTERS, Backend, HostRoutes, RouteMatch, Rule
+
+    label = f"xds:{host.listener.resource_name}"
+    match = RouteMatch()
+    rule = Rule(label, 0, (match,), NO_FILTERS, (Backend(None, 1, invalid=why),))
+    routes = HostRoutes(host.name, ((match, rule),), reads_query=False)
+    return RouteTable({host.key: {host.port: routes}}, label, "", (label,))
 
 
 def node_proto(bootstrap: Bootstrap) -> Any:
@@ -830,27 +938,31 @@ def _thaw(value: Any) -> Any:
 
 
 def source_for(mesh: Any, config: MeshConfig, register_tls: Callable[[str, TLSSettings], None] | None) -> XdsSource:
-    """The :class:`XdsSource` of a client whose services use ``xds:``: the bootstrap from the environment
-    (:class:`~meshlib.ConfigError` if there is none, or the ``xds`` extra is missing)."""
-    from meshlib.control.xds.bootstrap import BOOTSTRAP_CONFIG_VARIABLE, BOOTSTRAP_FILE_VARIABLE, from_env
+    """The :class:`XdsSource` of a client with ``xds:`` targets or ``MESHLIB_XDS=all``: the bootstrap from the
+    environment (:class:`~meshlib.ConfigError` naming the setting if there is none, or the ``xds`` extra is
+    missing)."""
+    from meshlib.control.xds.bootstrap import BOOTSTRAP_CONFIG_VARIABLE, BOOTSTRAP_FILE_VARIABLE
 
-    first = next(svc for svc in config.services.values() if svc.target.partition("://")[0].lower() == "xds")
+    first = next((svc for svc in config.services.values() if svc.target.partition("://")[0].lower() == "xds"), None)
+    variable, value = (
+        ("MESHLIB_XDS", "all") if first is None else (first.variable or f"services[{first.name!r}]", first.target)
+    )
     try:
         import envoy.config.listener.v3.listener_pb2  # noqa: F401
         import grpc  # noqa: F401
     except ImportError as error:
         raise ConfigError(
-            first.variable or f"services[{first.name!r}]",
-            first.target,
-            f"the xds extra installed for an xds: target: pip install 'meshlib[xds]' ({error})",
+            variable, value, f"the xds extra installed for xDS: pip install 'meshlib[xds]' ({error})"
         ) from None
+    from meshlib.control.xds.bootstrap import from_env
+
     bootstrap = from_env(config.environ)
     if bootstrap is None:
         raise ConfigError(
-            first.variable or f"services[{first.name!r}]",
-            first.target,
-            f"an xDS bootstrap for an xds: target: set {BOOTSTRAP_FILE_VARIABLE} (a file) or "
-            f"{BOOTSTRAP_CONFIG_VARIABLE} (the JSON), as for gRPC's proxyless clients",
+            variable,
+            value,
+            f"an xDS bootstrap: set {BOOTSTRAP_FILE_VARIABLE} (a file) or {BOOTSTRAP_CONFIG_VARIABLE} (the JSON), "
+            "as for gRPC's proxyless clients",
         )
     for svc in config.services.values():
         if svc.target.partition("://")[0].lower() == "xds":
