@@ -327,6 +327,10 @@ class _Mesh(Generic[T]):
         self._shadowed: list[str] = []
         #: The xDS control plane steering this client (``xds:`` targets), or ``None``.
         self.xds: Any = None
+        #: The services whose routes only xDS gives (a routes file's for them are ignored).
+        self._xds_hosts = frozenset(
+            key for key, svc in config.services.items() if svc.target.partition("://")[0].lower() == "xds"
+        )
         if config.routes_file is not None:
             self._watch_routes(config)
         self._finalizer = self._on_collect()
@@ -481,15 +485,12 @@ class _Mesh(Generic[T]):
             self._router.install(self._router.table)
 
     def _combined(self) -> RouteTable:
-        """The file's (or API's) table with the xDS one: xDS routes its own hosts, the file every other."""
+        """The file's (or API's) table with the xDS one: xDS routes its own hosts (the ``xds:`` services, from the
+        start, and every host its table has), the file every other."""
         xds = self._xds_table
         base = self._base_table
-        if xds is None:
-            return base
-        if not base.services:
-            return xds
-        services = dict(base.services)
-        shadowed = sorted(key for key in xds.services if key in services)
+        claimed = self._xds_hosts if xds is None else self._xds_hosts | xds.services.keys()
+        shadowed = sorted(key for key in claimed if key in base.services)
         if shadowed and shadowed != self._shadowed:
             logger.warning(
                 "routes of %s come from xDS; the routes %s has for them are ignored",
@@ -497,6 +498,13 @@ class _Mesh(Generic[T]):
                 base.source or "the route table",
             )
         self._shadowed = shadowed
+        if xds is None and not shadowed:
+            return base
+        if not base.services and xds is not None:
+            return xds
+        services = {key: routes for key, routes in base.services.items() if key not in claimed}
+        if xds is None:
+            return dataclasses.replace(base, services=services)
         services.update(xds.services)
         return RouteTable(
             services,

@@ -339,3 +339,48 @@ def test_an_xds_target_without_a_bootstrap_names_the_variable() -> None:
     with pytest.raises(meshlib.ConfigError) as raised:
         meshlib.Client(environ={"MESHLIB_SERVICE_PAYMENTS": "xds:///payments"})
     assert "MESHLIB_SERVICE_PAYMENTS" in str(raised.value) and "GRPC_XDS_BOOTSTRAP" in str(raised.value)
+
+
+ROUTES_FILE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: %(host)s}
+spec:
+  parentRefs: [{kind: Service, group: "", name: %(host)s}]
+  rules:
+  - backendRefs: [{name: %(backend)s}]
+"""
+
+
+def test_the_routes_file_routes_the_hosts_xds_does_not(
+    xds: XdsServer, start_backends: BackendFactory, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both sources apply: xDS routes payments (its own host; the file's route for it is ignored, with a
+    WARNING), the file routes ledger to ledger-v2."""
+    from tests.conftest import static_target
+
+    pay, ledger_v1, ledger_v2, file_pay = start_backends(1), start_backends(1), start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": pay})
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        ROUTES_FILE % {"host": "ledger", "backend": "ledger-v2"}
+        + "---\n"
+        + ROUTES_FILE % {"host": "payments", "backend": "file-pay"}
+    )
+    environ = env(xds, payments="xds:///payments")
+    environ.update(
+        {
+            "MESHLIB_ROUTES_FILE": str(routes),
+            "MESHLIB_SERVICE_LEDGER": static_target(ledger_v1),
+            "MESHLIB_SERVICE_LEDGER_V2": static_target(ledger_v2),
+            "MESHLIB_SERVICE_FILE_PAY": static_target(file_pay),
+        }
+    )
+    with caplog.at_level("WARNING", logger="meshlib"), meshlib.Client(environ=environ) as client:
+        for _ in range(5):
+            assert client.get("http://payments/").status_code == 200
+            assert client.get("http://ledger/").status_code == 200
+        status = client.mesh_status()
+    assert served(pay + ledger_v1 + ledger_v2 + file_pay) == [5, 0, 5, 0]
+    assert any("routes of PAYMENTS come from xDS" in record.getMessage() for record in caplog.records)
+    assert status.routes is not None and str(routes) in status.routes.source and "xds" in status.routes.source
