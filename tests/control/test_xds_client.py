@@ -214,3 +214,32 @@ def test_the_admin_endpoint_serves_the_config_dump(server: XdsServer) -> None:
     assert len(mine) == 1
     (entry,) = mine[0]["genericXdsConfigs"]
     assert (entry["name"], entry["clientStatus"], entry["versionInfo"]) == ("a", "ACKED", version)
+
+
+def test_a_wildcard_subscription_gets_every_resource_and_its_deletions(server: XdsServer) -> None:
+    """``watch_all``: an empty name list (the wildcard every server understands), every cluster of each answer,
+    deletions; with a named watch as well, ``*`` beside the name; invalid ones NACKed but kept out of the set."""
+    server.set(CLUSTER, [r.cluster("a"), r.cluster("b")])
+    seen: queue.Queue[dict[str, ResourceState]] = queue.Queue()
+    ads = client(server)
+    try:
+        cancel = ads.watch_all(CLUSTER, seen.put)
+        first = seen.get(timeout=10)
+        assert {name: state.status for name, state in first.items()} == {"a": "ACKED", "b": "ACKED"}
+        assert server.requests[0].resource_names == ()  # legacy wildcard
+        mark = server.mark()
+        server.set(CLUSTER, [r.cluster("b"), maglev("c")])
+        server.wait_for_nack(CLUSTER, after=mark)
+        second = seen.get(timeout=10)
+        assert "a" not in second and second["b"].value == "ROUND_ROBIN"  # a deleted
+        assert second["c"].status == "NACKED" and second["c"].value is None
+        named: queue.Queue[ResourceState] = queue.Queue()
+        mark = server.mark()
+        ads.watch(CLUSTER, "b", named.put)
+        request = server.wait_for(lambda q: q.type_url == CLUSTER and "b" in q.resource_names, after=mark)
+        assert set(request.resource_names) == {"*", "b"}  # explicit wildcard beside the named resource
+        cancel()
+        request = server.wait_for(lambda q: q.type_url == CLUSTER and "*" not in q.resource_names, after=mark)
+        assert request.resource_names == ("b",)
+    finally:
+        ads.close()
