@@ -16,6 +16,7 @@ import pytest
 import meshlib
 from meshlib.control.xds.client import CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION
 from meshlib.testing import Backend
+from tests.anyio_backends import asyncio_and_trio  # noqa: F401 (the anyio_backend fixture: both loops)
 from tests.conftest import BackendFactory
 from tests.servers import xds_resources as r
 from tests.servers.xds import XdsServer
@@ -384,3 +385,15 @@ def test_the_routes_file_routes_the_hosts_xds_does_not(
     assert served(pay + ledger_v1 + ledger_v2 + file_pay) == [5, 0, 5, 0]
     assert any("routes of PAYMENTS come from xDS" in record.getMessage() for record in caplog.records)
     assert status.routes is not None and str(routes) in status.routes.source and "xds" in status.routes.source
+
+
+@pytest.mark.anyio
+async def test_xds_all_on_the_async_client(xds: XdsServer, start_backends: BackendFactory) -> None:
+    """The async driver waits for the wildcard answer and the host's routes on its loop, then passes others."""
+    in_mesh, outside = start_backends(1), start_backends(1)
+    push_cluster(xds, {"pay": in_mesh})
+    xds.set(LISTENER, [host_listener("payments", "pay")])
+    async with meshlib.AsyncClient(environ=all_env(xds)) as client:
+        assert (await client.get("http://payments/in")).status_code == 200
+        assert (await client.get(f"http://127.0.0.1:{outside[0].port}/out")).status_code == 200
+    assert served(in_mesh + outside) == [1, 1]
