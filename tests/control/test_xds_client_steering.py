@@ -397,3 +397,56 @@ async def test_xds_all_on_the_async_client(xds: XdsServer, start_backends: Backe
         assert (await client.get("http://payments/in")).status_code == 200
         assert (await client.get(f"http://127.0.0.1:{outside[0].port}/out")).status_code == 200
     assert served(in_mesh + outside) == [1, 1]
+
+
+def test_a_listener_switching_to_a_route_configuration_not_yet_sent_keeps_the_old_routes(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    v1, v2 = start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 100, "pay-v2": 0})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        assert client.get("http://payments/").status_code == 200
+        mark = xds.mark()
+        version = xds.set(LISTENER, [r.listener("payments", rds="payments-routes-2")])  # not sent yet
+        xds.wait_for_ack(LISTENER, version, after=mark)
+        xds.wait_for(
+            lambda q: q.type_url == ROUTE_CONFIGURATION and "payments-routes-2" in q.resource_names, after=mark
+        )
+        for _ in range(10):
+            assert client.get("http://payments/").status_code == 200  # the old route configuration serves
+        assert served(v1 + v2) == [11, 0]
+        routes = [r.route(prefix="/", cluster="pay-v2")]
+        xds.set(
+            ROUTE_CONFIGURATION,
+            [r.route_configuration("payments-routes-2", [r.virtual_host("vh", ["payments"], routes)])],
+        )
+        wait_until_routed(client, v2)
+
+
+def test_a_route_to_a_cluster_only_ever_nacked_does_not_half_apply(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    v1, v2 = start_backends(1), start_backends(1)
+    push_payments(xds, {"pay-v1": v1})
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        assert client.get("http://payments/").status_code == 200
+        mark = xds.mark()
+        bad = r.cluster("pay-v2")
+        bad.lb_policy = bad.MAGLEV  # refused: pay-v2 has no accepted version
+        cds = xds.set(CLUSTER, [r.cluster("pay-v1"), bad])
+        routes = [r.route(prefix="/", cluster="pay-v2")]
+        rds = xds.set(
+            ROUTE_CONFIGURATION,
+            [r.route_configuration("payments-routes", [r.virtual_host("vh", ["payments"], routes)])],
+        )
+        xds.wait_for_ack(ROUTE_CONFIGURATION, rds, after=mark)
+        xds.wait_for_nack(CLUSTER, cds, after=mark)
+        for _ in range(10):
+            assert client.get("http://payments/").status_code == 200  # the previous table: v1, never a 500
+        assert served(v1 + v2) == [11, 0]
+        xds.set(
+            CLUSTER_LOAD_ASSIGNMENT,
+            [r.cluster_load_assignment(n, [r.locality(endpoints(b))]) for n, b in (("pay-v1", v1), ("pay-v2", v2))],
+        )
+        xds.set(CLUSTER, [r.cluster("pay-v1"), r.cluster("pay-v2")])  # fixed: the new routes apply
+        wait_until_routed(client, v2)

@@ -210,6 +210,8 @@ class _Host:
     route_name: str | None = None
     rds: ResourceState | None = None
     cancel_rds: Callable[[], None] | None = None
+    #: The routes last installed for this host: kept while a new RouteConfiguration is due or was rejected.
+    last: RouteTable | None = None
     error: str | None = None
     version: str = ""
 
@@ -522,29 +524,38 @@ class XdsSource:
             if cluster is not None:
                 cluster.state = state
 
-    def _host_table(self, host: _Host) -> tuple[RouteTable | None, str | None]:
-        """The routes of one service from its Listener and RouteConfiguration: (table, None), (None, why it
-        cannot be routed) or (None, None) while an answer is still due."""
+    def _host_routes(self, host: _Host) -> tuple[RouteTable | None, str | None]:
+        """:meth:`_host_table`, except that while an answer is due, or when the newest one was rejected, the routes
+        installed before keep serving (gRPC keeps a Listener's old route configuration until the new one comes)."""
+        table, error, deleted = self._host_table(host)
+        if table is None and not deleted and host.last is not None:
+            return host.last, None
+        return table, error
+
+    def _host_table(self, host: _Host) -> tuple[RouteTable | None, str | None, bool]:
+        """The routes of one service from its Listener and RouteConfiguration: (table, None, False); (None, why
+        it cannot be routed, deleted: the control plane said a resource does not exist); or (None, None, False)
+        while an answer is still due."""
         from meshlib.control.xds.resources.rds import NoVirtualHostError, to_route_table
 
         lds = host.lds
         if lds is None:
-            return None, None
+            return None, None, False
         if lds.value is None:
             if lds.status == "DOES_NOT_EXIST":
-                return None, f"the xDS control plane has no Listener {host.listener.resource_name!r}"
-            return None, f"the Listener {host.listener.resource_name!r} was rejected: {lds.error}"
+                return None, f"the xDS control plane has no Listener {host.listener.resource_name!r}", True
+            return None, f"the Listener {host.listener.resource_name!r} was rejected: {lds.error}", False
         listener: Any = lds.value
         config = listener.inline_route_config
         version = f"lds:{lds.version}"
         if config is None:
             rds = host.rds
             if rds is None:
-                return None, None
+                return None, None, False
             if rds.value is None:
                 if rds.status == "DOES_NOT_EXIST":
-                    return None, f"the xDS control plane has no RouteConfiguration {host.route_name!r}"
-                return None, f"the RouteConfiguration {host.route_name!r} was rejected: {rds.error}"
+                    return None, f"the xDS control plane has no RouteConfiguration {host.route_name!r}", True
+                return None, f"the RouteConfiguration {host.route_name!r} was rejected: {rds.error}", False
             config = rds.value
             version += f",rds:{rds.version}"
         try:
@@ -557,13 +568,13 @@ class XdsSource:
                 version=version,
             )
         except NoVirtualHostError as error:
-            return None, str(error)
+            return None, str(error), True
         routes = table.services.get(service_key(host.authority))
         if routes is None:
-            return None, None
+            return None, None, False
         if host.port is not None:
             routes = {host.port: routes[None]}
-        return RouteTable({host.key: routes}, table.source, version, table.routes), None
+        return RouteTable({host.key: routes}, table.source, version, table.routes), None, False
 
     def _apply(self) -> None:
         """Recompute the table from every service's state and install it with its clusters, or wait."""
@@ -575,7 +586,7 @@ class XdsSource:
             return
         parts: dict[str, RouteTable] = {}
         for name, host in self._hosts.items():
-            table, error = self._host_table(host)
+            table, error = self._host_routes(host)
             host.error = error
             if table is None and error is not None and host.placeholder is None:
                 table = _unroutable(host, error)  # a host the control plane claims: fail, never pass through
@@ -597,7 +608,7 @@ class XdsSource:
                 cluster = _Cluster(name, client, lambda: None)
                 self._clusters[name] = cluster
                 cluster.cancel = client.watch(CLUSTER, name, self._post("cds", name))
-        waiting = sorted(name for name in needed if self._clusters[name].state is None)
+        waiting = sorted(name for name in needed if _due(self._clusters[name].state))
         with self._status_lock:
             self._waiting = waiting
         for host in self._hosts.values():  # a service that cannot be routed fails its calls now, with the reason
@@ -642,6 +653,7 @@ class XdsSource:
         with self._status_lock:
             self._applied += 1
         for name, host in self._hosts.items():
+            host.last = parts.get(name) if host.error is None else None
             if name in parts:
                 self._routed(host, host.error)
         logger.debug("xDS: installed routes for %s (%d clusters)", ", ".join(sorted(parts)) or "no service", len(named))
@@ -864,6 +876,12 @@ def _once(resolver: Resolver) -> Resolution:
 async def _aonce(resolver: Resolver) -> Resolution:
     peek = getattr(resolver, "current", None)
     return peek() if peek is not None else await resolver.aresolve()
+
+
+def _due(state: ResourceState | None) -> bool:
+    """Whether a cluster holds a new table back: no answer yet, or only rejected versions (a table naming a cluster
+    the control plane sent wrong would half-apply; one the control plane says does not exist does not wait)."""
+    return state is None or (state.value is None and state.status in ("REQUESTED", "NACKED"))
 
 
 def _merge(tables: Iterable[RouteTable]) -> RouteTable:
