@@ -217,6 +217,11 @@ def test_agent_restart_reconnects_and_keeps_the_last_svid_meanwhile(mesh: Mesh, 
             asyncio.run(client.aclose())
 
 
+@pytest.mark.skipif(
+    not os.environ.get("MESHLIB_TEST_GRPC_FORK"),
+    reason="a forked child opening a gRPC stream crashes or hangs inside grpcio about once in 100-300 forks "
+    "(gRPC's fork support is best effort: docs/security.md, fork()); run with MESHLIB_TEST_GRPC_FORK=1",
+)
 def test_a_forked_child_opens_its_own_stream(mesh: Mesh) -> None:
     """The child must not use the parent's gRPC stream: it opens its own and gets rotations through it."""
     from tests.test_fork import _both
