@@ -205,6 +205,8 @@ class _Host:
     cancel_rds: Callable[[], None] | None = None
     error: str | None = None
     version: str = ""
+    #: cluster -> the request header its ring hash reads (A42: a route's first header hash policy).
+    hash_headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -486,7 +488,7 @@ class XdsSource:
     def _host_table(self, host: _Host) -> tuple[RouteTable | None, str | None]:
         """The routes of one service from its Listener and RouteConfiguration: (table, None), (None, why it
         cannot be routed) or (None, None) while an answer is still due."""
-        from meshlib.control.xds.resources.rds import NoVirtualHostError, to_route_table
+        from meshlib.control.xds.resources.rds import NoVirtualHostError, find_virtual_host, to_route_table
 
         lds = host.lds
         if lds is None:
@@ -522,6 +524,8 @@ class XdsSource:
         routes = table.services.get(service_key(host.authority))
         if routes is None:
             return None, None
+        virtual_host = find_virtual_host(config, host.authority)  # the one to_route_table chose
+        host.hash_headers = _route_hash_headers(virtual_host.routes if virtual_host is not None else ())
         return RouteTable({host.key: routes}, table.source, version, table.routes), None
 
     def _apply(self) -> None:
@@ -563,7 +567,7 @@ class XdsSource:
         if waiting:
             logger.debug("xDS: holding the new routes until CDS answers for %s", ", ".join(waiting))
             return
-        hashes = self._hash_headers(parts)
+        hashes = self._hash_headers(host for host in self._hosts.values() if host.key in parts)
         added: dict[str, tuple[ServiceConfig, Resolver]] = {}
         replaced: dict[str, tuple[ServiceConfig, Resolver]] = {}
         dropped: list[str] = []  # services of clusters now known not to exist, or no longer named
@@ -630,19 +634,12 @@ class XdsSource:
         return needed
 
     @staticmethod
-    def _hash_headers(parts: Mapping[str, RouteTable]) -> dict[str, str]:
-        """The request header each cluster's ring hash uses: the first header hash policy of a route to it."""
+    def _hash_headers(hosts: Iterable[_Host]) -> dict[str, str]:
+        """The request header each cluster's ring hash uses: the first one a routed service's routes give it."""
         found: dict[str, str] = {}
-        for table in parts.values():
-            for routes in table.services.values():
-                for host_routes in routes.values():
-                    for _, rule in host_routes.entries:
-                        header = getattr(rule.policy, "hash_header", None)
-                        if header is None:
-                            continue
-                        for backend in rule.backends:
-                            if backend.service is not None:
-                                found.setdefault(backend.service.partition(":")[2], header)
+        for host in hosts:
+            for cluster, header in host.hash_headers.items():
+                found.setdefault(cluster, header)
         return found
 
     def _service_for(
@@ -782,6 +779,19 @@ def _once(resolver: Resolver) -> Resolution:
 async def _aonce(resolver: Resolver) -> Resolution:
     peek = getattr(resolver, "current", None)
     return peek() if peek is not None else await resolver.aresolve()
+
+
+def _route_hash_headers(routes: Iterable[Any]) -> dict[str, str]:
+    """cluster -> header from validated routes (``RouteUpdate.hash_policies``, A42): each route's first header
+    policy, for every cluster the route names; the first route naming a cluster wins. (A ``regex_rewrite`` and
+    ``io.grpc.channel_id`` are not applied: meshlib's ring hash keys on one header's value.)"""
+    found: dict[str, str] = {}
+    for route in routes:
+        header = next((p.header for p in route.hash_policies if p.kind == "header" and p.header), None)
+        if header is not None:
+            for cluster in route.clusters:
+                found.setdefault(cluster.name, header)
+    return found
 
 
 def _merge(tables: Iterable[RouteTable]) -> RouteTable:
