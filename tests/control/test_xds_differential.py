@@ -15,14 +15,20 @@ byte the same for both clients, and the two clients see the same pushes at the s
 (gRPC and HTTP servers on two ports with EDS per client) would make the clients read different resources, and a
 ring hash, which hashes endpoint addresses, would get different rings by construction.
 
-**Sample size.** meshlib draws from ``client.mesh.rng``, seeded here, so its shares are reproducible; gRPC's
-weighted_clusters and weighted_target (locality) picks draw from C-core's own random generator. For a share ``p``
-measured over ``n`` of gRPC's calls the standard deviation is ``sqrt(p(1-p)/n)``; the worst case in these
-scenarios is ``p = 0.5`` (50/30/20). With ``N_RANDOM = 12_000`` calls per client that is 0.0046, and meshlib's
-seeded shares land within 0.005 of ideal (asserted), so the 2-point bound leaves at least 0.015 = 3.3 sigma for
-gRPC's noise on each share: a false failure about once in 1,000 runs per share in the worst case, far less for
-the 80/20 and 3:1 splits (sigma 0.0037-0.0040: 3.8-4 sigma). Round robin and priority choices are deterministic
-in both clients, so those scenarios need few calls (``N_DETERMINISTIC``), and ring hash compares per key.
+**Sample size.** Where a client draws at random (weighted_clusters; gRPC's weighted_target between localities)
+each of gRPC's endpoint shares ``p`` over ``n`` calls has standard deviation ``sqrt(p(1-p)/n)``. meshlib's draws
+come from ``client.mesh.rng``, set to :class:`Evenly` (the golden-ratio sequence): its weighted shares are then
+exact to about ``log(n)/n`` (0.1 point in ``N_MESH_RANDOM = 1,000`` calls; asserted within 0.5 point of ideal),
+so gRPC's draws are the only noise. With ``N_GRPC_RANDOM = 12,000`` calls the worst case, ``p = 0.5`` (50/30/20),
+has sigma 0.46 point; the 2-point bound minus meshlib's at most 0.5 leaves 1.5 points = 3.3 sigma (a false
+failure about once in 1,000 runs per share; 4.2 sigma, 3 in 100,000, at meshlib's measured 0.1), and the 80/20 and
+3:1 splits (sigma 0.37-0.40) have more margin. Round robin and priorities are deterministic in both clients, so
+those scenarios compare exact shares over ``N_DETERMINISTIC`` calls after a warm-up (:func:`warm_up`: gRPC balances
+over READY subchannels only). Ring hash compares, per header value, where each client sends it.
+
+**What differs, by design** (asserted, and documented in docs/xds.md "Differential checks against gRPC"): gRPC's
+round_robin ignores endpoint ``load_balancing_weight`` (meshlib honours it, as Envoy does), and the two clients'
+hash rings differ, so a header value is sticky on each client but not to the same endpoint on both.
 """
 
 from __future__ import annotations
