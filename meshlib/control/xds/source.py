@@ -214,6 +214,8 @@ class _Host:
     last: RouteTable | None = None
     error: str | None = None
     version: str = ""
+    #: cluster -> the request header its ring hash reads (A42: a route's first header hash policy).
+    hash_headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -536,7 +538,7 @@ class XdsSource:
         """The routes of one service from its Listener and RouteConfiguration: (table, None, False); (None, why
         it cannot be routed, deleted: the control plane said a resource does not exist); or (None, None, False)
         while an answer is still due."""
-        from meshlib.control.xds.resources.rds import NoVirtualHostError, to_route_table
+        from meshlib.control.xds.resources.rds import NoVirtualHostError, find_virtual_host, to_route_table
 
         lds = host.lds
         if lds is None:
@@ -572,6 +574,8 @@ class XdsSource:
         routes = table.services.get(service_key(host.authority))
         if routes is None:
             return None, None, False
+        virtual_host = find_virtual_host(config, host.authority)  # the one to_route_table chose
+        host.hash_headers = _route_hash_headers(virtual_host.routes if virtual_host is not None else ())
         if host.port is not None:
             routes = {host.port: routes[None]}
         return RouteTable({host.key: routes}, table.source, version, table.routes), None, False
@@ -617,7 +621,7 @@ class XdsSource:
         if waiting:
             logger.debug("xDS: holding the new routes until CDS answers for %s", ", ".join(waiting))
             return
-        hashes = self._hash_headers(parts)
+        hashes = self._hash_headers(host for host in self._hosts.values() if host.key in parts)
         added: dict[str, tuple[ServiceConfig, Resolver]] = {}
         replaced: dict[str, tuple[ServiceConfig, Resolver]] = {}
         dropped: list[str] = []  # services of clusters now known not to exist, or no longer named
@@ -724,19 +728,12 @@ class XdsSource:
         return needed
 
     @staticmethod
-    def _hash_headers(parts: Mapping[str, RouteTable]) -> dict[str, str]:
-        """The request header each cluster's ring hash uses: the first header hash policy of a route to it."""
+    def _hash_headers(hosts: Iterable[_Host]) -> dict[str, str]:
+        """The request header each cluster's ring hash uses: the first one a routed service's routes give it."""
         found: dict[str, str] = {}
-        for table in parts.values():
-            for routes in table.services.values():
-                for host_routes in routes.values():
-                    for _, rule in host_routes.entries:
-                        header = getattr(rule.policy, "hash_header", None)
-                        if header is None:
-                            continue
-                        for backend in rule.backends:
-                            if backend.service is not None:
-                                found.setdefault(backend.service.partition(":")[2], header)
+        for host in hosts:
+            for cluster, header in host.hash_headers.items():
+                found.setdefault(cluster, header)
         return found
 
     def _service_for(
@@ -882,6 +879,19 @@ def _due(state: ResourceState | None) -> bool:
     """Whether a cluster holds a new table back: no answer yet, or only rejected versions (a table naming a cluster
     the control plane sent wrong would half-apply; one the control plane says does not exist does not wait)."""
     return state is None or (state.value is None and state.status in ("REQUESTED", "NACKED"))
+
+
+def _route_hash_headers(routes: Iterable[Any]) -> dict[str, str]:
+    """cluster -> header from validated routes (``RouteUpdate.hash_policies``, A42): each route's first header
+    policy, for every cluster the route names; the first route naming a cluster wins. (A ``regex_rewrite`` and
+    ``io.grpc.channel_id`` are not applied: meshlib's ring hash keys on one header's value.)"""
+    found: dict[str, str] = {}
+    for route in routes:
+        header = next((p.header for p in route.hash_policies if p.kind == "header" and p.header), None)
+        if header is not None:
+            for cluster in route.clusters:
+                found.setdefault(cluster.name, header)
+    return found
 
 
 def _merge(tables: Iterable[RouteTable]) -> RouteTable:
