@@ -472,12 +472,14 @@ class _MeshClient:
         return dict(self._pools.contexts) if self._pools is not None else {}
 
     def mesh_status(self) -> MeshStatus:
-        """A snapshot of every mesh service: endpoints, latency, in-flight, breakers, ejections, discovery."""
+        """A snapshot of every mesh service (endpoints, latency, in-flight, breakers, ejections, discovery), the
+        route table and, for a client steered by xDS, its control planes and resources (``.xds``)."""
         self._mesh.home.settle()
         return status_of(
             self._mesh.services,
             "sync" if isinstance(self._mesh, MeshTransport) else "async",
             self._mesh.routes_view(),
+            self._mesh.xds,
         )
 
     def explain(

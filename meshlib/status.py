@@ -32,6 +32,10 @@ __all__ = [
     "RoutesStatus",
     "ServiceStatus",
     "StatusFormatError",
+    "XdsResourceStatus",
+    "XdsServerStatus",
+    "XdsServiceStatus",
+    "XdsStatus",
     "check_status",
     "format_status",
     "printable",
@@ -138,15 +142,79 @@ class RoutesStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class XdsResourceStatus:
+    """One xDS resource as the client holds it (what CSDS reports, gRFC A40).
+
+    ``type`` is the short name (``LDS``, ``RDS``, ``CDS``, ``EDS``), ``type_url`` the full one; ``version`` the
+    last *accepted* version (``""`` before one); ``status`` the newest answer about it: ``REQUESTED`` (asked,
+    no answer yet), ``ACKED``, ``NACKED`` (the last push was refused: ``error`` says why, and the resource keeps
+    ``version``'s value), ``DOES_NOT_EXIST`` (the control plane has none); ``updated_at`` when it last changed
+    (Unix time, ``None`` before any answer). Names, versions and errors come from the control plane.
+    """
+
+    type: str
+    type_url: str
+    name: str
+    version: str
+    status: str
+    error: str | None
+    updated_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class XdsServerStatus:
+    """One control plane (management server) and the ADS stream to it: ``server`` its URI, ``connected``
+    whether the stream is up, ``since`` when the current (or last) stream was opened (Unix time, ``None``
+    before one), ``last_error`` why a stream last broke (kept after a reconnection), ``streams`` how many were
+    opened so far; ``resources`` every resource subscribed on it, by type and name."""
+
+    server: str
+    connected: bool
+    since: float | None
+    last_error: str | None
+    streams: int
+    resources: list[XdsResourceStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class XdsServiceStatus:
+    """One ``xds:///`` service: ``service`` its meshlib name, ``target`` its ``xds:`` URI, the Listener and
+    RouteConfiguration it is routed by (``route_configuration``: ``None`` for an inline one or before the
+    Listener came), ``routed`` whether its routes are installed, else ``error`` why it cannot be routed
+    (``None``: still waiting for the control plane's first answer)."""
+
+    service: str
+    target: str
+    listener: str
+    route_configuration: str | None
+    routed: bool
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class XdsStatus:
+    """A client's xDS state: each control plane with its resources, each xDS service's routing, how many
+    configurations were ``applied`` (route tables swapped in), and the clusters an update is ``waiting_for``
+    (named by new routes, not answered on CDS yet: the previous configuration serves until they are)."""
+
+    servers: list[XdsServerStatus] = field(default_factory=list)
+    services: list[XdsServiceStatus] = field(default_factory=list)
+    applied: int = 0
+    waiting_for: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class MeshStatus:
     """Every service of one client; ``client`` is ``"sync"`` or ``"async"``, ``taken_at`` Unix time;
-    ``routes`` the route table's state (``None``: the client has no routes)."""
+    ``routes`` the route table's state (``None``: the client has no routes); ``xds`` its xDS state (``None``:
+    no service of the client uses ``xds:``)."""
 
     client: str
     pid: int
     taken_at: float
     services: list[ServiceStatus] = field(default_factory=list)
     routes: RoutesStatus | None = None
+    xds: XdsStatus | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-ready dictionaries and lists."""
@@ -159,14 +227,24 @@ class _Viewed(Protocol):
     def view(self) -> ServiceStatus: ...
 
 
-def status_of(services: Mapping[str, _Viewed], client: str, routes: RoutesStatus | None = None) -> MeshStatus:
-    """A :class:`MeshStatus` of ``services`` (a mesh's services, each giving its own view) taken now."""
+class _XdsViewed(Protocol):
+    """A client's xDS control plane (``meshlib.control.xds.source.XdsSource``), reporting its own state."""
+
+    def status(self) -> XdsStatus: ...
+
+
+def status_of(
+    services: Mapping[str, _Viewed], client: str, routes: RoutesStatus | None = None, xds: _XdsViewed | None = None
+) -> MeshStatus:
+    """A :class:`MeshStatus` of ``services`` (a mesh's services, each giving its own view) taken now; ``xds``:
+    the client's xDS source, if it has one."""
     return MeshStatus(
         client=client,
         pid=os.getpid(),
         taken_at=time.time(),
         services=[service.view() for _, service in sorted(services.items())],
         routes=routes,
+        xds=None if xds is None else xds.status(),
     )
 
 
@@ -274,6 +352,40 @@ _ROUTES_SPEC: dict[str, _Spec] = {
     "applied": "int",
 }
 _REJECTED_SPEC: dict[str, _Spec] = {"version": "str", "error": "str"}
+#: Optional in a client (no xDS, or an older version): checked only when present and not null.
+_XDS_SPEC: dict[str, _Spec] = {
+    "servers": [
+        {
+            "server": "str",
+            "connected": "bool",
+            "since": "number|null",
+            "last_error": "str|null",
+            "streams": "int",
+            "resources": [
+                {
+                    "type": "str",
+                    "name": "str",
+                    "version": "str",
+                    "status": "str",
+                    "error": "str|null",
+                    "updated_at": "number|null",
+                }
+            ],
+        }
+    ],
+    "services": [
+        {
+            "service": "str",
+            "target": "str",
+            "listener": "str",
+            "route_configuration": "str|null",
+            "routed": "bool",
+            "error": "str|null",
+        }
+    ],
+    "applied": "int",
+    "waiting_for": ["str"],
+}
 #: Optional (older versions have none): the inbound middleware's watched policy files.
 _INBOUND_SPEC: dict[str, _Spec] = {
     "what": "str",
@@ -300,9 +412,24 @@ _KINDS: dict[str, tuple[str, Callable[[object], bool]]] = {
 
 def check_status(payload: object) -> Mapping[str, Any]:
     """``payload`` (decoded ``/status`` JSON) if it has every field :func:`format_status` reads, of the right
-    type; else :class:`StatusFormatError` naming the first field that does not."""
+    type (the optional parts -- ``routes``, ``xds``, ``inbound`` -- too, when present); else
+    :class:`StatusFormatError` naming the first field that does not."""
     _check(payload, _STATUS_SPEC, "")
     assert isinstance(payload, Mapping)
+    for index, client in enumerate(payload["clients"]):
+        routes = client.get("routes")
+        if routes is not None:
+            _check(routes, _ROUTES_SPEC, f"clients[{index}].routes")
+            if routes.get("rejected") is not None:
+                _check(routes["rejected"], _REJECTED_SPEC, f"clients[{index}].routes.rejected")
+        if client.get("xds") is not None:
+            _check(client["xds"], _XDS_SPEC, f"clients[{index}].xds")
+    inbound = payload.get("inbound")
+    if inbound is not None:
+        _check(inbound, [_INBOUND_SPEC], "inbound")
+        for index, source in enumerate(inbound):
+            if source.get("rejected") is not None:
+                _check(source["rejected"], _INBOUND_REJECTED_SPEC, f"inbound[{index}].rejected")
     return payload
 
 
@@ -365,6 +492,68 @@ def _rejected_line(rejected: Mapping[str, Any]) -> str:
     )
 
 
+def _when(seconds: float | None) -> str:
+    """A Unix time as UTC ISO 8601 to the second (``-`` for none; a number no clock has, as it came)."""
+    if seconds is None:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return printable(repr(seconds), 40)
+
+
+_XDS_COLUMNS = (("TYPE", "type"), ("NAME", "name"), ("VERSION", "version"), ("STATUS", "status"), ("UPDATED", "when"))
+
+
+def _xds_lines(xds: Mapping[str, Any]) -> list[str]:
+    """A client's xDS section: each control plane's connection, then one line per resource (the error of a
+    NACKED one after it), then each service's routing. All of it came from a control plane: escaped, bounded."""
+    text = printable
+    services = xds["services"]
+    routed = sum(1 for service in services if service["routed"])
+    waiting = xds["waiting_for"]
+    lines = [
+        f"  xDS: {routed}/{len(services)} service(s) routed, {xds['applied']} update(s) applied"
+        + (f", waiting for cluster(s) {text(', '.join(waiting))}" if waiting else "")
+    ]
+    for server in xds["servers"]:
+        if server["connected"]:
+            state = f"connected since {_when(server['since'])}"
+        else:
+            state = "NOT CONNECTED" + (f" (stream opened {_when(server['since'])})" if server["since"] else "")
+        failed = server["last_error"]
+        lines.append(
+            f"    control plane {text(server['server'])}: {state}, {server['streams']} stream(s) opened"
+            + (f"; last error: {text(failed, _ERROR_LIMIT)}" if failed else "")
+        )
+        rows = [[header for header, _ in _XDS_COLUMNS]]
+        errors: list[str | None] = [None]
+        for resource in server["resources"]:
+            cells = {**resource, "when": _when(resource["updated_at"])}
+            rows.append([_cell(cells[key] if cells[key] != "" else None) for _, key in _XDS_COLUMNS])
+            errors.append(resource["error"] if resource["status"] == "NACKED" else None)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(_XDS_COLUMNS))]
+        for row, error in zip(rows, errors, strict=True):
+            lines.append(
+                "      " + "  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True)).rstrip()
+            )
+            if error is not None:
+                lines.append(f"        NACKED (the last accepted version keeps serving): {text(error, _ERROR_LIMIT)}")
+    for service in services:
+        route = service["route_configuration"]
+        if service["routed"]:
+            state = "routed"
+        elif service["error"] is not None:
+            state = f"NOT ROUTED: {text(service['error'], _ERROR_LIMIT)}"
+        else:
+            state = "waiting for the control plane"
+        lines.append(
+            f"    service {text(service['service'])} ({text(service['target'])}): listener "
+            f"{text(service['listener'])}, route configuration {'inline' if route is None else text(route)}: {state}"
+        )
+    return lines
+
+
 def format_status(payload: object) -> str:
     """The admin endpoint's ``/status`` JSON as the table ``meshlib status`` prints.
 
@@ -372,18 +561,7 @@ def format_status(payload: object) -> str:
     :func:`printable`.
     """
     status = check_status(payload)
-    for index, client in enumerate(status["clients"]):
-        routes = client.get("routes")
-        if routes is not None:
-            _check(routes, _ROUTES_SPEC, f"clients[{index}].routes")
-            if routes.get("rejected") is not None:
-                _check(routes["rejected"], _REJECTED_SPEC, f"clients[{index}].routes.rejected")
     inbound = status.get("inbound")
-    if inbound is not None:
-        _check(inbound, [_INBOUND_SPEC], "inbound")
-        for index, source in enumerate(inbound):
-            if source.get("rejected") is not None:
-                _check(source["rejected"], _INBOUND_REJECTED_SPEC, f"inbound[{index}].rejected")
     text = printable
     clients = status["clients"]
     lines = [f"meshlib {text(status['meshlib'])}, pid {status['pid']}: {len(clients)} client(s)"]
@@ -406,6 +584,8 @@ def format_status(payload: object) -> str:
             )
             if routes.get("rejected") is not None:
                 lines.append("    " + _rejected_line(routes["rejected"]))
+        if client.get("xds") is not None:
+            lines.extend(_xds_lines(client["xds"]))
         for service in services:
             discovery, budget = service["discovery"], service["budget"]
             age = discovery["age_s"]

@@ -44,6 +44,7 @@ from meshlib.discovery import Target, build_resolver
 from meshlib.discovery.base import DiscoverySettings, Resolution
 from meshlib.errors import ConfigError, DiscoveryError
 from meshlib.routing.model import RouteTable
+from meshlib.status import XdsResourceStatus, XdsServerStatus, XdsServiceStatus, XdsStatus
 
 if TYPE_CHECKING:
     from meshlib._config.model import MeshConfig
@@ -230,27 +231,13 @@ class _Cluster:
     installed: tuple[Any, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class HostStatus:
-    """One xDS service as ``mesh_status().xds`` shows it."""
-
-    service: str
-    target: str
-    listener: str
-    route_configuration: str | None
-    routed: bool
-    error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class XdsStatus:
-    """The xDS state of one client: its control planes, each service's routing, each cluster's state."""
-
-    servers: list[dict[str, Any]]
-    services: list[HostStatus]
-    clusters: dict[str, str]
-    applied: int
-    waiting_for: list[str]
+#: The short names ``mesh_status().xds`` and ``meshlib status`` give the four types.
+TYPE_NAMES: Final = {
+    "type.googleapis.com/envoy.config.listener.v3.Listener": "LDS",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS",
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS",
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "EDS",
+}
 
 
 class XdsSource:
@@ -395,26 +382,36 @@ class XdsSource:
         return list(self._clients.values())
 
     def status(self) -> XdsStatus:
-        """The connection to each control plane, each service's routing and each cluster's state."""
+        """What ``mesh_status().xds`` shows: each control plane's stream with every resource subscribed on it
+        (from :meth:`AdsClient.resources`), each service's routing, the updates applied and the clusters awaited."""
         servers = []
         for client in self._clients.values():
             connection = client.connection()
-            counts: dict[str, int] = {}
-            for state in client.resources():
-                counts[state.status] = counts.get(state.status, 0) + 1
+            resources = [
+                XdsResourceStatus(
+                    TYPE_NAMES.get(state.type_url, state.type_url.rpartition(".")[2]),
+                    state.type_url,
+                    state.name,
+                    state.version,
+                    state.status,
+                    state.error,
+                    state.updated_at,
+                )
+                for state in client.resources()
+            ]
             servers.append(
-                {
-                    "server": connection.server,
-                    "connected": connection.connected,
-                    "streams": connection.streams,
-                    "last_error": connection.last_error,
-                    "since": connection.since,
-                    "resources": counts,
-                }
+                XdsServerStatus(
+                    connection.server,
+                    connection.connected,
+                    connection.since,
+                    connection.last_error,
+                    connection.streams,
+                    resources,
+                )
             )
         with self._status_lock:
             hosts = [
-                HostStatus(
+                XdsServiceStatus(
                     host.name,
                     host.target,
                     host.listener.resource_name,
@@ -424,11 +421,7 @@ class XdsSource:
                 )
                 for host in self._hosts.values()
             ]
-            clusters = {
-                name: ("WAITING" if cluster.state is None else cluster.state.status)
-                for name, cluster in sorted(self._clusters.items())
-            }
-            return XdsStatus(servers, hosts, clusters, self._applied, list(self._waiting))
+            return XdsStatus(servers, hosts, self._applied, list(self._waiting))
 
     # -- watches (any thread) ---------------------------------------------------------------------------------------
 
