@@ -331,18 +331,18 @@ class _Mesh(Generic[T]):
         self._xds_hosts = frozenset(
             key for key, svc in config.services.items() if svc.target.partition("://")[0].lower() == "xds"
         )
+        if config.xds == "all" or self._xds_hosts:
+            from meshlib.control.xds.source import source_for
+
+            # Validated before anything starts: a bad bootstrap leaves no thread behind.
+            self.xds = source_for(self, config, register_tls)
+            if config.xds == "all":
+                self._router.dynamic = self.xds.pending_for
         if config.routes_file is not None:
             self._watch_routes(config)
         self._finalizer = self._on_collect()
         _LIVE.add(self)
-        if config.xds == "all" or any(
-            svc.target.partition("://")[0].lower() == "xds" for svc in config.services.values()
-        ):
-            from meshlib.control.xds.source import source_for
-
-            self.xds = source_for(self, config, register_tls)
-            if config.xds == "all":
-                self._router.dynamic = self.xds.pending_for
+        if self.xds is not None:
             self.xds.start()
 
     def _watch_routes(self, config: MeshConfig) -> None:
