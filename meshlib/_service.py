@@ -95,6 +95,11 @@ class Service(Generic[T]):
             percent_can_retry=settings.retry_budget_fraction,
         )
         self.limit = ConcurrencyLimit(settings.max_inflight)
+        #: Calls the control plane drops before any endpoint is chosen (an xDS cluster's EDS
+        #: ``drop_overloads``: :class:`~meshlib.control.xds.eds_resolver.Drops`); ``None`` for other services.
+        self.drops: Any = getattr(resolver, "drops", None)
+        #: Every call goes over TLS whatever its URL's scheme (``ServiceConfig.tls_required``).
+        self.tls_required = config.tls_required
         self.detector: OutlierDetector[HostPort] = OutlierDetector(
             settings.outlier_failures,
             settings.outlier_base_ejection,

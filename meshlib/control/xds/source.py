@@ -205,6 +205,8 @@ class _Host:
     cancel_rds: Callable[[], None] | None = None
     error: str | None = None
     version: str = ""
+    #: The ring-hash header of each cluster its routes name (``rds.hash_headers``), from the last table.
+    hashes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -486,7 +488,7 @@ class XdsSource:
     def _host_table(self, host: _Host) -> tuple[RouteTable | None, str | None]:
         """The routes of one service from its Listener and RouteConfiguration: (table, None), (None, why it
         cannot be routed) or (None, None) while an answer is still due."""
-        from meshlib.control.xds.resources.rds import NoVirtualHostError, to_route_table
+        from meshlib.control.xds.resources.rds import NoVirtualHostError, hash_headers, to_route_table
 
         lds = host.lds
         if lds is None:
@@ -519,6 +521,7 @@ class XdsSource:
             )
         except NoVirtualHostError as error:
             return None, str(error)
+        host.hashes = hash_headers(config, host.authority)
         routes = table.services.get(service_key(host.authority))
         if routes is None:
             return None, None
@@ -563,7 +566,11 @@ class XdsSource:
         if waiting:
             logger.debug("xDS: holding the new routes until CDS answers for %s", ", ".join(waiting))
             return
-        hashes = self._hash_headers(parts)
+        hashes: dict[str, str] = {}
+        for host in self._hosts.values():
+            if host.key in parts:
+                for cluster_name, header in host.hashes.items():
+                    hashes.setdefault(cluster_name, header)
         added: dict[str, tuple[ServiceConfig, Resolver]] = {}
         replaced: dict[str, tuple[ServiceConfig, Resolver]] = {}
         dropped: list[str] = []  # services of clusters now known not to exist, or no longer named
@@ -629,22 +636,6 @@ class XdsSource:
             frontier = following
         return needed
 
-    @staticmethod
-    def _hash_headers(parts: Mapping[str, RouteTable]) -> dict[str, str]:
-        """The request header each cluster's ring hash uses: the first header hash policy of a route to it."""
-        found: dict[str, str] = {}
-        for table in parts.values():
-            for routes in table.services.values():
-                for host_routes in routes.values():
-                    for _, rule in host_routes.entries:
-                        header = getattr(rule.policy, "hash_header", None)
-                        if header is None:
-                            continue
-                        for backend in rule.backends:
-                            if backend.service is not None:
-                                found.setdefault(backend.service.partition(":")[2], header)
-        return found
-
     def _service_for(
         self, name: str, update: ClusterUpdate, hash_header: str | None
     ) -> tuple[ServiceConfig, Resolver] | None:
@@ -674,6 +665,8 @@ class XdsSource:
                 service, f"dns://{update.dns_host}:{update.dns_port}", self._settings, variable=f"xDS cluster {name}"
             )
         else:
+            from meshlib.control.xds.aggregate import AggregateResolver
+
             resolver = AggregateResolver(self, service, name)
         lb = update.lb
         config = ServiceConfig(
@@ -684,6 +677,7 @@ class XdsSource:
             variable=f"xDS cluster {name}",
             resilience=update.resilience(self._config.resilience),
             tls=tls,
+            tls_required=tls is not None,
         )
         return config, resolver
 
@@ -708,80 +702,6 @@ class XdsSource:
 
         walk(name, 0)
         return order
-
-
-class AggregateResolver:
-    """The endpoints of an aggregate cluster (A37): each leaf cluster's in turn, its priorities after the previous
-    leaf's, so the balancer fails over from one to the next as from one priority to the next."""
-
-    def __init__(self, source: XdsSource, service: str, cluster: str) -> None:
-        from meshlib.control.xds.eds_resolver import EdsResolver
-
-        self.service = service
-        self.source = f"xDS aggregate cluster {cluster}"
-        self._children: list[Resolver] = []
-        for leaf in source._leaves(cluster):
-            if leaf.kind == "EDS":
-                self._children.append(
-                    EdsResolver(source._clusters[leaf.name].client, service, leaf.eds_service_name or leaf.name)
-                )
-            else:
-                self._children.append(
-                    build_resolver(
-                        service,
-                        f"dns://{leaf.dns_host}:{leaf.dns_port}",
-                        source._settings,
-                        variable=f"xDS cluster {leaf.name}",
-                    )
-                )
-        self._answers: list[Resolution | None] = [None] * len(self._children)
-        self._lock = threading.Lock()
-
-    def _combine(self) -> Resolution:
-        endpoints = []
-        offset = 0
-        for answer in self._answers:
-            if answer is None:
-                continue
-            top = 0
-            for endpoint in answer.endpoints:
-                endpoints.append(dataclasses.replace(endpoint, priority=endpoint.priority + offset))
-                top = max(top, endpoint.priority + 1)
-            offset += top
-        if not endpoints and all(answer is None for answer in self._answers):
-            raise DiscoveryError("no leaf cluster answered yet", service=self.service, source=self.source)
-        return Resolution(tuple(endpoints), ttl=5.0)
-
-    def resolve(self) -> Resolution:
-        for index, child in enumerate(self._children):
-            try:
-                self._answers[index] = _once(child)
-            except DiscoveryError:
-                self._answers[index] = None
-        return self._combine()
-
-    async def aresolve(self) -> Resolution:
-        for index, child in enumerate(self._children):
-            try:
-                self._answers[index] = await _aonce(child)
-            except DiscoveryError:
-                self._answers[index] = None
-        return self._combine()
-
-    def close(self) -> None:
-        for child in self._children:
-            child.close()
-
-
-def _once(resolver: Resolver) -> Resolution:
-    """One answer from ``resolver`` without waiting for a push (an EDS resolver answers its current state)."""
-    peek = getattr(resolver, "current", None)
-    return peek() if peek is not None else resolver.resolve()
-
-
-async def _aonce(resolver: Resolver) -> Resolution:
-    peek = getattr(resolver, "current", None)
-    return peek() if peek is not None else await resolver.aresolve()
 
 
 def _merge(tables: Iterable[RouteTable]) -> RouteTable:
