@@ -423,7 +423,7 @@ class Call(Generic[T]):
         if not limit.try_acquire():
             raise OverloadedError(
                 service.name,
-                f"{limit.max_inflight} requests already in flight (MESHLIB_MAX_INFLIGHT)",
+                f"{limit.max_inflight} requests already in flight ({service.limit_source})",
                 request=self.request,
             )
         self.permit = limit
