@@ -408,6 +408,25 @@ def test_aggregate_cluster_fails_over_to_the_next_cluster(
     assert served(primary + secondary) == [5, 5]
 
 
+@pytest.mark.anyio
+async def test_aggregate_cluster_on_the_async_client(xds: XdsServer, start_backends: BackendFactory) -> None:
+    """The aggregate's resolver waits for its leaves on the event loop (asyncio, trio)."""
+    primary, secondary = start_backends(1), start_backends(1)
+    xds.set(
+        CLUSTER_LOAD_ASSIGNMENT,
+        [
+            r.cluster_load_assignment("primary", [r.locality(eps(primary, health="UNHEALTHY"))]),
+            r.cluster_load_assignment("secondary", [r.locality(eps(secondary))]),
+        ],
+    )
+    clusters = [aggregate("agg", "primary", "secondary"), r.cluster("primary"), r.cluster("secondary")]
+    push(xds, [r.route(cluster="agg")], clusters)
+    async with meshlib.AsyncClient(environ=env(xds)) as client:
+        for _ in range(3):
+            assert (await client.get("http://payments/")).status_code == 200
+    assert served(primary + secondary) == [0, 3]
+
+
 # -- 9. EDS drop_overloads -----------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,11 @@ thread hands it over, without polling.
 - :meth:`aresolve` waits on the event loop (asyncio or trio) without a thread: the stream thread wakes the loop
   with ``call_soon_threadsafe`` / ``TrioToken.run_sync_soon``.
 - :meth:`close` cancels the watch and ends any wait at once.
+- The assignment's ``drop_overloads`` go to :attr:`EdsResolver.drops` (a :class:`Drops`) when its endpoints are
+  handed to the refresh loop; the cluster's service reads them on the request path (``Plan.admit``).
+
+:class:`PushedResolver` is the waiting part, shared with the aggregate cluster's resolver
+(:mod:`meshlib.control.xds.aggregate`), which waits on its leaves' pushes.
 """
 
 from __future__ import annotations
