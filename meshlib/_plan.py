@@ -306,6 +306,8 @@ class Call(Generic[T]):
         #: the caller's, or the one a ``URLRewrite`` filter made.
         self.routed = routed
         self.url = request.url if routed is None or routed.choice.rewrite is None else routed_url(request, routed)
+        if service.tls_required and self.url.scheme == "http":  # the control plane asked for TLS: never plaintext
+            self.url = self.url.copy_with(scheme="https")
         rules = request.extensions.get(POLICY_EXTENSION)
         base = service.policy if routed is None else routed.choice.base
         self.policy, self.deadline = effective(base, rules if isinstance(rules, Policy) else None)
@@ -405,13 +407,23 @@ class Call(Generic[T]):
     # -- the decisions ------------------------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Take a slot of the service's concurrency limit and count the call in the retry budget."""
+        """Apply the control plane's drops (once per call, as gRPC draws them), take a slot of the service's
+        concurrency limit and count the call in the retry budget."""
         service = self.service
+        drops = service.drops
+        if drops is not None and drops.categories:  # an xDS cluster whose EDS assignment drops calls
+            category = drops.draw()
+            if category is not None:
+                raise OverloadedError(
+                    service.name,
+                    f"dropped by the control plane: drop category {category!r} (EDS drop_overloads)",
+                    request=self.request,
+                )
         limit = service.limit
         if not limit.try_acquire():
             raise OverloadedError(
                 service.name,
-                f"{limit.max_inflight} requests already in flight (MESHLIB_MAX_INFLIGHT)",
+                f"{limit.max_inflight} requests already in flight ({service.limit_source})",
                 request=self.request,
             )
         self.permit = limit
@@ -507,7 +519,7 @@ class Call(Generic[T]):
         request = self.request
         extensions = dict(request.extensions)
         routed = self.routed
-        if request.url.scheme == "https" and "sni_hostname" not in extensions:
+        if self.url.scheme == "https" and "sni_hostname" not in extensions:
             # A backend other than the service called is checked against its own name (its certificate).
             sni = None if routed is None else routed.choice.sni
             extensions["sni_hostname"] = sni or request.url.host

@@ -95,6 +95,17 @@ class Service(Generic[T]):
             percent_can_retry=settings.retry_budget_fraction,
         )
         self.limit = ConcurrencyLimit(settings.max_inflight)
+        #: Where the in-flight limit comes from, for the error of a call it refuses.
+        self.limit_source = (
+            f"circuit_breakers max_requests of {config.variable}"
+            if config.target.startswith("xds-cluster:")
+            else "MESHLIB_MAX_INFLIGHT"
+        )
+        #: Calls the control plane drops before any endpoint is chosen (an xDS cluster's EDS
+        #: ``drop_overloads``: :class:`~meshlib.control.xds.eds_resolver.Drops`); ``None`` for other services.
+        self.drops: Any = getattr(resolver, "drops", None)
+        #: Every call goes over TLS whatever its URL's scheme (``ServiceConfig.tls_required``).
+        self.tls_required = config.tls_required
         self.detector: OutlierDetector[HostPort] = OutlierDetector(
             settings.outlier_failures,
             settings.outlier_base_ejection,

@@ -143,8 +143,13 @@ class ServiceConfig:
     #: This service's complete TLS settings (``MESHLIB_SERVICE_<NAME>__TLS_*`` over ``MESHLIB_TLS_*``), or
     #: ``None`` for the mesh-wide ones.
     tls: TLSSettings | None = None
+    #: Send every call over TLS whatever the URL's scheme (``http://`` is upgraded to ``https://``): set for an
+    #: xDS cluster whose control plane asks for upstream TLS (gRFC A29), so such a call never goes out in
+    #: plaintext.
+    tls_required: bool = False
 
     def __post_init__(self) -> None:
+        _check("ServiceConfig", "tls_required", self.tls_required, isinstance(self.tls_required, bool), "a bool")
         header = self.hash_header
         ok = header is None or (isinstance(header, str) and is_header_name(header))
         _check("ServiceConfig", "hash_header", header, ok, HEADER_NAME_EXPECTED)

@@ -215,8 +215,8 @@ class _Host:
     last: RouteTable | None = None
     error: str | None = None
     version: str = ""
-    #: cluster -> the request header its ring hash reads (A42: a route's first header hash policy).
-    hash_headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The ring-hash header of each cluster its routes name (``rds.hash_headers``), from the last table.
+    hashes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -531,7 +531,7 @@ class XdsSource:
         """The routes of one service from its Listener and RouteConfiguration: (table, None, False); (None, why
         it cannot be routed, deleted: the control plane said a resource does not exist); or (None, None, False)
         while an answer is still due."""
-        from meshlib.control.xds.resources.rds import NoVirtualHostError, find_virtual_host, to_route_table
+        from meshlib.control.xds.resources.rds import NoVirtualHostError, hash_headers, to_route_table
 
         lds = host.lds
         if lds is None:
@@ -564,11 +564,10 @@ class XdsSource:
             )
         except NoVirtualHostError as error:
             return None, str(error), True
+        host.hashes = hash_headers(config, host.authority)
         routes = table.services.get(service_key(host.authority))
         if routes is None:
             return None, None, False
-        virtual_host = find_virtual_host(config, host.authority)  # the one to_route_table chose
-        host.hash_headers = _route_hash_headers(virtual_host.routes if virtual_host is not None else ())
         if host.port is not None:
             routes = {host.port: routes[None]}
         return RouteTable({host.key: routes}, table.source, version, table.routes), None, False
@@ -614,7 +613,11 @@ class XdsSource:
         if waiting:
             logger.debug("xDS: holding the new routes until CDS answers for %s", ", ".join(waiting))
             return
-        hashes = self._hash_headers(host for host in self._hosts.values() if host.key in parts)
+        hashes: dict[str, str] = {}
+        for name, host in self._hosts.items():
+            if name in parts:
+                for cluster_name, header in host.hashes.items():
+                    hashes.setdefault(cluster_name, header)
         added: dict[str, tuple[ServiceConfig, Resolver]] = {}
         replaced: dict[str, tuple[ServiceConfig, Resolver]] = {}
         dropped: list[str] = []  # services of clusters now known not to exist, or no longer named
@@ -720,15 +723,6 @@ class XdsSource:
             frontier = following
         return needed
 
-    @staticmethod
-    def _hash_headers(hosts: Iterable[_Host]) -> dict[str, str]:
-        """The request header each cluster's ring hash uses: the first one a routed service's routes give it."""
-        found: dict[str, str] = {}
-        for host in hosts:
-            for cluster, header in host.hash_headers.items():
-                found.setdefault(cluster, header)
-        return found
-
     def _service_for(
         self, name: str, update: ClusterUpdate, hash_header: str | None
     ) -> tuple[ServiceConfig, Resolver] | None:
@@ -758,6 +752,8 @@ class XdsSource:
                 service, f"dns://{update.dns_host}:{update.dns_port}", self._settings, variable=f"xDS cluster {name}"
             )
         else:
+            from meshlib.control.xds.aggregate import AggregateResolver
+
             resolver = AggregateResolver(self, service, name)
         lb = update.lb
         config = ServiceConfig(
@@ -768,6 +764,7 @@ class XdsSource:
             variable=f"xDS cluster {name}",
             resilience=update.resilience(self._config.resilience),
             tls=tls,
+            tls_required=tls is not None,
         )
         return config, resolver
 
@@ -794,97 +791,10 @@ class XdsSource:
         return order
 
 
-class AggregateResolver:
-    """The endpoints of an aggregate cluster (A37): each leaf cluster's in turn, its priorities after the previous
-    leaf's, so the balancer fails over from one to the next as from one priority to the next."""
-
-    def __init__(self, source: XdsSource, service: str, cluster: str) -> None:
-        from meshlib.control.xds.eds_resolver import EdsResolver
-
-        self.service = service
-        self.source = f"xDS aggregate cluster {cluster}"
-        self._children: list[Resolver] = []
-        for leaf in source._leaves(cluster):
-            if leaf.kind == "EDS":
-                self._children.append(
-                    EdsResolver(source._clusters[leaf.name].client, service, leaf.eds_service_name or leaf.name)
-                )
-            else:
-                self._children.append(
-                    build_resolver(
-                        service,
-                        f"dns://{leaf.dns_host}:{leaf.dns_port}",
-                        source._settings,
-                        variable=f"xDS cluster {leaf.name}",
-                    )
-                )
-        self._answers: list[Resolution | None] = [None] * len(self._children)
-        self._lock = threading.Lock()
-
-    def _combine(self) -> Resolution:
-        endpoints = []
-        offset = 0
-        for answer in self._answers:
-            if answer is None:
-                continue
-            top = 0
-            for endpoint in answer.endpoints:
-                endpoints.append(dataclasses.replace(endpoint, priority=endpoint.priority + offset))
-                top = max(top, endpoint.priority + 1)
-            offset += top
-        if not endpoints and all(answer is None for answer in self._answers):
-            raise DiscoveryError("no leaf cluster answered yet", service=self.service, source=self.source)
-        return Resolution(tuple(endpoints), ttl=5.0)
-
-    def resolve(self) -> Resolution:
-        for index, child in enumerate(self._children):
-            try:
-                self._answers[index] = _once(child)
-            except DiscoveryError:
-                self._answers[index] = None
-        return self._combine()
-
-    async def aresolve(self) -> Resolution:
-        for index, child in enumerate(self._children):
-            try:
-                self._answers[index] = await _aonce(child)
-            except DiscoveryError:
-                self._answers[index] = None
-        return self._combine()
-
-    def close(self) -> None:
-        for child in self._children:
-            child.close()
-
-
-def _once(resolver: Resolver) -> Resolution:
-    """One answer from ``resolver`` without waiting for a push (an EDS resolver answers its current state)."""
-    peek = getattr(resolver, "current", None)
-    return peek() if peek is not None else resolver.resolve()
-
-
-async def _aonce(resolver: Resolver) -> Resolution:
-    peek = getattr(resolver, "current", None)
-    return peek() if peek is not None else await resolver.aresolve()
-
-
 def _due(state: ResourceState | None) -> bool:
     """Whether a cluster holds a new table back: no answer yet, or only rejected versions (a table naming a cluster
     the control plane sent wrong would half-apply; one the control plane says does not exist does not wait)."""
     return state is None or (state.value is None and state.status in ("REQUESTED", "NACKED"))
-
-
-def _route_hash_headers(routes: Iterable[Any]) -> dict[str, str]:
-    """cluster -> header from validated routes (``RouteUpdate.hash_policies``, A42): each route's first header
-    policy, for every cluster the route names; the first route naming a cluster wins. (A ``regex_rewrite`` and
-    ``io.grpc.channel_id`` are not applied: meshlib's ring hash keys on one header's value.)"""
-    found: dict[str, str] = {}
-    for route in routes:
-        header = next((p.header for p in route.hash_policies if p.kind == "header" and p.header), None)
-        if header is not None:
-            for cluster in route.clusters:
-                found.setdefault(cluster.name, header)
-    return found
 
 
 def _merge(tables: Iterable[RouteTable]) -> RouteTable:

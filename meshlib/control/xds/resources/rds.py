@@ -57,6 +57,7 @@ __all__ = [
     "WeightedCluster",
     "cluster_service",
     "find_virtual_host",
+    "hash_headers",
     "to_route_table",
     "validate_route_configuration",
 ]
@@ -535,6 +536,24 @@ def to_route_table(
         entries.append((route.match, rule))
     routes = HostRoutes(called, tuple(entries), reads_query=False)
     return RouteTable({service_key(called): {None: routes}}, f"xds:{listener_name}", version, (label,))
+
+
+def hash_headers(update: RouteConfigUpdate, authority: str) -> dict[str, str]:
+    """The request header each cluster's ring hash reads, from the routes of ``authority``'s virtual host: the
+    first header ``hash_policy`` (without a ``regex_rewrite``, which meshlib cannot apply) of the first route
+    naming the cluster. meshlib's ring hash reads one header per cluster (``ServiceConfig.hash_header``), where
+    gRPC hashes per route; a cluster no route hashes for gets none (a random key per call, as gRPC)."""
+    host = find_virtual_host(update, authority)
+    found: dict[str, str] = {}
+    if host is None:
+        return found
+    for route in host.routes:
+        header = next((p.header for p in route.hash_policies if p.kind == "header" and p.regex is None), None)
+        if header is None:
+            continue
+        for cluster in route.clusters:
+            found.setdefault(cluster.name, header)
+    return found
 
 
 def _policy(route: RouteUpdate, host: VirtualHostUpdate, hcm_max_stream_duration: float | None) -> Policy:
