@@ -215,7 +215,12 @@ def test_endpoint_weights_and_priorities_come_from_eds(xds: XdsServer, start_bac
         assert served(primary + standby) == [20, 0]  # priority 1 only when priority 0 cannot serve
 
 
-def test_a_cluster_that_goes_away_is_released(xds: XdsServer, start_backends: BackendFactory) -> None:
+def test_a_cluster_that_goes_away_is_released(
+    xds: XdsServer, start_backends: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshlib.control.xds import source
+
+    monkeypatch.setattr(source, "CLUSTER_LINGER", 0.0)  # released at once, not after lingering
     v1, v2 = start_backends(1), start_backends(1)
     push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 50, "pay-v2": 50})
     with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
@@ -479,3 +484,30 @@ def test_a_forked_child_routes_by_the_accepted_resources_and_opens_its_own_strea
         assert xds.open_streams >= streams  # the parent's stream is untouched
         assert client.get("http://payments/parent").status_code == 200
     assert {req.path for req in v1[0].requests} == {"/warm", "/child", "/parent"}
+
+
+def test_a_cluster_the_routes_stop_naming_lingers_so_a_flip_back_needs_no_round_trip(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    """100/0 -> 0/100 -> 100/0: the cluster dropped by the first flip keeps its watches and its service, so
+    the flip back is one RouteConfiguration away (no CDS/EDS round trip, the same service and pools)."""
+    v1, v2 = start_backends(1), start_backends(1)
+
+    def split(to: str) -> None:
+        routes = [r.route(prefix="/", cluster=to)]
+        xds.set(
+            ROUTE_CONFIGURATION,
+            [r.route_configuration("payments-routes", [r.virtual_host("vh", ["payments"], routes)])],
+        )
+
+    push_payments(xds, {"pay-v1": v1, "pay-v2": v2}, {"pay-v1": 100, "pay-v2": 0})
+    split("pay-v1")
+    with meshlib.Client(environ=env(xds, payments="xds:///payments")) as client:
+        assert client.get("http://payments/").status_code == 200
+        v1_service = client.mesh.services["XDS_CLUSTER:PAY_V1"]
+        split("pay-v2")
+        wait_until_routed(client, v2)
+        split("pay-v1")
+        wait_until_routed(client, v1)
+        assert client.mesh.services["XDS_CLUSTER:PAY_V1"] is v1_service  # not rebuilt: it lingered
+        assert "pay-v1" in xds.subscribed(CLUSTER) and "pay-v2" in xds.subscribed(CLUSTER)

@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ logger = logging.getLogger("meshlib.control.xds")
 FORM: Final = "xds:///listener-name or xds://authority/listener-name"
 #: How deep aggregate clusters may nest (gRPC's limit, A37).
 MAX_AGGREGATE_DEPTH: Final = 16
+#: How long a cluster the routes stop naming keeps its watches and its service (seconds), and how many may
+#: linger at once: a split flipped back (a canary rolled back, a 100/0 <-> 0/100 switch) then moves traffic with
+#: no CDS and EDS round trip and no cold resolver. gRPC unsubscribes at once.
+CLUSTER_LINGER: Final = 60.0
+MAX_LINGERING: Final = 64
 
 
 # -- the placeholder resolver of an xds:/// service ---------------------------------------------------------------
@@ -229,6 +235,8 @@ class _Cluster:
     state: ResourceState | None = None
     #: (the ClusterUpdate, hash header) the installed service was built from (``None``: no service).
     installed: tuple[Any, ...] | None = None
+    #: When the routes stopped naming it (``time.monotonic()``; ``None``: named): it lingers a while.
+    unneeded_since: float | None = None
 
 
 #: The short names ``mesh_status().xds`` and ``meshlib status`` give the four types.
@@ -419,7 +427,7 @@ class XdsSource:
                     host.error is None and host.latch.is_set(),
                     host.error,
                 )
-                for host in self._hosts.values()
+                for host in list(self._hosts.values())  # one C-level copy: the apply thread may add hosts
             ]
             return XdsStatus(servers, hosts, self._applied, list(self._waiting))
 
@@ -471,7 +479,11 @@ class XdsSource:
     def _run(self) -> None:
         events = self._events
         while True:
-            item = events.get()
+            lingering = any(cluster.unneeded_since is not None for cluster in self._clusters.values())
+            try:
+                item = events.get(timeout=CLUSTER_LINGER / 2 if lingering else None)
+            except queue.Empty:  # time to retire clusters that lingered long enough
+                item = ("linger", None, None)
             if item is None:
                 return
             batch = [item]
@@ -493,6 +505,8 @@ class XdsSource:
     def _record(self, kind: str, name: Any, state: Any) -> None:
         from meshlib.control.xds.client import ROUTE_CONFIGURATION
 
+        if kind == "linger":
+            return
         if kind == "lds*":
             self._listeners(state)
             return
@@ -643,8 +657,22 @@ class XdsSource:
             (replaced if cluster.installed is not None else added)[key] = built
             cluster.installed = wanted
         mesh.apply_control_plane(_merge(parts.values()), added, replaced)
-        for name in [name for name in self._clusters if name not in needed]:
-            cluster = self._clusters.pop(name)
+        now = time.monotonic()
+        for name in needed:
+            self._clusters[name].unneeded_since = None
+        unneeded = sorted(
+            (name for name in self._clusters if name not in needed),
+            key=lambda name: self._clusters[name].unneeded_since or now,
+            reverse=True,
+        )
+        for index, name in enumerate(unneeded):
+            cluster = self._clusters[name]
+            if cluster.unneeded_since is None:
+                cluster.unneeded_since = now
+            alive = cluster.state is not None and cluster.state.value is not None and cluster.installed is not None
+            if alive and index < MAX_LINGERING and now - cluster.unneeded_since < CLUSTER_LINGER:
+                continue  # lingers: kept watched, its service ready, routed to by nothing
+            del self._clusters[name]
             cluster.cancel()
             if cluster.installed is not None:
                 dropped.append(service_key(CLUSTER_PREFIX + name))
