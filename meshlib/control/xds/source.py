@@ -14,6 +14,7 @@ routes its control plane sends. One :class:`XdsSource` per client does the work,
 * **nothing half-applies**: a table is installed (one swap, with the services it needs) only when every cluster it
   names has been answered (accepted, or known not to exist); until then the previous table keeps serving. A
   resource that is NACKed keeps its last accepted version (the ADS client's rule), so a bad push changes nothing;
+  a cluster NACKed before any version of it was accepted counts as not answered (the table waits for a valid one);
 * clusters no longer named are removed after the table without them is installed (calls in flight finish).
 
 Before the first table, a call to an xDS service waits for it (bounded by the call's deadline), as a first
@@ -554,7 +555,9 @@ class XdsSource:
                 cluster = _Cluster(name, client, lambda: None)
                 self._clusters[name] = cluster
                 cluster.cancel = client.watch(CLUSTER, name, self._post("cds", name))
-        waiting = sorted(name for name in needed if self._clusters[name].state is None)
+        # A cluster whose only version was NACKed has no answer to route by either: routing its share to 500s
+        # would half-apply a bad push, so the table waits for a valid version (as for one not sent yet).
+        waiting = sorted(name for name in needed if _unanswered(self._clusters[name].state))
         with self._status_lock:
             self._waiting = waiting
         for host in self._hosts.values():  # a service that cannot be routed fails its calls now, with the reason
@@ -771,6 +774,11 @@ class AggregateResolver:
     def close(self) -> None:
         for child in self._children:
             child.close()
+
+
+def _unanswered(state: ResourceState | None) -> bool:
+    """Whether a cluster's CDS state gives nothing to route by yet: not answered, or NACKed with no earlier version."""
+    return state is None or (state.value is None and state.status == "NACKED")
 
 
 def _once(resolver: Resolver) -> Resolution:
