@@ -80,7 +80,7 @@ class _Load:
             i += 1
 
     def _work(self) -> None:
-        while (due := self._jobs.get()) is not None:
+        while self._jobs.get() is not None:
             sent = perf()
             try:
                 response = self.client.get("http://payments/x1")
@@ -149,7 +149,7 @@ def measure(pushes: int, rate: float, prefix: tuple[str, ...] = ()) -> ScenarioR
                     starts.append((t0, name[target]))
                     _wait_moved(load, t0, name[target])
                     time.sleep(0.1)  # a gap between pushes: each one lands on a settled state
-    return _summarise(starts, load.records, received, swaps, rate, pushes)
+    return _summarise(starts, load.records, received=received, swaps=swaps, rate=rate, pushes=pushes)
 
 
 def _wait_moved(load: _Load, t0: float, backend: str, limit: float = 3.0) -> None:
@@ -164,6 +164,7 @@ def _wait_moved(load: _Load, t0: float, backend: str, limit: float = 3.0) -> Non
 def _summarise(
     starts: list[tuple[float, str]],
     records: list[tuple[float, float, str]],
+    *,
     received: list[tuple[float, str]],
     swaps: list[float],
     rate: float,
