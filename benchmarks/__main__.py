@@ -32,6 +32,7 @@ SCENARIOS = {
     "s10": "benchmarks.s10_mirror",
     "z1": "benchmarks.z1_denial",
     "z2": "benchmarks.z2_flood",
+    "x1": "benchmarks.x1_push",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"

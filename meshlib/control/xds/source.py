@@ -14,6 +14,7 @@ routes its control plane sends. One :class:`XdsSource` per client does the work,
 * **nothing half-applies**: a table is installed (one swap, with the services it needs) only when every cluster it
   names has been answered (accepted, or known not to exist); until then the previous table keeps serving. A
   resource that is NACKed keeps its last accepted version (the ADS client's rule), so a bad push changes nothing;
+  a cluster NACKed before any version of it was accepted counts as not answered (the table waits for a valid one);
 * clusters no longer named are removed after the table without them is installed (calls in flight finish).
 
 Before the first table, a call to an xDS service waits for it (bounded by the call's deadline), as a first
