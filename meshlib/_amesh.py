@@ -156,6 +156,8 @@ class AsyncMeshTransport(_Mesh[Any]):
             if routed is not None:
                 routed.end()
             self._failed(call, exc)
+            if isinstance(exc, MeshError):  # refused before any I/O (no endpoints, discovery failing): yield once,
+                await anyio.lowlevel.checkpoint()  # so a caller retrying in a loop cannot starve the event loop
             raise
         try:
             response = await self.drive(call, call.plan(active))
