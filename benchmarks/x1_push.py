@@ -223,8 +223,8 @@ def _summarise(
         "first = completion of the first request served by the new backend; all = send time of the first request "
         "from which every later one went there; stage rows: first occurrence after the push (ADS thread receiving "
         "a response, the apply thread's swap)",
-        "a weight-0 cluster is not watched: each flip subscribes to the new cluster's CDS and EDS resources "
-        "(two more round trips to the control plane) before and after the swap",
+        "a weight-0 cluster is not in the routes: the first flip to it subscribes to its CDS and EDS resources "
+        "(two round trips to the control plane); later flips find it lingering (watched, its service ready)",
     ]
     series = {label: list(hist.samples) for label, hist in stages.items()}
     return ScenarioResult(
