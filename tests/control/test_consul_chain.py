@@ -317,13 +317,18 @@ def splitter(*splits: tuple[float, str]) -> dict[str, Any]:
     return {"Type": "splitter", "Name": "web", "Splits": [{"Weight": w, "NextNode": n} for w, n in splits]}
 
 
-def test_split_weights_with_two_decimals_are_exact_integers() -> None:
-    split = splitter((33.33, "resolver:web.default.dc1"), (66.67, "resolver:other.default.dc1"))
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [((33.33, 66.67), [3333, 6667]), ((0.29, 99.71), [29, 9971]), ((50, 50), [5000, 5000])],
+)
+def test_split_weights_with_two_decimals_are_exact_integers(weights: tuple[float, float], expected: list[int]) -> None:
+    """0.29 * 100 is 28.999999999999996 in binary floating point: the hundredths are rounded, not truncated."""
+    split = splitter((weights[0], "resolver:web.default.dc1"), (weights[1], "resolver:other.default.dc1"))
     document = chain_with([], **{"splitter:web": split})
     document["Chain"]["StartNode"] = "splitter:web"
     rule = route(routes_of(map_chain(parse_chain(document))), "/")
     assert rule is not None
-    assert [b.weight for b in rule.backends] == [3333, 6667]
+    assert [b.weight for b in rule.backends] == expected
 
 
 def test_nested_splitters_multiply_exactly() -> None:
