@@ -122,10 +122,11 @@ class ChainError(ConfigError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         self.message = message
-        ValueError.__init__(self, f"Consul discovery chain: {path}: {message}")
-
-    def __str__(self) -> str:
-        return f"Consul discovery chain: {self.path}: {self.message}"
+        # ConfigError's attributes, for code that reports any ConfigError.
+        self.variable = path
+        self.value = None
+        self.expected = message
+        Exception.__init__(self, f"Consul discovery chain: {path}: {message}")
 
 
 # -- the validated chain --------------------------------------------------------------------------------------------
