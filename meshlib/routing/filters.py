@@ -47,9 +47,16 @@ def rewritten_path(path: str, match: RouteMatch, rewrite: PathModifier) -> str:
     whole segments the rule's ``PathPrefix`` matched, keeping one ``/`` between the replacement and the rest
     (the spec's table: ``/foo/bar`` with prefix ``/foo`` and replacement ``/xyz/`` or ``/xyz`` -> ``/xyz/bar``;
     replacement ``""`` or ``/`` -> ``/bar``; ``/foo`` -> ``/xyz``; ``/foo/`` -> ``/xyz/``). ``path`` is the
-    path only (no query string: the caller keeps the query)."""
+    path only (no query string: the caller keeps the query).
+
+    A path match with a ``literal_prefix`` (a Consul router's ``PathPrefix``, Envoy's plain string ``prefix``)
+    gets Envoy's ``prefix_rewrite`` instead: exactly those characters are replaced by the value, no ``/`` added
+    or removed (``/admin`` -> ``/`` makes ``/admin/x`` ``//x``, as Envoy does)."""
     if rewrite.kind == "ReplaceFullPath":
         return rewrite.value
+    literal = getattr(match.path, "literal_prefix", None)
+    if literal is not None:  # Envoy's prefix_rewrite (Consul's router): the matched characters swapped, as they are
+        return rewrite.value + path[len(literal) :] if path.startswith(literal) else path
     rest = _prefix_rest(path, match)
     if rest is None:  # the parser only allows ReplacePrefixMatch with one PathPrefix match; be safe anyway
         return path
