@@ -79,10 +79,9 @@ def from_env(environ: Mapping[str, str] | None = None, **kwargs: Any) -> ConsulC
     The agent and token come from the same environment's ``CONSUL_*`` variables.
     """
     env = os.environ if environ is None else environ
-    service = env.get(SERVICE_VARIABLE, "").strip()
-    if not service:
+    if not env.get(SERVICE_VARIABLE, "").strip():
         return None
-    return ConsulCASource(service, environ=env, **kwargs)
+    return ConsulCASource(environ=env, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -729,7 +729,9 @@ class ConsulEmulator:
             ):
                 who = f"token with AccessorID '{token.accessor}'" if token else "anonymous token"
                 return 403, {}, f"Permission denied: {who} lacks permission 'service:write' on \"{service}\""
-            self._active_root()  # the CA exists before the first index is reported
+            self._active_root()  # the CA (and the leaf) exist before the index is reported
+            if what == "leaf":
+                self._leaf(service, namespace, partition)
             invalid = self._block(params)
             if invalid is not None:
                 return invalid
