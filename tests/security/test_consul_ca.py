@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -388,3 +389,28 @@ def test_double_leaf_and_roots_answer_blocking_queries(consul: ConsulEmulator) -
         (answer,) = answers
         assert int(answer.headers["x-consul-index"]) > index
         assert "".join(answer.json()["CertPEM"].split()) == "".join(new.cert_pem.decode().split())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_a_forked_child_watches_with_its_own_threads(consul: ConsulEmulator) -> None:
+    with open_source(consul, "billing") as source:
+        old = source.serial_number
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's watch threads are gone; resume() starts its own
+            code = 1
+            try:
+                updates = source.updates
+                source.resume()
+                if source.wait_for(lambda s: s.updates > updates, 20):
+                    os.write(ready_w, b"r")
+                    code = 0 if source.wait_for(lambda s: s.serial_number != old, 20) else 2
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"r", "the child did not get its own first answer"
+        os.close(ready_r)
+        new = consul.rotate_leaf("billing")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # the child saw the rotation through its own watches
+        assert source.wait_for(lambda s: s.serial_number == new.cert.serial_number, 30)  # and so did the parent
