@@ -35,10 +35,8 @@ the trust domain it signs for, so trusting federated bundles as well (``trust_fe
 federated CA sign a certificate claiming any trust domain's ID; the client's expected SPIFFE ID still has to
 match, and the inbound authorization should check trust domains.
 
-**Key material on disk.** ``ssl.SSLContext.load_cert_chain`` reads only files. On Linux the chain and key go
-into an anonymous in-memory file (``memfd_create``, read back through ``/proc/self/fd``): never on disk,
-invisible to other processes. Elsewhere, a private temporary directory (mode 0700) holds one 0600 file for the
-duration of the load, then both are removed.
+**Key material on disk.** Never written to disk: see :mod:`meshlib.security._material`, which this source
+shares with :mod:`meshlib.security.consul_ca` (contexts, whole-context swap, in-memory key loading).
 """
 
 from __future__ import annotations
@@ -47,17 +45,15 @@ import datetime
 import functools
 import logging
 import os
-import shutil
-import ssl
 import stat
-import tempfile
 import threading
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from meshlib.errors import ConfigError
-from meshlib.security.identity import ExpectedIdentity, IdentityContext, load_x509
+from meshlib.security._material import ContextSet, Material, reset_locks
+from meshlib.security.identity import ExpectedIdentity, load_x509
 from meshlib.security.tls import ReloadingContext, TLSSettings
 
 if TYPE_CHECKING:
@@ -103,69 +99,29 @@ def _socket_path(variable: str, endpoint: str) -> str:
     return path
 
 
-class _Material:
+def _material(context: X509Context, trust_federated: bool) -> Material:
     """One Workload API update, ready for contexts: PEM chain + key (one blob), PEM CAs, ID, expiry."""
+    from cryptography.hazmat.primitives import serialization
 
-    def __init__(self, context: X509Context, trust_federated: bool) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        svid = context.default_svid  # the standard's default identity: the first SVID
-        pem = serialization.Encoding.PEM
-        chain = b"".join(cert.public_bytes(pem) for cert in svid.cert_chain)
-        key = svid.private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        self.cert_and_key = chain + key
-        self.spiffe_id = str(svid.spiffe_id)
-        self.trust_domain = svid.spiffe_id.trust_domain
-        self.not_after: datetime.datetime = svid.leaf.not_valid_after_utc
-        self.serial: int = svid.leaf.serial_number
-        bundles = context.x509_bundle_set.bundles
-        if not trust_federated:
-            bundles = {bundle for bundle in bundles if bundle.trust_domain == self.trust_domain}
-        cas = {cert for bundle in bundles for cert in bundle.x509_authorities}
-        if not cas:
-            raise ValueError(f"no trust bundle for the SVID's trust domain {self.trust_domain}")
-        self.cadata = "".join(cert.public_bytes(pem).decode("ascii") for cert in cas)
-
-
-def _load_cert_chain(context: ssl.SSLContext, cert_and_key: bytes) -> None:
-    """``load_cert_chain`` from memory: a memfd on Linux, else a 0600 file in a private 0700 directory."""
-    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-        fd = os.memfd_create("meshlib-svid", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, cert_and_key)
-            context.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    directory = tempfile.mkdtemp(prefix="meshlib-svid-")  # mode 0700
-    try:
-        path = os.path.join(directory, "svid.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(cert_and_key)
-        context.load_cert_chain(path)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _client_inner(material: _Material, expected: ExpectedIdentity) -> ssl.SSLContext:
-    context = IdentityContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.expected_identity = expected
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.check_hostname = False  # the SPIFFE ID check replaces it (an SVID names a workload, not a host)
-    context.load_verify_locations(cadata=material.cadata)
-    _load_cert_chain(context, material.cert_and_key)
-    return context
-
-
-def _server_inner(material: _Material) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=material.cadata)
-    _load_cert_chain(context, material.cert_and_key)
-    return context
+    svid = context.default_svid  # the standard's default identity: the first SVID
+    pem = serialization.Encoding.PEM
+    chain = b"".join(cert.public_bytes(pem) for cert in svid.cert_chain)
+    key = svid.private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    trust_domain = svid.spiffe_id.trust_domain
+    bundles = context.x509_bundle_set.bundles
+    if not trust_federated:
+        bundles = {bundle for bundle in bundles if bundle.trust_domain == trust_domain}
+    cas = {cert for bundle in bundles for cert in bundle.x509_authorities}
+    if not cas:
+        raise ValueError(f"no trust bundle for the SVID's trust domain {trust_domain}")
+    return Material(
+        cert_and_key=chain + key,
+        cadata="".join(cert.public_bytes(pem).decode("ascii") for cert in cas),
+        spiffe_id=str(svid.spiffe_id),
+        trust_domain=str(trust_domain),
+        not_after=svid.leaf.not_valid_after_utc,
+        serial=svid.leaf.serial_number,
+    )
 
 
 class WorkloadAPISource:
@@ -226,9 +182,8 @@ class WorkloadAPISource:
         self._closing = threading.Event()
         self._first = threading.Event()
         self._last_error: str | None = None
-        self._material: _Material | None = None
-        self._clients: dict[tuple[str, str | None], tuple[ExpectedIdentity, ReloadingContext]] = {}
-        self._server: ReloadingContext | None = None
+        self._material: Material | None = None
+        self._contexts = ContextSet()
         self._closed = False
         self._updates = 0
         self._errors = 0
@@ -317,25 +272,15 @@ class WorkloadAPISource:
             raise ConfigError("server_id", server_id, f"a SPIFFE ID or trust domain ({error})") from None
         self.resume()
         key = (str(expected), server_name)
+        settings = TLSSettings(server_id=str(expected), server_name=server_name)
         with self._lock:
-            found = self._clients.get(key)
-            if found is None:
-                assert self._material is not None
-                inner = _client_inner(self._material, expected)
-                settings = TLSSettings(server_id=str(expected), server_name=server_name)
-                found = (expected, ReloadingContext(settings, inner, not_after=self.not_after))
-                self._clients[key] = found
-            return found[1]
+            return self._contexts.client(key, lambda _: expected, settings)
 
     def server_context(self) -> ReloadingContext:
         """A server context presenting the SVID and requiring a client certificate that chains to the bundle."""
         self.resume()
         with self._lock:
-            if self._server is None:
-                assert self._material is not None
-                inner = _server_inner(self._material)
-                self._server = ReloadingContext(TLSSettings(), inner, not_after=self.not_after)
-            return self._server
+            return self._contexts.server()
 
     def resume(self) -> None:
         """In a forked child, open this process's own stream (once); elsewhere nothing. Cheap: a pid check."""
@@ -458,20 +403,15 @@ class WorkloadAPISource:
 
     def _on_update(self, serial: int, update: X509Context) -> None:
         try:
-            material = _Material(update, self.trust_federated)
+            material = _material(update, self.trust_federated)
             with self._lock:
                 if self._closed or serial != self._serial:
                     return
                 # Build everything first, then swap: a failure leaves every context on the last good SVID.
-                clients = {key: _client_inner(material, expected) for key, (expected, _) in self._clients.items()}
-                server = _server_inner(material) if self._server is not None else None
+                self._contexts.apply(material)
                 with self._changed:
                     self._material = material
                     self._changed.notify_all()
-                for key, inner in clients.items():
-                    self._clients[key][1].swap(inner, material.not_after)
-                if server is not None and self._server is not None:
-                    self._server.swap(server, material.not_after)
                 self._updates += 1
                 self._attempt = 0
                 recovered, self._broken = self._broken, False
@@ -526,12 +466,7 @@ class WorkloadAPISource:
         self._first = threading.Event()
         self._first.set()
         self._broken = False
-        contexts = [context for _, context in self._clients.values()]
-        if self._server is not None:
-            contexts.append(self._server)
-        for context in contexts:
-            context._check_lock = threading.Lock()
-            context._changed = threading.Condition()
+        reset_locks(self._contexts.contexts())
 
 
 #: Every source of this process, for the fork hook (weakly).

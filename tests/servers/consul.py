@@ -22,13 +22,22 @@ says it answers. It follows:
   a known token without ``service:read`` sees the instances filtered out, with
   ``X-Consul-Results-Filtered-By-ACLs: true`` (never for the anonymous token); a register without
   ``service:write`` -> 403 ``Permission denied: token with AccessorID '...' lacks permission ...``.
+* Connect CA (``api-docs/agent/connect.mdx``): ``GET /v1/agent/connect/ca/roots`` (``ActiveRootID``,
+  ``TrustDomain``, ``Roots`` with ``RootCert``, ``IntermediateCerts``, ``Active``...; no ACL needed) and
+  ``GET /v1/agent/connect/ca/leaf/<service>`` (``CertPEM``, ``PrivateKeyPEM`` as SEC1 ``EC PRIVATE KEY``,
+  ``ServiceURI``, ``ValidAfter``/``ValidBefore``...; ACL ``service:write`` on the service, else 403
+  ``Permission denied``), both blocking queries as above. The CA is a test CA
+  (:class:`tests.security.pki.CA`); a leaf is issued on first request (72 h, as Consul's default) with the
+  one URI SAN Consul puts in it: ``spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<service>`` (``/ap/<ap>``
+  first for a non-default ``partition``).
 * ``PUT /v1/agent/service/register``, ``/v1/agent/service/deregister/<id>``,
   ``/v1/agent/service/maintenance/<id>?enable=true&reason=...`` (maintenance adds the critical
   ``_service_maintenance:<id>`` check, as Consul does), ``GET /v1/status/leader``.
 
 Test controls (methods, thread-safe): :meth:`ConsulEmulator.register`, ``deregister``, ``set_status``,
 ``set_node_health``, ``maintenance``, ``bump_index`` (unrelated churn), ``restore_snapshot`` (index goes
-backwards), ``fail`` / ``recover`` (inject 429, 500, 503...), ``stop`` / ``start`` (same port), and what was
+backwards), ``fail`` / ``recover`` (inject 429, 500, 503...), ``stop`` / ``start`` (same port),
+``rotate_leaf`` / ``rotate_ca`` / ``drop_inactive_roots`` / ``leaf_for`` / ``spiffe_id`` (Connect CA), and what was
 asked: ``requests``, ``count``, ``wait_for_requests``, ``wait_for_blocked`` -- synchronisation points, so
 tests never sleep.
 """
@@ -36,6 +45,7 @@ tests never sleep.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -54,6 +64,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.security.pki import CA, Leaf
 
 __all__ = ["ACLToken", "ConsulEmulator", "RecordedQuery"]
 
@@ -133,6 +148,29 @@ class _Instance:
     modify_index: int = 0
 
 
+@dataclass
+class _Root:
+    ca: CA
+    id: str
+    active: bool
+    index: int
+
+
+@dataclass
+class _IssuedLeaf:
+    leaf: Leaf
+    uri: str
+    index: int
+
+
+def _colon_hex(data: bytes) -> str:
+    return ":".join(f"{byte:02x}" for byte in data)
+
+
+def _go_time(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class _Drop(Exception):
     """Close the connection without answering (the emulator is stopping: a crashed agent)."""
 
@@ -168,6 +206,7 @@ class ConsulEmulator:
         unix_socket: str | None = None,
         host: str = "127.0.0.1",
         first_index: int = 10,
+        trust_domain: str = "11111111-2222-3333-4444-555555555555.consul",
     ) -> None:
         self.datacenter = datacenter
         self.datacenters = {datacenter, *datacenters}
@@ -197,6 +236,9 @@ class ConsulEmulator:
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         self._ids = itertools.count(1)
+        self.trust_domain = trust_domain
+        self._roots: list[_Root] = []
+        self._leaves: dict[tuple[str, str, str | None], _IssuedLeaf] = {}
 
     # -- lifecycle
 
@@ -356,8 +398,8 @@ class ConsulEmulator:
             self._cond.notify_all()
 
     def fail(self, status: int, body: str = "", *, times: int | None = None) -> None:
-        """Answer health queries with ``status`` (429, 500 ``No cluster leader``, 503...): the next ``times``
-        ones, or every one until :meth:`recover` (blocked queries then fail too, as their RPC would)."""
+        """Answer health and Connect CA queries with ``status`` (429, 500 ``No cluster leader``, 503...): the
+        next ``times`` ones, or every one until :meth:`recover` (blocked queries then fail too, as their RPC would)."""
         with self._cond:
             if times is None:
                 self._failure = (status, body)
@@ -396,6 +438,107 @@ class ConsulEmulator:
             self.acl_enabled = True
             self.tokens[secret] = token
         return token
+
+    # -- Connect CA controls
+
+    def spiffe_id(self, service: str, *, namespace: str = "default", partition: str | None = None) -> str:
+        """The SPIFFE ID Consul gives ``service`` in this agent's datacenter (``/ap/`` for a non-default
+        partition, as Consul's ``SpiffeIDService.URI``)."""
+        path = f"/ns/{namespace}/dc/{self.datacenter}/svc/{service}"
+        if partition and partition != "default":
+            path = f"/ap/{partition}{path}"
+        return f"spiffe://{self.trust_domain}{path}"
+
+    def rotate_ca(self, *, keep_old: bool = True, trust_domain: str | None = None) -> CA:
+        """A new active root (Consul's CA rotation); the old ones stay listed, inactive, unless ``keep_old`` is
+        false. Leaves already issued are not re-signed (use :meth:`rotate_leaf`)."""
+        with self._cond:
+            self._active_root()  # the first root exists before it is rotated out
+            ca = CA(f"Consul CA Root Cert {len(self._roots) + 1}")
+            for root in self._roots:
+                root.active = False
+            if not keep_old:
+                self._roots.clear()
+            if trust_domain is not None:
+                self.trust_domain = trust_domain
+            self._roots.append(self._root(ca))
+            self._cond.notify_all()
+            return ca
+
+    def drop_inactive_roots(self) -> None:
+        """The end of a CA rotation: only the active root is listed."""
+        with self._cond:
+            self._roots = [root for root in self._roots if root.active]
+            self._next_index()
+            self._cond.notify_all()
+
+    def rotate_leaf(
+        self,
+        service: str,
+        *,
+        namespace: str = "default",
+        partition: str | None = None,
+        uri: str | None = None,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> Leaf:
+        """Issue ``service`` a new leaf from the active root (what the agent does before the old one expires);
+        ``uri``/``not_before``/``not_after`` override the SPIFFE ID and the validity (hostile or broken
+        leaves). Blocked leaf queries answer with it."""
+        with self._cond:
+            return self._issue(
+                service, namespace=namespace, partition=partition, uri=uri, not_before=not_before, not_after=not_after
+            ).leaf
+
+    def leaf_for(self, service: str, *, namespace: str = "default", partition: str | None = None) -> Leaf:
+        """The leaf ``service`` is given now (issued on first use)."""
+        with self._cond:
+            return self._leaf(service, namespace, partition).leaf
+
+    @property
+    def active_ca(self) -> CA:
+        with self._cond:
+            return self._active_root().ca
+
+    def _root(self, ca: CA) -> _Root:
+        ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        return _Root(ca, _colon_hex(ski), True, self._next_index())
+
+    def _active_root(self) -> _Root:
+        if not self._roots:
+            self._roots.append(self._root(CA("Consul CA Root Cert 1")))
+        return next(root for root in self._roots if root.active)
+
+    def _leaf(self, service: str, namespace: str, partition: str | None) -> _IssuedLeaf:
+        issued = self._leaves.get((service, namespace, partition))
+        if issued is None:
+            issued = self._issue(
+                service, namespace=namespace, partition=partition, uri=None, not_before=None, not_after=None
+            )
+        return issued
+
+    def _issue(
+        self,
+        service: str,
+        *,
+        namespace: str,
+        partition: str | None,
+        uri: str | None,
+        not_before: datetime.datetime | None,
+        not_after: datetime.datetime | None,
+    ) -> _IssuedLeaf:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        uri = uri or self.spiffe_id(service, namespace=namespace, partition=partition)
+        leaf = self._active_root().ca.issue(
+            uris=(uri,),
+            common_name=service,
+            not_before=not_before or now - datetime.timedelta(minutes=1),
+            not_after=not_after or now + datetime.timedelta(hours=72),
+        )
+        issued = _IssuedLeaf(leaf, uri, self._next_index())
+        self._leaves[(service, namespace, partition)] = issued
+        self._cond.notify_all()
+        return issued
 
     # -- observation
 
@@ -503,38 +646,9 @@ class ConsulEmulator:
                 predicates = _parse_filter(_one(params, "filter"))
             except ValueError as exc:
                 return 400, {}, f"Failed to create boolean expression evaluator: {exc}"
-            min_index = 0
-            if "index" in params:
-                raw_index = _one(params, "index") or ""
-                if not raw_index.isdigit():
-                    return 400, {}, "Invalid index"
-                min_index = int(raw_index)
-            wait = _DEFAULT_WAIT
-            if "wait" in params:
-                parsed = _go_duration(_one(params, "wait") or "")
-                if parsed is None:
-                    return 400, {}, "Invalid wait time"
-                wait = min(parsed, _MAX_WAIT)
-            if min_index > 0 and self._failure is None:
-                if self.jitter:
-                    wait += random.uniform(0, wait / 16)
-                deadline = time.monotonic() + wait
-                generation = self._abandoned
-                self._blocked += 1
-                self._cond.notify_all()
-                try:
-                    while self.index <= min_index and self._abandoned == generation and not self._stopping:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                finally:
-                    self._blocked -= 1
-                    self._cond.notify_all()
-            if self._stopping:
-                raise _Drop
-            if self._failure is not None:
-                return self._failure[0], {}, self._failure[1]
+            invalid = self._block(params)
+            if invalid is not None:
+                return invalid
             headers = self._headers(stale=stale, consistent=consistent)
             tags = params.get("tag", [])
             entries = []
@@ -557,6 +671,115 @@ class ConsulEmulator:
             if filtered and token is not None:  # never for the anonymous token (no information leak)
                 headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
             return 200, headers, entries
+
+    def _block(self, params: Mapping[str, list[str]]) -> tuple[int, dict[str, str], Any] | None:
+        """A blocking query's wait (with ``self._cond`` held): ``None`` to answer now, else the error answer."""
+        min_index = 0
+        if "index" in params:
+            raw_index = _one(params, "index") or ""
+            if not raw_index.isdigit():
+                return 400, {}, "Invalid index"
+            min_index = int(raw_index)
+        wait = _DEFAULT_WAIT
+        if "wait" in params:
+            parsed = _go_duration(_one(params, "wait") or "")
+            if parsed is None:
+                return 400, {}, "Invalid wait time"
+            wait = min(parsed, _MAX_WAIT)
+        if min_index > 0 and self._failure is None:
+            if self.jitter:
+                wait += random.uniform(0, wait / 16)
+            deadline = time.monotonic() + wait
+            generation = self._abandoned
+            self._blocked += 1
+            self._cond.notify_all()
+            try:
+                while self.index <= min_index and self._abandoned == generation and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            finally:
+                self._blocked -= 1
+                self._cond.notify_all()
+        if self._stopping:
+            raise _Drop
+        if self._failure is not None:
+            return self._failure[0], {}, self._failure[1]
+        return None
+
+    def _connect_ca(
+        self, what: str, service: str, params: Mapping[str, list[str]], secret: str | None
+    ) -> tuple[int, dict[str, str], Any]:
+        """Answer ``GET /v1/agent/connect/ca/roots`` (``what="roots"``) or ``.../leaf/<service>``."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held or self._stopping)
+            if self._failures:
+                status, body = self._failures.popleft()
+                return status, {}, body
+            token, denied = self._token(secret)
+            if denied:
+                return 403, {}, denied
+            namespace = _one(params, "ns") or "default"
+            partition = _one(params, "partition")
+            if (
+                what == "leaf"
+                and self.acl_enabled
+                and not (token.can_write(service) if token else self.default_policy == "allow")
+            ):
+                who = f"token with AccessorID '{token.accessor}'" if token else "anonymous token"
+                return 403, {}, f"Permission denied: {who} lacks permission 'service:write' on \"{service}\""
+            self._active_root()  # the CA (and the leaf) exist before the index is reported
+            if what == "leaf":
+                self._leaf(service, namespace, partition)
+            invalid = self._block(params)
+            if invalid is not None:
+                return invalid
+            headers = self._headers(stale=False, consistent=False)
+            if what == "roots":
+                return 200, headers, self._roots_body()
+            return 200, headers, self._leaf_body(service, self._leaf(service, namespace, partition))
+
+    def _roots_body(self) -> dict[str, Any]:
+        roots = []
+        for root in self._roots:
+            cert = root.ca.cert
+            roots.append(
+                {
+                    "ID": root.id,
+                    "Name": cert.subject.rfc4514_string(),
+                    "SerialNumber": cert.serial_number & 0xFFFFFFFF,
+                    "SigningKeyID": root.id,
+                    "ExternalTrustDomain": self.trust_domain.split(".")[0],
+                    "NotBefore": _go_time(cert.not_valid_before_utc),
+                    "NotAfter": _go_time(cert.not_valid_after_utc),
+                    "RootCert": root.ca.cert_pem.decode(),
+                    "IntermediateCerts": None,
+                    "Active": root.active,
+                    "PrivateKeyType": "ec",
+                    "PrivateKeyBits": 256,
+                    "CreateIndex": root.index,
+                    "ModifyIndex": root.index,
+                }
+            )
+        return {"ActiveRootID": self._active_root().id, "TrustDomain": self.trust_domain, "Roots": roots}
+
+    def _leaf_body(self, service: str, issued: _IssuedLeaf) -> dict[str, Any]:
+        leaf = issued.leaf
+        key = leaf.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        return {
+            "SerialNumber": _colon_hex(leaf.cert.serial_number.to_bytes(20, "big").lstrip(b"\0")),
+            "CertPEM": leaf.cert_pem.decode(),
+            "PrivateKeyPEM": key.decode(),
+            "Service": service,
+            "ServiceURI": issued.uri,
+            "ValidAfter": _go_time(leaf.cert.not_valid_before_utc),
+            "ValidBefore": _go_time(leaf.cert.not_valid_after_utc),
+            "CreateIndex": issued.index,
+            "ModifyIndex": issued.index,
+        }
 
     def _checks(self, instance: _Instance, node: _Node) -> list[dict[str, Any]]:
         def check(check_id: str, name: str, status: str, service: bool, notes: str = "") -> dict[str, Any]:
@@ -751,6 +974,14 @@ def _handler_for(emulator: ConsulEmulator) -> type[BaseHTTPRequestHandler]:
                         self._answer(400, {}, "Missing service name")
                         return
                     self._answer(*emulator._health(name, params, secret))
+                elif path == "/v1/agent/connect/ca/roots":
+                    self._answer(*emulator._connect_ca("roots", "", params, secret))
+                elif path.startswith("/v1/agent/connect/ca/leaf/"):
+                    service = unquote(path[len("/v1/agent/connect/ca/leaf/") :])
+                    if not service:
+                        self._answer(400, {}, "Missing service name")
+                        return
+                    self._answer(*emulator._connect_ca("leaf", service, params, secret))
                 elif path == "/v1/status/leader":
                     self._answer(200, {}, json.dumps("127.0.0.1:8300"))
                 else:

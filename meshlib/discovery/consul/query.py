@@ -51,6 +51,7 @@ __all__ = [
     "ConsulQuery",
     "TokenBucket",
     "WatchOptions",
+    "next_index",
 ]
 
 logger = logging.getLogger("meshlib.discovery")
@@ -205,8 +206,13 @@ class BlockingQuery:
         *,
         service: str = "",
         source: str = "",
+        path: str | None = None,
+        params: Iterable[tuple[str, str]] | None = None,
     ) -> None:
         self.query = query
+        #: What is asked: the query's health path and parameters, unless the caller watches another endpoint
+        #: with the same rules (``path``/``params``: the Connect CA's leaf and roots).
+        self.path = query.path if path is None else path
         self.agent = agent
         self.options = options
         self.service = service or query.service
@@ -216,7 +222,7 @@ class BlockingQuery:
         self._answer_key: frozenset[tuple[Any, ...]] | None = None
         self.bucket = TokenBucket(options.burst, options.refill, options.clock)
         self._not_before = -math.inf
-        self._params = tuple(query.params(agent))
+        self._params = tuple(query.params(agent) if params is None else params)
         self.failures = 0
         self.queries = 0
         self.unchanged = 0
@@ -243,43 +249,68 @@ class BlockingQuery:
         else:
             read = options.query_timeout
         timeout = httpx.Timeout(options.connect_timeout, read=read)
-        return Request(self.query.path, params, timeout, blocking)
+        return Request(self.path, params, timeout, blocking)
 
     def on_reply(self, reply: Reply) -> Resolution:
         """Apply a reply: the answer (the previous object when nothing changed), or raise the error."""
+        if reply.error is None and reply.status == 404:
+            # No such service (or endpoint) on this agent: an empty answer, not an error.
+            self._advance(None)
+            return self._succeeded(())
+        document = self.document(reply)
+        try:
+            endpoints = endpoints_from_health(document, passing_only=self.query.passing, tags=self.query.tags)
+        except ValueError as exc:
+            raise self._failed(self._error(f"Consul answered with an unreadable body: {exc}")) from None
+        if not endpoints and reply.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true":
+            raise self._failed(self._acl_error(filtered=True))
+        self.accept(reply)
+        return self._succeeded(endpoints)
+
+    def document(self, reply: Reply) -> Any:
+        """The JSON document of a 200 answer; for anything else raise the error (and schedule the backoff).
+
+        Shared by every endpoint watched with these rules: the caller checks the document, then calls
+        :meth:`accept` (the index moves on) or raises :meth:`failed` with its own error.
+        """
         if reply.error is not None:
             raise self._failed(self._transport_error(reply.error))
         status = reply.status
         if status == 200:
             try:
-                endpoints = endpoints_from_health(
-                    json.loads(reply.body), passing_only=self.query.passing, tags=self.query.tags
-                )
+                return json.loads(reply.body)
             except ValueError as exc:  # JSONDecodeError is a ValueError
                 raise self._failed(self._error(f"Consul answered with an unreadable body: {exc}")) from None
-            if not endpoints and reply.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true":
-                raise self._failed(self._acl_error(filtered=True))
-            self._observe(reply.headers)
-            self._advance(reply.headers.get("x-consul-index"))
-            return self._succeeded(endpoints)
-        if status == 404:  # no such service (or endpoint) on this agent: an empty answer, not an error
-            self._advance(None)
-            return self._succeeded(())
         if status == 403:
             raise self._failed(self._acl_error(body=self._text(reply.body)))
         if status in (429, 503):
             what = "rate limiting requests (429)" if status == 429 else "unavailable (503)"
             raise self._failed(self._error(f"Consul is {what}: {self._text(reply.body) or 'no detail'}; backing off"))
         detail = self._text(reply.body) or "no detail"
-        raise self._failed(self._error(f"Consul answered HTTP {status} for {self.query.path}: {detail}"))
+        raise self._failed(self._error(f"Consul answered HTTP {status} for {self.path}: {detail}"))
+
+    def accept(self, reply: Reply) -> None:
+        """A 200 answer was used: note the leader headers and move the index on (Consul's index rules)."""
+        self._observe(reply.headers)
+        self._advance(reply.headers.get("x-consul-index"))
+
+    def failed(self, error: DiscoveryError) -> DiscoveryError:
+        """Count ``error`` as a failed query (the next one waits the backoff and is a plain one); returns it."""
+        return self._failed(error)
+
+    def recovered(self) -> bool:
+        """After a usable answer: reset the backoff; ``True`` when queries had been failing until now."""
+        failing = self.failures > 0
+        if failing:
+            logger.info("Consul answers again for service %s after %d failed queries", self.service, self.failures)
+        self.failures = 0
+        self._not_before = -math.inf
+        return failing
 
     # -- internals
 
     def _succeeded(self, endpoints: tuple[Endpoint, ...]) -> Resolution:
-        if self.failures:
-            logger.info("Consul answers again for service %s after %d failed queries", self.service, self.failures)
-        self.failures = 0
-        self._not_before = -math.inf
+        self.recovered()
         key = _payload_key(endpoints)
         if self.answer is not None and key == self._answer_key:
             self.unchanged += 1
@@ -290,23 +321,17 @@ class BlockingQuery:
         return self.answer
 
     def _advance(self, raw_index: str | None) -> None:
-        """Consul's two index rules: reset to 0 when it goes backwards, else keep it >= 1."""
-        index: int | None = None
-        if raw_index is not None and ascii_digits(raw_index.strip(), 20):  # a uint64
-            index = int(raw_index)
-        if index is None:
-            self.index = 0  # no index to block on: the next query is a plain one (rate limited)
-        elif index < self.index:
+        """Consul's two index rules (:func:`next_index`), counting and logging a reset."""
+        index, reset = next_index(self.index, raw_index)
+        if reset:
             self.resets += 1
             logger.info(
-                "Consul index for service %s went backwards (%d -> %d): restarting the blocking loop",
+                "Consul index for service %s went backwards (%s -> %s): restarting the blocking loop",
                 self.service,
                 self.index,
-                index,
+                raw_index,
             )
-            self.index = 0
-        else:
-            self.index = max(index, 1)
+        self.index = index
 
     def _observe(self, headers: Mapping[str, str]) -> None:
         leader = headers.get("x-consul-knownleader")
@@ -344,6 +369,18 @@ class BlockingQuery:
         return acl_error(
             self.agent, self.query.service, service=self.service, source=self.source, body=body, filtered=filtered
         )
+
+
+def next_index(current: int, raw_index: str | None) -> tuple[int, bool]:
+    """The index the next blocking query carries after an answer with ``X-Consul-Index: raw_index``, and
+    whether the loop was reset. Consul's two rules: reset to 0 (a plain query next) when the index goes
+    backwards (or is missing), else keep it >= 1 so a server answering 0 cannot cause a busy loop."""
+    if raw_index is None or not ascii_digits(raw_index.strip(), 20):  # a uint64
+        return 0, False  # no index to block on: the next query is a plain one (rate limited)
+    index = int(raw_index)
+    if index < current:
+        return 0, True
+    return max(index, 1), False
 
 
 def _text(body: bytes, secrets: Iterable[str], limit: int = 300) -> str:
