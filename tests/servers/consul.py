@@ -69,6 +69,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.security.pki import CA, Leaf
+from tests.servers.consul_intentions import IntentionStore
 
 __all__ = ["ACLToken", "ConsulEmulator", "RecordedQuery"]
 
@@ -239,6 +240,7 @@ class ConsulEmulator:
         self.trust_domain = trust_domain
         self._roots: list[_Root] = []
         self._leaves: dict[tuple[str, str, str | None], _IssuedLeaf] = {}
+        self.intentions = IntentionStore(self)
 
     # -- lifecycle
 
@@ -424,6 +426,77 @@ class ConsulEmulator:
         with self._cond:
             self._failure = None
             self._failures.clear()
+
+    def set_intentions(self, destination: str, sources: Iterable[Mapping[str, Any]]) -> None:
+        """Write the ``service-intentions`` config entry of ``destination`` (its ``Sources``)."""
+        self.intentions.set(destination, sources)
+
+    def delete_intentions(self, destination: str) -> None:
+        self.intentions.delete(destination)
+
+    def _blocking(self, path: str, params: Mapping[str, list[str]], secret: str | None, answer: Any) -> Any:
+        """Answer a blocking ``GET`` (intentions, config entries) with ``answer()`` -> (status, body): waits while
+        ``index`` is current, as :meth:`_health` does; honours ACL errors, failures and :meth:`stop`."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held or self._stopping)
+            if self._failures:
+                status, body = self._failures.popleft()
+                return status, {}, body
+            token, denied = self._token(secret)
+            if denied:
+                return 403, {}, denied
+            raw_index = _one(params, "index") or "0"
+            if not raw_index.isdigit():
+                return 400, {}, "Invalid index"
+            min_index = int(raw_index)
+            wait = min(_go_duration(_one(params, "wait") or "") or _DEFAULT_WAIT, _MAX_WAIT)
+            if min_index > 0 and self._failure is None:
+                deadline = time.monotonic() + wait
+                generation = self._abandoned
+                self._blocked += 1
+                self._cond.notify_all()
+                try:
+                    while self.index <= min_index and self._abandoned == generation and not self._stopping:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                finally:
+                    self._blocked -= 1
+                    self._cond.notify_all()
+            if self._stopping:
+                raise _Drop
+            if self._failure is not None:
+                return self._failure[0], {}, self._failure[1]
+            status, body = answer(token)
+            return status, self._headers(stale=False, consistent=False), body
+
+    def _intentions_match(self, params: Mapping[str, list[str]], secret: str | None) -> tuple[int, dict[str, str], Any]:
+        if _one(params, "by") not in ("source", "destination"):
+            return 400, {}, "required query parameter 'by' not set"
+        names = params.get("name") or []
+        if not names:
+            return 400, {}, "required query parameter 'name' not set"
+
+        def answer(token: ACLToken | None) -> tuple[int, Any]:
+            if any(not self._can_read(token, name) for name in names):
+                return 403, "Permission denied"
+            return 200, {name: self.intentions.matches(name) for name in names}
+
+        return self._blocking("/v1/connect/intentions/match", params, secret, answer)  # type: ignore[no-any-return]
+
+    def _config_entry(
+        self, kind: str, name: str, params: Mapping[str, list[str]], secret: str | None
+    ) -> tuple[int, dict[str, str], Any]:
+        def answer(token: ACLToken | None) -> tuple[int, Any]:
+            if not self._can_read(token, name):
+                return 403, "Permission denied"
+            entry = self.intentions.entries.get(name) if kind == "service-intentions" else None
+            if entry is None:
+                return 404, f"Config entry not found for {kind!r} / {name!r}"
+            return 200, entry
+
+        return self._blocking(f"/v1/config/{kind}/{name}", params, secret, answer)  # type: ignore[no-any-return]
 
     def add_token(
         self, secret: str, *, read: Iterable[str] | None = None, write: Iterable[str] | None = ()
@@ -982,6 +1055,11 @@ def _handler_for(emulator: ConsulEmulator) -> type[BaseHTTPRequestHandler]:
                         self._answer(400, {}, "Missing service name")
                         return
                     self._answer(*emulator._connect_ca("leaf", service, params, secret))
+                elif path == "/v1/connect/intentions/match":
+                    self._answer(*emulator._intentions_match(params, secret))
+                elif path.startswith("/v1/config/") and path.count("/") == 4:
+                    _, _, _, kind, name = path.split("/")
+                    self._answer(*emulator._config_entry(unquote(kind), unquote(name), params, secret))
                 elif path == "/v1/status/leader":
                     self._answer(200, {}, json.dumps("127.0.0.1:8300"))
                 else:
@@ -1025,6 +1103,22 @@ def _handler_for(emulator: ConsulEmulator) -> type[BaseHTTPRequestHandler]:
                 self._answer(200, {}, "")
             else:
                 self._answer(404, {}, "404 page not found")
+
+        def do_POST(self) -> None:
+            path, _params, secret = self._request()
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if path != "/v1/agent/connect/authorize":
+                self._answer(404, {}, "404 page not found")
+                return
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                self._answer(400, {}, "Request decode failed")
+                return
+            with emulator._cond:
+                status, answer = emulator.intentions.authorize(body, secret)
+            self._answer(status, {}, answer)
 
     return Handler
 
