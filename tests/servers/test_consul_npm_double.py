@@ -273,6 +273,8 @@ def test_leaf_certificate_and_roots_shapes(stock: ConsulNpmDouble) -> None:
     assert not leaf["ServiceURI"].startswith(root_uris[0])
     assert stock.get("/v1/connect/ca/roots").json() == roots
     assert "x-consul-index" not in stock.get("/v1/agent/connect/ca/leaf/web").headers  # no blocking support
+    # One fixed leaf whatever service is asked for.
+    assert stock.get("/v1/agent/connect/ca/leaf/db").json() == leaf
 
 
 def test_authorize_always_allows(stock: ConsulNpmDouble) -> None:
@@ -282,3 +284,11 @@ def test_authorize_always_allows(stock: ConsulNpmDouble) -> None:
     for method, body in (("POST", {"Target": "db", "ClientCertURI": spiffe}), ("POST", {}), ("GET", None)):
         answer = stock.request(method, "/v1/agent/connect/authorize", body=body).json()
         assert answer == {"Authorized": True, "Reason": "matches intention XXX"}
+
+
+def test_intentions_match_and_check_shapes(stock: ConsulNpmDouble) -> None:
+    """Fixed intentions (``match`` by destination, with allow and deny) and an always-allowed ``check``."""
+    matched = stock.get("/v1/connect/intentions/match?by=destination&name=db").json()
+    actions = {(i["SourceName"], i["DestinationName"]): i["Action"] for i in matched["db"]}
+    assert actions == {("billing", "db"): "deny", ("web", "db"): "allow"}
+    assert stock.get("/v1/connect/intentions/check?source=billing&destination=db").json() == {"Allowed": True}
