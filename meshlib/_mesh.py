@@ -59,7 +59,7 @@ from meshlib._plan import (
 )
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
-from meshlib.discovery import build_resolver
+from meshlib.discovery import build_resolver, scheme_of
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolver
 from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, DeadlineExceeded, MeshError
@@ -328,9 +328,7 @@ class _Mesh(Generic[T]):
         #: The xDS control plane steering this client (``xds:`` targets), or ``None``.
         self.xds: Any = None
         #: The services whose routes only xDS gives (a routes file's for them are ignored).
-        self._xds_hosts = frozenset(
-            key for key, svc in config.services.items() if svc.target.partition("://")[0].lower() == "xds"
-        )
+        self._xds_hosts = frozenset(key for key, svc in config.services.items() if scheme_of(svc.target) == "xds")
         if config.xds == "all" or self._xds_hosts:
             from meshlib.control.xds.source import source_for
 

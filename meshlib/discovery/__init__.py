@@ -40,6 +40,7 @@ __all__ = [
     "Target",
     "build_resolver",
     "register_scheme",
+    "scheme_of",
 ]
 
 
@@ -109,6 +110,12 @@ def _factory(key: str, entry: ResolverFactory | str) -> ResolverFactory:
             f"discovery scheme {key}:// is registered as {entry!r}, which cannot be imported: {error}"
         ) from error
     return factory
+
+
+def scheme_of(target: str) -> str:
+    """The lower-cased scheme of a target URI (``""`` when it has none): what :func:`build_resolver` dispatches on."""
+    scheme, sep, _ = target.partition("://")
+    return scheme.lower() if sep else ""
 
 
 def build_resolver(service: str, target: str, settings: DiscoverySettings, *, variable: str) -> Resolver:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from meshlib._config.model import ServiceConfig, service_key
-from meshlib.discovery import Target, build_resolver
+from meshlib.discovery import Target, build_resolver, scheme_of
 from meshlib.discovery.base import DiscoverySettings, Resolution
 from meshlib.errors import ConfigError, DiscoveryError
 from meshlib.routing.model import RouteTable
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from meshlib.discovery.base import Resolver
     from meshlib.security.tls import TLSSettings
 
-__all__ = ["FORM", "XdsSource", "XdsTarget", "from_target", "uses_xds"]
+__all__ = ["FORM", "XdsSource", "XdsTarget", "from_target"]
 
 logger = logging.getLogger("meshlib.control.xds")
 
@@ -190,11 +190,6 @@ def from_target(target: Target, settings: DiscoverySettings) -> XdsTarget:
     return XdsTarget(target.service, target.uri)
 
 
-def uses_xds(config: MeshConfig) -> bool:
-    """Whether any service of ``config`` is steered by xDS."""
-    return any(svc.target.partition("://")[0].lower() == "xds" for svc in config.services.values())
-
-
 # -- the source ---------------------------------------------------------------------------------------------------
 
 
@@ -285,7 +280,7 @@ class XdsSource:
         self._closed = False
         self._pid = os.getpid()
         for key, svc in config.services.items():
-            if svc.target.partition("://")[0].lower() != "xds":
+            if scheme_of(svc.target) != "xds":
                 continue
             listener = bootstrap.listener_for(svc.target)
             path = svc.target.partition("://")[2].partition("/")[2]
@@ -903,7 +898,7 @@ def source_for(mesh: Any, config: MeshConfig, register_tls: Callable[[str, TLSSe
     missing)."""
     from meshlib.control.xds.bootstrap import BOOTSTRAP_CONFIG_VARIABLE, BOOTSTRAP_FILE_VARIABLE
 
-    first = next((svc for svc in config.services.values() if svc.target.partition("://")[0].lower() == "xds"), None)
+    first = next((svc for svc in config.services.values() if scheme_of(svc.target) == "xds"), None)
     variable, value = (
         ("MESHLIB_XDS", "all") if first is None else (first.variable or f"services[{first.name!r}]", first.target)
     )
@@ -925,7 +920,7 @@ def source_for(mesh: Any, config: MeshConfig, register_tls: Callable[[str, TLSSe
             "as for gRPC's proxyless clients",
         )
     for svc in config.services.values():
-        if svc.target.partition("://")[0].lower() == "xds":
+        if scheme_of(svc.target) == "xds":
             try:
                 bootstrap.listener_for(svc.target)
             except ConfigError as error:
