@@ -74,6 +74,7 @@ from meshlib.telemetry.propagation import AsyncPropagatingTransport, Propagating
 
 if TYPE_CHECKING:
     from meshlib._amesh import AsyncMeshTransport
+    from meshlib.security.consul_ca import ConsulCASource
 
 logger = logging.getLogger("meshlib")
 
@@ -143,9 +144,16 @@ class _PoolFactory:
         self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
         #: Service key -> the context its endpoints connect with, for services with TLS settings.
         self.contexts: dict[str, ReloadingContext] = {}
+        #: Service key -> how each endpoint's context is chosen, for services a control plane adds whose endpoints
+        #: present different identities (a Consul discovery chain's failover targets).
+        self.choosers: dict[str, Callable[[Endpoint], ssl.SSLContext]] = {}
         #: The client's SPIFFE Workload API source, if ``SPIFFE_ENDPOINT_SOCKET`` is set and a service uses it.
         self.source: WorkloadAPISource | None = None
+        #: The client's Consul Connect identity (``MESHLIB_CONSUL_SERVICE``) when a ``consul+chain://`` service
+        #: uses it: the leaf presented to, and the roots that verify, the chain's upstreams.
+        self.consul: ConsulCASource | None = None
         self._closer: weakref.finalize[[], Any] | None = None
+        self._consul_closer: weakref.finalize[[], Any] | None = None
         environ = os.environ if mesh.environ is None else mesh.environ
         endpoint = environ.get(ENDPOINT_VARIABLE, "")
         try:
@@ -163,6 +171,7 @@ class _PoolFactory:
                         svc.name,
                         settings.variable("verify"),
                     )
+            self._consul_identity(mesh, environ)
         except BaseException:
             self.close()  # a source already opened for an earlier service must not outlive the failed client
             raise
@@ -179,10 +188,31 @@ class _PoolFactory:
                 ", ".join(sorted(mesh.services[key].name for key in self.contexts)),
             )
 
-    def register_tls(self, key: str, settings: TLSSettings) -> None:
-        """Give service ``key`` (added later by a control plane: an xDS cluster) the context ``settings`` make;
-        from any thread (one dict assignment; the request path reads the dict)."""
-        self.contexts[key] = self.tls.context_for(settings)
+    def register_tls(self, key: str, settings: TLSSettings | Callable[[Endpoint], ssl.SSLContext]) -> None:
+        """Give service ``key`` (added later by a control plane) the context ``settings`` make (an xDS cluster), or
+        a chooser of each endpoint's context (a Consul chain's targets); from any thread (one dict assignment; the
+        request path reads the dicts)."""
+        if callable(settings):
+            self.choosers[key] = settings
+        else:
+            self.contexts[key] = self.tls.context_for(settings)
+
+    def _consul_identity(self, mesh: MeshConfig, environ: Mapping[str, str]) -> None:
+        """``MESHLIB_CONSUL_SERVICE`` with ``consul+chain://`` services: this client's Consul Connect identity (its
+        leaf and the CA roots, watched), opened now so an agent that refuses or does not answer is a
+        :class:`~meshlib.ConfigError` (or :class:`~meshlib.errors.ConsulACLError`) at construction."""
+        from meshlib.discovery import scheme_of
+
+        if not environ.get("MESHLIB_CONSUL_SERVICE", "").strip():  # consul_ca.SERVICE_VARIABLE, not imported yet
+            return
+        if not any(scheme_of(svc.target) == "consul+chain" for svc in mesh.services.values()):
+            return
+        from meshlib.security.consul_ca import ConsulCASource
+
+        self.consul = ConsulCASource(environ=environ)
+        closer = weakref.finalize(self, self.consul.close)
+        closer.atexit = False
+        self._consul_closer = closer
 
     def _spiffe_context(self, settings: TLSSettings, endpoint: str) -> ReloadingContext:
         """The Workload API context for a service requiring ``settings.server_id`` (opening the source once).
@@ -255,7 +285,12 @@ class _PoolFactory:
             self._ssl = self._lib.create_ssl_context(verify=self._verify, cert=self._cert, trust_env=self._trust_env)
         return self._ssl
 
-    def _context_for(self, key: str) -> ssl.SSLContext:
+    def _context_for(self, key: str, endpoint: Endpoint) -> ssl.SSLContext:
+        chooser = self.choosers.get(key)
+        if chooser is not None:
+            assert self.consul is not None
+            self.consul.resume()  # in a forked child: the child's own leaf and roots watches (a pid check otherwise)
+            return chooser(endpoint)
         context = self.contexts.get(key)
         if context is None:
             return self._context()
@@ -279,7 +314,7 @@ class _PoolFactory:
 
     def sync(self, endpoint: Endpoint, service: str) -> Any:
         """A new pooled sync transport for ``endpoint`` (of the service whose key is ``service``)."""
-        context = self._context_for(service)
+        context = self._context_for(service, endpoint)
         if self._factory is not None:
             return self._made(endpoint, context, "handle_request")
         transport = self._lib.HTTPTransport(verify=context, **self._pool)
@@ -288,7 +323,7 @@ class _PoolFactory:
 
     def async_(self, endpoint: Endpoint, service: str) -> Any:
         """A new pooled async transport for ``endpoint`` (of the service whose key is ``service``)."""
-        context = self._context_for(service)
+        context = self._context_for(service, endpoint)
         if self._factory is not None:
             return self._made(endpoint, context, "handle_async_request")
         if self._aiohttp is not None:
@@ -306,6 +341,8 @@ class _PoolFactory:
         self.tls.close()
         if self._closer is not None:
             self._closer()  # source.close(), once
+        if self._consul_closer is not None:
+            self._consul_closer()
 
 
 def _warn_tls_ignored(mesh: MeshConfig) -> None:
@@ -456,6 +493,7 @@ class _MeshClient:
                 pools.sync if kind == "sync" else pools.async_,
                 telemetry=telemetry,
                 register_tls=pools.register_tls,
+                connect=pools.consul,
             )
             if kind != "sync":
                 self._mesh.connections = pools.connections  # type: ignore[union-attr]

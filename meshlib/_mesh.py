@@ -59,7 +59,7 @@ from meshlib._plan import (
 )
 from meshlib._service import Active, Service
 from meshlib._testmode import MODE as _TESTING
-from meshlib.discovery import build_resolver, scheme_of
+from meshlib.discovery import CONTROL_PLANE_SCHEMES, build_resolver, scheme_of
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolver
 from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, DeadlineExceeded, MeshError
@@ -299,6 +299,7 @@ class _Mesh(Generic[T]):
         passthrough: T | None = None,
         telemetry: ClientTelemetry | None = None,
         register_tls: Callable[[str, Any], None] | None = None,
+        connect: Any = None,
     ) -> None:
         self.lib = lib
         self.config = config
@@ -320,28 +321,38 @@ class _Mesh(Generic[T]):
         self._routes_loaded_at: float | None = None
         self._routing_state()
         self._driver_state()
-        #: The route tables of each source: the file's (or the API's) and the xDS control plane's.
+        #: The route tables of each source: the file's (or the API's), and each control plane's (by name: ``xds``,
+        #: ``consul``), which route the hosts they claim.
         self._tables_lock = threading.Lock()
         self._base_table: RouteTable = EMPTY_TABLE
-        self._xds_table: RouteTable | None = None
+        self._pushed: dict[str, RouteTable] = {}
         self._shadowed: list[str] = []
         #: The xDS control plane steering this client (``xds:`` targets), or ``None``.
         self.xds: Any = None
-        #: The services whose routes only xDS gives (a routes file's for them are ignored).
-        self._xds_hosts = frozenset(key for key, svc in config.services.items() if scheme_of(svc.target) == "xds")
-        if config.xds == "all" or self._xds_hosts:
+        #: Consul's discovery chain steering this client (``consul+chain:`` targets), or ``None``.
+        self.consul: Any = None
+        #: The services whose routes only a control plane gives (a routes file's for them are ignored).
+        self._claimed = frozenset(
+            key for key, svc in config.services.items() if scheme_of(svc.target) in CONTROL_PLANE_SCHEMES
+        )
+        if config.xds == "all" or any(scheme_of(svc.target) == "xds" for svc in config.services.values()):
             from meshlib.control.xds.source import source_for
 
             # Validated before anything starts: a bad bootstrap leaves no thread behind.
             self.xds = source_for(self, config, register_tls)
             if config.xds == "all":
                 self._router.dynamic = self.xds.pending_for
+        if any(scheme_of(svc.target) == "consul+chain" for svc in config.services.values()):
+            from meshlib.control.consul.source import ConsulChainSource
+
+            self.consul = ConsulChainSource(self, config, register_tls, connect=connect)
         if config.routes_file is not None:
             self._watch_routes(config)
         self._finalizer = self._on_collect()
         _LIVE.add(self)
-        if self.xds is not None:
-            self.xds.start()
+        for source in (self.xds, self.consul):
+            if source is not None:
+                source.start()
 
     def _watch_routes(self, config: MeshConfig) -> None:
         """Load ``MESHLIB_ROUTES_FILE`` now (an invalid file is a ``ConfigError`` here) and watch it for changes."""
@@ -411,11 +422,13 @@ class _Mesh(Generic[T]):
         try:
             self._router = _Router(self.config, self._new_transport, self._base_table)
             self._tables_lock = threading.Lock()
-            self._xds_table = None
+            self._pushed = {}
             if self.xds is not None:  # the xDS services again, from the accepted resources; streams of its own
                 if self.config.xds == "all":
                     self._router.dynamic = self.xds.pending_for
                 self.xds.after_fork(self)
+            if self.consul is not None:  # the chains' services again, from the last answers; watches of its own
+                self.consul.after_fork(self)
         except Exception as exc:  # a resolver factory that fails the second time: refuse clearly, never share
             logger.exception("meshlib client could not be rebuilt after fork() in process %d", os.getpid())
             for service in old.services.values():  # lock-free: only this thread runs in the child
@@ -448,7 +461,7 @@ class _Mesh(Generic[T]):
     def install_routes(self, table: RouteTable) -> None:
         """Route new calls by ``table`` (calls in flight finish on the table they started with).
 
-        With an xDS control plane as well, ``table`` routes the hosts xDS does not (see :meth:`_combined`)."""
+        With a control plane as well, ``table`` routes the hosts it does not claim (see :meth:`_combined`)."""
         with self._tables_lock:
             self._base_table = table
             self._router.install(self._combined())
@@ -468,11 +481,14 @@ class _Mesh(Generic[T]):
         table: RouteTable,
         added: Mapping[str, tuple[ServiceConfig, Resolver]],
         replaced: Mapping[str, tuple[ServiceConfig, Resolver]],
+        *,
+        source: str = "xds",
     ) -> None:
-        """An xDS update: its routes (for the xDS hosts), new services and rebuilt ones, in one swap; the
-        services rebuilt are then released as removed ones are (calls in flight on them finish)."""
+        """A control plane's update (``source``: ``xds``, ``consul``): its routes (for the hosts it claims), new
+        services and rebuilt ones, in one swap; the services rebuilt are then released as removed ones are (calls
+        in flight on them finish)."""
         with self._tables_lock:
-            self._xds_table = table
+            self._pushed = {**self._pushed, source: table}
             old = self._router.add_services(added, self._combined(), replaced)
         self._routes_loaded_at = time.time()
         self._release(old)
@@ -483,32 +499,36 @@ class _Mesh(Generic[T]):
             self._router.install(self._router.table)
 
     def _combined(self) -> RouteTable:
-        """The file's (or API's) table with the xDS one: xDS routes its own hosts (the ``xds:`` services, from the
-        start, and every host its table has), the file every other."""
-        xds = self._xds_table
+        """The file's (or API's) table with the control planes' ones: each control plane routes its own hosts (its
+        services, from the start, and every host its table has), the file every other."""
+        pushed = list(self._pushed.values())
         base = self._base_table
-        claimed = self._xds_hosts if xds is None else self._xds_hosts | xds.services.keys()
+        claimed = set(self._claimed)
+        for table in pushed:
+            claimed.update(table.services.keys())
         shadowed = sorted(key for key in claimed if key in base.services)
         if shadowed and shadowed != self._shadowed:
             logger.warning(
-                "routes of %s come from xDS; the routes %s has for them are ignored",
+                "routes of %s come from their control plane; the routes %s has for them are ignored",
                 ", ".join(shadowed),
                 base.source or "the route table",
             )
         self._shadowed = shadowed
-        if xds is None and not shadowed:
+        if not pushed and not shadowed:
             return base
-        if not base.services and xds is not None:
-            return xds
+        if not base.services and len(pushed) == 1:
+            return pushed[0]
         services = {key: routes for key, routes in base.services.items() if key not in claimed}
-        if xds is None:
+        if not pushed:
             return dataclasses.replace(base, services=services)
-        services.update(xds.services)
+        tables = [base, *pushed] if base.services or base.source else pushed
+        for table in pushed:
+            services.update(table.services)
         return RouteTable(
             services,
-            f"{base.source} + {xds.source}",
-            f"{base.version} + {xds.version}",
-            tuple(base.routes) + tuple(xds.routes),
+            " + ".join(table.source for table in tables),
+            " + ".join(table.version for table in tables),
+            tuple(route for table in tables for route in table.routes),
         )
 
     def remove_services(self, keys: Iterable[str]) -> None:
@@ -1061,8 +1081,9 @@ class MeshTransport(_Mesh[Any]):
         self.telemetry.unbind(self)
         if self.routes_source is not None:
             self.routes_source.stop()
-        if self.xds is not None:
-            self.xds.close()
+        for source in (self.xds, self.consul):
+            if source is not None:
+                source.close()
         for thread in self._refreshers.values():
             thread.stop()
         self._refreshers.clear()

@@ -530,6 +530,9 @@ class Call(Generic[T]):
             extensions["timeout"] = {k: budget if v is None or v > budget else v for k, v in timeout.items()}
         else:
             extensions["timeout"] = {"connect": budget, "read": budget, "write": budget, "pool": budget}
+        connect = self.service.config.connect_timeout
+        if connect is not None and connect < extensions["timeout"].get("connect", budget):
+            extensions["timeout"]["connect"] = connect  # the service's own bound (a fresh dict: built just above)
         # A copy with its own headers (the caller's request is never modified): the endpoint's URL and this
         # attempt's extensions.
         outgoing = copy_request(request)

@@ -156,6 +156,7 @@ _READ_ELSEWHERE = frozenset(
         AUTHZ_FILE_VARIABLE,
         RATELIMIT_FILE_VARIABLE,
         INBOUND_RELOAD_VARIABLE,
+        "MESHLIB_CONSUL_SERVICE",  # the Consul identity: meshlib.security.consul_ca, the client's pool factory
     }
 )
 KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED} | _READ_ELSEWHERE

@@ -147,9 +147,18 @@ class ServiceConfig:
     #: xDS cluster whose control plane asks for upstream TLS (gRFC A29), so such a call never goes out in
     #: plaintext.
     tls_required: bool = False
+    #: How long connecting to one endpoint may take (seconds; ``None``: bounded by the call's deadline only): a
+    #: Consul resolver's ``ConnectTimeout``, Envoy's cluster ``connect_timeout``. A slow connect then fails over
+    #: to another endpoint while the call still has time.
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _check("ServiceConfig", "tls_required", self.tls_required, isinstance(self.tls_required, bool), "a bool")
+        timeout = self.connect_timeout
+        ok = timeout is None or (
+            isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < float("inf")
+        )
+        _check("ServiceConfig", "connect_timeout", timeout, ok, "a finite number of seconds > 0, or None")
         header = self.hash_header
         ok = header is None or (isinstance(header, str) and is_header_name(header))
         _check("ServiceConfig", "hash_header", header, ok, HEADER_NAME_EXPECTED)

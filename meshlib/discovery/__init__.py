@@ -12,6 +12,9 @@ Built-in schemes (see :data:`SCHEMES`):
 * ``dns://name:port`` -- A and AAAA records (:mod:`meshlib.discovery.dns`)
 * ``dns+srv://name`` -- SRV records, including Consul's DNS interface (:mod:`meshlib.discovery.dns`)
 * ``consul://service`` -- Consul's health endpoint, watched (:mod:`meshlib.discovery.consul`)
+* ``xds:///listener`` and ``consul+chain://service`` -- reached through a control plane's routes
+  (:mod:`meshlib.control.xds.source`, :mod:`meshlib.control.consul.source`): placeholders, see
+  :data:`CONTROL_PLANE_SCHEMES`
 
 Another module adds a scheme with :func:`register_scheme`, without this package knowing about it. A scheme
 is registered with its factory or with the factory's dotted path; the built-ins are registered by path, so
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Final
 
 from meshlib._config.parse import redact_uri
 from meshlib._lazy import check_dotted_path, load
@@ -31,6 +35,7 @@ from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution, Reso
 from meshlib.errors import ConfigError
 
 __all__ = [
+    "CONTROL_PLANE_SCHEMES",
     "SCHEMES",
     "DiscoverySettings",
     "Endpoint",
@@ -149,6 +154,14 @@ register_scheme(
     form="dns+srv://name, e.g. dns+srv://_http._tcp.users.internal or dns+srv://web.payments.service.consul",
 )
 register_scheme("xds", "meshlib.control.xds.source.from_target", form="xds:///listener-name")
+register_scheme(
+    "consul+chain",
+    "meshlib.control.consul.source.from_target",
+    form="consul+chain://service[?dc=dc1&ns=namespace&partition=partition]",
+)
+
+#: The schemes of services reached through a control plane's routes (placeholders: no endpoints of their own).
+CONTROL_PLANE_SCHEMES: Final = frozenset({"xds", "consul+chain"})
 register_scheme(
     "consul",
     "meshlib.discovery.consul.from_target",

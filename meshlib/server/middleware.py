@@ -610,6 +610,7 @@ def mesh_hooks(
     authz: AuthorizationHook | PolicySet | None = None,
     rate_limits: RateLimitHook | RateLimits | None = None,
     environ: Mapping[str, str] | None = None,
+    intentions: Hook | bool | None = None,
 ) -> tuple[Hook, ...]:
     """The inbound half's hooks, outermost first: server span, server metrics, peer identity, authorization, rate
     limits, deadline.
@@ -622,7 +623,10 @@ def mesh_hooks(
     default ``MESHLIB_RATELIMIT_FILE``). Both run after the peer identity hook, which gives them the caller's
     verified SPIFFE ID, and inside the span and metrics hooks, so a refused request (403, 429) still has its
     SERVER span and duration; authorization runs first, so a denied caller spends no rate-limit budget.
-    ``environ``: read instead of ``os.environ``.
+    ``intentions``: Consul intentions enforcement (a :class:`~meshlib.server.consul_intentions.ConsulIntentionsHook`;
+    ``True`` or ``None`` with ``MESHLIB_CONSUL_SERVICE`` set: one for that service, its agent from the ``CONSUL_*``
+    variables; ``False``: none). It runs right after the peer identity hook, before ``authz`` and rate limits:
+    a caller intentions deny never reaches them or the application. ``environ``: read instead of ``os.environ``.
 
     The span is outermost so the duration is recorded while it is current (an SDK with exemplars links the
     measurement to the trace) and so the span ends last: once it is exported, the request is fully accounted.
@@ -637,6 +641,7 @@ def mesh_hooks(
 
     mode = server_telemetry_from_env(server_telemetry, environ)
     files = inbound_files_from_env(environ)
+    consul = _intentions(intentions, environ, meter_provider)
     gates = [
         hook
         for hook in (
@@ -649,9 +654,26 @@ def mesh_hooks(
         ServerTraceHook(tracer_provider, mode=mode),
         ServerMetricsHook(meter_provider, mode=mode),
         peer_identity or PeerIdentityHook(),
+        *([consul] if consul is not None else []),
         *gates,
         DeadlineHook(deadline_headers),
     )
+
+
+def _intentions(given: Hook | bool | None, environ: Mapping[str, str] | None, meter_provider: Any) -> Hook | None:
+    """The Consul intentions hook of :func:`mesh_hooks`: as given, or built for ``MESHLIB_CONSUL_SERVICE``."""
+    import os
+
+    if given is False:
+        return None
+    if given is not None and given is not True:
+        return given
+    env = os.environ if environ is None else environ
+    from meshlib.server.consul_intentions import SERVICE_VARIABLE, ConsulIntentionsHook
+
+    if given is None and not env.get(SERVICE_VARIABLE, "").strip():
+        return None
+    return ConsulIntentionsHook(environ=env, meter_provider=meter_provider)
 
 
 def _gate(  # noqa: PLR0917  # one call per gate kind, in mesh_hooks

@@ -30,6 +30,13 @@ says it answers. It follows:
   (:class:`tests.security.pki.CA`); a leaf is issued on first request (72 h, as Consul's default) with the
   one URI SAN Consul puts in it: ``spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<service>`` (``/ap/<ap>``
   first for a non-default ``partition``).
+* ``GET /v1/health/connect/<name>`` (``api-docs/health.mdx``): as the above, for the Connect-capable instances
+  (here: those registered ``connect_native=True``, which carry ``Service.Connect.Native``).
+* ``GET /v1/discovery-chain/<name>`` (``api-docs/discovery-chain.mdx``): ``{"Chain": ...}``, blocking, ACL
+  ``service:read``, ``compile-dc``; the chain is what :meth:`ConsulEmulator.set_chain` gave (compiled by the test,
+  or one of the documented examples in ``tests/fixtures/consul/``), else the default chain Consul compiles for a
+  service without config entries (:meth:`ConsulEmulator.default_chain`). The emulator does not compile config
+  entries.
 * ``PUT /v1/agent/service/register``, ``/v1/agent/service/deregister/<id>``,
   ``/v1/agent/service/maintenance/<id>?enable=true&reason=...`` (maintenance adds the critical
   ``_service_maintenance:<id>`` check, as Consul does), ``GET /v1/status/leader``.
@@ -79,7 +86,7 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 _MAX_WAIT = 600.0
 _DEFAULT_WAIT = 300.0
 _FILTER_TAG = re.compile(r'^"([^"]*)"\s+in\s+Service\.Tags$')
-_FILTER_META = re.compile(r'^Service\.Meta\.([A-Za-z0-9_.-]+)\s*==\s*"([^"]*)"$')
+_FILTER_META = re.compile(r'^Service\.Meta\.([A-Za-z0-9_-]+)\s*(==|!=)\s*(?:"([^"]*)"|([A-Za-z0-9_.-]+))$')
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,8 @@ class _Instance:
     maintenance: str | None = None
     create_index: int = 0
     modify_index: int = 0
+    #: A Connect Native service (``Connect.Native``): listed by ``/v1/health/connect/<name>``.
+    connect_native: bool = False
 
 
 @dataclass
@@ -241,6 +250,8 @@ class ConsulEmulator:
         self._roots: list[_Root] = []
         self._leaves: dict[tuple[str, str, str | None], _IssuedLeaf] = {}
         self.intentions = IntentionStore(self)
+        #: Service -> its compiled discovery chain (:meth:`set_chain`); others get :meth:`default_chain`.
+        self.chains: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle
 
@@ -323,9 +334,11 @@ class ConsulEmulator:
         node_meta: Mapping[str, str] | None = None,
         datacenter: str | None = None,
         status: str | None = "passing",
+        connect_native: bool = False,
     ) -> str:
         """Register (or replace) a service instance; returns its ID. ``status`` is its one service check's
-        status (``None``: no service check, as a registration without checks)."""
+        status (``None``: no service check, as a registration without checks); ``connect_native``: a Connect
+        Native instance (``/v1/health/connect/<name>`` lists it)."""
         dc = datacenter or self.datacenter
         service_id = id or name
         with self._cond:
@@ -349,6 +362,7 @@ class ConsulEmulator:
                 checks=checks,
                 create_index=previous.create_index if previous else index,
                 modify_index=index,
+                connect_native=connect_native,
             )
             self._cond.notify_all()
         return service_id
@@ -426,6 +440,73 @@ class ConsulEmulator:
         with self._cond:
             self._failure = None
             self._failures.clear()
+
+    def set_chain(self, service: str, chain: Mapping[str, Any]) -> None:
+        """Make ``chain`` (a compiled ``Chain`` object, as ``/v1/discovery-chain/<service>`` returns it: the test
+        compiles config entries itself, or takes a documented example) the chain of ``service``."""
+        with self._cond:
+            self.chains[service] = json.loads(json.dumps(chain))
+            self._next_index()
+            self._cond.notify_all()
+
+    def delete_chain(self, service: str) -> None:
+        """Back to the default chain (no config entries: one resolver, the service itself)."""
+        with self._cond:
+            self.chains.pop(service, None)
+            self._next_index()
+            self._cond.notify_all()
+
+    def default_chain(self, service: str, datacenter: str | None = None) -> dict[str, Any]:
+        """The chain Consul compiles for a service with no router, splitter or resolver entries."""
+        dc = datacenter or self.datacenter
+        target = f"{service}.default.default.{dc}"
+        return {
+            "ServiceName": service,
+            "Namespace": "default",
+            "Partition": "default",
+            "Datacenter": dc,
+            "Protocol": "tcp",
+            "Default": True,
+            "StartNode": f"resolver:{target}",
+            "Nodes": {
+                f"resolver:{target}": {
+                    "Type": "resolver",
+                    "Name": target,
+                    "Resolver": {"ConnectTimeout": "5s", "Default": True, "Target": target},
+                }
+            },
+            "Targets": {
+                target: {
+                    "ID": target,
+                    "Service": service,
+                    "Namespace": "default",
+                    "Partition": "default",
+                    "Datacenter": dc,
+                    "MeshGateway": {},
+                    "Subset": {},
+                    "ConnectTimeout": "5s",
+                    "SNI": f"{service}.default.{dc}.internal.{self.trust_domain}",
+                    "Name": f"{service}.default.{dc}.internal.{self.trust_domain}",
+                }
+            },
+        }
+
+    def _discovery_chain(
+        self, name: str, params: Mapping[str, list[str]], secret: str | None
+    ) -> tuple[int, dict[str, str], Any]:
+        """Answer ``GET /v1/discovery-chain/<name>`` (blocking; ``compile-dc`` names the datacenter compiled for;
+        ACL ``service:read`` on the service)."""
+        dc = _one(params, "compile-dc") or self.datacenter
+
+        def answer(token: ACLToken | None) -> tuple[int, Any]:
+            if not self._can_read(token, name):
+                return 403, "Permission denied"
+            if dc not in self.datacenters:
+                return 500, "No path to datacenter"
+            chain = self.chains.get(name) or self.default_chain(name, dc)
+            return 200, {"Chain": chain}
+
+        return self._blocking(f"/v1/discovery-chain/{name}", params, secret, answer)  # type: ignore[no-any-return]
 
     def set_intentions(self, destination: str, sources: Iterable[Mapping[str, Any]]) -> None:
         """Write the ``service-intentions`` config entry of ``destination`` (its ``Sources``)."""
@@ -633,7 +714,7 @@ class ConsulEmulator:
             return self._blocked
 
     def health_queries(self) -> list[RecordedQuery]:
-        return [r for r in self.requests if r.path.startswith("/v1/health/service/")]
+        return [r for r in self.requests if r.path.startswith(("/v1/health/service/", "/v1/health/connect/"))]
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> RecordedQuery:
         """Wait until ``count`` health queries have arrived; returns the ``count``-th."""
@@ -673,7 +754,7 @@ class ConsulEmulator:
     def _record(self, method: str, path: str, params: Mapping[str, list[str]], header: str | None) -> None:
         token = header if header is not None else (params.get("token") or [None])[0]
         self._requests.append(RecordedQuery(method, path, params, token, header is not None))
-        if path.startswith("/v1/health/service/"):
+        if path.startswith(("/v1/health/service/", "/v1/health/connect/")):
             self._health_count += 1
         self._cond.notify_all()
 
@@ -689,9 +770,10 @@ class ConsulEmulator:
         return headers
 
     def _health(
-        self, name: str, params: Mapping[str, list[str]], secret: str | None
+        self, name: str, params: Mapping[str, list[str]], secret: str | None, *, connect: bool = False
     ) -> tuple[int, dict[str, str], Any]:
-        """Answer ``GET /v1/health/service/<name>``: (status, headers, body: JSON value or text)."""
+        """Answer ``GET /v1/health/service/<name>`` (``/v1/health/connect/<name>`` with ``connect``: its Connect
+        Native instances only): (status, headers, body: JSON value or text)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._held or self._stopping)
             if self._failures:
@@ -728,6 +810,8 @@ class ConsulEmulator:
             filtered = False
             for instance in self._instances.values():
                 if instance.name != name or instance.datacenter != dc:
+                    continue
+                if connect and not instance.connect_native:
                     continue
                 if any(tag not in instance.tags for tag in tags):
                     continue
@@ -915,7 +999,7 @@ class ConsulEmulator:
                 "Weights": {"Passing": instance.weights[0], "Warning": instance.weights[1]},
                 "EnableTagOverride": False,
                 "Proxy": {"Mode": "", "MeshGateway": {}, "Expose": {}},
-                "Connect": {},
+                "Connect": {"Native": True} if instance.connect_native else {},
                 "PeerName": "",
                 "CreateIndex": instance.create_index,
                 "ModifyIndex": instance.modify_index,
@@ -987,8 +1071,12 @@ def _parse_filter(expression: str | None) -> list[Any]:
             tag = match.group(1)
             predicates.append(lambda instance, tag=tag: tag in instance.tags)
         elif match := _FILTER_META.match(part):
-            key, value = match.groups()
-            predicates.append(lambda instance, key=key, value=value: instance.meta.get(key) == value)
+            key, op, quoted, bare = match.groups()
+            value = quoted if quoted is not None else bare
+            if op == "==":
+                predicates.append(lambda instance, key=key, value=value: instance.meta.get(key) == value)
+            else:  # go-bexpr: a missing key is "not equal"
+                predicates.append(lambda instance, key=key, value=value: instance.meta.get(key) != value)
         else:
             raise ValueError(f"unsupported expression {part!r} (the emulator knows a small subset of bexpr)")
     return predicates
@@ -1041,12 +1129,19 @@ def _handler_for(emulator: ConsulEmulator) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path, params, secret = self._request()
             try:
-                if path.startswith("/v1/health/service/"):
+                if path.startswith(("/v1/health/service/", "/v1/health/connect/")):
+                    connect = path.startswith("/v1/health/connect/")
                     name = unquote(path[len("/v1/health/service/") :])
                     if not name:
                         self._answer(400, {}, "Missing service name")
                         return
-                    self._answer(*emulator._health(name, params, secret))
+                    self._answer(*emulator._health(name, params, secret, connect=connect))
+                elif path.startswith("/v1/discovery-chain/"):
+                    name = unquote(path[len("/v1/discovery-chain/") :])
+                    if not name:
+                        self._answer(400, {}, "Missing service name")
+                        return
+                    self._answer(*emulator._discovery_chain(name, params, secret))
                 elif path == "/v1/agent/connect/ca/roots":
                     self._answer(*emulator._connect_ca("roots", "", params, secret))
                 elif path.startswith("/v1/agent/connect/ca/leaf/"):

@@ -29,7 +29,6 @@ others (a file route for an xDS host is ignored, with a warning).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -42,9 +41,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from meshlib._config.model import ServiceConfig, service_key
+from meshlib.control.dynamic import Latch, Placeholder, merge_tables
 from meshlib.discovery import Target, build_resolver, scheme_of
-from meshlib.discovery.base import DiscoverySettings, Resolution
-from meshlib.errors import ConfigError, DiscoveryError
+from meshlib.discovery.base import DiscoverySettings
+from meshlib.errors import ConfigError
 from meshlib.routing.model import RouteTable
 from meshlib.status import XdsResourceStatus, XdsServerStatus, XdsServiceStatus, XdsStatus
 
@@ -73,111 +73,13 @@ MAX_LINGERING: Final = 64
 # -- the placeholder resolver of an xds:/// service ---------------------------------------------------------------
 
 
-class Latch:
-    """Set once (the first route table, or a known failure); waited on by calls, blocking or on an event loop."""
-
-    def __init__(self, source: str = "xDS") -> None:
-        #: What is awaited, for error messages.
-        self.source = source
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._wakers: list[Callable[[], None]] = []
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def set(self) -> None:
-        with self._lock:
-            self._event.set()
-            wakers, self._wakers = self._wakers, []
-        for wake in wakers:
-            wake()
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
-
-    async def wait_async(self, timeout: float | None) -> bool:
-        """Wait without blocking the event loop or holding a thread (asyncio or trio)."""
-        from meshlib._aio import on_trio
-
-        if self._event.is_set():
-            return True
-        if on_trio():
-            import trio
-
-            token = trio.lowlevel.current_trio_token()
-            done = trio.Event()
-
-            def wake_trio() -> None:
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(done.set)
-
-            if self._add(wake_trio):
-                try:
-                    with trio.move_on_after(float("inf") if timeout is None else timeout):
-                        await done.wait()
-                finally:
-                    self._forget(wake_trio)
-        else:
-            import asyncio
-
-            loop = asyncio.get_running_loop()
-            fired = asyncio.Event()
-
-            def wake_asyncio() -> None:
-                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-                    loop.call_soon_threadsafe(fired.set)
-
-            if self._add(wake_asyncio):
-                try:
-                    await asyncio.wait_for(fired.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-                finally:
-                    self._forget(wake_asyncio)
-        return self._event.is_set()
-
-    def _add(self, wake: Callable[[], None]) -> bool:
-        with self._lock:
-            if self._event.is_set():
-                return False
-            self._wakers.append(wake)
-            return True
-
-    def _forget(self, wake: Callable[[], None]) -> None:
-        with self._lock:
-            if wake in self._wakers:
-                self._wakers.remove(wake)
-
-
-class XdsTarget:
+class XdsTarget(Placeholder):
     """The resolver of a service named ``xds:///<name>``: a placeholder, as such a service is reached through the
-    routes xDS sends (to ``xds-cluster:*`` services), never through endpoints of its own.
-
-    ``pending`` is set when the service's first route table is installed, or when the control plane said it has
-    none (``why``); calls wait on it. Asked for endpoints (no table yet, or none any more), it raises the reason.
-    """
+    routes xDS sends (to ``xds-cluster:*`` services), never through endpoints of its own (see
+    :class:`~meshlib.control.dynamic.Placeholder`)."""
 
     def __init__(self, service: str, target: str) -> None:
-        self.service = service
-        self.target = target
-        self.source = f"xDS {target}"
-        self.pending = Latch(self.source)
-        #: Why calls cannot be routed (``None``: waiting for the control plane, or routed).
-        self.why: str | None = None
-
-    def resolve(self) -> Resolution:
-        raise DiscoveryError(
-            self.why or "no route configuration from the xDS control plane yet",
-            service=self.service,
-            source=self.source,
-        )
-
-    async def aresolve(self) -> Resolution:
-        return self.resolve()
-
-    def close(self) -> None:
-        """Nothing to release: the client's :class:`XdsSource` holds the stream."""
+        super().__init__(service, target, f"xDS {target}", "no route configuration from the xDS control plane yet")
 
 
 def from_target(target: Target, settings: DiscoverySettings) -> XdsTarget:
@@ -652,7 +554,7 @@ class XdsSource:
                 continue
             (replaced if cluster.installed is not None else added)[key] = built
             cluster.installed = wanted
-        mesh.apply_control_plane(_merge(parts.values()), added, replaced)
+        mesh.apply_control_plane(merge_tables(parts.values(), "xds"), added, replaced)
         now = time.monotonic()
         for name in needed:
             self._clusters[name].unneeded_since = None
@@ -819,21 +721,6 @@ def _due(state: ResourceState | None) -> bool:
     """Whether a cluster holds a new table back: no answer yet, or only rejected versions (a table naming a cluster
     the control plane sent wrong would half-apply; one the control plane says does not exist does not wait)."""
     return state is None or (state.value is None and state.status in ("REQUESTED", "NACKED"))
-
-
-def _merge(tables: Iterable[RouteTable]) -> RouteTable:
-    """One table of every xDS service's routes (a host's port-specific Listeners beside its port-less one)."""
-    services: dict[str, Any] = {}
-    versions: list[str] = []
-    routes: list[str] = []
-    source = ""
-    for table in tables:
-        for key, by_port in table.services.items():
-            services[key] = {**services.get(key, {}), **by_port}
-        versions.append(table.version)
-        routes.extend(table.routes)
-        source = source or table.source
-    return RouteTable(services, source or "xds", ";".join(versions), tuple(routes))
 
 
 def _listener_host(name: str) -> tuple[str, int | None] | None:

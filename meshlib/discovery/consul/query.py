@@ -155,11 +155,16 @@ class ConsulQuery:
     ns: str | None = None
     partition: str | None = None
     peer: str | None = None
+    #: Ask ``/v1/health/connect/<service>``: the instances that accept Connect mTLS (Connect Native services and
+    #: sidecar proxies, at the proxy's address), as Consul's own proxies do for mesh upstreams.
+    connect: bool = False
 
     @property
     def path(self) -> str:
-        """``/v1/health/service/<service>``, the name percent-encoded."""
-        return f"/v1/health/service/{quote(self.service, safe='')}"
+        """``/v1/health/service/<service>`` (``/v1/health/connect/...`` with ``connect``), the name
+        percent-encoded."""
+        kind = "connect" if self.connect else "service"
+        return f"/v1/health/{kind}/{quote(self.service, safe='')}"
 
     def params(self, agent: ConsulAgent) -> list[tuple[str, str]]:
         """Query parameters of every request (without ``index``/``wait``), as Consul's API client sends them."""
@@ -208,8 +213,12 @@ class BlockingQuery:
         source: str = "",
         path: str | None = None,
         params: Iterable[tuple[str, str]] | None = None,
+        select: Callable[[list[Any]], list[Any]] | None = None,
     ) -> None:
         self.query = query
+        #: Keeps the entries of an answer that may be used, before they become endpoints (a discovery chain
+        #: target's subset filter, evaluated here as well as by the agent).
+        self.select = select
         #: What is asked: the query's health path and parameters, unless the caller watches another endpoint
         #: with the same rules (``path``/``params``: the Connect CA's leaf and roots).
         self.path = query.path if path is None else path
@@ -259,6 +268,8 @@ class BlockingQuery:
             return self._succeeded(())
         document = self.document(reply)
         try:
+            if self.select is not None and isinstance(document, list):
+                document = self.select(document)
             endpoints = endpoints_from_health(document, passing_only=self.query.passing, tags=self.query.tags)
         except ValueError as exc:
             raise self._failed(self._error(f"Consul answered with an unreadable body: {exc}")) from None
@@ -349,7 +360,8 @@ class BlockingQuery:
     def _failed(self, error: DiscoveryError) -> DiscoveryError:
         self.failures += 1
         options = self.options
-        backoff = min(options.backoff_cap, options.backoff_base * 2.0 ** (self.failures - 1))
+        # The exponent is capped: 2.0 ** 1024 overflows, and a watch may fail that often in a long outage.
+        backoff = min(options.backoff_cap, options.backoff_base * 2.0 ** min(self.failures - 1, 64))
         self._not_before = options.clock() + backoff * (0.5 + 0.5 * options.random())
         return error
 
