@@ -518,6 +518,7 @@ class _MeshClient:
             "sync" if isinstance(self._mesh, MeshTransport) else "async",
             self._mesh.routes_view(),
             self._mesh.xds,
+            self._mesh.consul,
         )
 
     def explain(

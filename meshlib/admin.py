@@ -153,7 +153,7 @@ class AdminServer:
             "meshlib": __version__,
             "pid": os.getpid(),
             "clients": [
-                status_of(mesh.services, kind, mesh.routes_view(), mesh.xds).to_dict()
+                status_of(mesh.services, kind, mesh.routes_view(), mesh.xds, mesh.consul).to_dict()
                 for mesh, kind in clients
                 if mesh is not None
             ],

@@ -204,10 +204,28 @@ class XdsStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsulChainStatus:
+    """One ``consul+chain://`` service: ``service`` its meshlib name, ``target`` its URI, ``version`` the
+    ``X-Consul-Index`` of the chain in force (``""``: none yet), ``routed`` whether its routes are installed,
+    ``error`` the last refusal or agent error (the chain in force keeps serving), ``backends`` each chain
+    service (resolver node) with its targets in failover order, ``unsupported`` what the chain asks that meshlib
+    does not honour (docs/consul-chain.md)."""
+
+    service: str
+    target: str
+    version: str
+    routed: bool
+    error: str | None
+    backends: dict[str, list[str]] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class MeshStatus:
     """Every service of one client; ``client`` is ``"sync"`` or ``"async"``, ``taken_at`` Unix time;
     ``routes`` the route table's state (``None``: the client has no routes); ``xds`` its xDS state (``None``:
-    no service of the client uses ``xds:``)."""
+    no service of the client uses ``xds:``); ``consul`` its discovery chains (``None``: no ``consul+chain:``
+    service)."""
 
     client: str
     pid: int
@@ -215,6 +233,7 @@ class MeshStatus:
     services: list[ServiceStatus] = field(default_factory=list)
     routes: RoutesStatus | None = None
     xds: XdsStatus | None = None
+    consul: list[ConsulChainStatus] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-ready dictionaries and lists."""
@@ -233,11 +252,21 @@ class _XdsViewed(Protocol):
     def status(self) -> XdsStatus: ...
 
 
+class _ConsulViewed(Protocol):
+    """A client's Consul discovery chains (``meshlib.control.consul.source.ConsulChainSource``)."""
+
+    def status(self) -> list[ConsulChainStatus]: ...
+
+
 def status_of(
-    services: Mapping[str, _Viewed], client: str, routes: RoutesStatus | None = None, xds: _XdsViewed | None = None
+    services: Mapping[str, _Viewed],
+    client: str,
+    routes: RoutesStatus | None = None,
+    xds: _XdsViewed | None = None,
+    consul: _ConsulViewed | None = None,
 ) -> MeshStatus:
-    """A :class:`MeshStatus` of ``services`` (a mesh's services, each giving its own view) taken now; ``xds``:
-    the client's xDS source, if it has one."""
+    """A :class:`MeshStatus` of ``services`` (a mesh's services, each giving its own view) taken now; ``xds`` and
+    ``consul``: the client's control-plane sources, if it has them."""
     return MeshStatus(
         client=client,
         pid=os.getpid(),
@@ -245,6 +274,7 @@ def status_of(
         services=[service.view() for _, service in sorted(services.items())],
         routes=routes,
         xds=None if xds is None else xds.status(),
+        consul=None if consul is None else consul.status(),
     )
 
 
@@ -386,6 +416,17 @@ _XDS_SPEC: dict[str, _Spec] = {
     "applied": "int",
     "waiting_for": ["str"],
 }
+#: Optional: a client's Consul discovery chains.
+_CONSUL_SPEC: list[_Spec] = [
+    {
+        "service": "str",
+        "target": "str",
+        "version": "str",
+        "routed": "bool",
+        "error": "str|null",
+        "unsupported": ["str"],
+    }
+]
 #: Optional (older versions have none): the inbound middleware's watched policy files.
 _INBOUND_SPEC: dict[str, _Spec] = {
     "what": "str",
@@ -424,6 +465,8 @@ def check_status(payload: object) -> Mapping[str, Any]:
                 _check(routes["rejected"], _REJECTED_SPEC, f"clients[{index}].routes.rejected")
         if client.get("xds") is not None:
             _check(client["xds"], _XDS_SPEC, f"clients[{index}].xds")
+        if client.get("consul") is not None:
+            _check(client["consul"], _CONSUL_SPEC, f"clients[{index}].consul")
     inbound = payload.get("inbound")
     if inbound is not None:
         _check(inbound, [_INBOUND_SPEC], "inbound")
@@ -554,6 +597,21 @@ def _xds_lines(xds: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _consul_lines(chain: Mapping[str, Any]) -> list[str]:
+    """One discovery chain: its version and state, then what it asks that meshlib does not honour. All of it
+    came from Consul: escaped, bounded."""
+    text = printable
+    if chain["routed"]:
+        state = f"routed by the chain of X-Consul-Index {text(chain['version'])}"
+    else:
+        state = "waiting for Consul" if chain["error"] is None else "NOT ROUTED"
+    lines = [f"  Consul discovery chain of {text(chain['service'])} ({text(chain['target'])}): {state}"]
+    if chain["error"] is not None:
+        lines.append(f"    last error (the chain in force keeps serving): {text(chain['error'], _ERROR_LIMIT)}")
+    lines.extend(f"    not honoured: {text(note)}" for note in chain["unsupported"][:20])
+    return lines
+
+
 def format_status(payload: object) -> str:
     """The admin endpoint's ``/status`` JSON as the table ``meshlib status`` prints.
 
@@ -586,6 +644,8 @@ def format_status(payload: object) -> str:
                 lines.append("    " + _rejected_line(routes["rejected"]))
         if client.get("xds") is not None:
             lines.extend(_xds_lines(client["xds"]))
+        for chain in client.get("consul") or ():
+            lines.extend(_consul_lines(chain))
         for service in services:
             discovery, budget = service["discovery"], service["budget"]
             age = discovery["age_s"]

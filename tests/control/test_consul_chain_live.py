@@ -26,6 +26,7 @@ from meshlib.control.consul import source as chain_source
 from meshlib.discovery.consul.query import WatchOptions
 from meshlib.errors import DiscoveryError
 from meshlib.security.consul_ca import ConsulCASource
+from meshlib.status import format_status
 from meshlib.testing import Backend
 from tests.httplib import httpx
 from tests.servers import consul_chains as chains
@@ -85,10 +86,13 @@ def test_the_default_chain_routes_to_the_service_instances(consul: ConsulEmulato
     register(consul, "payments", one)
     with meshlib.Client(environ=env(consul, payments="consul+chain://payments")) as client:
         response = client.get("http://payments/charge")
-        status = client._mesh.consul.status()
+        snapshot = client.mesh_status()
+        printed = format_status({"meshlib": "test", "pid": snapshot.pid, "clients": [snapshot.to_dict()]})
+    status = snapshot.consul
     assert response.status_code == 200 and response.headers["x-backend"] == "pay0"
-    assert [s.routed for s in status] == [True]
-    assert status[0].backends == {"consul-chain:payments.default.default.dc1": ("payments.default.default.dc1",)}
+    assert status is not None and [s.routed for s in status] == [True]
+    assert status[0].backends == {"consul-chain:payments.default.default.dc1": ["payments.default.default.dc1"]}
+    assert "Consul discovery chain of payments (consul+chain://payments): routed by the chain" in printed
     paths = {r.path for r in consul.requests}
     assert "/v1/discovery-chain/payments" in paths
     assert "/v1/health/service/payments" in paths  # no Consul identity: plain discovery, not /health/connect
@@ -172,7 +176,9 @@ def test_a_chain_change_moves_traffic_and_a_refused_chain_changes_nothing(
         consul.set_chain("web", bad)
         assert refused.wait(10)
         assert hits(client, "http://web/", 10) == Counter({"v2-0": 10})  # the previous chain still serves
-        status = client._mesh.consul.status()[0]
+        found = client.mesh_status().consul
+    assert found is not None
+    status = found[0]
     assert status.error is not None and "Filter" in status.error
 
 

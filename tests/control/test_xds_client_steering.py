@@ -389,7 +389,7 @@ def test_the_routes_file_routes_the_hosts_xds_does_not(
             assert client.get("http://ledger/").status_code == 200
         status = client.mesh_status()
     assert served(pay + ledger_v1 + ledger_v2 + file_pay) == [5, 0, 5, 0]
-    assert any("routes of PAYMENTS come from xDS" in record.getMessage() for record in caplog.records)
+    assert any("routes of PAYMENTS come from their control plane" in record.getMessage() for record in caplog.records)
     assert status.routes is not None and str(routes) in status.routes.source and "xds" in status.routes.source
 
 

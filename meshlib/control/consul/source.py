@@ -38,16 +38,16 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote
 
 from meshlib._config.model import ServiceConfig
-from meshlib.control.dynamic import Placeholder, merge_tables
-from meshlib.control.xds.eds_resolver import DEFAULT_WAIT, PushedResolver
+from meshlib.control.dynamic import DEFAULT_WAIT, Placeholder, PushedResolver, merge_tables
 from meshlib.discovery import Target, scheme_of
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution
 from meshlib.errors import ConsulACLError, DiscoveryError
+from meshlib.status import ConsulChainStatus
 
 if TYPE_CHECKING:
     from meshlib._config.model import MeshConfig
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from meshlib.routing.model import RouteTable
     from meshlib.security.consul_ca import ConsulCASource
 
-__all__ = ["FORM", "ChainPlaceholder", "ConsulChainSource", "ConsulChainStatus", "from_target"]
+__all__ = ["FORM", "ChainPlaceholder", "ConsulChainSource", "from_target"]
 
 logger = logging.getLogger("meshlib.control.consul")
 
@@ -105,22 +105,6 @@ def from_target(target: Target, settings: DiscoverySettings) -> ChainPlaceholder
 
 
 # -- status ------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConsulChainStatus:
-    """One chain as ``mesh_status().consul`` shows it."""
-
-    service: str
-    target: str
-    #: ``X-Consul-Index`` of the chain in force (``""``: none yet).
-    version: str
-    routed: bool
-    error: str | None
-    #: The services (resolver nodes) the chain routes to, and their targets in failover order.
-    backends: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    #: What the chain asks that meshlib does not honour (``docs/consul-chain.md``).
-    unsupported: tuple[str, ...] = ()
 
 
 # -- blocking-query loops ----------------------------------------------------------------------------------------------
@@ -378,7 +362,7 @@ class ConsulChainSource:
                 backends = (
                     {}
                     if mapping is None
-                    else {config.name: tuple(t.id for t, _ in targets) for config, targets in mapping.services.values()}
+                    else {config.name: [t.id for t, _ in targets] for config, targets in mapping.services.values()}
                 )
                 found.append(
                     ConsulChainStatus(
@@ -388,7 +372,7 @@ class ConsulChainSource:
                         mapping is not None and chain.placeholder.pending.is_set(),
                         chain.error,
                         backends,
-                        () if mapping is None else mapping.unsupported,
+                        [] if mapping is None else list(mapping.unsupported),
                     )
                 )
             return found

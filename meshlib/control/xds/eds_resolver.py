@@ -24,21 +24,18 @@ thread hands it over, without polling.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 from collections.abc import Callable
-from typing import Any
 
+from meshlib.control.dynamic import DEFAULT_WAIT, PushedResolver
 from meshlib.control.xds.client import CLUSTER_LOAD_ASSIGNMENT, AdsClient, ResourceState
 from meshlib.control.xds.resources.eds import DropCategory
 from meshlib.discovery.base import Resolution
 from meshlib.errors import DiscoveryError
 
-__all__ = ["Drops", "EdsResolver", "PushedResolver"]
+__all__ = ["DEFAULT_WAIT", "Drops", "EdsResolver", "PushedResolver"]
 
-#: Longest single wait for a push before answering "no change" (the refresh loop asks again at once).
-DEFAULT_WAIT = 60.0
 #: A drop category's rate is parts per million (gRPC's ``xds_cluster_impl``).
 MILLION = 1_000_000
 
@@ -72,129 +69,6 @@ class Drops:
         """Calls dropped so far, by category."""
         with self._lock:
             return dict(self._counts)
-
-
-class PushedResolver:
-    """What a resolver fed by pushes shares: ``resolve`` waits for the next push (the first answer at once when
-    one is there) and returns ``Resolution(..., watch=True)``; ``aresolve`` waits on the event loop (asyncio or
-    trio) without a thread. Subclasses call :meth:`_pushed` (from any thread) and build the answer in
-    :meth:`_answer_locked` (called with the lock held)."""
-
-    def __init__(self, service: str, source: str, *, wait: float = DEFAULT_WAIT) -> None:
-        self.service = service
-        self.source = source
-        self._wait = wait
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._generation = 0
-        self._seen = 0
-        self._closed = False
-        self._wakers: list[Callable[[], None]] = []
-
-    def _pushed(self, update: Callable[[], None] | None = None) -> None:
-        """Something changed (``update`` runs under the lock first): wake every waiter."""
-        with self._changed:
-            if update is not None:
-                update()
-            self._generation += 1
-            wakers, self._wakers = self._wakers, []
-            self._changed.notify_all()
-        for wake in wakers:
-            wake()
-
-    def _wait_for(self) -> float:
-        """How long one ``resolve`` may wait for a push."""
-        return self._wait
-
-    def _answer_locked(self) -> Resolution:
-        raise NotImplementedError
-
-    # -- the Resolver protocol ---------------------------------------------------------------------------------
-
-    def resolve(self) -> Resolution:
-        """The endpoints after the next push (the first answer at once when one is there)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._closed or self._generation > self._seen, self._wait_for())
-            return self._answer_locked()
-
-    async def aresolve(self) -> Resolution:
-        """:meth:`resolve` on the event loop: waits for a push without blocking the loop or holding a thread."""
-        from meshlib._aio import on_trio
-
-        with self._changed:
-            if self._closed or self._generation > self._seen:
-                return self._answer_locked()
-        if on_trio():
-            await self._wait_trio()
-        else:
-            await self._wait_asyncio()
-        with self._changed:
-            return self._answer_locked()
-
-    def close(self) -> None:
-        """End any wait at once (subclasses release what they watch). Idempotent."""
-        with self._changed:
-            if self._closed:
-                return
-            self._closed = True
-            wakers, self._wakers = self._wakers, []
-            self._changed.notify_all()
-        self._release()
-        for wake in wakers:
-            wake()
-
-    def _release(self) -> None:
-        """What a subclass lets go of when closed."""
-
-    # -- internals ---------------------------------------------------------------------------------------------
-
-    def _register(self, wake: Callable[[], None]) -> bool:
-        """Add ``wake`` to be called on the next push; ``False`` if one already came (or the resolver closed)."""
-        with self._changed:
-            if self._closed or self._generation > self._seen:
-                return False
-            self._wakers.append(wake)
-            return True
-
-    async def _wait_asyncio(self) -> None:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        pushed = asyncio.Event()
-
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(pushed.set)
-
-        if self._register(wake):
-            try:
-                await asyncio.wait_for(pushed.wait(), self._wait_for())
-            except asyncio.TimeoutError:  # no push within the wait: answer "no change"
-                pass
-            finally:
-                self._forget(wake)
-
-    async def _wait_trio(self) -> None:
-        import trio
-
-        token = trio.lowlevel.current_trio_token()
-        pushed = trio.Event()
-
-        def wake() -> None:
-            with contextlib.suppress(trio.RunFinishedError):  # the run is over: nobody is waiting any more
-                token.run_sync_soon(pushed.set)
-
-        if self._register(wake):
-            try:
-                with trio.move_on_after(self._wait_for()):
-                    await pushed.wait()
-            finally:
-                self._forget(wake)
-
-    def _forget(self, wake: Any) -> None:
-        with self._changed:
-            if wake in self._wakers:
-                self._wakers.remove(wake)
 
 
 class EdsResolver(PushedResolver):
