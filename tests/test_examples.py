@@ -134,3 +134,19 @@ def test_zero_trust_allows_checkout_denies_reporting_and_rate_limits_checkout(
     assert "meshlib.server.authz{meshlib.authz.decision=deny} 3" in out  # reporting: no ALLOW policy matched
     assert "meshlib.server.authz{meshlib.authz.decision=deny,meshlib.authz.policy=shop/no-admin} 1" in out
     assert "zero trust inbound: OK" in out
+
+
+def test_consul_native_billing_allowed_reporting_denied_over_connect_mtls(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("uvicorn", reason="uvicorn is in the dev extra")
+    example = load_example("consul_native")
+    assert example.main([]) == 0
+    out = capsys.readouterr().out
+    billing = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/billing"
+    assert f"billing   GET /charge -> 200 (payments-1 saw {billing})" in out  # billing's Consul leaf, verified
+    assert "reporting GET /charge -> 403 RBAC: access denied" in out  # the intention "* deny"
+    assert re.search(
+        rf"billing   GET /charge -> 200 \(payments-dr-1 saw {re.escape(billing)}\); call \d+ .*, 0 failed", out
+    )
+    handlers = out.split("the callers they saw:")[1].split("consul native")[0]
+    assert handlers.split() == ["payments-1", "<-", billing, "payments-dr-1", "<-", billing]  # reporting never ran
+    assert "consul native: OK" in out
