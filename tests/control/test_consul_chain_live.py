@@ -114,6 +114,19 @@ def test_a_90_10_splitter_lands_within_one_and_a_half_points(consul: ConsulEmula
     assert set(counts) == {"v1-0", "v1-1", "v2-0", "v2-1"}  # each subset's filter selected its own instances
 
 
+def test_subset_filters_hold_even_when_the_agent_ignores_them(consul: ConsulEmulator, start_backends: Any) -> None:
+    (v1,) = start_backends(1, prefix="v1-")
+    (v2,) = start_backends(1, prefix="v2-")
+    register(consul, "web", v1, meta={"version": "v1"})
+    register(consul, "web", v2, meta={"version": "v2"})
+    consul.ignore_filter = True  # the agent answers every instance: meshlib's own bexpr evaluation selects
+    consul.set_chain("web", chains.split("web", {"v1": 0, "v2": 100}))
+    with meshlib.Client(environ=env(consul, web="consul+chain://web")) as client:
+        assert hits(client, "http://web/", 20) == Counter({"v2-0": 20})
+    asked = [r for r in consul.requests if r.path == "/v1/health/service/web"]
+    assert asked and asked[0].params["filter"] == ["Service.Meta.version == v2"]  # and sent to the agent too
+
+
 def test_a_router_sends_admin_to_another_service(consul: ConsulEmulator, start_backends: Any) -> None:
     (web,) = start_backends(1, prefix="web")
     (admin,) = start_backends(1, prefix="admin")

@@ -250,6 +250,8 @@ class ConsulEmulator:
         self._roots: list[_Root] = []
         self._leaves: dict[tuple[str, str, str | None], _IssuedLeaf] = {}
         self.intentions = IntentionStore(self)
+        #: Answer as an agent that ignores ``filter=`` (an older or misbehaving one): every instance.
+        self.ignore_filter = False
         #: Service -> its compiled discovery chain (:meth:`set_chain`); others get :meth:`default_chain`.
         self.chains: dict[str, dict[str, Any]] = {}
 
@@ -798,7 +800,7 @@ class ConsulEmulator:
                 else:
                     return 400, {}, "Invalid value for ?passing"
             try:
-                predicates = _parse_filter(_one(params, "filter"))
+                predicates = [] if self.ignore_filter else _parse_filter(_one(params, "filter"))
             except ValueError as exc:
                 return 400, {}, f"Failed to create boolean expression evaluator: {exc}"
             invalid = self._block(params)
@@ -1114,8 +1116,11 @@ def _handler_for(emulator: ConsulEmulator) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             for key, value in headers.items():
                 self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the caller went away (a client closed mid-query)
+                self.close_connection = True
 
         def _request(self) -> tuple[str, dict[str, list[str]], str | None]:
             url = urlsplit(self.path)
