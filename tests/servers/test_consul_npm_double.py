@@ -1,9 +1,11 @@
 """meshlib's Consul code against HashiCorp's own API double (npm ``@hashicorp/consul-api-double``).
 
 An independent check of what meshlib parses: the answers here are HashiCorp's templates, not our emulator's.
-What applies today: ``consul://`` discovery (``/v1/health/service/<name>``) through the resolver and through
-``meshlib.Client`` / ``AsyncClient``. What meshlib will need next (issue 14): the compiled discovery chain,
-the agent's leaf certificate, the CA roots and authorize -- their shapes are asserted here, with the double's
+What runs through meshlib: ``consul://`` discovery (``/v1/health/service/<name>``) through the resolver and
+through ``meshlib.Client`` / ``AsyncClient``; the five discovery chains captured from Consul mapped onto route
+tables, a ``consul+chain://`` client routed by one, the templated chain refused naming its field, and the Connect
+CA answers refused (no ``TrustDomain``, a leaf expired in 2018). The shapes of the leaf, roots and authorize are
+asserted too, with the double's
 known departures from real Consul written down as assertions (docs/consul-npm-double.md), and the recorded
 answers in ``tests/fixtures/consul/npm/`` checked to be what the double still serves.
 
@@ -292,3 +294,68 @@ def test_intentions_match_and_check_shapes(stock: ConsulNpmDouble) -> None:
     actions = {(i["SourceName"], i["DestinationName"]): i["Action"] for i in matched["db"]}
     assert actions == {("billing", "db"): "deny", ("web", "db"): "allow"}
     assert stock.get("/v1/connect/intentions/check?source=billing&destination=db").json() == {"Allowed": True}
+
+
+# --- meshlib's discovery-chain and Connect code against the double (issue 14) ----------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_meshlib_maps_the_chains_captured_from_consul(stock: ConsulNpmDouble, n: int) -> None:
+    """The five fixed chains (captured from a Consul by HashiCorp) map onto a route table: one host, every backend
+    a chain service with its targets; mesh gateways listed as not honoured, never silently dropped."""
+    from meshlib._config.model import service_key
+    from meshlib.control.consul.chain import map_chain, parse_chain_json
+
+    body = stock.get(f"/v1/discovery-chain/virtual-admin-{n}").body
+    mapping = map_chain(parse_chain_json(body), version="2")
+    assert list(mapping.table.services) == [f"VIRTUAL_ADMIN_{n}"]
+    chain = json.loads(body)["Chain"]
+    named = {
+        backend.service
+        for routes in mapping.table.services.values()
+        for host_routes in routes.values()
+        for _, rule in host_routes.entries
+        for backend in rule.backends
+    }
+    assert {service_key(name) for name in named} == set(mapping.services)
+    every_target = {target.id for _, targets in mapping.services.values() for target, _ in targets}
+    assert every_target <= set(chain["Targets"])
+    gateways = [t for t, v in chain["Targets"].items() if v.get("MeshGateway", {}).get("Mode") in ("local", "remote")]
+    assert all(any(f'Targets["{t}"].MeshGateway' in note for note in mapping.unsupported) for t in gateways)
+
+
+def test_a_templated_chain_meshlib_cannot_read_is_refused_naming_the_field(stock: ConsulNpmDouble) -> None:
+    """The templated chain puts booleans where Consul puts strings (a header match's ``Exact``): refused whole
+    with the field's path, never half read."""
+    from meshlib.control.consul.chain import ChainError, parse_chain_json
+
+    body = stock.get("/v1/discovery-chain/web?dc=dc1", cookies={**CHAIN_KNOBS, "CONSUL_FAILOVER_COUNT": "2"}).body
+    with pytest.raises(ChainError, match=r"Chain\.Nodes\[.*\]\.Routes\[\d+\]"):
+        parse_chain_json(body)
+
+
+def test_a_client_is_routed_by_the_doubles_chain(stock: ConsulNpmDouble) -> None:
+    """``consul+chain://virtual-admin-4`` against the double: the chain is asked for, installed (its four
+    resolver services), and each target watched on the health API."""
+    environ = {"CONSUL_HTTP_ADDR": stock.address, "MESHLIB_SERVICE_ADMIN": "consul+chain://virtual-admin-4"}
+    with meshlib.Client(environ=environ, timeout=5) as client:
+        with pytest.raises(meshlib.MeshError):  # the double's dc2 has no instance of admin: no endpoints
+            client.get("http://admin/")
+        status = client.mesh_status().consul
+    assert status is not None and status[0].routed and status[0].version == "2"
+    assert set(status[0].backends) == {
+        "consul-chain:login.default.dc1",
+        "consul-chain:admin.default.dc1",
+        "consul-chain:admin.default.dc2",
+        "consul-chain:virtual-admin-4.default.dc1",
+    }
+    assert any("/v1/discovery-chain/virtual-admin-4" in line for line in stock.requests)
+
+
+def test_the_doubles_roots_without_a_trust_domain_never_become_current(stock: ConsulNpmDouble) -> None:
+    """The double's roots answer lacks ``TrustDomain`` (real Consul always sends it) and its leaf expired in 2018:
+    a ConsulCASource refuses the material and says why, rather than trusting it."""
+    from meshlib.security.consul_ca import ConsulCASource
+
+    with pytest.raises(meshlib.ConfigError, match=r"TrustDomain|expired"):
+        ConsulCASource("web", environ={"CONSUL_HTTP_ADDR": stock.address}, timeout=3)
