@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,27 @@ from meshlib.testing import Backend, Behavior
 # cannot fail an example that is merely slow. Speed is measured in benchmarks/.
 settings.register_profile("meshlib", deadline=None, print_blob=True)
 settings.load_profile("meshlib")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run ``one_library`` tests once (on httpx) and ``slow`` ones only on request (markers: pyproject.toml).
+
+    ``./dev.sh test`` runs the suite once per HTTP library; a parser or a balancer's arithmetic gives the same
+    answer on both, so the httpx2 run deselects what is marked ``one_library`` (``MESHLIB_TEST_BOTH_LIBRARIES=1``
+    keeps it). ``slow`` tests are skipped, with the variable to set named in the reason, unless
+    ``MESHLIB_TEST_SLOW=1``.
+    """
+    library = os.environ.get("MESHLIB_HTTP_LIBRARY", "").strip().lower() or "httpx"
+    if library != "httpx" and os.environ.get("MESHLIB_TEST_BOTH_LIBRARIES") != "1":
+        deselected = [item for item in items if item.get_closest_marker("one_library") is not None]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item.get_closest_marker("one_library") is None]
+    if os.environ.get("MESHLIB_TEST_SLOW") != "1":
+        skip = pytest.mark.skip(reason="slow (opt-in): run with MESHLIB_TEST_SLOW=1")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture

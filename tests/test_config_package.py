@@ -18,6 +18,8 @@ from meshlib.config import MeshConfig, ResilienceSettings
 from meshlib.policy import Policy
 from meshlib.security.tls import TLSSettings
 
+pytestmark = pytest.mark.one_library
+
 #: Every public name ``meshlib/config.py`` defined before the split; other code imports them from there.
 CONFIG_NAMES = {
     "ENV_PREFIX",

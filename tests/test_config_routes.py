@@ -7,6 +7,8 @@ import pytest
 import meshlib
 from meshlib.config import MeshConfig
 
+pytestmark = pytest.mark.one_library
+
 
 def test_defaults() -> None:
     config = MeshConfig.from_env({})

@@ -20,6 +20,8 @@ from meshlib.deadline import (
 )
 from meshlib.policy import current_deadline
 
+pytestmark = pytest.mark.one_library
+
 GRPC_TIMEOUT = re.compile(r"[0-9]{1,8}[HMSmun]")
 UNIT_SECONDS = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "S": 1.0, "M": 60.0, "H": 3600.0}
 

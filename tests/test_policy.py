@@ -23,6 +23,8 @@ from meshlib.policy import (
     policy,
 )
 
+pytestmark = pytest.mark.one_library
+
 # --- the value object -------------------------------------------------------------------------------------
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from meshlib._service import Service
 from meshlib.balance.base import EndpointStats
 from meshlib.config import MeshConfig
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.discovery.cache import Snapshot
+
+pytestmark = pytest.mark.one_library
 
 
 class _Transport:

@@ -12,7 +12,7 @@ import pytest
 from meshlib._slots import Slots
 from tests.anyio_backends import asyncio_and_trio  # noqa: F401 (the anyio_backend fixture)
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.one_library]
 
 
 @pytest.mark.anyio

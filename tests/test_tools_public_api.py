@@ -16,6 +16,8 @@ import pytest
 import meshlib
 import meshlib.tools
 
+pytestmark = pytest.mark.one_library
+
 TOOLS = Path(meshlib.tools.__file__).parent
 #: The modules the tools may import from meshlib (besides their own package).
 ALLOWED = {

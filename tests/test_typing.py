@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.one_library
+
 api = pytest.importorskip("mypy.api")
 
 USER_CODE = Path(__file__).parent / "typing" / "user_code.py"

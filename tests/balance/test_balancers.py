@@ -16,6 +16,8 @@ from meshlib.balance import BALANCERS, make_balancer
 from meshlib.balance.base import EndpointStats
 from meshlib.discovery.base import Endpoint
 
+pytestmark = pytest.mark.one_library
+
 NAMES = sorted(BALANCERS)
 
 

@@ -6,9 +6,13 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 
+import pytest
+
 from meshlib.balance.base import EndpointStats, Picker
 from meshlib.balance.least_request import LeastRequest
 from meshlib.discovery.base import Endpoint
+
+pytestmark = pytest.mark.one_library
 
 
 def endpoints(weights: Sequence[int]) -> list[EndpointStats]:

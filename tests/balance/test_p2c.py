@@ -6,9 +6,13 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 
+import pytest
+
 from meshlib.balance.base import EndpointStats, Picker
 from meshlib.balance.p2c import P2CPeakEwma
 from meshlib.discovery.base import Endpoint
+
+pytestmark = pytest.mark.one_library
 
 
 class FakeClock:

@@ -10,6 +10,8 @@ from meshlib import balance
 from meshlib.balance import BALANCERS, make_balancer, register_balancer
 from meshlib.balance.round_robin import RoundRobin
 
+pytestmark = pytest.mark.one_library
+
 
 @pytest.fixture
 def registry() -> Iterator[None]:

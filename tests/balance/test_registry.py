@@ -12,6 +12,8 @@ from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats
 from meshlib.config import LB_NAMES
 from meshlib.discovery.base import Endpoint
 
+pytestmark = pytest.mark.one_library
+
 
 def test_registry_names() -> None:
     assert list(BALANCERS) == ["p2c_ewma", "round_robin", "least_request", "random", "ring_hash"]

@@ -15,6 +15,8 @@ from meshlib.balance.base import BalancerOptions, EndpointStats
 from meshlib.balance.ring_hash import MAX_RING, RingHash, RingHashPicker, key_hash, point_hashes, ring_points
 from meshlib.discovery.base import Endpoint
 
+pytestmark = pytest.mark.one_library
+
 KEYS = [f"user-{i}".encode() for i in range(3000)]
 
 

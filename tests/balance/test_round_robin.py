@@ -9,12 +9,15 @@ from collections import Counter
 from collections.abc import Sequence
 from itertools import groupby
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshlib.balance.base import EndpointStats
 from meshlib.balance.round_robin import MAX_SCHEDULE, RoundRobin, RoundRobinPicker, smooth_schedule
 from meshlib.discovery.base import Endpoint
+
+pytestmark = pytest.mark.one_library
 
 
 def endpoints(weights: Sequence[int]) -> list[EndpointStats]:

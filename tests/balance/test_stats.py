@@ -10,6 +10,8 @@ import pytest
 from meshlib.balance.base import DEFAULT_RTT, EndpointStats
 from meshlib.discovery.base import Endpoint
 
+pytestmark = pytest.mark.one_library
+
 
 def test_begin_end_from_32_threads_leaves_nothing_in_flight() -> None:
     stats = EndpointStats(Endpoint("10.0.5.1", 80), clock=lambda: 0.0)

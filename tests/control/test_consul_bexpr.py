@@ -9,6 +9,8 @@ import pytest
 
 from meshlib.control.consul.bexpr import MAX_DEPTH, MAX_EXPRESSION, BexprError, compile_filter
 
+pytestmark = pytest.mark.one_library
+
 
 def entry(service: dict[str, Any], node: dict[str, Any] | None = None, checks: Any = None) -> dict[str, Any]:
     """A ``/v1/health/service`` entry."""

@@ -23,6 +23,8 @@ import pytest
 from meshlib.control.file import MAX_FILE_SIZE, FileSource, FileVersion
 from meshlib.errors import ConfigError, RoutesError
 
+pytestmark = pytest.mark.one_library
+
 VARIABLE = "MESHLIB_ROUTES_FILE"
 #: Generous: proves "did not hang", never a timing assertion.
 WAIT = 30.0

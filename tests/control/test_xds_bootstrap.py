@@ -35,6 +35,8 @@ from meshlib.control.xds import (
 )
 from meshlib.control.xds.bootstrap import CLIENT_FEATURES, MAX_BOOTSTRAP_BYTES
 
+pytestmark = pytest.mark.one_library
+
 INSECURE = {"server_uri": "127.0.0.1:1", "channel_creds": [{"type": "insecure"}]}
 
 

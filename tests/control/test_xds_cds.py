@@ -35,6 +35,8 @@ from meshlib.control.xds.resources.cds import (
 )
 from meshlib.control.xds.resources.errors import XdsResourceError
 
+pytestmark = pytest.mark.one_library
+
 Cluster = cluster_pb2.Cluster
 
 

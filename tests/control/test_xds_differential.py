@@ -59,11 +59,10 @@ from tests.servers.xds import CDS, EDS, LDS, RDS, XdsServer
 pytestmark = [
     pytest.mark.timeout(120),
     # The shares are decided by meshlib's routing and balancing, which are the same on both HTTP libraries: the
-    # module (the suite's slowest, ~50 s) runs once, on httpx.
-    pytest.mark.skipif(
-        os.environ.get("MESHLIB_HTTP_LIBRARY", "httpx") != "httpx",
-        reason="traffic shares do not depend on the HTTP library: checked once, on httpx",
-    ),
+    # module runs once, on httpx (tests/conftest.py deselects it under httpx2).
+    pytest.mark.one_library,
+    # The suite's slowest module (~50 s, 12,000 gRPC calls per share): opt-in, MESHLIB_TEST_SLOW=1 (docs/xds.md).
+    pytest.mark.slow,
 ]
 
 CLIENT = Path(__file__).parents[1] / "servers" / "xds_grpc_client.py"

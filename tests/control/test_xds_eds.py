@@ -15,6 +15,8 @@ from meshlib.control.xds.resources.eds import DropCategory, flatten_weights, val
 from meshlib.control.xds.resources.errors import XdsResourceError
 from meshlib.discovery.base import Endpoint
 
+pytestmark = pytest.mark.one_library
+
 HS = health_check_pb2.HealthStatus
 
 

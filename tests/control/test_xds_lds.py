@@ -24,6 +24,8 @@ from tests.control.xds_builders import (
     virtual_host,
 )
 
+pytestmark = pytest.mark.one_library
+
 HCM = "api_listener.api_listener"
 
 

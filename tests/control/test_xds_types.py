@@ -14,6 +14,8 @@ from meshlib.control.xds.resources.errors import XdsResourceError
 from meshlib.control.xds.types import RESOURCE_WRAPPER, cluster_type, endpoints_type, listener_type
 from tests.servers import xds_resources as r
 
+pytestmark = pytest.mark.one_library
+
 
 def packed(message: object) -> any_pb2.Any:
     value = any_pb2.Any()

@@ -25,6 +25,8 @@ from meshlib.discovery.dns import ZERO_WEIGHT_SCALE, DnsResolver, SrvResolver
 from meshlib.errors import ConfigError, DiscoveryError
 from tests.servers.dnsmasq import Dnsmasq, SrvRecord
 
+pytestmark = pytest.mark.one_library
+
 VARIABLE = "MESHLIB_SERVICE_USERS"
 
 

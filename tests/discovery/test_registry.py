@@ -17,6 +17,8 @@ from meshlib.discovery import static as static_module
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolver
 from meshlib.discovery.static import StaticResolver
 
+pytestmark = pytest.mark.one_library
+
 
 @pytest.fixture
 def registry() -> Iterator[None]:

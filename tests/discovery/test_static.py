@@ -12,6 +12,8 @@ from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution, Reso
 from meshlib.discovery.static import StaticResolver
 from meshlib.errors import ConfigError
 
+pytestmark = pytest.mark.one_library
+
 VARIABLE = "MESHLIB_SERVICE_USERS"
 
 

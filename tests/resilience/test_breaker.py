@@ -11,6 +11,8 @@ import pytest
 
 from meshlib.resilience import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, EndpointBreaker
 
+pytestmark = pytest.mark.one_library
+
 
 class FakeClock:
     def __init__(self, now: float = 1000.0) -> None:

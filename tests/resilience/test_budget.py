@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from meshlib.resilience import RetryBudget
 
+pytestmark = pytest.mark.one_library
+
 
 class FakeClock:
     def __init__(self, now: float = 1000.0) -> None:

@@ -9,6 +9,8 @@ import pytest
 
 from meshlib.resilience import ConcurrencyLimit
 
+pytestmark = pytest.mark.one_library
+
 
 def test_default_is_1024() -> None:
     assert ConcurrencyLimit().max_inflight == 1024

@@ -9,6 +9,8 @@ import pytest
 
 from meshlib.resilience import OutlierDetector
 
+pytestmark = pytest.mark.one_library
+
 
 class FakeClock:
     def __init__(self, now: float = 1000.0) -> None:

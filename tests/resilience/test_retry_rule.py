@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from meshlib.policy import DEFAULT_POLICY, Policy
 from meshlib.resilience import RetryBudget
 from meshlib.resilience.classify import classify_response
 from meshlib.resilience.retry import FINAL, GiveUp, RetryRule
+
+pytestmark = pytest.mark.one_library
 
 
 def _rule(policy: Policy, *, method: str = "GET", replayable: bool = True) -> RetryRule:

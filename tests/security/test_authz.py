@@ -24,6 +24,8 @@ from meshlib.security.authz import (
     parse_policies,
 )
 
+pytestmark = pytest.mark.one_library
+
 SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 TEST_NS = "spiffe://cluster.local/ns/test/sa/client"
 DEV = "spiffe://cluster.local/ns/dev/sa/tool"

@@ -17,6 +17,8 @@ from meshlib.security.identity import (
 )
 from tests.security.pki import CA
 
+pytestmark = pytest.mark.one_library
+
 PAYMENTS = "spiffe://prod.example/ns/pay/sa/payments"
 
 

@@ -27,6 +27,8 @@ from meshlib.security.ratelimit import (
     parse_rate_limits,
 )
 
+pytestmark = pytest.mark.one_library
+
 ALICE = "spiffe://prod.example/ns/shop/sa/alice"
 BOB = "spiffe://prod.example/ns/shop/sa/bob"
 WEB = "spiffe://prod.example/ns/shop/sa/web"

@@ -20,7 +20,7 @@ from spiffe.spiffe_id.spiffe_id import TrustDomain
 from tests.security.pki import CA
 from tests.servers.workload_api import SVID, WorkloadAPIServer
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.one_library]
 
 ID = "spiffe://example.org/ns/default/sa/api"
 

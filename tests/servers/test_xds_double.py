@@ -24,7 +24,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from tests.servers import xds_resources as r
 from tests.servers.xds import CDS, EDS, LDS, RDS, XdsServer
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.one_library]
 
 
 class AdsStream:

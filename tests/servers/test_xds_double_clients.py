@@ -32,7 +32,7 @@ import grpc
 from tests.servers import xds_resources as r
 from tests.servers.xds import CDS, EDS, LDS, RDS, XdsServer, acked_types
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.one_library]
 
 CLIENT = Path(__file__).with_name("xds_grpc_client.py")
 NODE_DIR = Path(__file__).with_name("node")

@@ -14,6 +14,8 @@ import pytest
 
 from meshlib import admin
 
+pytestmark = pytest.mark.one_library
+
 HALF_REQUEST = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # no blank line: the head never ends
 
 

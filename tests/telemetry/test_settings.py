@@ -8,6 +8,8 @@ import meshlib
 from meshlib.config import MeshConfig
 from meshlib.telemetry.propagation import PropagationRule
 
+pytestmark = pytest.mark.one_library
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
