@@ -354,6 +354,7 @@ class XdsSource:
                 types,
                 ignore_resource_deletion=server.ignore_resource_deletion,
                 does_not_exist_timeout=ads.DOES_NOT_EXIST_TIMEOUT,  # read now: tests shorten it
+                backoff=ads.BACKOFF,  # likewise
                 **self._client_options,
             )
             self._clients[server.server_uri] = client
