@@ -13,6 +13,8 @@ no request; intentions enforced by ``mesh_hooks`` on a real uvicorn answer 403 b
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import threading
 from collections import Counter
@@ -30,7 +32,7 @@ from meshlib.status import format_status
 from meshlib.testing import Backend
 from tests.httplib import httpx
 from tests.servers import consul_chains as chains
-from tests.servers.consul import ConsulEmulator, running
+from tests.servers.consul import ACLToken, ConsulEmulator, running
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -139,6 +141,7 @@ def test_a_router_sends_admin_to_another_service(consul: ConsulEmulator, start_b
     assert admin.requests[0].path == "/admin/users" and admin.requests[0].headers["host"] == "web"
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @pytest.mark.anyio
 async def test_async_router_and_split(consul: ConsulEmulator, start_backends: Any) -> None:
     (web,) = start_backends(1, prefix="web")
@@ -206,6 +209,20 @@ def test_a_chain_refused_before_any_fails_calls_at_once_with_the_reason(
         client.get("http://web/")
 
 
+def test_a_refused_token_fails_calls_at_once_and_is_never_shown(caplog: Any) -> None:
+    secret = "5e3c1a2b-token-never-shown"
+    with (
+        running(acl_tokens=[ACLToken(secret, read=frozenset({"other"}))], jitter=False) as consul,
+        caplog.at_level(logging.DEBUG, logger="meshlib"),
+    ):
+        environ = {**env(consul, web="consul+chain://web"), "CONSUL_HTTP_TOKEN": secret}
+        with meshlib.Client(environ=environ, timeout=30) as client, pytest.raises(meshlib.MeshError) as caught:
+            client.get("http://web/")
+    message = str(caught.value)
+    assert "403" in message and "CONSUL_HTTP_TOKEN" in message
+    assert secret not in message and secret not in caplog.text
+
+
 def test_bad_targets_are_config_errors_naming_the_variable(consul: ConsulEmulator) -> None:
     for target in ("consul+chain://", "consul+chain://a/b", "consul+chain://web?token=x", "consul+chain://web?dc="):
         with pytest.raises(meshlib.ConfigError, match="MESHLIB_SERVICE_WEB"):
@@ -232,6 +249,37 @@ def test_connect_timeout_bounds_each_connect(consul: ConsulEmulator, start_backe
     with meshlib.Client(environ=env(consul, payments="consul+chain://payments"), inner_transport=pool) as client:
         assert client.get("http://payments/", timeout=30).status_code == 200
     assert seen[0]["connect"] == 0.25 and seen[0]["read"] > 0.25  # the resolver's ConnectTimeout, connect only
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX-only")
+def test_a_forked_child_routes_by_the_chain_and_follows_its_changes(
+    consul: ConsulEmulator, start_backends: Any
+) -> None:
+    """A client built before fork(): the child routes by the chain with watches of its own (threads do not survive
+    a fork; the parent's agent connections are never used), and a chain change reaches it."""
+    from tests.test_fork import _both
+
+    (v1,) = start_backends(1, prefix="v1-")
+    (v2,) = start_backends(1, prefix="v2-")
+    register(consul, "web", v1, meta={"version": "v1"})
+    register(consul, "web", v2, meta={"version": "v2"})
+    consul.set_chain("web", chains.split("web", {"v1": 100, "v2": 0}))
+    with meshlib.Client(environ=env(consul, web="consul+chain://web")) as client:
+        assert client.get("http://web/").headers["x-backend"] == "v1-0"
+
+        before = v1.count
+
+        def work(side: str) -> Any:
+            if side == "parent":  # the emulator runs here: change the chain once the child has been served
+                assert v1.wait_for(before + 1, 30)
+                consul.set_chain("web", chains.split("web", {"v1": 0, "v2": 100}))
+                return None
+            first = client.get("http://web/").headers["x-backend"]
+            return [first, until(client, "http://web/", "v2-0") > 0]
+
+        _, child = _both(work)
+        assert child == ["v1-0", True]
+        assert until(client, "http://web/", "v2-0") > 0  # the parent's own watches saw the change too
 
 
 # -- Connect: mTLS with Consul identities -------------------------------------------------------------------------
