@@ -11,15 +11,16 @@ and calls fail at once with that reason.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from meshlib.discovery.base import Resolution
 from meshlib.errors import DiscoveryError
 from meshlib.routing.model import RouteTable
 
-__all__ = ["DEFAULT_WAIT", "Latch", "Placeholder", "PushedResolver", "merge_tables"]
+__all__ = ["DEFAULT_WAIT", "Latch", "Placeholder", "PushedResolver", "merge_tables", "take_batch"]
 
 #: Longest single wait for a push before answering "no change" (the refresh loop asks again at once).
 DEFAULT_WAIT = 60.0
@@ -265,3 +266,20 @@ class PushedResolver:
         with self._changed:
             if wake in self._wakers:
                 self._wakers.remove(wake)
+
+
+_Item = TypeVar("_Item")
+
+
+def take_batch(events: queue.SimpleQueue[_Item | None], first: _Item) -> list[_Item] | None:
+    """``first`` and everything already queued behind it, to apply together (one swap for a burst of updates);
+    ``None`` when the stop mark (``None``) is among them."""
+    batch = [first]
+    while True:
+        try:
+            more = events.get_nowait()
+        except queue.Empty:
+            return batch
+        if more is None:
+            return None
+        batch.append(more)

@@ -16,13 +16,16 @@ duration of the load, then both are removed.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import shutil
 import ssl
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from meshlib.security.identity import ExpectedIdentity, IdentityContext
 from meshlib.security.tls import ReloadingContext, TLSSettings
@@ -144,3 +147,30 @@ def reset_locks(contexts: Iterable[ReloadingContext]) -> None:
     for context in contexts:
         context._check_lock = threading.Lock()
         context._changed = threading.Condition()
+
+
+class _Forkable(Protocol):
+    def _after_fork(self) -> None: ...
+
+
+class ForkReset:
+    """The sources of one kind in this process (weakly), each told to let go of the parent's connections in a
+    forked child (``_after_fork``, with only the forking thread running); what they let go of is kept here
+    (:attr:`abandoned`) so the garbage collector never closes the parent's connections from the child."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.abandoned: list[object] = []
+        if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+            os.register_at_fork(after_in_child=self._reset)
+
+    def add(self, source: _Forkable) -> None:
+        self.sources.add(source)
+
+    def _reset(self) -> None:
+        for source in list(self.sources):
+            try:
+                source._after_fork()
+            except Exception:  # never let one source stop the others from letting go of the parent's
+                logging.getLogger("meshlib.security").exception("resetting %s after fork() failed", self.what)

@@ -45,7 +45,6 @@ import logging
 import os
 import re
 import threading
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,7 @@ from urllib.parse import quote
 from meshlib.discovery.consul.agent import AgentClient, ConsulAgent, _Closed
 from meshlib.discovery.consul.query import BlockingQuery, ConsulQuery, WatchOptions
 from meshlib.errors import ConfigError, ConsulACLError, DiscoveryError
-from meshlib.security._material import ContextSet, Material, reset_locks
+from meshlib.security._material import ContextSet, ForkReset, Material, reset_locks
 from meshlib.security.identity import ExpectedIdentity, SpiffeId, load_x509
 from meshlib.security.tls import CLOCK_SKEW, ReloadingContext, TLSSettings
 
@@ -297,7 +296,7 @@ class ConsulCASource:
         self._last_error: str | None = None
         self._pid = os.getpid()
         self._watches: list[_Watch] = []
-        _SOURCES.add(self)
+        _FORK.add(self)
         self._start()
         self._first.wait(timeout)
         with self._lock:
@@ -618,7 +617,7 @@ class ConsulCASource:
 
     def _after_fork(self) -> None:
         """In a forked child (only this thread runs): new locks; the parent's HTTP clients are abandoned."""
-        _ABANDONED.append(self._watches)
+        _FORK.abandoned.append(self._watches)
         self._watches = []
         self._lock = threading.Lock()
         self._changed = threading.Condition()
@@ -629,19 +628,6 @@ class ConsulCASource:
         reset_locks(self._contexts.contexts())
 
 
-#: Every source of this process, for the fork hook (weakly).
-_SOURCES: weakref.WeakSet[ConsulCASource] = weakref.WeakSet()
-#: What forked children inherited and must neither use nor close.
-_ABANDONED: list[object] = []
-
-
-def _after_fork_in_child() -> None:
-    for source in list(_SOURCES):
-        try:
-            source._after_fork()
-        except Exception:  # never let one source stop the others from letting go of the parent's clients
-            logger.exception("resetting a Consul Connect CA source after fork() failed")
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+#: Every source of this process, for the fork hook, and what forked children inherited and must neither use nor
+#: close.
+_FORK = ForkReset("a Consul Connect CA source")

@@ -47,12 +47,11 @@ import logging
 import os
 import stat
 import threading
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from meshlib.errors import ConfigError
-from meshlib.security._material import ContextSet, Material, reset_locks
+from meshlib.security._material import ContextSet, ForkReset, Material, reset_locks
 from meshlib.security.identity import ExpectedIdentity, load_x509
 from meshlib.security.tls import ReloadingContext, TLSSettings
 
@@ -194,7 +193,7 @@ class WorkloadAPISource:
         self._client: WorkloadApiClient | None = None
         self._stream: StreamCancelHandler | None = None
         self._serial = 0  # which stream is current: callbacks of a replaced one are ignored
-        _SOURCES.add(self)
+        _FORK.add(self)
         try:
             self._connect()
         except Exception as error:  # the socket went between the check above and now
@@ -452,10 +451,10 @@ class WorkloadAPISource:
     def _after_fork(self) -> None:
         """In a forked child (only this thread runs): new locks; the parent's client and stream are abandoned.
 
-        They are kept referenced (:data:`_ABANDONED`) so the garbage collector never closes the parent's
+        They are kept referenced (:data:`_FORK`) so the garbage collector never closes the parent's
         channel from here; :meth:`resume` opens the child's own stream when the source is next used.
         """
-        _ABANDONED.append((self._client, self._stream))
+        _FORK.abandoned.append((self._client, self._stream))
         self._client = self._stream = None
         self._serial += 1
         self._lock = threading.Lock()
@@ -469,19 +468,6 @@ class WorkloadAPISource:
         reset_locks(self._contexts.contexts())
 
 
-#: Every source of this process, for the fork hook (weakly).
-_SOURCES: weakref.WeakSet[WorkloadAPISource] = weakref.WeakSet()
-#: What forked children inherited and must neither use nor close.
-_ABANDONED: list[object] = []
-
-
-def _after_fork_in_child() -> None:
-    for source in list(_SOURCES):
-        try:
-            source._after_fork()
-        except Exception:  # never let one source stop the others from letting go of the parent's stream
-            logger.exception("resetting a SPIFFE Workload API source after fork() failed")
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+#: Every source of this process, for the fork hook, and what forked children inherited and must neither use nor
+#: close.
+_FORK = ForkReset("a SPIFFE Workload API source")

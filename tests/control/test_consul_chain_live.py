@@ -100,6 +100,7 @@ def test_the_default_chain_routes_to_the_service_instances(consul: ConsulEmulato
     assert "/v1/health/service/payments" in paths  # no Consul identity: plain discovery, not /health/connect
 
 
+@pytest.mark.one_library  # the shares are drawn by meshlib, whichever HTTP library carries the calls
 def test_a_90_10_splitter_lands_within_one_and_a_half_points(consul: ConsulEmulator, start_backends: Any) -> None:
     v1 = start_backends(2, prefix="v1-")
     v2 = start_backends(2, prefix="v2-")

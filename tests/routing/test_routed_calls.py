@@ -69,6 +69,7 @@ def backend_of(response: Any) -> str:
 # -- weighted splits --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.one_library  # the shares are drawn by meshlib, whichever HTTP library carries the calls
 def test_90_10_split_over_10000_live_requests_lands_within_1_5_points(start_backends: BackendFactory) -> None:
     (v1,) = start_backends(1, prefix="v1-")
     (v2,) = start_backends(1, prefix="v2-")

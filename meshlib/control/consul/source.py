@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, quote
 
 from meshlib._config.model import ServiceConfig
-from meshlib.control.dynamic import DEFAULT_WAIT, Placeholder, PushedResolver, merge_tables
+from meshlib.control.dynamic import DEFAULT_WAIT, Placeholder, PushedResolver, merge_tables, take_batch
 from meshlib.discovery import Target, scheme_of
 from meshlib.discovery.base import DiscoverySettings, Endpoint, Resolution
 from meshlib.errors import ConsulACLError, DiscoveryError
@@ -52,7 +52,7 @@ from meshlib.status import ConsulChainStatus
 if TYPE_CHECKING:
     from meshlib._config.model import MeshConfig
     from meshlib.control.consul.chain import ChainMapping, ChainTarget
-    from meshlib.discovery.consul.agent import AgentClient, ConsulAgent
+    from meshlib.discovery.consul.agent import AgentClient, ConsulAgent, Reply
     from meshlib.discovery.consul.query import BlockingQuery, WatchOptions
     from meshlib.routing.model import RouteTable
     from meshlib.security.consul_ca import ConsulCASource
@@ -125,6 +125,19 @@ class _Loop:
     def start(self, body: Callable[[_Loop], None]) -> None:
         self.thread = threading.Thread(target=body, args=(self,), name=f"meshlib-consul-{self.name}", daemon=True)
         self.thread.start()
+
+    def next_reply(self) -> Reply | None:
+        """Pause as the blocking-query rules say (rate limit, backoff), then send the next query; ``None`` once
+        the loop is stopped (a query in flight ends at once)."""
+        from meshlib.discovery.consul.agent import _Closed
+
+        delay = self.query.pause()
+        if delay > 0 and self.closed.wait(delay):
+            return None
+        try:
+            return self.client.send(self.query.next_request())
+        except _Closed:
+            return None
 
     def stop(self) -> None:
         """End the loop (a query in flight ends at once); from any thread."""
@@ -407,19 +420,11 @@ class ConsulChainSource:
 
     def _chain_loop(self, chain: _Chain, loop: _Loop) -> None:
         from meshlib.control.consul.chain import ChainError, map_chain, parse_chain_json
-        from meshlib.discovery.consul.agent import _Closed
 
         query = loop.query
         events = self._events
         last: bytes | None = None
-        while not loop.closed.is_set():
-            delay = query.pause()
-            if delay > 0 and loop.closed.wait(delay):
-                return
-            try:
-                reply = loop.client.send(query.next_request())
-            except _Closed:
-                return
+        while (reply := loop.next_reply()) is not None:
             try:
                 query.document(reply)  # the status and JSON checks, errors and backoff
             except DiscoveryError as error:
@@ -439,17 +444,8 @@ class ConsulChainSource:
             events.put(("chain", (chain.key, mapping, version)))
 
     def _target_loop(self, watch: _TargetWatch, loop: _Loop) -> None:
-        from meshlib.discovery.consul.agent import _Closed
-
         query = loop.query
-        while not loop.closed.is_set():
-            delay = query.pause()
-            if delay > 0 and loop.closed.wait(delay):
-                return
-            try:
-                reply = loop.client.send(query.next_request())
-            except _Closed:
-                return
+        while (reply := loop.next_reply()) is not None:
             try:
                 answer = query.on_reply(reply)
             except DiscoveryError as error:
@@ -504,15 +500,9 @@ class ConsulChainSource:
             item = events.get()
             if item is None:
                 return
-            batch = [item]
-            while True:  # everything already queued is applied together: one swap for a burst of answers
-                try:
-                    more = events.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    return
-                batch.append(more)
+            batch = take_batch(events, item)  # a burst of answers is applied together: one swap
+            if batch is None:
+                return
             try:
                 changed = False
                 for kind, value in batch:

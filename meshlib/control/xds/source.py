@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from meshlib._config.model import ServiceConfig, service_key
-from meshlib.control.dynamic import Latch, Placeholder, merge_tables
+from meshlib.control.dynamic import Latch, Placeholder, merge_tables, take_batch
 from meshlib.discovery import Target, build_resolver, scheme_of
 from meshlib.discovery.base import DiscoverySettings
 from meshlib.errors import ConfigError
@@ -385,15 +385,9 @@ class XdsSource:
                 item = ("linger", None, None)
             if item is None:
                 return
-            batch = [item]
-            while True:  # everything already queued is applied together: one swap for a burst of pushes
-                try:
-                    more = events.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    return
-                batch.append(more)
+            batch = take_batch(events, item)  # a burst of pushes is applied together: one swap
+            if batch is None:
+                return
             try:
                 for kind, name, state in batch:
                     self._record(kind, name, state)
