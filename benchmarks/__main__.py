@@ -33,6 +33,7 @@ SCENARIOS = {
     "z1": "benchmarks.z1_denial",
     "z2": "benchmarks.z2_flood",
     "x1": "benchmarks.x1_push",
+    "c1": "benchmarks.c1_chain",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"

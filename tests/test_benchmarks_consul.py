@@ -1,0 +1,26 @@
+"""Smoke run of the issue 14 benchmark (C1, Consul chain change to traffic) with tiny parameters: it runs and
+reports.
+
+No timing is asserted (the figures come from the full run, docs/performance.md); asserted is what the report rests
+on: in both modes (default pacing, and no rate limit) every flip moved the traffic, each stage was seen on every
+flip, and no request failed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_c1_chain_change_moves_traffic_on_every_flip_and_fails_no_request() -> None:
+    from benchmarks import c1_chain
+
+    result = c1_chain.measure(2, 100.0, paced_flips=1)
+    flips = {"paced": 1, "unpaced": 2}
+    seen = {(row["mode"], row["from set_chain() returning to"]): row["flips"] for row in result.rows}
+    assert seen == {(mode, stage): n for mode, n in flips.items() for stage in c1_chain.STAGES}
+    checks = {c.name: c.value for c in result.checks}
+    for mode in flips:
+        assert checks[f"{mode}: failed requests"] == 0
+        assert checks[f"{mode}: flips not moved"] == 0
