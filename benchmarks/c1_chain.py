@@ -24,7 +24,9 @@ Per flip, from the moment ``set_chain()`` returns:
 * ``all``: from when on every request lands there (the send time of the first request from which every later one
   of the flip's window went to the new version);
 * the stages, from instrumented methods of this client: the chain watch accepting the new chain (its thread), the
-  apply thread's swap (``apply_control_plane`` returning), the new version's target watch receiving its instances.
+  apply thread's swap (``apply_control_plane`` returning), the new version's target watch receiving its instances
+  (only on a flip to a version not watched yet: the version flipped away from lingers, ``CHAIN_LINGER``, so after
+  the first flip each flip is a route-table swap alone).
 
 Reported: p50/p99/max of each, per mode, and failed requests (there must be none).
 
@@ -310,8 +312,9 @@ def _summarise(
         "first = completion of the first request served by the new version; all = send time of the first request "
         "from which every later one went there; stage rows: first occurrence after set_chain() (the chain watch "
         "accepting a reply, the apply thread's swap, the new version's target watch receiving its instances)",
-        "a weight-0 leg is not routed, so each flip adds the new version's resolver service and starts its target "
-        "watch (a plain /v1/health/service query, then a new connection); the old one's is stopped at once",
+        "a weight-0 leg is not routed: the first flip adds the new version's resolver service and starts its target "
+        "watch (a plain /v1/health/service query, then a new connection); the version flipped away from lingers "
+        "(CHAIN_LINGER, 60 s), so later flips are a route-table swap alone",
         "the Consul double has one index for everything: a flip also wakes the target watches (same answer)",
     ]
     return ScenarioResult(

@@ -199,6 +199,34 @@ def test_a_chain_change_moves_traffic_and_a_refused_chain_changes_nothing(
     assert status.error is not None and "Filter" in status.error
 
 
+def test_a_leg_set_to_zero_lingers_so_flipping_back_needs_no_new_service(
+    consul: ConsulEmulator, start_backends: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (v1,) = start_backends(1, prefix="v1-")
+    (v2,) = start_backends(1, prefix="v2-")
+    register(consul, "web", v1, meta={"version": "v1"})
+    register(consul, "web", v2, meta={"version": "v2"})
+    key = "CONSUL_CHAIN:V1_WEB_DEFAULT_DEFAULT_DC1"
+    consul.set_chain("web", chains.split("web", {"v1": 100, "v2": 0}))
+    with meshlib.Client(environ=env(consul, web="consul+chain://web")) as client:
+        assert client.get("http://web/").headers["x-backend"] == "v1-0"
+        service = client.mesh.services[key]
+        consul.set_chain("web", chains.split("web", {"v1": 0, "v2": 100}))
+        until(client, "http://web/", "v2-0")
+        assert client.mesh.services[key] is service  # not named, still there: it lingers
+        consul.set_chain("web", chains.split("web", {"v1": 100, "v2": 0}))
+        until(client, "http://web/", "v1-0")
+        assert client.mesh.services[key] is service  # flipped back by the route table alone
+        monkeypatch.setattr(chain_source, "CHAIN_LINGER", 0.0)  # now: retired by the apply that stops naming it
+        consul.set_chain("web", chains.split("web", {"v1": 0, "v2": 100}))
+        until(client, "http://web/", "v2-0")
+        for _ in range(1000):
+            if key not in client.mesh.services:
+                break
+            client.get("http://web/")
+        assert key not in client.mesh.services
+
+
 def test_a_chain_refused_before_any_fails_calls_at_once_with_the_reason(
     consul: ConsulEmulator, start_backends: Any
 ) -> None:

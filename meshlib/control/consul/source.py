@@ -36,6 +36,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ logger = logging.getLogger("meshlib.control.consul")
 
 FORM: Final = "consul+chain://service[?dc=dc1&ns=namespace&partition=partition]"
 CHAIN_PATH: Final = "/v1/discovery-chain/"
+#: How long a chain service the routes stop naming (a split leg set to 0, a canary rolled back) keeps its service
+#: and its targets' watches (seconds), and how many may linger at once: flipping back then moves traffic with the
+#: route table alone, no new watch and no first query (as xDS clusters linger).
+CHAIN_LINGER: Final = 60.0
+MAX_LINGERING: Final = 64
 #: The blocking-query pacing of every chain and target watch (``None``: Consul's guidance, see
 #: :class:`~meshlib.discovery.consul.query.WatchOptions`); read when a client is built (tests shorten it).
 WATCH_OPTIONS: WatchOptions | None = None
@@ -293,6 +299,8 @@ class ConsulChainSource:
             self._chains[key] = _Chain(key, svc.name, svc.target, placeholder)
         self._targets: dict[tuple[str, bool], _TargetWatch] = {}
         self._installed: dict[str, _Installed] = {}
+        #: Installed services no chain names any more, and since when (``time.monotonic()``): they linger.
+        self._lingering: dict[str, float] = {}
         self._events: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._status_lock = threading.Lock()
         self._applied = 0
@@ -347,6 +355,7 @@ class ConsulChainSource:
         self._status_lock = threading.Lock()
         old_targets, self._targets = self._targets, {}
         self._installed = {}
+        self._lingering = {}
         for chain in self._chains.values():
             placeholder = mesh.services[chain.key].resolver
             assert isinstance(placeholder, ChainPlaceholder)
@@ -497,7 +506,10 @@ class ConsulChainSource:
     def _run(self) -> None:
         events = self._events
         while True:
-            item = events.get()
+            try:
+                item = events.get(timeout=CHAIN_LINGER / 2 if self._lingering else None)
+            except queue.Empty:  # time to retire services that lingered long enough
+                item = ("apply", None)
             if item is None:
                 return
             batch = take_batch(events, item)  # a burst of answers is applied together: one swap
@@ -582,13 +594,26 @@ class ConsulChainSource:
                 continue
             (replaced if before is not None else added)[key] = self._service_for(key, want)
         mesh.apply_control_plane(merge_tables(parts, "consul"), added, replaced, source="consul")
-        dropped = [key for key in self._installed if key not in wanted]
-        self._installed = wanted
+        now = time.monotonic()
+        for key in wanted:
+            self._lingering.pop(key, None)
+        for key in self._installed:
+            if key not in wanted:
+                self._lingering.setdefault(key, now)
+        newest_first = sorted(self._lingering, key=self._lingering.__getitem__, reverse=True)
+        dropped = [
+            key
+            for index, key in enumerate(newest_first)
+            if index >= MAX_LINGERING or now - self._lingering[key] >= CHAIN_LINGER
+        ]
+        for key in dropped:
+            del self._lingering[key]
+        self._installed = {**{key: self._installed[key] for key in self._lingering}, **wanted}
         if dropped:
             mesh.remove_services(dropped)
         used = {
             (target.id, self._connect is not None and not target.external)
-            for want in wanted.values()
+            for want in self._installed.values()
             for target, _ in want.targets
         }
         for unused in [target_key for target_key in self._targets if target_key not in used]:
