@@ -178,5 +178,7 @@ async def test_calls_beyond_the_pool_queue_in_meshlib_and_all_end_at_their_deadl
             assert [e.inflight for e in service.endpoints] == [0]
     assert len(errors) == 100
     assert all(isinstance(e, meshlib.DeadlineExceeded) for e in errors), {type(e).__name__ for e in errors}
-    # Each was sent and timed out reading, waited in a pool, or got a slot too late to connect in the time left.
-    assert {type(e.__cause__).__name__ for e in errors} <= {"PoolTimeout", "ConnectTimeout", "ReadTimeout"}
+    # Each was sent and timed out reading, waited in a pool, or got a slot too late to connect (or, connected, to
+    # finish writing the request: seen once on httpx2 under trio) in the time left.
+    causes = {"PoolTimeout", "ConnectTimeout", "WriteTimeout", "ReadTimeout"}
+    assert {type(e.__cause__).__name__ for e in errors} <= causes
