@@ -528,29 +528,9 @@ class ConsulEmulator:
             token, denied = self._token(secret)
             if denied:
                 return 403, {}, denied
-            raw_index = _one(params, "index") or "0"
-            if not raw_index.isdigit():
-                return 400, {}, "Invalid index"
-            min_index = int(raw_index)
-            wait = min(_go_duration(_one(params, "wait") or "") or _DEFAULT_WAIT, _MAX_WAIT)
-            if min_index > 0 and self._failure is None:
-                deadline = time.monotonic() + wait
-                generation = self._abandoned
-                self._blocked += 1
-                self._cond.notify_all()
-                try:
-                    while self.index <= min_index and self._abandoned == generation and not self._stopping:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                finally:
-                    self._blocked -= 1
-                    self._cond.notify_all()
-            if self._stopping:
-                raise _Drop
-            if self._failure is not None:
-                return self._failure[0], {}, self._failure[1]
+            invalid = self._block(params)  # the same index/wait rules (and jitter) as the health endpoint
+            if invalid is not None:
+                return invalid
             status, body = answer(token)
             return status, self._headers(stale=False, consistent=False), body
 
