@@ -31,7 +31,7 @@ from meshlib.resilience.classify import (
     should_retry,
 )
 from meshlib.resilience.limit import ConcurrencyLimit
-from meshlib.resilience.outlier import OutlierDetector
+from meshlib.resilience.outlier import FailurePercentageEjection, OutlierDetector, SuccessRateEjection
 
 __all__ = [
     "DEFAULT_RETRY_STATUSES",
@@ -45,9 +45,11 @@ __all__ = [
     "Classification",
     "ConcurrencyLimit",
     "EndpointBreaker",
+    "FailurePercentageEjection",
     "OutlierDetector",
     "Outcome",
     "RetryBudget",
+    "SuccessRateEjection",
     "classify_exception",
     "classify_response",
     "may_resend",
