@@ -173,8 +173,8 @@ class AdaptiveConcurrencyLimit:
 
     Every successful :meth:`try_acquire` must be paired with exactly one :meth:`release`. Feed a latency
     sample (seconds) with the release, or earlier with :meth:`observe` (when the permit outlives the answer, as
-    it does for a streamed body). ``clock`` (default :func:`time.monotonic`) only dates the samples for the
-    status; the latency itself is measured by the caller.
+    it does for a streamed body). ``clock`` (default :func:`time.monotonic`) times the windows and dates the
+    samples for the status; the latency itself is measured by the caller.
     """
 
     __slots__ = (
