@@ -49,8 +49,12 @@ class ConcurrencyLimit:
             self.peak = max(self.peak, self.inflight)
             return True
 
-    def release(self) -> None:
-        """Give a slot back. Raises :class:`RuntimeError` if none is held (a bug: a double release)."""
+    def release(self, rtt: float | None = None) -> None:
+        """Give a slot back. Raises :class:`RuntimeError` if none is held (a bug: a double release).
+
+        ``rtt`` (the request's latency) is accepted and ignored, so a service can hold this limit or
+        :class:`~meshlib.resilience.adaptive.AdaptiveConcurrencyLimit` and release either the same way.
+        """
         with self._lock:
             if self.inflight <= 0:
                 raise RuntimeError("ConcurrencyLimit.release() called more often than try_acquire() succeeded")
