@@ -12,9 +12,11 @@ Hedging sends a second copy of a slow request to another endpoint and keeps whic
   further hedges, pushback "retry in n ms" sends the next hedge after n ms (later ones at n + delay);
   hedges are throttled like retries.
 * **Finagle** ``BackupRequestFilter`` (``com.twitter.finagle.client``): the backup is sent at a latency
-  percentile from a ``WindowedPercentileHistogram`` (10 buckets of 3 s, refreshed every 3 s, at least
-  1 ms), and a ``RetryBudget`` whose ``percentCanRetry`` is ``maxExtraLoad`` (deposit per request, withdraw
-  per backup) caps extra load; a backup also withdraws from the client's retry budget (both must allow it).
+  percentile from a ``WindowedPercentileHistogram`` (a 30 s window of 3 buckets of 10 s, HdrHistogram with
+  3 significant digits, values capped at 2 s), re-read every 3 s and floored at 1 ms; no backup once that
+  percentile reaches the cap. A ``RetryBudget`` whose ``percentCanRetry`` is ``maxExtraLoad`` (deposit per
+  request, withdraw per backup) caps extra load; a backup also withdraws from the client's retry budget
+  (both must allow it).
   Latency is recorded for successes, timeouts and superseded (cancelled) attempts, not for fast failures,
   which would drag the percentile down.
 
@@ -71,12 +73,13 @@ DEFAULT_HEDGE_PERCENTILE = 0.95
 DEFAULT_NON_FATAL: frozenset[int] = frozenset({429, 502, 503, 504})
 #: Finagle's ``MinSendBackupAfterMs``: never hedge sooner than this, even if the percentile is ~0.
 DEFAULT_MIN_DELAY = 0.001
-#: Finagle's ``WindowedPercentileHistogram`` window: 10 buckets of 3 s.
+#: Finagle's ``WindowedPercentileHistogram`` window (30 s; Finagle cuts it in 3 buckets of 10 s, we in 10 of 3 s,
+#: so old samples leave in smaller steps, as in the retry budget).
 DEFAULT_WINDOW = 30.0
 #: Samples the window must hold before a percentile delay is trusted; until then no hedging (see docs).
 DEFAULT_MIN_SAMPLES = 100
-#: Finagle's ``WindowedPercentileHistogram.DefaultHighestTrackableValue`` (30 s); a percentile at or above it
-#: disables hedging, as in Finagle (the service is so slow that a backup would only add load).
+#: Highest latency tracked; a percentile at or above it disables hedging, as in Finagle (whose
+#: ``DefaultHighestTrackableValue`` is 2 s; we keep 30 s so slow services can hedge too).
 MAX_TRACKABLE = 30.0
 
 _SLICES = 10
@@ -190,7 +193,7 @@ class HedgeSettings:
     * ``max_extra_load`` -- hedges may add at most this share of requests (Finagle's ``maxExtraLoad``),
       0 <= x < 1. Default 0.05.
     * ``min_delay`` -- floor of a percentile-derived delay (Finagle's ``minSendBackupAfterMs``). Default 1 ms.
-    * ``window`` -- latency window, 10 slices (Finagle: 30 s in 3 s buckets). 1-300 s. Default 30 s.
+    * ``window`` -- latency window, 10 slices (Finagle: 30 s, in 3 buckets of 10 s). 1-300 s. Default 30 s.
     * ``min_samples`` -- latencies the window needs before a percentile delay is used. Default 100.
     """
 
