@@ -232,7 +232,7 @@ class HedgeBudget:
     refuses is not given back: that errs on the side of fewer hedges.
     """
 
-    __slots__ = ("_budget", "exhausted", "max_extra_load", "sent")
+    __slots__ = ("_budget", "_lock", "exhausted", "max_extra_load", "sent")
 
     def __init__(self, max_extra_load: float = DEFAULT_MAX_EXTRA_LOAD, *, clock: Callable[[], float] = time.monotonic):
         if isinstance(max_extra_load, bool) or not 0.0 <= max_extra_load < 1.0:
@@ -240,6 +240,7 @@ class HedgeBudget:
         self.max_extra_load = max_extra_load
         # percent_can_retry=0 would make RetryBudget spend its (empty) reserve: with no reserve that is "never".
         self._budget = RetryBudget(ttl=10.0, min_retries_per_second=0, percent_can_retry=max_extra_load, clock=clock)
+        self._lock = threading.Lock()  # guards the two counters (hedges are rare: no cost on the plain path)
         self.sent = 0  # hedges allowed
         self.exhausted = 0  # hedges refused by either budget
 
@@ -249,14 +250,17 @@ class HedgeBudget:
 
     def try_acquire(self, retry_budget: RetryBudget | None) -> bool:
         """Whether one hedge may be sent now: it takes a token from this budget *and* from ``retry_budget``."""
-        if self.max_extra_load <= 0.0 or not self._budget.try_withdraw():
-            self.exhausted += 1
-            return False
-        if retry_budget is not None and not retry_budget.try_withdraw():
-            self.exhausted += 1
-            return False
-        self.sent += 1
-        return True
+        ok = (
+            self.max_extra_load > 0.0
+            and self._budget.try_withdraw()
+            and (retry_budget is None or retry_budget.try_withdraw())
+        )
+        with self._lock:
+            if ok:
+                self.sent += 1
+            else:
+                self.exhausted += 1
+        return ok
 
     def balance(self) -> float:
         """Hedges the budget would allow right now (ignoring the retry budget)."""
@@ -345,8 +349,8 @@ class LatencyWindow:
 
     def record(self, seconds: float) -> None:
         """Add one latency (seconds; negatives count as 0, above 30 s as 30 s)."""
-        us = int(seconds * 1_000_000) if seconds > 0.0 else 0
-        b = _bucket(us if us < _MAX_US else _MAX_US)
+        # Above the cap (inf included) counts as the cap; NaN and negatives as 0.
+        b = _bucket(_MAX_US if seconds >= MAX_TRACKABLE else int(seconds * 1_000_000) if seconds > 0.0 else 0)
         with self._lock:
             idx = self._advance()
             self._slices[idx][b] += 1
@@ -365,6 +369,8 @@ class LatencyWindow:
                 value = cached[2]
             else:
                 value = self._scan(p)
+                if len(self._cache) >= 16:  # a few percentiles per service in practice; never grow unbounded
+                    self._cache.clear()
                 self._cache[p] = (self._current, count, value)
         return value if count >= min_samples else None
 
