@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -95,6 +95,27 @@ class HeaderMatch:
     def test_value(self, found: str | None) -> bool:
         """Whether a request whose header value is ``found`` (``None``: absent) meets this match."""
         return _value_meets(self.kind, self.value, self.regex, found)
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyHeaderMatch(HeaderMatch):
+    """A header (or query) condition with Envoy's semantics, as xDS routes and Consul's router give them:
+    ``predicate`` tests a present value (a header's values joined with ``,``) and ``invert`` negates it; an
+    absent header fails the match, inverted or not (grpc-go returns ``false`` before looking at
+    ``invert_match``), except for a presence condition (``present``: the presence required, already inverted).
+    ``kind`` is ``RegularExpression`` so the exact-value dispatch never keys on it."""
+
+    predicate: Callable[[str], Any] | None = None
+    invert: bool = False
+    present: bool | None = None
+
+    def test_value(self, found: str | None) -> bool:
+        """Whether a request whose value is ``found`` (``None``: absent) meets this condition."""
+        if self.present is not None:
+            return (found is not None) is self.present
+        if found is None or self.predicate is None:
+            return False
+        return bool(self.predicate(found)) is not self.invert
 
 
 @dataclass(frozen=True, slots=True)

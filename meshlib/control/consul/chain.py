@@ -43,6 +43,7 @@ from meshlib.policy import MAX_RETRIES, NO_POLICY, Policy
 from meshlib.routing.model import (
     NO_FILTERS,
     Backend,
+    EnvoyHeaderMatch,
     Filters,
     HeaderMatch,
     HeaderModifier,
@@ -270,26 +271,6 @@ class LiteralPrefixMatch(PathMatch):
     def test(self, path: str) -> bool:
         """Whether ``path`` starts with the prefix."""
         return path.startswith(self.literal_prefix)
-
-
-@dataclass(frozen=True, slots=True)
-class ConsulHeaderMatch(HeaderMatch):
-    """A router ``Header`` (or ``QueryParam``) condition with Envoy's semantics: ``predicate`` tests a present
-    value, ``invert`` negates it; an absent header fails, inverted or not, except for ``Present`` (``present``:
-    the presence required, already inverted). ``kind`` is ``RegularExpression`` so the exact-value dispatch never
-    keys on it."""
-
-    predicate: Any = None
-    invert: bool = False
-    present: bool | None = None
-
-    def test_value(self, found: str | None) -> bool:
-        """Whether a request whose value is ``found`` (``None``: absent) meets this condition."""
-        if self.present is not None:
-            return (found is not None) is self.present
-        if found is None or self.predicate is None:
-            return False
-        return bool(self.predicate(found)) is not self.invert
 
 
 @dataclass(frozen=True, slots=True)
@@ -769,31 +750,31 @@ def _header_match(raw: Any, where: str) -> HeaderMatch:
     if sum(bool(v) for v in (present, exact, prefix, suffix, regex)) != 1:
         raise ChainError(where, "expected exactly one of Present, Exact, Prefix, Suffix, Regex")
     if present:
-        return ConsulHeaderMatch(name, "RegularExpression", "absent" if invert else "present", present=not invert)
+        return EnvoyHeaderMatch(name, "RegularExpression", "absent" if invert else "present", present=not invert)
     if exact and not invert:
         return HeaderMatch(name, "Exact", exact)
     if regex:
         compiled = _regex(regex, f"{where}.Regex")
         if not invert:
             return HeaderMatch(name, "RegularExpression", regex, compiled)
-        return ConsulHeaderMatch(name, "RegularExpression", f"not /{regex}/", None, compiled.fullmatch, True)
+        return EnvoyHeaderMatch(name, "RegularExpression", f"not /{regex}/", None, compiled.fullmatch, True)
     if exact:
-        return ConsulHeaderMatch(name, "RegularExpression", f"not {exact!r}", None, exact.__eq__, True)
+        return EnvoyHeaderMatch(name, "RegularExpression", f"not {exact!r}", None, exact.__eq__, True)
     if prefix:
-        return ConsulHeaderMatch(
+        return EnvoyHeaderMatch(
             name,
             "RegularExpression",
             f"{'not ' if invert else ''}prefix {prefix!r}",
             None,
-            lambda v, p=prefix: v.startswith(p),
+            lambda v: v.startswith(prefix),
             invert,
         )
-    return ConsulHeaderMatch(
+    return EnvoyHeaderMatch(
         name,
         "RegularExpression",
         f"{'not ' if invert else ''}suffix {suffix!r}",
         None,
-        lambda v, s=suffix: v.endswith(s),
+        lambda v: v.endswith(suffix),
         invert,
     )
 

@@ -12,37 +12,14 @@ may rule them out) and ``value`` is a short description shown by ``explain``.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshlib.routing.model import HeaderMatch, PathMatch
 
-__all__ = ["FRACTION_HEADER", "FractionMatch", "XdsHeaderMatch", "XdsPathMatch"]
+__all__ = ["FRACTION_HEADER", "FractionMatch", "XdsPathMatch"]
 
 #: The (impossible) header name a :class:`FractionMatch` is filed under: no request carries it.
 FRACTION_HEADER = ":xds-runtime-fraction"
-
-
-@dataclass(frozen=True, slots=True)
-class XdsHeaderMatch(HeaderMatch):
-    """One ``RouteMatch.headers[]`` entry with gRPC's semantics.
-
-    ``predicate`` tests a present header's value (its values joined with ``,``, as gRPC and Envoy join them);
-    an absent header fails the match, inverted or not (grpc-go returns ``false`` before looking at
-    ``invert_match``). ``present`` (set for ``present_match``, already inverted) is the presence required.
-    """
-
-    predicate: Callable[[str], bool] | None = None
-    invert: bool = False
-    present: bool | None = None
-
-    def test_value(self, found: str | None) -> bool:
-        """Whether a request whose header value is ``found`` (``None``: absent) meets this match."""
-        if self.present is not None:
-            return (found is not None) is self.present
-        if found is None or self.predicate is None:
-            return False
-        return self.predicate(found) is not self.invert
 
 
 @dataclass(frozen=True, slots=True)

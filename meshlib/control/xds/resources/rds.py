@@ -31,12 +31,13 @@ from typing import Any, Literal
 from meshlib._config.model import service_key
 from meshlib.control.xds.resources.errors import XdsResourceError, shown
 from meshlib.control.xds.resources.filters import FaultSpec, duration_s, parse_filter_overrides
-from meshlib.control.xds.resources.matchers import FRACTION_HEADER, FractionMatch, XdsHeaderMatch, XdsPathMatch
+from meshlib.control.xds.resources.matchers import FRACTION_HEADER, FractionMatch, XdsPathMatch
 from meshlib.control.xds.resources.regex import compile_re2
 from meshlib.policy import MAX_RETRIES, NO_POLICY, Policy
 from meshlib.routing.model import (
     NO_FILTERS,
     Backend,
+    EnvoyHeaderMatch,
     Filters,
     HeaderMatch,
     HostRoutes,
@@ -342,7 +343,7 @@ def _header(header: Any, where: str) -> HeaderMatch:
     if kind == "present_match":
         presence = header.present_match is not invert
         text = "present" if presence else "absent"
-        return XdsHeaderMatch(name, "RegularExpression", text, None, None, False, presence)
+        return EnvoyHeaderMatch(name, "RegularExpression", text, None, None, False, presence)
     if kind == "range_match":
         start, end = header.range_match.start, header.range_match.end
 
@@ -405,11 +406,11 @@ def _string(name: str, how: str, value: str, ignore_case: bool, invert: bool) ->
         return expected in found
 
     text = f"{'not ' if invert else ''}{how} {value!r}{' (any case)' if ignore_case else ''}"
-    return XdsHeaderMatch(name, "RegularExpression", text, None, test, invert)
+    return EnvoyHeaderMatch(name, "RegularExpression", text, None, test, invert)
 
 
-def _xds_header(name: str, text: str, test: Any, invert: bool) -> XdsHeaderMatch:
-    return XdsHeaderMatch(name, "RegularExpression", text, None, test, invert)
+def _xds_header(name: str, text: str, test: Any, invert: bool) -> EnvoyHeaderMatch:
+    return EnvoyHeaderMatch(name, "RegularExpression", text, None, test, invert)
 
 
 def _retry(policy: Any, where: str) -> RetryConfig:
