@@ -28,6 +28,7 @@ SCENARIOS = {
     "s5": "benchmarks.s5_outage",
     "s6": "benchmarks.s6_scale",
     "s7": "benchmarks.s7_async_throughput",
+    "s8": "benchmarks.s8_hedging",
     "s9": "benchmarks.s9_routes",
     "s10": "benchmarks.s10_mirror",
     "z1": "benchmarks.z1_denial",

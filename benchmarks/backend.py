@@ -5,9 +5,13 @@ not share the client's GIL (and can be pinned to the server CPU). The parent dri
 one JSON object per line, and gets one JSON line back per command:
 
 * ``{"op": "behavior", "index": i | null, ...spec}`` -- set one backend's (or every backend's) behaviour;
-  spec keys: ``status``, ``delay`` (s), ``lognormal`` ([median_s, sigma] or null), ``drop``, ``body_size``
+  spec keys: ``status``, ``delay`` (s), ``lognormal`` ([median_s, sigma] or null), ``stall`` ([probability,
+  seconds] or null: that share of requests, a seeded draw, waits ``seconds`` instead of the lognormal), ``drop``,
+  ``body_size``
 * ``{"op": "refuse", "index": i}`` / ``{"op": "accept", "index": i}`` -- stop / resume accepting connections
 * ``{"op": "counts"}`` -- requests received per backend; ``{"op": "reset"}`` zeroes them
+* ``{"op": "hangups"}`` -- per backend, requests whose client hung up before the answer (0 where the
+  installed meshlib.testing does not count them)
 * ``{"op": "records", "index": i, "header": name}`` -- ``[received_at, header value]`` per recorded request
   (``received_at`` is ``time.monotonic()``, comparable across processes on Linux)
 * ``{"op": "quit"}``
@@ -20,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from meshlib.testing import Backend, Behavior, lognormal_delay
@@ -30,6 +36,9 @@ def behavior_from(spec: dict[str, Any], seed: int) -> Behavior:
     """A :class:`Behavior` from a JSON spec (see the module docstring); ``seed`` varies the lognormal draw."""
     lognormal = spec.get("lognormal")
     delay_fn = lognormal_delay(float(lognormal[0]), float(lognormal[1]), seed=seed) if lognormal else None
+    stall = spec.get("stall")
+    if stall:
+        delay_fn = stall_delay(float(stall[0]), float(stall[1]), delay_fn, seed=seed)
     return Behavior(
         status=int(spec.get("status", 200)),
         delay=float(spec.get("delay", 0.0)),
@@ -37,6 +46,21 @@ def behavior_from(spec: dict[str, Any], seed: int) -> Behavior:
         drop=bool(spec.get("drop", False)),
         body=b"x" * int(spec.get("body_size", 64)),
     )
+
+
+def stall_delay(
+    probability: float, seconds: float, otherwise: Callable[[], float] | None, *, seed: int
+) -> Callable[[], float]:
+    """A ``delay_fn``: with ``probability`` (a seeded draw) the request stalls ``seconds``, else ``otherwise()``
+    (or no extra delay). Models S8's tail: rare stalls (a GC pause, a cold cache) on any endpoint."""
+    rng = random.Random(seed + 7919)
+
+    def draw() -> float:
+        if rng.random() < probability:
+            return seconds
+        return otherwise() if otherwise is not None else 0.0
+
+    return draw
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,6 +110,8 @@ def handle(backends: list[Backend], command: dict[str, Any]) -> Any:
         return {"ok": True}
     if op == "counts":
         return [b.count for b in backends]
+    if op == "hangups":
+        return [int(getattr(b, "hangups", 0)) for b in backends]
     if op == "reset":
         for backend in backends:
             backend.reset()

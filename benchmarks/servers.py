@@ -283,6 +283,10 @@ class BackendProcess(_Process):
         """Requests received per backend since start or :meth:`reset`."""
         return list(self.command({"op": "counts"}))
 
+    def hangups(self) -> list[int]:
+        """Per backend, requests whose client hung up before the answer (a cancelled hedge, a timeout)."""
+        return list(self.command({"op": "hangups"}))
+
     def reset(self) -> None:
         """Zero the counters and records."""
         self.command({"op": "reset"})
