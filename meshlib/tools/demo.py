@@ -38,6 +38,11 @@ A last phase shows a traffic split (:func:`run_split_phase`): two more backends 
 calls to ``demo-api`` between them 90/10; the file is then rewritten to 50/50 while the callers keep sending,
 and the table shows the share each version of the file gave each backend (the new version is awaited in
 ``mesh_status().routes.version``).
+
+The hedging phase (:func:`run_hedge_phase`) ends the demo: three backends of ``demo-tail`` answer in ~3 ms but
+stall 150 ms on 3 % of requests (any of them, at random, so no balancer can avoid it); one client sends the same
+calls without, then with, ``meshlib.policy(hedge=meshlib.HedgePolicy(max_attempts=2, percentile=0.95))``, and the
+table shows p50/p99 of each, the hedges sent and won (``mesh_status()``) and the extra load (the backends' counts).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ import meshlib
 from meshlib.status import ServiceStatus
 from meshlib.testing import Backend, BackendGroup, Behavior, lognormal_delay
 
-__all__ = ["DemoOptions", "PhaseResult", "SplitResult", "run_demo", "run_split_phase"]
+__all__ = ["DemoOptions", "HedgeResult", "PhaseResult", "SplitResult", "run_demo", "run_hedge_phase", "run_split_phase"]
 
 #: The logical name every demo request addresses; the backends are its endpoints.
 SERVICE = "demo-api"
@@ -790,7 +795,8 @@ def describe(fleet: Fleet, options: DemoOptions) -> list[str]:
 
 def run_demo(options: DemoOptions = DemoOptions(), out: TextIO | None = None) -> list[PhaseResult]:
     """Run both balancer phases on the same backends, print each table and the comparison, then the traffic
-    split phase (:func:`run_split_phase`); return the balancer phases' results."""
+    split phase (:func:`run_split_phase`) and the hedging phase (:func:`run_hedge_phase`); return the balancer
+    phases' results."""
     stream = out if out is not None else sys.stdout
     live = options.live and stream.isatty()
     results: list[PhaseResult] = []
@@ -805,6 +811,8 @@ def run_demo(options: DemoOptions = DemoOptions(), out: TextIO | None = None) ->
         print("\n".join(render_comparison(results)), file=stream, flush=True)
         print(file=stream)
         run_split_phase(options, LiveView(stream) if live else PlainView(stream))
+        print(file=stream)
+        run_hedge_phase(options, LiveView(stream) if live else PlainView(stream))
     return results
 
 
@@ -1040,3 +1048,184 @@ def split_notes(steps: Sequence[SplitStep], width: int = 106) -> list[str]:
         "See docs/routing.md for the model and a canary walk-through, and examples/canary.py for a full rollout.",
     ]
     return [line for note in notes for line in textwrap.wrap(note, width, initial_indent="- ", subsequent_indent="  ")]
+
+
+# --- the hedging phase ------------------------------------------------------------------------------------
+
+#: The service of the hedging phase: every instance of it stalls on some requests to its one endpoint.
+HEDGE_SERVICE = "demo-tail"
+HEDGE_BACKENDS = 3
+#: Share of requests that stall (a seeded draw per backend) and for how long; the others take ~3 ms.
+HEDGE_STALL_SHARE = 0.03
+HEDGE_STALL_SECONDS = 0.150
+#: Calls per half of the phase (at most ``DemoOptions.requests``), after :data:`HEDGE_WARMUP` uncounted ones.
+HEDGE_REQUESTS = 600
+#: Calls before each half is measured: they fill the latency window the p95 delay is read from (it needs 100).
+HEDGE_WARMUP = 120
+#: The policy of the second half: a second attempt when the first has not answered by the service's p95.
+HEDGE_POLICY = meshlib.HedgePolicy(max_attempts=2, percentile=0.95)
+
+
+def stall_delay(seed: int) -> Callable[[], float]:
+    """A backend's ``delay_fn``: :data:`HEDGE_STALL_SECONDS` on :data:`HEDGE_STALL_SHARE` of requests (a seeded
+    draw), else a lognormal ~3 ms. Any instance, any request: no endpoint is slower than another, so latency-aware
+    balancing cannot steer around it; only a second copy of the request can."""
+    rng = random.Random(seed)
+    base = lognormal_delay(0.003, 0.3, seed=seed + 1)
+
+    def draw() -> float:
+        return HEDGE_STALL_SECONDS if rng.random() < HEDGE_STALL_SHARE else base()
+
+    return draw
+
+
+@dataclass(frozen=True)
+class HedgeHalf:
+    """One half of the hedging phase, as the callers and the backends saw it."""
+
+    label: str
+    calls: int
+    errors: int
+    p50: float
+    p99: float
+    #: Requests the backends received for these calls (their own counters: first attempts and hedges).
+    attempts: int
+    #: Hedges sent and won (a hedge, not the original, answered), from ``mesh_status()``; ``None``: not reported.
+    sent: int | None
+    won: int | None
+
+    @property
+    def extra_load(self) -> float:
+        """Requests the backends received beyond one per call, as a share of calls."""
+        return (self.attempts - self.calls) / self.calls if self.calls else 0.0
+
+
+@dataclass(frozen=True)
+class HedgeResult:
+    """The hedging phase: without, then with hedging, on the same backends and client."""
+
+    halves: list[HedgeHalf]
+    #: The hedge delay ``mesh_status()`` reported at the end (seconds), ``None`` if not reported.
+    delay: float | None
+
+
+def hedge_counters(client: meshlib.Client) -> tuple[int | None, int | None, float | None]:
+    """(hedges sent, hedges won, current delay) of :data:`HEDGE_SERVICE` from ``mesh_status()``'s ``hedge``
+    field, each ``None`` when not reported."""
+    service = service_status(client, HEDGE_SERVICE)
+    hedge = getattr(service, "hedge", None) if service is not None else None
+    if hedge is None:
+        return None, None, None
+    sent, won, delay = (getattr(hedge, name, None) for name in ("sent", "won", "delay"))
+    return (
+        int(sent) if isinstance(sent, int) else None,
+        int(won) if isinstance(won, int) else None,
+        float(delay) if isinstance(delay, (int, float)) else None,
+    )
+
+
+def render_hedging(halves: Sequence[HedgeHalf], options: DemoOptions, delay: float | None = None) -> list[str]:
+    """The hedging table: one line per half, as the other tables print latencies and shares."""
+    lines = [
+        f"[hedging] {HEDGE_SERVICE}: {HEDGE_BACKENDS} backends, {HEDGE_STALL_SHARE:.0%} of requests stall "
+        f"{HEDGE_STALL_SECONDS * 1000:.0f} ms (any backend), {options.concurrency} callers",
+        f"  {'':<16} {'requests':>8} {'errors':>6} {'p50':>8} {'p99':>9} {'attempts':>8} {'hedges':>6} {'won':>5}"
+        f" {'extra load':>10}",
+    ]
+    for half in halves:
+        sent = "-" if half.sent is None else str(half.sent)
+        won = "-" if half.won is None else str(half.won)
+        lines.append(
+            f"  {half.label:<16} {half.calls:>8} {half.errors:>6} {_ms(half.p50):>8} {_ms(half.p99):>9}"
+            f" {half.attempts:>8} {sent:>6} {won:>5} {half.extra_load:>10.1%}"
+        )
+    if delay is not None:
+        lines.append(f"  hedge delay now {_ms(delay)} (the service's p95 over the last 30 s)")
+    return lines
+
+
+def hedge_notes(halves: Sequence[HedgeHalf], width: int = 106) -> list[str]:
+    """What to read in the hedging table, with this run's numbers."""
+    if len(halves) < 2:
+        return []
+    off, on = halves[0], halves[1]
+    notes = [
+        f"The same calls, first plain, then inside meshlib.policy(hedge=HedgePolicy(max_attempts=2, "
+        f"percentile=0.95)): a call not answered by the service's p95 latency sends a second copy to another "
+        f"backend and keeps the first answer; the loser is cancelled. p99 went from {_ms(off.p99)} to "
+        f"{_ms(on.p99)}, for {on.extra_load:.1%} more requests at the backends (their own counts).",
+        "Hedges are capped at 5 % of requests by their own budget (Finagle's maxExtraLoad) and also draw on the "
+        "retry budget; a POST is never hedged without an opt-in. See docs/resilience.md.",
+    ]
+    return [line for note in notes for line in textwrap.wrap(note, width, initial_indent="- ", subsequent_indent="  ")]
+
+
+def run_hedge_phase(options: DemoOptions, view: PhaseView) -> HedgeResult:
+    """:data:`HEDGE_BACKENDS` backends of :data:`HEDGE_SERVICE` stall on some requests; the same number of calls
+    goes through one client without, then with, :data:`HEDGE_POLICY` (a ``meshlib.policy()`` scope per call).
+
+    Each half first sends :data:`HEDGE_WARMUP` uncounted calls (so the p95 window is warm and the hedge budget has
+    its first deposits), then ``min(options.requests, HEDGE_REQUESTS)`` measured ones from ``options.concurrency``
+    threads. Attempts are the backends' own request counts; hedges sent and won come from ``mesh_status()``.
+    Like the other phases it ignores the user's ``MESHLIB_*`` settings.
+    """
+    count = min(options.requests, HEDGE_REQUESTS)
+    halves: list[HedgeHalf] = []
+    delay: float | None = None
+    specs = [
+        Backend(f"tail-{i}", behavior=Behavior(delay_fn=stall_delay(options.seed * 31 + i)))
+        for i in range(1, HEDGE_BACKENDS + 1)
+    ]
+    with BackendGroup(specs) as group:
+        config = meshlib.MeshConfig.from_env({}, services={HEDGE_SERVICE: "static://" + ",".join(group.addresses)})
+        url = f"http://{HEDGE_SERVICE}/report"
+        with (
+            meshlib.Client(config=config) as client,
+            ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="meshlib-demo-hedge") as pool,
+        ):
+            for label, hedge in (("without hedging", None), ("with hedging", HEDGE_POLICY)):
+                recorder = Recorder()
+
+                def call(sink: Recorder, hedge: meshlib.HedgePolicy | None = hedge) -> None:
+                    if hedge is None:
+                        send_one(client, url, sink)
+                        return
+                    with meshlib.policy(hedge=hedge):
+                        send_one(client, url, sink)
+
+                wait_all([pool.submit(call, Recorder()) for _ in range(HEDGE_WARMUP)], lambda: None)
+                before_count = group.total_count
+
+                def table(current: str = label, sink: Recorder = recorder, start: int = before_count) -> list[str]:
+                    totals = sink.calls()
+                    live = HedgeHalf(
+                        current,
+                        totals.calls,
+                        totals.errors,
+                        percentile(totals.latencies, 50),
+                        percentile(totals.latencies, 99),
+                        group.total_count - start,
+                        None,
+                        None,
+                    )
+                    return render_hedging([*halves, live], options)
+
+                sent0, won0, _ = hedge_counters(client)
+                futures = [pool.submit(call, recorder) for _ in range(count)]
+                wait_all(futures, lambda: view.update(table()))
+                sent1, won1, delay = hedge_counters(client)
+                totals = recorder.calls()
+                halves.append(
+                    HedgeHalf(
+                        label,
+                        totals.calls,
+                        totals.errors,
+                        percentile(totals.latencies, 50),
+                        percentile(totals.latencies, 99),
+                        group.total_count - before_count,
+                        None if sent1 is None else sent1 - (sent0 or 0),
+                        None if won1 is None else won1 - (won0 or 0),
+                    )
+                )
+    view.finish([*render_hedging(halves, options, delay), *hedge_notes(halves)])
+    return HedgeResult(halves, delay)
