@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from meshlib._bounded import DEADLINE
+from meshlib._bounded import ABORT, DEADLINE, Abort
 from meshlib._config import MeshConfig, ServiceConfig, service_key
 from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
@@ -1016,6 +1016,7 @@ class MeshTransport(_Mesh[Any]):
         if isinstance(step, Sleep):
             time.sleep(step.seconds)
         elif isinstance(step, Start):
+            step.attempt.abort = Abort()
             step.attempt.task = self._pool().submit(self._send, call, step.attempt)
             started.append(step.attempt)
         elif isinstance(step, WaitFirst):
@@ -1027,7 +1028,9 @@ class MeshTransport(_Mesh[Any]):
         elif isinstance(step, Cancel):
             attempt = step.attempt
             task = attempt.task
-            if task is not None and not task.done():  # on the wire in a worker: let go when it returns
+            if task is not None and not task.done():  # on the wire in a worker: stop it, let go when it returns
+                if attempt.abort is not None:
+                    attempt.abort.abort()
                 task.add_done_callback(lambda _: self._discard(attempt))
             else:
                 self._discard(attempt)
@@ -1037,6 +1040,7 @@ class MeshTransport(_Mesh[Any]):
     def _send(call: Call[Any], attempt: Attempt) -> None:
         """One attempt's I/O: its outcome is left on the attempt for the plan."""
         token = DEADLINE.set(attempt.deadline)  # every socket operation of the attempt ends by then (_bounded)
+        aborting = ABORT.set(attempt.abort) if attempt.abort is not None else None  # a started one may be stopped
         try:
             if call.trace is None or call.trace.span is None:
                 attempt.response = attempt.transport.handle_request(attempt.request)
@@ -1046,6 +1050,8 @@ class MeshTransport(_Mesh[Any]):
             attempt.error = exc
         finally:
             DEADLINE.reset(token)
+            if aborting is not None:
+                ABORT.reset(aborting)
 
     @staticmethod
     def _close_answer(attempt: Attempt) -> None:
@@ -1067,7 +1073,8 @@ class MeshTransport(_Mesh[Any]):
                 if workers is None:
                     from concurrent.futures import ThreadPoolExecutor
 
-                    workers = self._workers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="meshlib-attempt")
+                    # Hedged calls run every attempt here: room for 256 in flight (threads are made as needed).
+                    workers = self._workers = ThreadPoolExecutor(max_workers=256, thread_name_prefix="meshlib-attempt")
         return workers
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from meshlib._config.parse import (
 )
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.resilience.hedging import HedgeSettings
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
 
 
@@ -86,6 +87,9 @@ class ResilienceSettings:
       percentage (0-100), as every ``*_percent`` field; fractions (0-1) are named ``*_fraction``.
     * ``max_inflight=1024`` -- concurrent requests per service before :class:`OverloadedError`: Envoy's
       ``max_requests`` circuit-breaker threshold.
+    * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
+      of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
+      at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
 
     Invalid values raise :class:`meshlib.ConfigError` naming the field.
     """
@@ -100,6 +104,7 @@ class ResilienceSettings:
     outlier_max_ejection: float = 300.0
     outlier_max_percent: float = 10.0
     max_inflight: int = 1024
+    hedge: HedgeSettings = field(default_factory=HedgeSettings)
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
@@ -121,6 +126,7 @@ class ResilienceSettings:
         percent = self.outlier_max_percent
         ok = _is_number(percent) and 0 <= percent <= 100
         _check(own, "outlier_max_percent", percent, ok, PERCENT_EXPECTED)
+        _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
 
 
 @dataclass(frozen=True, slots=True)
