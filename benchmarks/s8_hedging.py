@@ -11,7 +11,7 @@ open_async`, latency from each request's intended start). Three parts, each vari
   holds its 100 samples and the budget its first deposits, then measures. Latency percentiles are pooled over
   the repeats (p99.9 of ~9,000 requests). Extra attempts = what the backends received (their own counters,
   independent of meshlib) minus requests sent, as a share of requests. Hedges sent/won/cancelled and refused
-  by the budget come from meshlib's OpenTelemetry counters (``meshlib.hedges.*``, an in-memory reader).
+  by the budget come from meshlib's OpenTelemetry counters (``meshlib.client.hedges.*``, an in-memory reader).
 * **outage**: S5's total outage (every backend answers 503) with hedging on and breakers and outlier ejection
   off (S5's "budget only"): a 503 is non-fatal, so each one calls for the next hedge at once; only the hedge
   budget (and the retry budget behind it) limits them. Amplification = backend requests / caller requests.
@@ -71,7 +71,7 @@ POSTS: dict[str, tuple[dict[str, str], bool]] = {
 
 
 class HedgeMeter:
-    """meshlib's ``meshlib.hedges.*`` counters of one client, read through an in-memory OpenTelemetry reader.
+    """meshlib's ``meshlib.client.hedges.*`` counters of one client, read through an in-memory OpenTelemetry reader.
 
     Without the OpenTelemetry SDK (or before hedging reports them) every reading is NaN: the scenario still
     runs and reports the backends' counts.
@@ -95,8 +95,8 @@ class HedgeMeter:
         for resource in getattr(data, "resource_metrics", None) or ():
             for scope in resource.scope_metrics:
                 for metric in scope.metrics:
-                    if metric.name.startswith("meshlib.hedges."):
-                        key = metric.name.removeprefix("meshlib.hedges.")
+                    prefix, dot, key = metric.name.rpartition(".")
+                    if dot and prefix.endswith(".hedges"):  # meshlib.client.hedges.<counter>
                         found[key] = found.get(key, 0.0) + sum(p.value for p in metric.data.data_points)
         return {key: found.get(key, math.nan) for key in HEDGE_COUNTERS}
 
@@ -354,7 +354,7 @@ def measure(
             f"tail: {duration:.0f} s measured after a {warmup:.0f} s warmup per run, {repeats} interleaved repeats; "
             "percentiles and extra attempts pooled over the repeats, counters summed",
             "extra_pct = (requests the backends received - requests sent) / requests sent (backend counters); "
-            "hedges_*/cancelled/budget_refused: meshlib.hedges.* counters; hangups: requests whose client hung "
+            "hedges_*/cancelled/budget_refused: meshlib.client.hedges.* counters; hangups: requests whose client hung "
             "up before the answer (cancelled losers)",
             f"outage: every backend 503, breakers and ejection off, {outage_duration:.0f} s, no warmup; "
             "amplification = backend requests / caller requests (worst run checked)",

@@ -12,7 +12,15 @@ import pytest
 import meshlib
 from meshlib.config import ResilienceSettings
 from meshlib.tools.cli import main
-from meshlib.tools.demo import DemoOptions, EndpointRow, PhaseResult, percentile, render_comparison, run_demo
+from meshlib.tools.demo import (
+    HEDGE_WARMUP,
+    DemoOptions,
+    EndpointRow,
+    PhaseResult,
+    percentile,
+    render_comparison,
+    run_demo,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +101,25 @@ def test_demo_runs_both_balancers_p2c_avoids_slow_and_retries_hide_the_failing_b
     match = re.search(r"^  callers: (\d+) requests, (\d+) errors, while the file was edited under them$", out, re.M)
     assert match is not None and int(match.group(1)) >= 600 and match.group(2) == "0"
 
+    # The hedging phase: the same 300 calls (min(--requests, 600)) without, then with, a p95 hedge policy.
+    assert "[hedging] demo-tail: 3 backends" in out
+    ms = r"[\d.]+ ms"
+    half = rf"^  (without hedging|with hedging)\s+(\d+)\s+(\d+)\s+{ms}\s+{ms}\s+(\d+)\s+(\d+)\s+(\d+)\s+[\d.]+%$"
+    halves = {label: tuple(int(n) for n in numbers) for label, *numbers in re.findall(half, out, re.MULTILINE)}
+    assert set(halves) == {"without hedging", "with hedging"}
+    calls, errors, attempts, sent, won = halves["without hedging"]
+    assert (calls, errors, attempts, sent, won) == (300, 0, 300, 0, 0)  # one request per call, nothing hedged
+    calls, errors, attempts, sent, won = halves["with hedging"]
+    assert calls == 300 and errors == 0
+    # ~3 % of the calls stall 150 ms, far above the p95 delay: some were hedged (P(no stall in 420 calls) ~ 3e-6).
+    assert sent >= 1
+    # Hedges are capped by their budget (5 % of the calls that may hedge, warmup included; no reserve); every
+    # extra request a backend received is a hedge (nothing fails, so nothing is retried); a win is a sent hedge's.
+    assert sent <= 0.05 * (HEDGE_WARMUP + 300)
+    assert 0 <= attempts - calls <= sent
+    assert won <= sent
+    assert "p99 went from" in out
+
 
 def test_demo_ignores_the_users_mesh_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -131,6 +158,7 @@ def test_demo_redraws_in_place_on_a_terminal() -> None:
     assert not log.handlers
     assert "ejected failing" in text
     assert text.count("[split] demo-api") >= 2  # the split phase's table was redrawn too, then finished
+    assert text.count("[hedging] demo-tail") >= 2  # and the hedging phase's
 
 
 def test_comparison_notes_cite_the_runs_numbers() -> None:

@@ -1109,19 +1109,14 @@ class HedgeResult:
     delay: float | None
 
 
-def hedge_counters(client: meshlib.Client) -> tuple[int | None, int | None, float | None]:
-    """(hedges sent, hedges won, current delay) of :data:`HEDGE_SERVICE` from ``mesh_status()``'s ``hedge``
-    field, each ``None`` when not reported."""
+def hedge_counters(client: meshlib.Client) -> tuple[int, int, float | None]:
+    """(hedges sent, hedges won, delay in seconds of the last hedging call) of :data:`HEDGE_SERVICE`, from
+    ``mesh_status()`` (the delay is ``None`` while the latency window is cold)."""
     service = service_status(client, HEDGE_SERVICE)
-    hedge = getattr(service, "hedge", None) if service is not None else None
-    if hedge is None:
-        return None, None, None
-    sent, won, delay = (getattr(hedge, name, None) for name in ("sent", "won", "delay"))
-    return (
-        int(sent) if isinstance(sent, int) else None,
-        int(won) if isinstance(won, int) else None,
-        float(delay) if isinstance(delay, (int, float)) else None,
-    )
+    if service is None:
+        return 0, 0, None
+    hedge = service.hedge
+    return hedge.sent, hedge.won, None if hedge.delay_ms is None else hedge.delay_ms / 1000
 
 
 def render_hedging(halves: Sequence[HedgeHalf], options: DemoOptions, delay: float | None = None) -> list[str]:
@@ -1223,8 +1218,8 @@ def run_hedge_phase(options: DemoOptions, view: PhaseView) -> HedgeResult:
                         percentile(totals.latencies, 50),
                         percentile(totals.latencies, 99),
                         group.total_count - before_count,
-                        None if sent1 is None else sent1 - (sent0 or 0),
-                        None if won1 is None else won1 - (won0 or 0),
+                        sent1 - sent0,
+                        won1 - won0,
                     )
                 )
     view.finish([*render_hedging(halves, options, delay), *hedge_notes(halves)])
