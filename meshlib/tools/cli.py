@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "httpx or httpx2). Shows per endpoint the "
         "attempts, latency, errors, breaker state and ejection; per balancer what callers saw and the retries. "
         "Then a Gateway API routes file splits the service 90/10 between two versions, edited to 50/50 while "
-        "callers send: the share each backend got per version of the file.",
+        "callers send: the share each backend got per version of the file. Last, hedging: a service whose "
+        "backends stall on some requests, called without and with a p95 hedge policy (p50/p99, hedges, extra load).",
     )
     defaults = DemoOptions()
     demo.add_argument(
