@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.trace import SpanKind
 
 import meshlib
 from meshlib import HedgePolicy
@@ -20,7 +19,6 @@ from meshlib.testing import Backend, Behavior
 from tests.anyio_backends import asyncio_and_trio  # noqa: F401  (the anyio_backend fixture: asyncio and trio)
 from tests.conftest import BackendFactory, static_target
 from tests.httplib import httpx
-from tests.telemetry.conftest import Metrics, Traces, metrics, traces  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,7 +137,8 @@ def test_a_post_is_never_hedged_without_an_opt_in(start_backends: BackendFactory
             b.reset()
         for i in range(20):
             assert client.post("http://payments/charge", json={"n": i}).status_code == 200
-        assert _total(backends) == 20  # one copy each: a POST may not be sent twice
+        posts = [r.body for b in backends for r in b.requests if r.method == "POST"]
+        assert len(posts) == 20 and len(set(posts)) == 20  # one copy each: a POST may not be sent twice
         assert state.budget.sent == before
         # An Idempotency-Key says a second copy is safe: then it is hedged.
         for i in range(5):
@@ -219,7 +218,7 @@ def test_pushback_stops_further_hedges(start_backends: BackendFactory) -> None:
         assert _total(backends) == 3
 
 
-# -- deadline -----------------------------------------------------------------------------------------------------------
+# -- deadline ----------------------------------------------------------------------------------------------------------
 
 
 def test_the_deadline_bounds_a_hedged_call_and_every_attempt_is_cancelled(start_backends: BackendFactory) -> None:
@@ -259,7 +258,7 @@ async def test_async_the_deadline_bounds_a_hedged_call(start_backends: BackendFa
         assert [s.inflight for s in service.active.stats.values()] == [0, 0]
 
 
-# -- the delay ----------------------------------------------------------------------------------------------------------
+# -- the delay ---------------------------------------------------------------------------------------------------------
 
 
 def test_a_percentile_delay_waits_for_its_window_then_hedges_at_that_percentile(
@@ -370,40 +369,7 @@ def test_bad_hedging_variables_name_the_variable_and_the_value() -> None:
         assert variable in str(caught.value) and value in str(caught.value)
 
 
-# -- observability ------------------------------------------------------------------------------------------------------
-
-
-def test_spans_show_each_hedge_as_an_attempt_and_metrics_count_hedges(
-    start_backends: BackendFactory, traces: Traces, metrics: Metrics
-) -> None:
-    fast, slow = start_backends(2)
-    with meshlib.Client(
-        environ=_env([fast, slow], **HEDGING), tracer_provider=traces.provider, meter_provider=metrics.provider
-    ) as client:
-        for _ in range(3):
-            client.get("http://payments/warm")
-        slow.behavior = STALL
-        won = None
-        for _ in range(4):
-            traces.clear()
-            response = client.get("http://payments/charge")
-            if response.extensions["meshlib.attempts"] == 2 and response.extensions["meshlib.endpoint"] == fast.address:
-                won = response
-                break
-        assert won is not None, "round robin sent no original to the stalled endpoint"
-        spans = traces.spans("meshlib")
-        (call,) = [s for s in spans if s.kind is SpanKind.CLIENT]
-        attempts = sorted((s for s in spans if s.kind is SpanKind.INTERNAL), key=lambda s: s.start_time or 0)
-        assert len(attempts) == 2
-        original, hedge = (dict(s.attributes or {}) for s in attempts)
-        assert "meshlib.hedge" not in original and original["meshlib.outcome"] == "cancelled"
-        assert original["network.peer.port"] == slow.port
-        assert hedge["meshlib.hedge"] is True and hedge["meshlib.outcome"] == "success"
-        assert hedge["network.peer.port"] == fast.port
-        assert call.attributes is not None and call.attributes["network.peer.port"] == fast.port
-        assert metrics.value("meshlib.client.hedges.sent", **{"server.address": "payments"}) >= 1
-        assert metrics.value("meshlib.client.hedges.won", **{"server.address": "payments"}) >= 1
-        assert metrics.value("meshlib.client.hedges.cancelled", **{"server.address": "payments"}) >= 1
+# -- observability -----------------------------------------------------------------------------------------------------
 
 
 def test_meshlib_status_prints_the_hedging_line(start_backends: BackendFactory) -> None:
