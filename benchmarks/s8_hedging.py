@@ -180,6 +180,7 @@ def _tail_run(
         "cancelled": hedges["cancelled"],
         "budget_refused": hedges["budget_exhausted"],
         "hangups": sum(backends.hangups()),
+        "client_cpu_us": result.cpu.client / requests * 1e6,
     }, hist
 
 
@@ -344,6 +345,7 @@ def measure(
             "cancelled",
             "budget_refused",
             "hangups",
+            "client_cpu_us",
             "amplification",
             "max_amplification",
             "duplicates",
@@ -355,7 +357,7 @@ def measure(
             "percentiles and extra attempts pooled over the repeats, counters summed",
             "extra_pct = (requests the backends received - requests sent) / requests sent (backend counters); "
             "hedges_*/cancelled/budget_refused: meshlib.client.hedges.* counters; hangups: requests whose client hung "
-            "up before the answer (cancelled losers)",
+            "up before the answer (cancelled losers); client_cpu_us: the client process's CPU per request (median run)",
             f"outage: every backend 503, breakers and ejection off, {outage_duration:.0f} s, no warmup; "
             "amplification = backend requests / caller requests (worst run checked)",
             f"POST: {post_duration:.0f} s of stall load as POSTs with a unique {ID_HEADER}; hedging 3 attempts "
