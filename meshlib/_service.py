@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from meshlib._config import MeshConfig, ServiceConfig, service_key
 from meshlib._testmode import MODE as _TESTING
@@ -33,6 +33,10 @@ from meshlib.resilience.limit import ConcurrencyLimit
 from meshlib.resilience.outlier import OutlierDetector
 from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, ServiceStatus
 
+if TYPE_CHECKING:
+    from meshlib._config.model import ResilienceSettings
+    from meshlib.resilience.adaptive import AdaptiveConcurrencyLimit
+
 logger = logging.getLogger("meshlib.discovery")
 
 T = TypeVar("T")
@@ -40,6 +44,24 @@ T = TypeVar("T")
 #: One endpoint's ``(host, port)``: the key of its stats, breaker and pool (``Endpoint.address`` is the
 #: ``host:port`` string shown to people).
 HostPort = tuple[str, int]
+
+
+def adaptive_limit(settings: ResilienceSettings) -> AdaptiveConcurrencyLimit:
+    """The adaptive in-flight limit ``settings`` ask for (imported only when a service enables it)."""
+    from meshlib.resilience.adaptive import AdaptiveConcurrencyLimit, AdaptiveSettings
+
+    least, start, most = settings.adaptive_bounds()
+    window = settings.adaptive_window
+    return AdaptiveConcurrencyLimit(
+        AdaptiveSettings(
+            initial_limit=start,
+            min_limit=least,
+            max_limit=most,
+            min_window=window,
+            max_window=max(window, 1.0),  # AdaptiveSettings' max_window
+            window_samples=settings.adaptive_window_samples,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +116,20 @@ class Service(Generic[T]):
             min_retries_per_second=settings.retry_budget_min_per_second,
             percent_can_retry=settings.retry_budget_fraction,
         )
-        self.limit = ConcurrencyLimit(settings.max_inflight)
         #: Where the in-flight limit comes from, for the error of a call it refuses.
         self.limit_source = (
             f"circuit_breakers max_requests of {config.variable}"
             if config.target.startswith("xds-cluster:")
             else "MESHLIB_MAX_INFLIGHT"
         )
+        #: The service's in-flight limit: fixed, or learnt from latency when ``adaptive_concurrency`` is set. Chosen
+        #: here once; the request path calls ``try_acquire()``/``release(rtt)`` on either the same way.
+        self.limit: ConcurrencyLimit | AdaptiveConcurrencyLimit
+        if settings.adaptive_concurrency:
+            self.limit = adaptive_limit(settings)
+            self.limit_source = "the adaptive concurrency limit's current value (MESHLIB_ADAPTIVE_CONCURRENCY)"
+        else:
+            self.limit = ConcurrencyLimit(settings.max_inflight)
         #: Calls the control plane drops before any endpoint is chosen (an xDS cluster's EDS
         #: ``drop_overloads``: :class:`~meshlib.control.xds.eds_resolver.Drops`); ``None`` for other services.
         self.drops: Any = getattr(resolver, "drops", None)
@@ -379,6 +408,7 @@ class Service(Generic[T]):
             ),
             ejections=self.detector.ejections,
             endpoints=endpoints,
+            adaptive=None if isinstance(limit, ConcurrencyLimit) else limit.status(),
         )
 
     def log_budget_exhausted(self) -> None:

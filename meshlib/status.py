@@ -21,7 +21,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from meshlib.resilience.adaptive import AdaptiveLimitStatus
 
 __all__ = [
     "BudgetStatus",
@@ -99,7 +102,12 @@ class BudgetStatus:
 
 @dataclass(frozen=True, slots=True)
 class ServiceStatus:
-    """One mesh service: balancer, discovery, budget, ejections and endpoints (empty until first used)."""
+    """One mesh service: balancer, discovery, budget, ejections and endpoints (empty until first used).
+
+    ``adaptive`` is the adaptive concurrency limit's reading (current limit, window latency, baseline,
+    gradient...) when the service uses one (``MESHLIB_ADAPTIVE_CONCURRENCY``); ``None`` with the fixed limit,
+    whose value is ``budget.max_inflight``. Either way ``budget.overloaded`` counts the calls refused.
+    """
 
     name: str
     balancer: str
@@ -108,6 +116,7 @@ class ServiceStatus:
     budget: BudgetStatus
     ejections: int
     endpoints: list[EndpointStatus] = field(default_factory=list)
+    adaptive: AdaptiveLimitStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +383,15 @@ _SERVICE_SPEC: dict[str, _Spec] = {
     "ejections": "int",
     "endpoints": [_ENDPOINT_SPEC],
 }
+#: Optional in a service (a fixed limit, or an older version): checked only when present and not null.
+_ADAPTIVE_SPEC: dict[str, _Spec] = {
+    "limit": "int",
+    "min_limit": "int",
+    "max_limit": "int",
+    "short_rtt_ms": "number|null",
+    "long_rtt_ms": "number|null",
+    "gradient": "number",
+}
 #: Optional in a client (older versions have none): checked only when present and not null.
 _ROUTES_SPEC: dict[str, _Spec] = {
     "source": "str",
@@ -458,6 +476,9 @@ def check_status(payload: object) -> Mapping[str, Any]:
     _check(payload, _STATUS_SPEC, "")
     assert isinstance(payload, Mapping)
     for index, client in enumerate(payload["clients"]):
+        for number, service in enumerate(client["services"]):
+            if service.get("adaptive") is not None:
+                _check(service["adaptive"], _ADAPTIVE_SPEC, f"clients[{index}].services[{number}].adaptive")
         routes = client.get("routes")
         if routes is not None:
             _check(routes, _ROUTES_SPEC, f"clients[{index}].routes")
@@ -500,6 +521,11 @@ def _expected(spec: _Spec) -> str:
     if isinstance(spec, list):
         return "a list"
     return " or ".join(_KINDS[kind][0] for kind in spec.split("|"))
+
+
+def _ms(value: float | None) -> str:
+    """A latency in milliseconds for the table (``-``: none measured yet)."""
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def _kind(value: object) -> str:
@@ -667,6 +693,14 @@ def format_status(payload: object) -> str:
                 f"in flight {budget['inflight']}/{budget['max_inflight']}, {budget['overloaded']} overloaded; "
                 f"{service['ejections']} ejection(s)"
             )
+            adaptive = service.get("adaptive")
+            if adaptive is not None:
+                lines.append(
+                    f"    adaptive concurrency: limit {adaptive['limit']} "
+                    f"({adaptive['min_limit']}-{adaptive['max_limit']}), "
+                    f"window latency {_ms(adaptive['short_rtt_ms'])}, baseline {_ms(adaptive['long_rtt_ms'])}, "
+                    f"gradient {adaptive['gradient']:.2f}"
+                )
             rows = [[header for header, _, _ in _COLUMNS]]
             rows.extend([_cell(endpoint[key]) for _, key, _ in _COLUMNS] for endpoint in service["endpoints"])
             widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

@@ -86,6 +86,14 @@ class ResilienceSettings:
       percentage (0-100), as every ``*_percent`` field; fractions (0-1) are named ``*_fraction``.
     * ``max_inflight=1024`` -- concurrent requests per service before :class:`OverloadedError`: Envoy's
       ``max_requests`` circuit-breaker threshold.
+    * ``adaptive_concurrency=False`` -- replace the fixed ``max_inflight`` by a limit learnt from latency
+      (:class:`~meshlib.resilience.adaptive.AdaptiveConcurrencyLimit`, Netflix's Gradient2). Its bounds:
+      ``adaptive_min_limit`` (default 3, Envoy's ``min_concurrency``), ``adaptive_initial_limit`` (default 20,
+      Gradient2's) and ``adaptive_max_limit`` (default: ``max_inflight``; the fixed limit is always the
+      ceiling, so a larger maximum is lowered to it); ``None`` means the default, clamped into the bounds set.
+      ``adaptive_window=0.1 s`` and ``adaptive_window_samples=10``: the shortest window the limit averages
+      latency over before it moves (Envoy's 100 ms update interval) and the fewest samples in it (Netflix's
+      ``windowSize``). See :meth:`adaptive_bounds`.
 
     Invalid values raise :class:`meshlib.ConfigError` naming the field.
     """
@@ -100,6 +108,12 @@ class ResilienceSettings:
     outlier_max_ejection: float = 300.0
     outlier_max_percent: float = 10.0
     max_inflight: int = 1024
+    adaptive_concurrency: bool = False
+    adaptive_initial_limit: int | None = None
+    adaptive_min_limit: int | None = None
+    adaptive_max_limit: int | None = None
+    adaptive_window: float = 0.1
+    adaptive_window_samples: int = 10
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
@@ -121,6 +135,41 @@ class ResilienceSettings:
         percent = self.outlier_max_percent
         ok = _is_number(percent) and 0 <= percent <= 100
         _check(own, "outlier_max_percent", percent, ok, PERCENT_EXPECTED)
+        adaptive = self.adaptive_concurrency
+        _check(own, "adaptive_concurrency", adaptive, isinstance(adaptive, bool), "a bool")
+        for name in ("adaptive_initial_limit", "adaptive_min_limit", "adaptive_max_limit"):
+            count = getattr(self, name)
+            ok = count is None or (_is_int(count) and 1 <= count <= MAX_COUNT)
+            _check(own, name, count, ok, _COUNT_EXPECTED)
+        samples = self.adaptive_window_samples
+        ok = _is_int(samples) and 1 <= samples <= 10_000
+        _check(own, "adaptive_window_samples", samples, ok, "an integer from 1 to 10,000")
+        window = self.adaptive_window
+        ok = _is_number(window) and 0.001 <= window <= 60
+        _check(own, "adaptive_window", window, ok, "a duration from 1ms to 60s")
+        ceiling = (
+            self.max_inflight if self.adaptive_max_limit is None else min(self.adaptive_max_limit, self.max_inflight)
+        )
+        least = self.adaptive_min_limit
+        if least is not None:
+            expected = (
+                f"an integer no larger than the adaptive maximum ({ceiling}: ADAPTIVE_MAX_LIMIT, at most MAX_INFLIGHT)"
+            )
+            _check(own, "adaptive_min_limit", least, least <= ceiling, expected)
+        start = self.adaptive_initial_limit
+        if start is not None:
+            floor = 3 if least is None else least
+            floor = min(floor, ceiling)
+            expected = f"an integer from the adaptive minimum ({floor}) to the adaptive maximum ({ceiling})"
+            _check(own, "adaptive_initial_limit", start, floor <= start <= ceiling, expected)
+
+    def adaptive_bounds(self) -> tuple[int, int, int]:
+        """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)
+        for the others, clamped so that min <= initial <= max. The fixed ``max_inflight`` is always the ceiling."""
+        most = self.max_inflight if self.adaptive_max_limit is None else min(self.adaptive_max_limit, self.max_inflight)
+        least = min(3 if self.adaptive_min_limit is None else self.adaptive_min_limit, most)
+        start = self.adaptive_initial_limit
+        return least, (min(max(20, least), most) if start is None else start), most
 
 
 @dataclass(frozen=True, slots=True)
