@@ -30,6 +30,7 @@ SCENARIOS = {
     "s7": "benchmarks.s7_async_throughput",
     "s9": "benchmarks.s9_routes",
     "s10": "benchmarks.s10_mirror",
+    "s10overload": "benchmarks.s10_overload",
     "z1": "benchmarks.z1_denial",
     "z2": "benchmarks.z2_flood",
     "x1": "benchmarks.x1_push",

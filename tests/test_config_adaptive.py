@@ -16,8 +16,10 @@ def test_off_by_default_with_bounds_from_the_fixed_limit() -> None:
     config = MeshConfig.from_env({})
     assert config.resilience.adaptive_concurrency is False
     assert config.resilience.adaptive_bounds() == (3, 20, 1024)  # min, initial, max (= MESHLIB_MAX_INFLIGHT)
-    # A small fixed limit pulls the defaults under it instead of failing.
+    # A small fixed limit (MESHLIB_MAX_INFLIGHT, an xDS cluster's max_requests) lowers every bound, set or not.
     assert ResilienceSettings(max_inflight=2).adaptive_bounds() == (2, 2, 2)
+    settings = ResilienceSettings(max_inflight=8, adaptive_min_limit=10, adaptive_initial_limit=50)
+    assert settings.adaptive_bounds() == (8, 8, 8)
 
 
 def test_mesh_wide_and_per_service_settings() -> None:
@@ -49,18 +51,23 @@ def test_mesh_wide_and_per_service_settings() -> None:
         ({"MESHLIB_ADAPTIVE_WINDOW": "2m"}, "MESHLIB_ADAPTIVE_WINDOW", "from 1ms to 60s"),
         ({"MESHLIB_ADAPTIVE_WINDOW_SAMPLES": "0"}, "MESHLIB_ADAPTIVE_WINDOW_SAMPLES", "from 1 to 10,000"),
         (
-            {"MESHLIB_ADAPTIVE_INITIAL_LIMIT": "500", "MESHLIB_MAX_INFLIGHT": "100"},
+            {"MESHLIB_ADAPTIVE_INITIAL_LIMIT": "500", "MESHLIB_ADAPTIVE_MAX_LIMIT": "100"},
             "MESHLIB_ADAPTIVE_INITIAL_LIMIT",
-            "adaptive maximum (100)",
+            "to ADAPTIVE_MAX_LIMIT (100)",
+        ),
+        (
+            {"MESHLIB_ADAPTIVE_INITIAL_LIMIT": "2", "MESHLIB_ADAPTIVE_MIN_LIMIT": "5"},
+            "MESHLIB_ADAPTIVE_INITIAL_LIMIT",
+            "an integer >= 5",
         ),
         (
             {"MESHLIB_ADAPTIVE_MIN_LIMIT": "50", "MESHLIB_ADAPTIVE_MAX_LIMIT": "10"},
             "MESHLIB_ADAPTIVE_MIN_LIMIT",
-            "no larger than the adaptive maximum (10",
+            "no larger than ADAPTIVE_MAX_LIMIT (10)",
         ),
         (  # the check fails on a mesh-wide setting because of a per-service one: the per-service one is named
-            {**TARGET, "MESHLIB_ADAPTIVE_MIN_LIMIT": "10", "MESHLIB_SERVICE_PAYMENTS__MAX_INFLIGHT": "5"},
-            "MESHLIB_SERVICE_PAYMENTS__MAX_INFLIGHT",
+            {**TARGET, "MESHLIB_ADAPTIVE_MIN_LIMIT": "10", "MESHLIB_SERVICE_PAYMENTS__ADAPTIVE_MAX_LIMIT": "5"},
+            "MESHLIB_SERVICE_PAYMENTS__ADAPTIVE_MAX_LIMIT",
             "MESHLIB_ADAPTIVE_MIN_LIMIT=10",
         ),
     ],

@@ -131,11 +131,11 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
 }
 
 #: A check across resilience settings names one field; when that field was not set in the layer being read
-#: (a per-service ``MAX_INFLIGHT`` under a mesh-wide ``ADAPTIVE_MIN_LIMIT``), the error names the first of
-#: these that was.
+#: (a per-service ``ADAPTIVE_MAX_LIMIT`` under a mesh-wide ``ADAPTIVE_MIN_LIMIT``), the error names the first
+#: of these that was.
 _RELATED = {
-    "adaptive_min_limit": ("adaptive_max_limit", "max_inflight"),
-    "adaptive_initial_limit": ("adaptive_min_limit", "adaptive_max_limit", "max_inflight"),
+    "adaptive_min_limit": ("adaptive_max_limit",),
+    "adaptive_initial_limit": ("adaptive_min_limit", "adaptive_max_limit"),
 }
 
 #: TLS variables: suffix -> TLSSettings field, ``MESHLIB_TLS_*`` mesh-wide (except ``SERVER_NAME`` and ``VERIFY``,

@@ -90,7 +90,7 @@ class ResilienceSettings:
       (:class:`~meshlib.resilience.adaptive.AdaptiveConcurrencyLimit`, Netflix's Gradient2). Its bounds:
       ``adaptive_min_limit`` (default 3, Envoy's ``min_concurrency``), ``adaptive_initial_limit`` (default 20,
       Gradient2's) and ``adaptive_max_limit`` (default: ``max_inflight``; the fixed limit is always the
-      ceiling, so a larger maximum is lowered to it); ``None`` means the default, clamped into the bounds set.
+      ceiling, so any larger bound is lowered to it); ``None`` means the default, clamped into the bounds set.
       ``adaptive_window=0.1 s`` and ``adaptive_window_samples=10``: the shortest window the limit averages
       latency over before it moves (Envoy's 100 ms update interval) and the fewest samples in it (Netflix's
       ``windowSize``). See :meth:`adaptive_bounds`.
@@ -147,29 +147,26 @@ class ResilienceSettings:
         window = self.adaptive_window
         ok = _is_number(window) and 0.001 <= window <= 60
         _check(own, "adaptive_window", window, ok, "a duration from 1ms to 60s")
-        ceiling = (
-            self.max_inflight if self.adaptive_max_limit is None else min(self.adaptive_max_limit, self.max_inflight)
-        )
-        least = self.adaptive_min_limit
-        if least is not None:
-            expected = (
-                f"an integer no larger than the adaptive maximum ({ceiling}: ADAPTIVE_MAX_LIMIT, at most MAX_INFLIGHT)"
-            )
-            _check(own, "adaptive_min_limit", least, least <= ceiling, expected)
-        start = self.adaptive_initial_limit
+        # Checked among the adaptive settings only: MAX_INFLIGHT (an xDS cluster's max_requests too) lowers them
+        # all when smaller (adaptive_bounds), it never makes them invalid.
+        least, start, most = self.adaptive_min_limit, self.adaptive_initial_limit, self.adaptive_max_limit
+        if least is not None and most is not None:
+            expected = f"an integer no larger than ADAPTIVE_MAX_LIMIT ({most})"
+            _check(own, "adaptive_min_limit", least, least <= most, expected)
         if start is not None:
-            floor = 3 if least is None else least
-            floor = min(floor, ceiling)
-            expected = f"an integer from the adaptive minimum ({floor}) to the adaptive maximum ({ceiling})"
-            _check(own, "adaptive_initial_limit", start, floor <= start <= ceiling, expected)
+            floor, top = (3 if least is None else least), most
+            ok = floor <= start and (top is None or start <= top)
+            expected = f"an integer from the adaptive minimum ({floor}) to ADAPTIVE_MAX_LIMIT ({top})"
+            _check(own, "adaptive_initial_limit", start, ok, expected if top is not None else f"an integer >= {floor}")
 
     def adaptive_bounds(self) -> tuple[int, int, int]:
         """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)
-        for the others, clamped so that min <= initial <= max. The fixed ``max_inflight`` is always the ceiling."""
+        for the others, clamped so that min <= initial <= max. The fixed ``max_inflight`` is always the ceiling:
+        a larger bound is lowered to it."""
         most = self.max_inflight if self.adaptive_max_limit is None else min(self.adaptive_max_limit, self.max_inflight)
         least = min(3 if self.adaptive_min_limit is None else self.adaptive_min_limit, most)
-        start = self.adaptive_initial_limit
-        return least, (min(max(20, least), most) if start is None else start), most
+        start = 20 if self.adaptive_initial_limit is None else self.adaptive_initial_limit
+        return least, min(max(start, least), most), most
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,7 @@ class MeshMetrics:
             (
                 "meshlib.client.overloaded",
                 "{request}",
-                "Calls refused because the service had MESHLIB_MAX_INFLIGHT calls in flight.",
+                "Calls refused at the service's in-flight limit (MESHLIB_MAX_INFLIGHT, or the adaptive limit).",
                 self._overloaded,
             ),
             (
