@@ -143,6 +143,12 @@ def test_every_policy_and_resilience_suffix_works_per_service() -> None:
         "OUTLIER_MAX_EJECTION": "40s",
         "OUTLIER_MAX_PERCENT": "1",
         "MAX_INFLIGHT": "1",
+        "ADAPTIVE_CONCURRENCY": "yes",
+        "ADAPTIVE_INITIAL_LIMIT": "7",
+        "ADAPTIVE_MIN_LIMIT": "2",
+        "ADAPTIVE_MAX_LIMIT": "9",
+        "ADAPTIVE_WINDOW": "250ms",
+        "ADAPTIVE_WINDOW_SAMPLES": "4",
     }
     tls = {suffix for suffix in SERVICE_SETTINGS if suffix.startswith("TLS_")}  # tests/security covers these
     assert set(samples) | {"LB", "HASH_HEADER"} | tls == set(SERVICE_SETTINGS)
