@@ -149,15 +149,15 @@ class ResilienceSettings:
         _check(own, "adaptive_window", window, ok, "a duration from 1ms to 60s")
         # Checked among the adaptive settings only: MAX_INFLIGHT (an xDS cluster's max_requests too) lowers them
         # all when smaller (adaptive_bounds), it never makes them invalid.
-        least, start, most = self.adaptive_min_limit, self.adaptive_initial_limit, self.adaptive_max_limit
-        if least is not None and most is not None:
-            expected = f"an integer no larger than ADAPTIVE_MAX_LIMIT ({most})"
-            _check(own, "adaptive_min_limit", least, least <= most, expected)
-        if start is not None:
-            floor, top = (3 if least is None else least), most
-            ok = floor <= start and (top is None or start <= top)
-            expected = f"an integer from the adaptive minimum ({floor}) to ADAPTIVE_MAX_LIMIT ({top})"
-            _check(own, "adaptive_initial_limit", start, ok, expected if top is not None else f"an integer >= {floor}")
+        low, first, high = self.adaptive_min_limit, self.adaptive_initial_limit, self.adaptive_max_limit
+        if low is not None and high is not None:
+            expected = f"an integer no larger than ADAPTIVE_MAX_LIMIT ({high})"
+            _check(own, "adaptive_min_limit", low, low <= high, expected)
+        if first is not None:
+            floor = 3 if low is None else low
+            ok = floor <= first and (high is None or first <= high)
+            expected = f"an integer from the adaptive minimum ({floor}) to ADAPTIVE_MAX_LIMIT ({high})"
+            _check(own, "adaptive_initial_limit", first, ok, expected if high is not None else f"an integer >= {floor}")
 
     def adaptive_bounds(self) -> tuple[int, int, int]:
         """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)
