@@ -66,7 +66,9 @@ def test_a_hedge_wins_against_a_stalled_endpoint_and_the_server_sees_the_loser_h
     start_backends: BackendFactory,
 ) -> None:
     fast, slow = start_backends(2)
-    with meshlib.Client(environ=_env([fast, slow], **HEDGING)) as client:
+    # No timeout would end the stalled attempts before the stall does: a hang-up the server sees is the cancel's.
+    env = _env([fast, slow], **HEDGING, TIMEOUT="120s")
+    with meshlib.Client(environ=env, timeout=120) as client:
         for _ in range(3):  # both answer: the budget fills
             assert client.get("http://payments/warm").status_code == 200
         slow.behavior = STALL
@@ -90,7 +92,7 @@ async def test_async_a_hedge_wins_against_a_stalled_endpoint_and_every_lease_is_
     start_backends: BackendFactory,
 ) -> None:
     fast, slow = start_backends(2)
-    async with meshlib.AsyncClient(environ=_env([fast, slow], **HEDGING)) as client:
+    async with meshlib.AsyncClient(environ=_env([fast, slow], **HEDGING, TIMEOUT="120s"), timeout=120) as client:
         for _ in range(3):
             assert (await client.get("http://payments/warm")).status_code == 200
         slow.behavior = STALL
