@@ -517,8 +517,11 @@ class Call(Generic[T]):
         assert held is not None and held_verdict is not None
         winner = held
         sent.remove(winner)
+        now = time.monotonic()
         for loser in list(sent):  # cancel the others before the caller reads a byte: their servers stop now
             sent.remove(loser)
+            if loser in in_flight:  # Finagle records a superseded attempt's time so far (a lower bound)
+                state.record(now - loser.lease.started)
             yield self.loser(loser)
         cancelled = len(in_flight)
         if held_verdict.outcome is Outcome.SUCCESS:
