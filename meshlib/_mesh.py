@@ -65,6 +65,7 @@ from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, DeadlineExceeded, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy, effective
 from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, resendable
+from meshlib.resilience.hedging import HedgePolicy
 from meshlib.routing.decision import (
     EXT_ROUTE,
     ActiveLimit,
@@ -83,6 +84,9 @@ from meshlib.telemetry.tracing import send_suppressed
 if TYPE_CHECKING:
     import concurrent.futures
 
+
+#: A mirrored copy's hedging: none.
+_NO_HEDGE = HedgePolicy(max_attempts=1)
 logger = logging.getLogger("meshlib")
 
 T = TypeVar("T")
@@ -727,7 +731,8 @@ class _Mesh(Generic[T]):
             headers["Host"] = f"{host}-shadow"  # Envoy's and Istio's shadow host
             dropped = (POLICY_EXTENSION, "timeout", "sni_hostname")
             extensions = {k: v for k, v in request.extensions.items() if k not in dropped}
-            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout)
+            # A mirrored copy is sent once: no retry, no hedge (a copy of a copy would multiply the shadow's load).
+            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout, hedge=_NO_HEDGE)
             if request.url.scheme == "https":  # the mirror's own certificate is checked, as any backend's
                 extensions["sni_hostname"] = mirror.service
             copy.extensions = extensions
