@@ -164,6 +164,22 @@ def test_a_post_is_never_hedged_without_an_opt_in(start_backends: BackendFactory
         assert state.budget.sent > before
 
 
+@pytest.mark.anyio
+async def test_async_a_post_is_never_hedged_without_an_opt_in(start_backends: BackendFactory) -> None:
+    backends = start_backends(2)
+    env = _env(backends, HEDGE_MAX_ATTEMPTS="2", HEDGE_DELAY="0", HEDGE_MAX_EXTRA_LOAD="0.99")
+    async with meshlib.AsyncClient(environ=env) as client:
+        for _ in range(3):
+            await client.get("http://payments/warm")
+        state = _hedging(client)
+        before = state.budget.sent
+        for i in range(20):
+            assert (await client.post("http://payments/charge", json={"n": i})).status_code == 200
+        posts = [r.body for b in backends for r in b.requests if r.method == "POST"]
+        assert len(posts) == 20 and len(set(posts)) == 20
+        assert state.budget.sent == before
+
+
 def test_non_idempotent_opt_in_hedges_a_post(start_backends: BackendFactory) -> None:
     backends = start_backends(2)
     env = _env(
