@@ -29,6 +29,7 @@ from meshlib._config.parse import (
 )
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.resilience.hedging import HedgeSettings
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
 
 
@@ -94,6 +95,9 @@ class ResilienceSettings:
       ``adaptive_window=0.1 s`` and ``adaptive_window_samples=10``: the shortest window the limit averages
       latency over before it moves (Envoy's 100 ms update interval) and the fewest samples in it (Netflix's
       ``windowSize``). See :meth:`adaptive_bounds`.
+    * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
+      of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
+      at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
 
     Invalid values raise :class:`meshlib.ConfigError` naming the field.
     """
@@ -114,6 +118,7 @@ class ResilienceSettings:
     adaptive_max_limit: int | None = None
     adaptive_window: float = 0.1
     adaptive_window_samples: int = 10
+    hedge: HedgeSettings = field(default_factory=HedgeSettings)
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
@@ -158,6 +163,7 @@ class ResilienceSettings:
             ok = floor <= first and (high is None or first <= high)
             expected = f"an integer from the adaptive minimum ({floor}) to ADAPTIVE_MAX_LIMIT ({high})"
             _check(own, "adaptive_initial_limit", first, ok, expected if high is not None else f"an integer >= {floor}")
+        _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
 
     def adaptive_bounds(self) -> tuple[int, int, int]:
         """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)
