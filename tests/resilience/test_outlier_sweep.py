@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import meshlib
+from meshlib.status import format_status
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, LogWatch, static_target
 
@@ -84,8 +85,12 @@ def test_gray_endpoint_is_ejected_by_success_rate_then_readmitted(start_backends
         before = gray.count
         assert _send(client, 50) == [200] * 50  # out of rotation: no request reaches it
         assert gray.count == before
-        (service,) = client.mesh_status().services
-        assert service.ejections_by_reason == {"consecutive": 0, "success-rate": 1, "failure-percentage": 0}
+        status = client.mesh_status()
+        assert status.services[0].ejections_by_reason == {"consecutive": 0, "success-rate": 1, "failure-percentage": 0}
+        table = format_status({"meshlib": "test", "pid": 1, "clients": [status.to_dict()]})  # `meshlib status`
+        assert "1 ejection(s) (success-rate 1)" in table
+        (row,) = [line for line in table.splitlines() if line.strip().startswith(gray.address)]
+        assert row.split()[-1] == "success-rate"
         _interval(client, clock, 30.0)  # base ejection time: back in rotation
         assert _ejected(client) == {}
         _send(client, 12)
