@@ -139,7 +139,13 @@ class ResilienceSettings:
         ok = _is_number(percent) and 0 <= percent <= 100
         _check(own, "outlier_max_percent", percent, ok, PERCENT_EXPECTED)
         interval = self.outlier_interval
-        _check(own, "outlier_interval", interval, _is_duration(interval), f"a duration greater than zero, {_DURATION_LIMIT}")
+        _check(
+            own,
+            "outlier_interval",
+            interval,
+            _is_duration(interval),
+            f"a duration greater than zero, {_DURATION_LIMIT}",
+        )
         for name in _OUTLIER_PERCENTS:
             percent = getattr(self, name)
             ok = _is_int(percent) and 0 <= percent <= 100

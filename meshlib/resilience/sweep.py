@@ -81,8 +81,9 @@ class OutlierSweep:
         none watched). The thread's loop; tests call it directly after moving the detectors' fake clock."""
         with self._lock:  # held for the evaluations: two sweeps never evaluate one detector twice
             wait: float | None = None
-            for detector, due in list(self._due.items()):
+            for detector, when in list(self._due.items()):
                 now = detector.clock()
+                due = when
                 if now >= due:
                     try:
                         detector.evaluate()

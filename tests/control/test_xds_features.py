@@ -315,9 +315,7 @@ def test_failure_percentage_from_the_cluster_ejects_a_gray_endpoint(
             if ejected.is_set():
                 break
         assert ejected.is_set()
-        reasons = {
-            e.address: e.ejected_reason for service in client.mesh_status().services for e in service.endpoints
-        }
+        reasons = {e.address: e.ejected_reason for service in client.mesh_status().services for e in service.endpoints}
     assert reasons[gray.address] == "failure-percentage"
     assert [reason for reason in reasons.values() if reason] == ["failure-percentage"]
 

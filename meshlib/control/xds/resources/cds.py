@@ -99,6 +99,11 @@ class RingHashConfig:
     max_ring_size: int = _RING_DEFAULT_MAX
 
 
+#: Envoy's defaults for the rate detectors (immutable, shared).
+_SR = SuccessRateEjection()
+_FP = FailurePercentageEjection()
+
+
 @dataclass(frozen=True, slots=True)
 class OutlierSettings:
     """A cluster's ``outlier_detection``, with Envoy's defaults for what it leaves unset.
@@ -123,7 +128,7 @@ class OutlierSettings:
     max_ejection: float = 300.0
     max_ejection_percent: int = 10
     consecutive_failures: int | None = 5
-    success_rate: SuccessRateEjection | None = SuccessRateEjection()
+    success_rate: SuccessRateEjection | None = _SR
     failure_percentage: FailurePercentageEjection | None = None
 
     def apply(self, resilience: ResilienceSettings) -> ResilienceSettings:
@@ -156,10 +161,6 @@ class OutlierSettings:
             outlier_failure_percentage_minimum_hosts=min((failure_percentage or _FP).minimum_hosts, MAX_COUNT),
             outlier_failure_percentage_request_volume=min((failure_percentage or _FP).request_volume, MAX_COUNT),
         )
-
-
-_SR = SuccessRateEjection()
-_FP = FailurePercentageEjection()
 
 
 @dataclass(frozen=True, slots=True)
