@@ -160,8 +160,8 @@ class OutlierDetector(Generic[K]):
     Consecutive-failure ejection happens inside :meth:`record`. Success-rate and failure-percentage
     ejection happen in :meth:`evaluate`, which the owner calls every ``interval`` seconds from a timer, off
     the request path (a client runs one timer for all its services: :mod:`meshlib.resilience.sweep`).
-    ``success_rate=None`` or ``failure_percentage=None`` (or an enforcement of 0) turns that detector off; with both off,
-    :meth:`record` counts nothing beyond the consecutive streak. ``randrange(100)`` draws the enforcement
+    ``success_rate=None`` or ``failure_percentage=None`` (or an enforcement of 0) turns that detector off;
+    with both off, :meth:`record` counts nothing beyond the consecutive streak. ``randrange(100)`` draws the enforcement
     chance (an integer in ``[0, 100)``, as A50 says); it is only called for enforcements strictly between
     0 and 100.
 
