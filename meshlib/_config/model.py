@@ -146,10 +146,11 @@ class ResilienceSettings:
             _is_duration(interval),
             f"a duration greater than zero, {_DURATION_LIMIT}",
         )
-        for name in _OUTLIER_PERCENTS:
+        for name in _OUTLIER_PERCENTS:  # whole numbers, as Envoy's (50.0 is taken as 50)
             percent = getattr(self, name)
-            ok = _is_int(percent) and 0 <= percent <= 100
+            ok = _is_number(percent) and 0 <= percent <= 100 and float(percent).is_integer()
             _check(own, name, percent, ok, "a whole percentage from 0 to 100 such as 85 or 85%")
+            object.__setattr__(self, name, int(percent))
         for name in _OUTLIER_COUNTS:
             count = getattr(self, name)
             ok = _is_int(count) and 0 <= count <= MAX_COUNT
