@@ -143,6 +143,15 @@ def test_every_policy_and_resilience_suffix_works_per_service() -> None:
         "OUTLIER_MAX_EJECTION": "40s",
         "OUTLIER_MAX_PERCENT": "1",
         "MAX_INFLIGHT": "1",
+        "OUTLIER_INTERVAL": "2s",
+        "OUTLIER_SUCCESS_RATE_ENFORCEMENT_PERCENT": "50",
+        "OUTLIER_SUCCESS_RATE_MINIMUM_HOSTS": "3",
+        "OUTLIER_SUCCESS_RATE_REQUEST_VOLUME": "7",
+        "OUTLIER_SUCCESS_RATE_STDEV_FACTOR": "1000",
+        "OUTLIER_FAILURE_PERCENTAGE_ENFORCEMENT_PERCENT": "100",
+        "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": "40",
+        "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": "2",
+        "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": "9",
     }
     tls = {suffix for suffix in SERVICE_SETTINGS if suffix.startswith("TLS_")}  # tests/security covers these
     assert set(samples) | {"LB", "HASH_HEADER"} | tls == set(SERVICE_SETTINGS)
