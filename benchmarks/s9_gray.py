@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ async def _run(backends: BackendProcess, variant: str, rate: float, duration: fl
         backends.set(0, **GRAY)
         started = time.perf_counter()
         ejected: dict[str, float] = {}
+        errors: Counter[str] = Counter()
 
         def note_ejection() -> None:
             if not ejected and gray in service.detector.ejected():
@@ -70,10 +72,13 @@ async def _run(backends: BackendProcess, variant: str, rate: float, duration: fl
         async def send() -> Outcome:
             response = await client.get("http://bench/")
             note_ejection()
+            if response.status_code >= 400:
+                errors[str(response.status_code)] += 1
             return outcome_of(response)
 
         def on_error(exc: BaseException) -> Outcome:
             note_ejection()
+            errors[type(exc).__name__] += 1
             return outcome_of_error(exc)
 
         result = await open_async(send, on_error, rate=rate, duration=duration)
@@ -92,6 +97,7 @@ async def _run(backends: BackendProcess, variant: str, rate: float, duration: fl
         "ejected_after_intervals": after / INTERVAL,
         "gray_attempts_to_ejection": ejected.get("attempts", float("nan")),
         "reason": reasons.get(gray, "-"),
+        "errors": dict(errors),
         "p50_ms": result.hist().percentiles((50,))[0] * 1e3,
         "p99_ms": result.hist().percentiles((99,))[0] * 1e3,
         "p999_ms": result.hist().percentiles((99.9,))[0] * 1e3,
@@ -118,6 +124,10 @@ def measure(rate: float, duration: float, repeats: int, server_prefix: tuple[str
         row["success_pct"] = 100.0 * good / total
         row["failed"] = total - good
         row["reason"] = ", ".join(sorted({r["reason"] for r in runs[variant]}))
+        errors: Counter[str] = Counter()
+        for r in runs[variant]:
+            errors.update(r["errors"])
+        row["errors"] = ", ".join(f"{kind} x{n}" for kind, n in errors.most_common(3)) or "-"
         rows.append(row)
     off, on = rows
     worst = max(r["ejected_after_intervals"] for r in runs["ejection"])
@@ -163,6 +173,7 @@ def measure(rate: float, duration: float, repeats: int, server_prefix: tuple[str
             "ejected_after_intervals",
             "gray_attempts_to_ejection",
             "reason",
+            "errors",
             "p50_ms",
             "p99_ms",
             "p999_ms",
