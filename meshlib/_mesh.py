@@ -14,7 +14,9 @@ what is left, the I/O, twice and small:
 Across ``os.fork()`` a client's state is per process: a hook resets every live mesh in the child
 (:meth:`_Mesh._after_fork`), so the child never sends on the parent's pooled connections and refreshes
 discovery in its own threads. Refreshers hold their mesh weakly, so a client dropped without ``close()`` is
-collected and its refreshers end (:meth:`_Mesh._on_collect`).
+collected and its refreshers end (:meth:`_Mesh._on_collect`). Rate-based outlier ejection is swept by one
+timer thread per client (:class:`~meshlib.resilience.sweep.OutlierSweep`), started when a service first needs
+it, held the same way, and made anew in a forked child.
 
 Both run the same loop (:func:`_drive` / :func:`_adrive`): take a step, do it, send the outcome back; an
 interruption (cancellation, ``KeyboardInterrupt``) is thrown into the plan, which releases what it holds.
