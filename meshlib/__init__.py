@@ -39,6 +39,7 @@ from meshlib.errors import (
     RedirectRefusedError,
 )
 from meshlib.policy import Policy, current_deadline, policy
+from meshlib.resilience.hedging import HedgePolicy
 from meshlib.routing.explain import Explanation
 from meshlib.security import IdentityError, TLSSettings, find_identity_error
 from meshlib.status import MeshStatus
@@ -59,6 +60,7 @@ __all__ = [
     "DiscoveryError",
     "Endpoint",
     "Explanation",
+    "HedgePolicy",
     "IdentityError",
     "MeshConfig",
     "MeshError",

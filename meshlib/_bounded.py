@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import socket
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -32,7 +33,49 @@ logger = logging.getLogger("meshlib")
 #: The absolute deadline (``time.monotonic()``) of the attempt running in this context, or ``None``: unbounded.
 DEADLINE: ContextVar[float | None] = ContextVar("meshlib_deadline", default=None)
 
+#: The :class:`Abort` of the started attempt running in this thread (the blocking driver's hedges), or ``None``.
+ABORT: ContextVar[Abort | None] = ContextVar("meshlib_abort", default=None)
+
 _monotonic = time.monotonic
+
+
+class Abort:
+    """Lets another thread stop a blocking attempt on the wire (a hedge race's loser).
+
+    The attempt's socket is shut down, so the read it is blocked in returns at once and its server sees the
+    connection close, as an async attempt's cancellation does. An HTTP/2 connection carries other calls'
+    streams and is left alone: that attempt is released when its answer arrives. An attempt aborted before its
+    first socket operation fails at that operation.
+    """
+
+    __slots__ = ("aborted", "stream")
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.stream: Any = None
+
+    def watch(self, stream: Any, error: type[Exception]) -> None:
+        """The attempt is about to use ``stream`` (called by the bounded stream before each operation)."""
+        self.stream = stream
+        if self.aborted:
+            raise error("the attempt was cancelled: another attempt's answer was accepted")
+
+    def abort(self) -> None:
+        """Stop the attempt (idempotent; safe from any thread)."""
+        self.aborted = True
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            ssl_object = stream.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                return
+            sock = stream.get_extra_info("socket")
+            if sock is not None:
+                # socket.socket's own shutdown, also for an SSLSocket (whose override drops its TLS state).
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, AttributeError, ValueError):  # already closed, or a stream without a socket
+            pass
 
 
 def _left(timeout: float | None, error: type[Exception]) -> float | None:
@@ -52,6 +95,8 @@ def _wrappers(core_name: str) -> tuple[type[Any], type[Any]]:
     core: Any = importlib.import_module(core_name)
     read_timeout: type[Exception] = core.ReadTimeout
     write_timeout: type[Exception] = core.WriteTimeout
+    read_error: type[Exception] = core.ReadError
+    write_error: type[Exception] = core.WriteError
     connect_timeout: type[Exception] = core.ConnectTimeout
 
     class Stream(core.NetworkStream):  # type: ignore[misc]
@@ -63,10 +108,16 @@ def _wrappers(core_name: str) -> tuple[type[Any], type[Any]]:
             self._inner = inner
 
         def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            abort = ABORT.get()
+            if abort is not None:
+                abort.watch(self._inner, read_error)
             data: bytes = self._inner.read(max_bytes, _left(timeout, read_timeout))
             return data
 
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            abort = ABORT.get()
+            if abort is not None:
+                abort.watch(self._inner, write_error)
             self._inner.write(buffer, _left(timeout, write_timeout))
 
         def close(self) -> None:

@@ -42,7 +42,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from meshlib._bounded import DEADLINE
+from meshlib._bounded import ABORT, DEADLINE, Abort
 from meshlib._config import MeshConfig, ServiceConfig, service_key
 from meshlib._http import HttpLib, copy_request
 from meshlib._lease import LeaseHome
@@ -67,6 +67,7 @@ from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, DeadlineExceeded, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy, effective
 from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, resendable
+from meshlib.resilience.hedging import HedgePolicy
 from meshlib.resilience.sweep import OutlierSweep
 from meshlib.routing.decision import (
     EXT_ROUTE,
@@ -86,6 +87,9 @@ from meshlib.telemetry.tracing import send_suppressed
 if TYPE_CHECKING:
     import concurrent.futures
 
+
+#: A mirrored copy's hedging: none.
+_NO_HEDGE = HedgePolicy(max_attempts=1)
 logger = logging.getLogger("meshlib")
 
 T = TypeVar("T")
@@ -740,7 +744,8 @@ class _Mesh(Generic[T]):
             headers["Host"] = f"{host}-shadow"  # Envoy's and Istio's shadow host
             dropped = (POLICY_EXTENSION, "timeout", "sni_hostname")
             extensions = {k: v for k, v in request.extensions.items() if k not in dropped}
-            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout)
+            # A mirrored copy is sent once: no retry, no hedge (a copy of a copy would multiply the shadow's load).
+            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout, hedge=_NO_HEDGE)
             if request.url.scheme == "https":  # the mirror's own certificate is checked, as any backend's
                 extensions["sni_hostname"] = mirror.service
             copy.extensions = extensions
@@ -1031,6 +1036,7 @@ class MeshTransport(_Mesh[Any]):
         if isinstance(step, Sleep):
             time.sleep(step.seconds)
         elif isinstance(step, Start):
+            step.attempt.abort = Abort()
             step.attempt.task = self._pool().submit(self._send, call, step.attempt)
             started.append(step.attempt)
         elif isinstance(step, WaitFirst):
@@ -1042,7 +1048,9 @@ class MeshTransport(_Mesh[Any]):
         elif isinstance(step, Cancel):
             attempt = step.attempt
             task = attempt.task
-            if task is not None and not task.done():  # on the wire in a worker: let go when it returns
+            if task is not None and not task.done():  # on the wire in a worker: stop it, let go when it returns
+                if attempt.abort is not None:
+                    attempt.abort.abort()
                 task.add_done_callback(lambda _: self._discard(attempt))
             else:
                 self._discard(attempt)
@@ -1052,6 +1060,7 @@ class MeshTransport(_Mesh[Any]):
     def _send(call: Call[Any], attempt: Attempt) -> None:
         """One attempt's I/O: its outcome is left on the attempt for the plan."""
         token = DEADLINE.set(attempt.deadline)  # every socket operation of the attempt ends by then (_bounded)
+        aborting = ABORT.set(attempt.abort) if attempt.abort is not None else None  # a started one may be stopped
         try:
             if call.trace is None or call.trace.span is None:
                 attempt.response = attempt.transport.handle_request(attempt.request)
@@ -1061,6 +1070,8 @@ class MeshTransport(_Mesh[Any]):
             attempt.error = exc
         finally:
             DEADLINE.reset(token)
+            if aborting is not None:
+                ABORT.reset(aborting)
 
     @staticmethod
     def _close_answer(attempt: Attempt) -> None:
@@ -1082,7 +1093,8 @@ class MeshTransport(_Mesh[Any]):
                 if workers is None:
                     from concurrent.futures import ThreadPoolExecutor
 
-                    workers = self._workers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="meshlib-attempt")
+                    # Hedged calls run every attempt here: room for 256 in flight (threads are made as needed).
+                    workers = self._workers = ThreadPoolExecutor(max_workers=256, thread_name_prefix="meshlib-attempt")
         return workers
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from meshlib._http import copy_request
 from meshlib._lease import Lease, LeaseHome
@@ -55,6 +55,8 @@ from meshlib.resilience.classify import (
     classify_exception,
     classify_response,
 )
+from meshlib.resilience.classify import parse_retry_after as _parse_retry_after
+from meshlib.resilience.hedging import NO_PUSHBACK, HedgeCall, HedgeDecision, HedgePolicy, hedge_pushback, hedgeable
 from meshlib.resilience.retry import FINAL, GiveUp, RetryRule
 from meshlib.routing.decision import EXT_ROUTE, Routed, local_answer
 from meshlib.routing.filters import modify, rewritten_path
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from meshlib._http import HttpLib
     from meshlib._service import Active, HostPort, Service
     from meshlib.balance.base import EndpointStats
+    from meshlib.resilience.hedging import HedgeState
     from meshlib.resilience.limit import ConcurrencyLimit
     from meshlib.telemetry.client import CallTrace, ClientTelemetry
 
@@ -101,10 +104,14 @@ _NO_STATUSES: frozenset[int] = frozenset()
 class Attempt:
     """One attempt: the lease it holds, the request it sends, and (once the driver has it) its outcome."""
 
-    __slots__ = ("deadline", "error", "lease", "number", "request", "response", "task")
+    __slots__ = ("abort", "deadline", "error", "hedge", "lease", "number", "request", "response", "task")
 
     def __init__(self, number: int, lease: Lease, request: Any, deadline: float | None = None) -> None:
         self.number = number
+        #: A hedge (not the call's first attempt): its span says ``meshlib.hedge=true``.
+        self.hedge = False
+        #: The blocking driver's way to stop a started attempt on the wire (:class:`meshlib._bounded.Abort`).
+        self.abort: Any = None
         self.lease = lease
         self.request = request
         #: When this attempt's socket operations end (``time.monotonic()``): the call's deadline or the per-try
@@ -363,11 +370,21 @@ class Call(Generic[T]):
                     self.finished(response, None)
                     return response
             self.admit()
+            hedge = self.policy.hedge
+            if hedge is not None and (hedge.max_attempts or 1) > 1 and self._hedgeable(hedge):
+                response = yield from self._hedged(active, hedge, sent)
+                if routed is not None:
+                    routed.end()
+                self.finished(response, None)
+                return response
             while True:
                 attempt = self.attempt(active)
                 sent.append(attempt)
                 yield Send(attempt)
                 verdict = self.judge(attempt)
+                hedging = self.service.hedging
+                if hedging.window is not None:  # a call hedges at a percentile of this service's latency
+                    self._observe(hedging, attempt, verdict)
                 decision = (
                     FINAL if verdict.outcome is not Outcome.RETRYABLE else self.rule.after(verdict, self.attempts)
                 )
@@ -394,6 +411,160 @@ class Call(Generic[T]):
             routed.end()
         self.finished(response, None)
         return response
+
+    # -- hedging ----------------------------------------------------------------------------------------------
+
+    def _hedgeable(self, hedge: HedgePolicy) -> bool:
+        """Whether this call may be hedged: a copy may reach a second server, so only a request safe to send
+        twice (idempotent method, ``Idempotency-Key``, or the policy's ``non_idempotent``) with a body in memory."""
+        return self.replayable and hedgeable(
+            self.method, has_idempotency_key=IDEMPOTENCY_KEY_HEADER in self.request.headers, policy=hedge
+        )
+
+    def _hedged(self, active: Active[T], hedge: HedgePolicy, sent: list[Attempt]) -> Generator[Step, Any, Any]:
+        """gRFC A6 hedging: the first attempt now, another to an untried endpoint every delay (or at once after
+        a non-fatal answer), each under the hedge budget and the retry budget; the first acceptable answer
+        wins and every other attempt is cancelled at once (its server sees the disconnect), its lease released.
+
+        ``sent`` is the plan's list of attempts to settle if interrupted: every attempt in flight (or held)
+        is in it until it is finished or cancelled here.
+        """
+        service = self.service
+        state = service.hedging
+        state.budget.deposit()
+        schedule = HedgeCall(hedge, state.delay_for(hedge))
+        retry_after_cap = self.policy.retry_after_cap or 300.0
+        first = self.attempt(active)
+        sent.append(first)
+        yield Start(first)
+        schedule.start(time.monotonic())
+        in_flight = [first]
+        held: Attempt | None = None  # the last non-fatal answer, returned if nothing better comes
+        held_verdict: Classification | None = None
+        while True:
+            now = time.monotonic()
+            remaining = self.deadline - now
+            if remaining <= 0:
+                for attempt in list(sent):
+                    sent.remove(attempt)
+                    yield self.loser(attempt)
+                raise self.deadline_exceeded("the deadline passed with every hedged attempt still out")
+            due_at = schedule.next_at()
+            timeout = remaining if due_at is None else max(0.0, min(due_at - now, remaining))
+            done = yield WaitFirst(in_flight, None if timeout == math.inf else timeout)
+            now = time.monotonic()
+            if done is None:  # the delay passed (or the deadline: checked at the top)
+                if schedule.due(now):
+                    extra = self._hedge(active, state)
+                    if extra is None:
+                        schedule.skip()  # attempts in flight carry on
+                    else:
+                        sent.append(extra)
+                        in_flight.append(extra)
+                        yield Start(extra)
+                        schedule.sent(now)
+                continue
+            in_flight.remove(done)
+            verdict = self.judge(done)
+            response = done.response
+            if response is not None:
+                status: int | None = response.status_code
+                pushback = hedge_pushback(
+                    response.status_code,
+                    response.headers,
+                    retry_after_cap=retry_after_cap,
+                    parse_retry_after=_parse_retry_after,
+                )
+            else:  # an error: another endpoint may do better only if it is the endpoint's fault (A6 non-fatal)
+                status = None if verdict.outcome is Outcome.RETRYABLE or verdict.endpoint_failure else 0
+                pushback = NO_PUSHBACK
+            decision = schedule.on_answer(now, status, pushback) if status != 0 else HedgeDecision.FAIL
+            if decision is HedgeDecision.CONTINUE:
+                if held is not None:
+                    sent.remove(held)
+                    yield Cancel(held)  # only the latest non-fatal answer is kept
+                held, held_verdict = done, verdict
+                if schedule.due(now) and in_flight:
+                    continue  # the top of the loop waits 0 s and sends the next hedge
+                if schedule.due(now):  # nothing in flight: send the next one now, or give up
+                    extra = self._hedge(active, state)
+                    if extra is None:
+                        schedule.skip()
+                        break  # return the held answer
+                    sent.append(extra)
+                    in_flight.append(extra)
+                    yield Start(extra)
+                    schedule.sent(now)
+                elif not in_flight:  # pushback: the next hedge is due later (or never)
+                    if schedule.next_at() is None:
+                        break
+                    wait = min(schedule.next_at() - now, self.remaining())  # type: ignore[operator]
+                    if wait > 0:
+                        yield Sleep(wait)
+                    extra = self._hedge(active, state)
+                    if extra is None:
+                        schedule.skip()
+                        break
+                    sent.append(extra)
+                    in_flight.append(extra)
+                    yield Start(extra)
+                    schedule.sent(time.monotonic())
+                continue
+            # ACCEPT or FAIL: this answer is the call's; EXHAUSTED: it is the last one there will be. A held
+            # answer left in ``sent`` is cancelled with the attempts still in flight.
+            held, held_verdict = done, verdict
+            break
+        assert held is not None and held_verdict is not None
+        winner = held
+        sent.remove(winner)
+        now = time.monotonic()
+        for loser in list(sent):  # cancel the others before the caller reads a byte: their servers stop now
+            sent.remove(loser)
+            if loser in in_flight:  # Finagle records a superseded attempt's time so far (a lower bound)
+                state.record(now - loser.lease.started)
+            yield self.loser(loser)
+        cancelled = len(in_flight)
+        if held_verdict.outcome is Outcome.SUCCESS:
+            state.record(winner.lease.rtt)
+        if winner.hedge or cancelled:
+            state.count(won=1 if winner.hedge else 0, cancelled=cancelled)
+        self.verdict = held_verdict
+        self.peer = winner.lease.address
+        return self.finish(winner, held_verdict)
+
+    def _hedge(self, active: Active[T], state: HedgeState) -> Attempt | None:
+        """The next hedge, or ``None``: no endpoint left untried (strictly: a hedge never goes where an attempt
+        of this call went), no time left, or the hedge budget or the retry budget refuses."""
+        if self.remaining() <= 0 or self.home.closed:
+            return None
+        tried = self.tried_addresses
+        if tried is None and self.peer is not None:
+            tried = self.tried_addresses = {self.peer}
+        if tried is not None and len(tried) >= len(active.stats):
+            return None  # every endpoint has one already: no budget spent on it
+        if not state.budget.try_acquire(self.service.budget):
+            return None
+        active = self.service.current()  # discovery may have moved on since the first attempt
+        stats = self._pick(active, strict=True)
+        if stats is None:
+            return None
+        attempt = self._attempt_to(stats, hedge=True)
+        attempt.hedge = True
+        return attempt
+
+    def _observe(self, state: HedgeState, attempt: Attempt, verdict: Classification) -> None:
+        """Feed the latency window (Finagle records successes and timeouts, not fast failures)."""
+        if verdict.outcome is Outcome.SUCCESS or isinstance(attempt.error, self.lib.TimeoutException):
+            state.record(attempt.lease.rtt)
+
+    def loser(self, attempt: Attempt) -> Cancel:
+        """The step that cancels a hedge race's loser: no verdict on its endpoint (it was not at fault), and its
+        time so far still counts against the endpoint's latency estimate."""
+        lease = attempt.lease
+        if not lease.judged:
+            lease.failed = False
+            lease.error = True  # its latency so far may raise the endpoint's estimate, never lower it
+        return self.cancel(attempt)
 
     def fault_abort(self, status: int) -> Any:
         """The answer of a call the fault filter aborts: ``status``, made here, before any byte leaves."""
@@ -441,16 +612,23 @@ class Call(Generic[T]):
 
     def attempt(self, active: Active[T]) -> Attempt:
         """Steps 1-4 up to the send: check the deadline, pick an endpoint, take its lease, build the request."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
+        if self.deadline - time.monotonic() <= 0:
             raise self.deadline_exceeded("the deadline passed before an attempt could start")
         if self.home.closed:
             raise self.closed_error()
         stats = self._pick(active)
+        assert stats is not None  # only a strict pick finds none
+        return self._attempt_to(stats)
+
+    def _attempt_to(self, stats: EndpointStats, *, hedge: bool = False) -> Attempt:
+        """Steps 3-4 for the endpoint picked: its lease and the request as sent there."""
+        remaining = self.deadline - time.monotonic()
         endpoint = stats.endpoint
         self.attempts += 1
         self.tried.append(endpoint.address)
-        self.peer = address = (endpoint.host, endpoint.port)
+        address = (endpoint.host, endpoint.port)
+        if not hedge:  # a hedge is not the call's peer unless it wins (the plan says so then)
+            self.peer = address
         if self.tried_addresses is not None:
             self.tried_addresses.add(address)
         service = self.service
@@ -458,7 +636,7 @@ class Call(Generic[T]):
         lease = Lease(service, stats, transport if transport is not None else service.transport_for(stats), self.home)
         trace = self.trace
         if trace is not None:
-            trace.attempt_started(self.attempts, address)
+            trace.attempt_started(self.attempts, address, hedge=hedge)
         deadline: float | None = self.deadline
         per_try = self.policy.per_try_timeout
         if per_try is not None and 0 < per_try < remaining:
@@ -474,7 +652,13 @@ class Call(Generic[T]):
             self.service.name, f"closed during the call after {done} attempt(s)" if done else "the client is closed"
         )
 
-    def _pick(self, active: Active[T]) -> EndpointStats:
+    @overload
+    def _pick(self, active: Active[T]) -> EndpointStats: ...
+    @overload
+    def _pick(self, active: Active[T], *, strict: bool) -> EndpointStats | None: ...
+
+    def _pick(self, active: Active[T], *, strict: bool = False) -> EndpointStats | None:
+        """The endpoint for the next attempt. ``strict`` (a hedge): only one this call has not tried, or ``None``."""
         service = self.service
         key = service.hash_key(self.request) if service.lb_name == "ring_hash" else None
         unhealthy, held = service.unhealthy()  # one reading serves the choice and the error below
@@ -497,6 +681,8 @@ class Call(Generic[T]):
                     tried = self.tried_addresses = {self.peer}
                 stats = active.pick(key, _ByAddress(excluded | tried))
             if stats is None:
+                if strict:
+                    return None
                 stats = active.pick(key, _ByAddress(excluded) if excluded else ())
             if stats is None:
                 break
@@ -505,6 +691,8 @@ class Call(Generic[T]):
             if breaker is None or breaker.allow():
                 return stats
             refused.add(address)  # half-open with its probe already out: choose another
+        if strict:
+            return None
         if refused or held:
             raise CircuitOpenError(
                 service.name,
@@ -566,7 +754,7 @@ class Call(Generic[T]):
         attempt.lease.judge(verdict)
         trace = self.trace
         if trace is not None:
-            trace.attempt_finished(verdict, error)
+            trace.attempt_finished(verdict, error, attempt.number)
         return verdict
 
     def classify(self, response: Any) -> Classification:
@@ -636,7 +824,7 @@ class Call(Generic[T]):
         if not attempt.lease.judged:
             trace = self.trace
             if trace is not None:
-                trace.attempt_finished(None, None)
+                trace.attempt_finished(None, None, attempt.number)
         return Cancel(attempt)
 
     def abandon(self, attempt: Attempt) -> None:
@@ -644,7 +832,7 @@ class Call(Generic[T]):
         if not attempt.lease.judged:
             trace = self.trace
             if trace is not None:
-                trace.attempt_finished(None, None)
+                trace.attempt_finished(None, None, attempt.number)
         attempt.lease.release()
 
     def failure(self, exc: BaseException, verdict: Classification) -> BaseException:

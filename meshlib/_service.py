@@ -29,9 +29,10 @@ from meshlib.discovery.cache import DiscoveryCache, Snapshot
 from meshlib.errors import NoEndpointsError
 from meshlib.resilience.breaker import STATE_CLOSED, EndpointBreaker
 from meshlib.resilience.budget import RetryBudget
+from meshlib.resilience.hedging import HedgeState
 from meshlib.resilience.limit import ConcurrencyLimit
 from meshlib.resilience.outlier import CONSECUTIVE, FAILURE_PERCENTAGE, SUCCESS_RATE, OutlierDetector
-from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, ServiceStatus
+from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, HedgeStatus, ServiceStatus
 
 logger = logging.getLogger("meshlib.discovery")
 
@@ -95,6 +96,8 @@ class Service(Generic[T]):
             percent_can_retry=settings.retry_budget_fraction,
         )
         self.limit = ConcurrencyLimit(settings.max_inflight)
+        #: Hedging's budget, latency window and counters (used by calls whose policy hedges).
+        self.hedging = HedgeState(settings.hedge)
         #: Where the in-flight limit comes from, for the error of a call it refuses.
         self.limit_source = (
             f"circuit_breakers max_requests of {config.variable}"
@@ -399,6 +402,23 @@ class Service(Generic[T]):
                 SUCCESS_RATE: self.detector.success_rate_ejections,
                 FAILURE_PERCENTAGE: self.detector.failure_percentage_ejections,
             },
+            hedge=self._hedge_view(),
+        )
+
+    def _hedge_view(self) -> HedgeStatus:
+        hedging = self.hedging
+        budget = hedging.budget
+        delay = hedging.last_delay
+        window = hedging.window
+        return HedgeStatus(
+            sent=budget.sent,
+            won=hedging.won,
+            cancelled=hedging.cancelled,
+            budget_exhausted=budget.exhausted,
+            available=round(budget.balance(), 2),
+            max_extra_load=budget.max_extra_load,
+            delay_ms=None if delay is None else round(delay * 1000.0, 3),
+            samples=0 if window is None else window.count,
         )
 
     def log_budget_exhausted(self) -> None:

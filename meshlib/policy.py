@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from meshlib.errors import ConfigError
+from meshlib.resilience.hedging import DEFAULT_HEDGE_POLICY, HedgePolicy
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -110,6 +111,10 @@ class Policy:
       ``uniform(0, min(cap, base * 2**n))``. Defaults 25 ms / 250 ms: Envoy's router and Linkerd.
     * ``retry_after_cap`` -- a ``Retry-After`` longer than this is ignored and the retry waits the usual
       backoff instead. Default 300 s: Envoy's ``rate_limited_retry_back_off`` max, Linkerd's too.
+    * ``hedge`` -- a :class:`~meshlib.resilience.hedging.HedgePolicy`: send further copies of a slow call to
+      other endpoints and keep the first answer (gRFC A6 hedging under Finagle's extra-load budget). Layers
+      merge field by field. Default: no hedging (``max_attempts=1``). A call that hedges is not retried on top
+      (A6): its ``max_attempts`` counts every copy.
 
     Invalid values raise :class:`meshlib.ConfigError` (a ``ValueError``) naming the field.
     """
@@ -123,6 +128,7 @@ class Policy:
     backoff_base: float | None = None
     backoff_cap: float | None = None
     retry_after_cap: float | None = None
+    hedge: HedgePolicy | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -151,6 +157,8 @@ class Policy:
         if self.retry_after_cap is not None:
             value = _check_seconds("retry_after_cap", self.retry_after_cap, allow_zero=True, allow_inf=False)
             put(self, "retry_after_cap", value)
+        if self.hedge is not None and not isinstance(self.hedge, HedgePolicy):
+            raise ConfigError("Policy.hedge", self.hedge, "a meshlib.HedgePolicy")
         if self.backoff_base is not None and self.backoff_cap is not None and self.backoff_base > self.backoff_cap:
             expected = f"a duration >= backoff_base ({self.backoff_base})"
             raise ConfigError("Policy.backoff_cap", self.backoff_cap, expected)
@@ -176,6 +184,10 @@ class Policy:
         put(merged, "backoff_base", self.backoff_base if inner.backoff_base is None else inner.backoff_base)
         put(merged, "backoff_cap", self.backoff_cap if inner.backoff_cap is None else inner.backoff_cap)
         put(merged, "retry_after_cap", self.retry_after_cap if inner.retry_after_cap is None else inner.retry_after_cap)
+        hedge, inner_hedge = self.hedge, inner.hedge
+        if inner_hedge is not None:
+            hedge = inner_hedge if hedge is None else hedge.merge(inner_hedge)
+        put(merged, "hedge", hedge)
         return merged
 
     def resolved(self) -> Policy:
@@ -195,6 +207,7 @@ class Policy:
             and self.backoff_base is not None
             and self.backoff_cap is not None
             and self.retry_after_cap is not None
+            and self.hedge is not None
         )
 
     @property
@@ -235,6 +248,7 @@ DEFAULT_POLICY = Policy(
     backoff_base=0.025,
     backoff_cap=0.25,
     retry_after_cap=300.0,
+    hedge=DEFAULT_HEDGE_POLICY,
 )
 
 
@@ -373,6 +387,7 @@ def policy(
     backoff_base: float | None = None,
     backoff_cap: float | None = None,
     retry_after_cap: float | None = None,
+    hedge: HedgePolicy | None = None,
 ) -> PolicyScope:
     """A scope applying these rules to every mesh call made inside it; decorator or context manager.
 
@@ -389,6 +404,7 @@ def policy(
         backoff_base=backoff_base,
         backoff_cap=backoff_cap,
         retry_after_cap=retry_after_cap,
+        hedge=hedge,
     )
     if rules is not None and not isinstance(rules, Policy):
         raise TypeError(f"policy() takes a Policy or keyword fields, not {type(rules).__name__}")

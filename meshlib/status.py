@@ -27,6 +27,7 @@ __all__ = [
     "BudgetStatus",
     "DiscoveryStatus",
     "EndpointStatus",
+    "HedgeStatus",
     "MeshStatus",
     "RejectedRoutes",
     "RoutesStatus",
@@ -100,6 +101,23 @@ class BudgetStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeStatus:
+    """The service's hedging: hedges ``sent``, ``won`` (the accepted answer was a hedge's), attempts
+    ``cancelled`` as losers, hedges refused by a budget (``budget_exhausted``), hedges the budget would allow now
+    (``available``), its share (``max_extra_load``), the delay the last hedging call used (``delay_ms``,
+    ``None``: no timed hedge, the window was cold) and the latencies in the window (``samples``)."""
+
+    sent: int = 0
+    won: int = 0
+    cancelled: int = 0
+    budget_exhausted: int = 0
+    available: float = 0.0
+    max_extra_load: float = 0.0
+    delay_ms: float | None = None
+    samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceStatus:
     """One mesh service: balancer, discovery, budget, ejections and endpoints (empty until first used).
 
@@ -115,6 +133,7 @@ class ServiceStatus:
     ejections: int
     endpoints: list[EndpointStatus] = field(default_factory=list)
     ejections_by_reason: dict[str, int] = field(default_factory=dict)
+    hedge: HedgeStatus = field(default_factory=HedgeStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +714,14 @@ def format_status(payload: object) -> str:
                 f"in flight {budget['inflight']}/{budget['max_inflight']}, {budget['overloaded']} overloaded; "
                 f"{service['ejections']} ejection(s)" + _reasons_text(service.get("ejections_by_reason"))
             )
+            hedge = service.get("hedge")
+            if isinstance(hedge, dict) and (hedge.get("sent") or hedge.get("budget_exhausted")):
+                delay = hedge.get("delay_ms")
+                lines.append(
+                    f"    hedges: {_cell(hedge.get('sent'))} sent, {_cell(hedge.get('won'))} won, "
+                    f"{_cell(hedge.get('cancelled'))} cancelled, {_cell(hedge.get('budget_exhausted'))} refused by "
+                    f"the budget; delay {'-' if not isinstance(delay, (int, float)) else f'{delay:.1f} ms'}"
+                )
             rows = [[header for header, _, _ in _COLUMNS]]
             rows.extend(
                 [_ejected_cell(endpoint) if key == "ejected" else _cell(endpoint[key]) for _, key, _ in _COLUMNS]

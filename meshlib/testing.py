@@ -325,6 +325,7 @@ class Backend:
         # Counters and records, shared with the loop thread; the condition guards them all.
         self._cond = threading.Condition()
         self._count = 0
+        self._hangups = 0
         self._requests: deque[RecordedRequest] = deque(maxlen=max_records)
         self._connections_total = 0
         self._connections_open = 0
@@ -374,6 +375,13 @@ class Backend:
             return self._count
 
     @property
+    def hangups(self) -> int:
+        """Requests whose client hung up before the answer (during the behavior's ``delay``): a cancelled
+        call, a hedge that lost its race, a client that timed out."""
+        with self._cond:
+            return self._hangups
+
+    @property
     def requests(self) -> list[RecordedRequest]:
         """A snapshot of the recorded requests, oldest first (at most ``max_records`` of them)."""
         with self._cond:
@@ -408,6 +416,7 @@ class Backend:
         """
         with self._cond:
             self._count = 0
+            self._hangups = 0
             self._connections_total = 0
             self._requests.clear()
 
@@ -419,6 +428,11 @@ class Backend:
         """
         with self._cond:
             return self._cond.wait_for(lambda: self._count >= n, timeout)
+
+    def wait_for_hangups(self, n: int, timeout: float = 5.0) -> bool:
+        """Block until at least ``n`` clients hung up before their answer (:attr:`hangups`); ``False`` on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._hangups >= n, timeout)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Block until no client connection is open; ``False`` if ``timeout`` ran out first.
@@ -619,7 +633,9 @@ class Backend:
             while await self._serve_one(connection):
                 connection.http.start_next_cycle()
         except _ClientGone:
-            pass
+            with self._cond:
+                self._hangups += 1
+                self._cond.notify_all()
         except h11.RemoteProtocolError as exc:
             logger.debug("backend %s: bad request from %s: %s", self.name, connection.peer, exc)
             await self._send_error(connection, exc.error_status_hint)

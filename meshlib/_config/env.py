@@ -49,6 +49,7 @@ from meshlib._config.parse import (
 )
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.resilience.hedging import HedgePolicy, HedgeSettings, hedge_from_env
 from meshlib.security.tls import TLSSettings
 
 #: Unknown-variable warnings keep the logger name of the module that used to hold all of this.
@@ -155,9 +156,19 @@ _TLS_SETTINGS: dict[str, tuple[str, _Parser]] = {
     "TLS_VERIFY": ("verify", parse_bool),
 }
 
-_LAYERED = {**_POLICY_SETTINGS, **_RESILIENCE_SETTINGS, **_TLS_SETTINGS}
-SERVICE_SETTINGS.update({suffix: "policy" for suffix in _POLICY_SETTINGS})
-SERVICE_SETTINGS.update({suffix: "resilience" for suffix in _RESILIENCE_SETTINGS})
+#: Hedging variables (:func:`meshlib.resilience.hedging.hedge_from_env` parses them, several into one value):
+#: the call's rules go to ``Policy.hedge``, the sizes of the service's hedging state to ``ResilienceSettings.hedge``.
+_HEDGE_POLICY = ("HEDGE_MAX_ATTEMPTS", "HEDGE_DELAY", "HEDGE_NON_FATAL", "HEDGE_NON_IDEMPOTENT")
+_HEDGE_SETTINGS = ("HEDGE_MAX_EXTRA_LOAD", "HEDGE_MIN_DELAY", "HEDGE_WINDOW", "HEDGE_MIN_SAMPLES")
+
+_LAYERED = {
+    **_POLICY_SETTINGS,
+    **_RESILIENCE_SETTINGS,
+    **_TLS_SETTINGS,
+    **{suffix: ("hedge", parse_text) for suffix in _HEDGE_POLICY + _HEDGE_SETTINGS},
+}
+SERVICE_SETTINGS.update({suffix: "policy" for suffix in (*_POLICY_SETTINGS, *_HEDGE_POLICY)})
+SERVICE_SETTINGS.update({suffix: "resilience" for suffix in (*_RESILIENCE_SETTINGS, *_HEDGE_SETTINGS)})
 SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
 
 #: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
@@ -305,11 +316,11 @@ def _services_from_env(
         if "HASH_HEADER" in extra:  # checked here, so the error names the variable (the name keeps its case)
             parse_header(*extra["HASH_HEADER"])
         layered = {suffix: pair for suffix, pair in extra.items() if suffix in _LAYERED}
-        if any(suffix in _POLICY_SETTINGS for suffix in layered):
+        if any(suffix in _POLICY_SETTINGS or suffix in _HEDGE_POLICY for suffix in layered):
             layer = _policy_layer(Policy(), layered)
             _check_backoff(mesh_policy.merge(layer), layered)
             fields["policy"] = layer
-        if any(suffix in _RESILIENCE_SETTINGS for suffix in layered):
+        if any(suffix in _RESILIENCE_SETTINGS or suffix in _HEDGE_SETTINGS for suffix in layered):
             fields["resilience"] = _resilience_layer(mesh_resilience, layered)
         if any(suffix in _TLS_SETTINGS for suffix in layered):
             fields["tls"] = _tls_layer(mesh_tls, layered)
@@ -337,9 +348,29 @@ def _policy_layer(base: Policy, found: Mapping[str, tuple[str, str | None]]) -> 
     except ConfigError as error:  # the parsers check syntax; Policy checks ranges: report the variable
         variable, raw, _ = parsed[error.variable.rpartition(".")[2]]
         raise ConfigError(variable, raw, error.expected) from None
+    hedge = _hedge(found, _HEDGE_POLICY, None)
+    if hedge is not None:
+        layer = layer.merge(Policy(hedge=hedge[0]))
     merged = base.merge(layer)
     _check_backoff(merged, found)
     return merged
+
+
+def _hedge(
+    found: Mapping[str, tuple[str, str | None]], suffixes: tuple[str, ...], base: HedgeSettings | None
+) -> tuple[HedgePolicy, HedgeSettings] | None:
+    """The hedging policy layer and settings from the ``suffixes`` set in ``found``; ``None`` if none is."""
+    present = {
+        variable: raw
+        for suffix in suffixes
+        for variable, raw in (found.get(suffix, ("", None)),)
+        if raw is not None and raw.strip() != ""
+    }
+    if not present:
+        return None
+    variable = next(iter(present))
+    prefix = variable[: variable.rindex("HEDGE_")]  # MESHLIB_ or MESHLIB_SERVICE_<NAME>__
+    return hedge_from_env(present, prefix, base)
 
 
 def _check_backoff(merged: Policy, found: Mapping[str, tuple[str, str | None]]) -> None:
@@ -357,6 +388,9 @@ def _check_backoff(merged: Policy, found: Mapping[str, tuple[str, str | None]]) 
 def _resilience_layer(base: ResilienceSettings, found: Mapping[str, tuple[str, str | None]]) -> ResilienceSettings:
     """``base`` overridden by the resilience variables in ``found`` (suffix -> (variable, raw))."""
     parsed = _parsed(_RESILIENCE_SETTINGS, found)
+    hedge = _hedge(found, _HEDGE_SETTINGS, base.hedge)
+    if hedge is not None:
+        base = replace(base, hedge=hedge[1])
     if not parsed:
         return base
     try:

@@ -29,6 +29,7 @@ from meshlib._config.parse import (
 )
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.resilience.hedging import HedgeSettings
 from meshlib.resilience.outlier import FailurePercentageEjection, SuccessRateEjection
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
 
@@ -94,6 +95,9 @@ class ResilienceSettings:
       ``request_volume=50``. An enforcement of 0 turns a detector off (no counting, no sweep).
     * ``max_inflight=1024`` -- concurrent requests per service before :class:`OverloadedError`: Envoy's
       ``max_requests`` circuit-breaker threshold.
+    * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
+      of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
+      at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
 
     Invalid values raise :class:`meshlib.ConfigError` naming the field.
     """
@@ -117,6 +121,7 @@ class ResilienceSettings:
     outlier_failure_percentage_threshold: int = 85
     outlier_failure_percentage_minimum_hosts: int = 5
     outlier_failure_percentage_request_volume: int = 50
+    hedge: HedgeSettings = field(default_factory=HedgeSettings)
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
@@ -155,6 +160,7 @@ class ResilienceSettings:
             count = getattr(self, name)
             ok = _is_int(count) and 0 <= count <= MAX_COUNT
             _check(own, name, count, ok, f"an integer >= 0 (at most {MAX_COUNT:,})")
+        _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
 
     @property
     def outlier_success_rate(self) -> SuccessRateEjection | None:

@@ -30,6 +30,7 @@ from meshlib.resilience.classify import (
     parse_retry_after,
     should_retry,
 )
+from meshlib.resilience.hedging import HedgePolicy, HedgeSettings
 from meshlib.resilience.limit import ConcurrencyLimit
 from meshlib.resilience.outlier import FailurePercentageEjection, OutlierDetector, SuccessRateEjection
 
@@ -46,6 +47,8 @@ __all__ = [
     "ConcurrencyLimit",
     "EndpointBreaker",
     "FailurePercentageEjection",
+    "HedgePolicy",
+    "HedgeSettings",
     "OutlierDetector",
     "Outcome",
     "RetryBudget",

@@ -2,7 +2,7 @@
 
 Hedging sends a second copy of a slow request to another endpoint and keeps whichever answer comes first
 ("The Tail at Scale", Dean and Barroso 2013). This module holds the *pure* parts; the call plan
-(``meshlib/_plan.py``) drives them (docs/resilience-hedging.md says exactly how). Sources:
+(``meshlib/_plan.py``) drives them (docs/resilience.md, "Hedging"). Sources:
 
 * **gRFC A6** (grpc/proposal ``A6-client-retries.md``, "Hedging Policy", "Pushback", "Summary of Retry and
   Hedging Logic"): the original is sent at once and a hedge every ``hedgingDelay`` until ``maxAttempts``
@@ -50,6 +50,7 @@ __all__ = [
     "HedgeDecision",
     "HedgePolicy",
     "HedgeSettings",
+    "HedgeState",
     "LatencyWindow",
     "Pushback",
     "hedge_pushback",
@@ -416,7 +417,7 @@ def hedge_pushback(
     retry_after_cap: float = 300.0,
     parse_retry_after: Callable[[str], float | None] | None = None,
 ) -> Pushback:
-    """The HTTP form of A6's ``grpc-retry-pushback-ms`` for hedges (the rule in docs/resilience-hedging.md):
+    """The HTTP form of A6's ``grpc-retry-pushback-ms`` for hedges (docs/resilience.md, "Hedging"):
 
     1. ``x-meshlib-no-retry`` on the answer (a downstream layer already retried) -> stop.
     2. 429 or 503 with ``Retry-After``: delta-seconds or an HTTP-date (``parse_retry_after``, default
@@ -535,6 +536,53 @@ class HedgeCall:
         if self.in_flight <= 0 and self.next_at() is None:
             return HedgeDecision.EXHAUSTED
         return HedgeDecision.CONTINUE
+
+
+class HedgeState:
+    """One service's hedging state in one client, shared by its calls: the budget, the window, the counters.
+
+    The latency window is made by the first call that hedges with a percentile delay (:meth:`delay_for`); from
+    then on every call to the service records its latency (:meth:`record`), so a service that never hedges
+    pays nothing. Counters are read by ``mesh_status()`` and the metrics.
+    """
+
+    __slots__ = ("_clock", "_lock", "budget", "cancelled", "last_delay", "settings", "window", "won")
+
+    def __init__(self, settings: HedgeSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.budget = HedgeBudget(settings.max_extra_load, clock=clock)
+        #: Latencies of the service's calls, once a call hedged at a percentile; ``None`` until then.
+        self.window: LatencyWindow | None = None
+        #: The delay the last hedging call used (``None``: no timed hedge, the window was still cold).
+        self.last_delay: float | None = None
+        self._lock = threading.Lock()
+        self.won = 0  # calls whose accepted answer came from a hedge, not the original
+        self.cancelled = 0  # attempts cancelled because another one's answer was accepted
+
+    def delay_for(self, policy: HedgePolicy) -> float | None:
+        """The delay of one hedging call (:func:`resolve_delay`), starting the window if the policy needs it."""
+        window = self.window
+        if window is None and policy.delay is None:
+            with self._lock:
+                window = self.window
+                if window is None:
+                    window = self.window = LatencyWindow(self.settings.window, clock=self._clock)
+        delay = resolve_delay(policy, self.settings, window)
+        self.last_delay = delay
+        return delay
+
+    def record(self, seconds: float) -> None:
+        """One call's latency, if a percentile delay reads them (one attribute test otherwise)."""
+        window = self.window
+        if window is not None:
+            window.record(seconds)
+
+    def count(self, *, won: int = 0, cancelled: int = 0) -> None:
+        """Add to the counters (hedged calls only: no cost on the plain path)."""
+        with self._lock:
+            self.won += won
+            self.cancelled += cancelled
 
 
 def resolve_delay(policy: HedgePolicy, settings: HedgeSettings, window: LatencyWindow | None) -> float | None:

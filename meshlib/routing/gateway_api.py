@@ -19,15 +19,16 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from meshlib._config.model import service_key
 from meshlib.control.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, MAX_TEXT, list_field, load_documents
 from meshlib.control.documents import SHOW_LIMIT as _SHOW_LIMIT
 from meshlib.control.documents import show as _show
-from meshlib.errors import RoutesError
+from meshlib.errors import ConfigError, RoutesError
 from meshlib.policy import MAX_RETRIES, NO_POLICY, Policy
+from meshlib.resilience.hedging import hedge_from_env
 from meshlib.routing.model import (
     NO_FILTERS,
     Backend,
@@ -577,6 +578,41 @@ def _policy(doc: _Doc, path: str, timeouts: object, retry: object) -> Policy:
     return Policy(**fields) if fields else NO_POLICY
 
 
+#: HTTPRoute annotations that set hedging for every rule of the route (Gateway API has no hedging field; Linkerd
+#: sets retries and timeouts by HTTPRoute annotations the same way): annotation -> ``MESHLIB_HEDGE_*`` suffix.
+HEDGE_ANNOTATIONS = {
+    "hedge.meshlib.io/max-attempts": "MAX_ATTEMPTS",
+    "hedge.meshlib.io/delay": "DELAY",
+    "hedge.meshlib.io/non-fatal": "NON_FATAL",
+    "hedge.meshlib.io/non-idempotent": "NON_IDEMPOTENT",
+}
+
+
+def _hedge_annotations(doc: _Doc, metadata: object) -> Policy:
+    """The route's hedging layer from its ``hedge.meshlib.io/*`` annotations (values as the variables take)."""
+    annotations = metadata.get("annotations") if isinstance(metadata, Mapping) else None
+    if annotations is None:
+        return NO_POLICY
+    if not isinstance(annotations, Mapping):
+        doc.fail("metadata.annotations", annotations, "an object of strings")
+    fields: dict[str, str] = {}
+    for key, suffix in HEDGE_ANNOTATIONS.items():
+        raw = annotations.get(key)
+        if raw is None:
+            continue
+        where = f"metadata.annotations[{key}]"
+        if not isinstance(raw, str):
+            doc.fail(where, raw, "a string (quote it in YAML)")
+        try:
+            hedge_from_env({f"HEDGE_{suffix}": raw}, "")  # checked one by one, so the error names the annotation
+        except ConfigError as error:
+            doc.fail(where, raw, error.expected)
+        fields[f"HEDGE_{suffix}"] = raw
+    if not fields:
+        return NO_POLICY
+    return Policy(hedge=hedge_from_env(fields, "")[0])
+
+
 def _rule(ctx: _Context, doc: _Doc, route: str, index: int, value: object, *, namespace: str) -> tuple[Rule, int]:
     path = f"spec.rules[{index}]"
     spec = _mapping(
@@ -675,6 +711,7 @@ def _route(ctx: _Context, doc: _Doc, body: Mapping[str, Any], applies: Any) -> _
     if hostnames:
         logger.debug("routes %s, %s: spec.hostnames ignored on Service parents (GEP-1294)", doc.source, doc.label)
     route = _Route(namespace, name, created, parents)
+    hedge = _hedge_annotations(doc, body.get("metadata"))
     ctx.check_services = applies(route)
     raw_rules = spec.get("rules")
     rules = _list(doc, "spec.rules", raw_rules, 16) if raw_rules is not None else [{}]
@@ -684,6 +721,8 @@ def _route(ctx: _Context, doc: _Doc, body: Mapping[str, Any], applies: Any) -> _
     names: set[str] = set()
     for index, entry in enumerate(rules):
         rule, count = _rule(ctx, doc, f"{namespace}/{name}", index, entry, namespace=namespace)
+        if hedge is not NO_POLICY:
+            rule = replace(rule, policy=hedge.merge(rule.policy))
         total += count
         if rule.name is not None:
             if rule.name in names:

@@ -133,7 +133,18 @@ class CallTrace:
     * ``call_finished`` -- end the span with the outcome, and record ``http.client.request.duration``.
     """
 
-    __slots__ = ("_method", "_record", "_request", "_route", "_sinks", "_started", "_tracer", "context", "span")
+    __slots__ = (
+        "_method",
+        "_record",
+        "_request",
+        "_route",
+        "_running",
+        "_sinks",
+        "_started",
+        "_tracer",
+        "context",
+        "span",
+    )
 
     def __init__(
         self, owner: ClientTelemetry, tracer: trace.Tracer | None, sinks: tuple[MeshMetrics, ...], request: Any
@@ -144,6 +155,7 @@ class CallTrace:
         self._tracer = tracer
         self._sinks = sinks
         self._record: AttemptRecord | None = None
+        self._running: list[AttemptRecord] | None = None
         self._route: str | None = None
         self.span: trace.Span | None = None
         #: The context injected into each attempt's headers: the call span's, while tracing.
@@ -185,18 +197,27 @@ class CallTrace:
             attributes["meshlib.route.rule"] = rule.name if rule.name else rule.index
         span.set_attributes(attributes)
 
-    def attempt_started(self, number: int, peer: tuple[str, int]) -> None:
-        """(Tracing on.) A new attempt: write the previous one's span, start keeping this one's timestamps."""
+    def attempt_started(self, number: int, peer: tuple[str, int], *, hedge: bool = False) -> None:
+        """(Tracing on.) A new attempt: write the previous one's span if it has ended, keep this one's timestamps.
+
+        Hedged attempts overlap: one still running when the next starts is kept (:attr:`_running`) and its span
+        written when the call ends.
+        """
         if self.span is None:
             return
         previous = self._record
         if previous is not None:
-            self._attempt_span(previous)
-        self._record = AttemptRecord(number, time.time_ns(), peer)
+            if previous.end_ns:
+                self._attempt_span(previous)
+            else:
+                self._running = [*(self._running or ()), previous]
+        self._record = AttemptRecord(number, time.time_ns(), peer, hedge=hedge)
 
-    def attempt_finished(self, verdict: Classification | None, error: BaseException | None) -> None:
-        """An attempt ended: its verdict (``None``: cancelled) and exception, kept for its span."""
+    def attempt_finished(self, verdict: Classification | None, error: BaseException | None, number: int = 0) -> None:
+        """Attempt ``number`` (default: the latest) ended: its verdict (``None``: cancelled) and exception."""
         record = self._record
+        if record is not None and number and record.number != number:
+            record = next((r for r in self._running or () if r.number == number), None)
         if record is not None:
             record.finish(verdict, error)
 
@@ -231,6 +252,9 @@ class CallTrace:
             if record is not None and attempts > 1:
                 self._attempt_span(record)
             self._record = None
+            running, self._running = self._running, None
+            for earlier in running or ():  # hedged attempts that overlapped a later one
+                self._attempt_span(earlier)
             finish_call_span(
                 span,
                 status_code=status,

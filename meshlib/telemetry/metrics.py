@@ -170,6 +170,30 @@ class MeshMetrics:
                 self._ejections,
             ),
             (
+                "meshlib.client.hedges.sent",
+                "{hedge}",
+                "Hedges sent (copies after the first), per service.",
+                self._hedges,
+            ),
+            (
+                "meshlib.client.hedges.won",
+                "{hedge}",
+                "Hedged calls whose accepted answer came from a hedge, per service.",
+                self._hedges_won,
+            ),
+            (
+                "meshlib.client.hedges.cancelled",
+                "{attempt}",
+                "Attempts of hedged calls cancelled because another attempt's answer was accepted, per service.",
+                self._hedges_cancelled,
+            ),
+            (
+                "meshlib.client.hedges.budget_exhausted",
+                "{hedge}",
+                "Hedges not sent because the hedge budget (max extra load) or the retry budget was empty.",
+                self._hedges_exhausted,
+            ),
+            (
                 "meshlib.client.discovery.refreshes",
                 "{refresh}",
                 "Discovery answers applied, per service.",
@@ -305,6 +329,18 @@ class MeshMetrics:
                 key: _Key = (("server.address", view.name), ("meshlib.ejection.reason", reason))
                 values[key] = values.get(key, 0) + count
         return self._emit(values)
+
+    def _hedges(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda v: v.hedge.sent, _add)
+
+    def _hedges_won(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda v: v.hedge.won, _add)
+
+    def _hedges_cancelled(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda v: v.hedge.cancelled, _add)
+
+    def _hedges_exhausted(self, options: CallbackOptions) -> list[Observation]:
+        return self._per_service(lambda v: v.hedge.budget_exhausted, _add)
 
     def _discovery_refreshes(self, options: CallbackOptions) -> list[Observation]:
         return self._per_service(lambda v: v.discovery.refreshes, _add)

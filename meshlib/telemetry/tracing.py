@@ -205,10 +205,11 @@ def finish_call_span(
 class AttemptRecord:
     """What one attempt did, kept (only while tracing) until it is known whether it gets a span of its own."""
 
-    __slots__ = ("end_ns", "error_type", "number", "peer", "start_ns", "verdict")
+    __slots__ = ("end_ns", "error_type", "hedge", "number", "peer", "start_ns", "verdict")
 
-    def __init__(self, number: int, start_ns: int, peer: tuple[str, int]) -> None:
+    def __init__(self, number: int, start_ns: int, peer: tuple[str, int], *, hedge: bool = False) -> None:
         self.number = number
+        self.hedge = hedge
         self.start_ns = start_ns
         self.peer = peer
         self.end_ns = 0
@@ -230,7 +231,7 @@ def start_attempt_span(
 ) -> None:
     """Write the INTERNAL span of one attempt of a retried call, with the timestamps it ran at."""
     verdict = record.verdict
-    attributes: dict[str, str | int] = {
+    attributes: dict[str, str | int | bool] = {
         "meshlib.attempt": record.number,
         "http.request.resend_count": record.number - 1,
         "network.peer.address": record.peer[0],
@@ -242,6 +243,8 @@ def start_attempt_span(
         attributes["http.response.status_code"] = verdict.status
     if record.error_type is not None:
         attributes["error.type"] = record.error_type
+    if record.hedge:
+        attributes["meshlib.hedge"] = True
     span = tracer.start_span(
         f"{call_name} attempt",
         context=parent,
