@@ -29,6 +29,7 @@ SCENARIOS = {
     "s6": "benchmarks.s6_scale",
     "s7": "benchmarks.s7_async_throughput",
     "s9": "benchmarks.s9_routes",
+    "s9gray": "benchmarks.s9_gray",
     "s10": "benchmarks.s10_mirror",
     "s10overload": "benchmarks.s10_overload",
     "z1": "benchmarks.z1_denial",

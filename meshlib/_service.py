@@ -31,7 +31,7 @@ from meshlib.resilience.breaker import STATE_CLOSED, EndpointBreaker
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.hedging import HedgeState
 from meshlib.resilience.limit import ConcurrencyLimit
-from meshlib.resilience.outlier import OutlierDetector
+from meshlib.resilience.outlier import CONSECUTIVE, FAILURE_PERCENTAGE, SUCCESS_RATE, OutlierDetector
 from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, HedgeStatus, ServiceStatus
 
 if TYPE_CHECKING:
@@ -143,7 +143,16 @@ class Service(Generic[T]):
             settings.outlier_base_ejection,
             settings.outlier_max_ejection,
             settings.outlier_max_percent,
+            interval=settings.outlier_interval,
+            success_rate=settings.outlier_success_rate,
+            failure_percentage=settings.outlier_failure_percentage,
             name=config.name,
+        )
+        #: The fewest endpoints at which a rate-based detector (success rate, failure percentage) can eject, or
+        #: ``None`` when both are off: from then on the client's sweep evaluates the detector every interval.
+        self.sweep_from: int | None = min(
+            (rule.minimum_hosts for rule in (self.detector.success_rate, self.detector.failure_percentage) if rule),
+            default=None,
         )
         #: Breakers by endpoint address, created on an endpoint's first failure (:meth:`breaker_for`) and kept
         #: across refreshes like the stats. Replaced, never mutated, so the request path reads it without a lock.
@@ -217,6 +226,11 @@ class Service(Generic[T]):
             self.active = Active(snapshot=snapshot, stats=stats, pickers=pickers)
             _log_change(self.name, old.stats if old else {}, stats)
             return to_close
+
+    def needs_sweep(self) -> bool:
+        """Whether rate-based ejection can act on the current endpoint set (the client then sweeps it)."""
+        active = self.active
+        return self.sweep_from is not None and active is not None and len(active.stats) >= max(self.sweep_from, 1)
 
     def _build(self, endpoints: tuple[Endpoint, ...]) -> dict[HostPort, EndpointStats]:
         """Stats for a first endpoint set (an address listed twice keeps its first entry)."""
@@ -362,7 +376,7 @@ class Service(Generic[T]):
         endpoints: list[EndpointStatus] = []
         if active is not None:
             now = time.monotonic()
-            ejected = self.detector.ejected()
+            reasons = self.detector.reasons()
             breakers = self.breakers
             for address, stats in sorted(active.stats.items()):
                 breaker = breakers.get(address)
@@ -382,7 +396,8 @@ class Service(Generic[T]):
                         breaker=breaker.state if breaker is not None else STATE_CLOSED,
                         breaker_failures=breaker.failures if breaker is not None else 0,
                         breaker_opens=breaker.trips if breaker is not None else 0,
-                        ejected=address in ejected,
+                        ejected=address in reasons,
+                        ejected_reason=reasons.get(address),
                     )
                 )
         return ServiceStatus(
@@ -412,6 +427,11 @@ class Service(Generic[T]):
             ejections=self.detector.ejections,
             endpoints=endpoints,
             adaptive=None if isinstance(limit, ConcurrencyLimit) else limit.status(),
+            ejections_by_reason={
+                CONSECUTIVE: self.detector.consecutive_ejections,
+                SUCCESS_RATE: self.detector.success_rate_ejections,
+                FAILURE_PERCENTAGE: self.detector.failure_percentage_ejections,
+            },
             hedge=self._hedge_view(),
         )
 

@@ -54,7 +54,8 @@ class EndpointStatus:
     ``address`` is ``host:port`` as written in discovery (``host`` and ``port`` apart too); ``latency_ms`` is the
     balancer's peak-EWMA estimate (decayed to now); ``requests`` and ``failures`` count
     attempts since the endpoint joined; ``breaker`` is ``closed``, ``open`` or ``half-open``; ``ejected`` is
-    outlier detection's verdict.
+    outlier detection's verdict and ``ejected_reason`` which detector ejected it (``consecutive``,
+    ``success-rate`` or ``failure-percentage``; ``None`` while in rotation).
     """
 
     address: str
@@ -71,6 +72,7 @@ class EndpointStatus:
     breaker_failures: int
     breaker_opens: int
     ejected: bool
+    ejected_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,8 @@ class ServiceStatus:
     ``adaptive`` is the adaptive concurrency limit's reading (current limit, window latency, baseline,
     gradient...) when the service uses one (``MESHLIB_ADAPTIVE_CONCURRENCY``); ``None`` with the fixed limit,
     whose value is ``budget.max_inflight``. Either way ``budget.overloaded`` counts the calls refused.
+    ``ejections`` counts every ejection so far, ``ejections_by_reason`` the same by detector (``consecutive``,
+    ``success-rate``, ``failure-percentage``).
     """
 
     name: str
@@ -135,6 +139,7 @@ class ServiceStatus:
     ejections: int
     endpoints: list[EndpointStatus] = field(default_factory=list)
     adaptive: AdaptiveLimitStatus | None = None
+    ejections_by_reason: dict[str, int] = field(default_factory=dict)
     hedge: HedgeStatus = field(default_factory=HedgeStatus)
 
 
@@ -572,6 +577,27 @@ def _cell(value: object) -> str:
     return "-" if value is None else printable(value)
 
 
+def _ejected_cell(endpoint: Mapping[str, Any]) -> str:
+    """``no``, or why the endpoint is ejected (``consecutive``, ``success-rate``...; ``yes`` from an older
+    meshlib, which sends no ``ejected_reason``)."""
+    reason = endpoint.get("ejected_reason")
+    if endpoint["ejected"] and isinstance(reason, str) and reason:
+        return printable(reason, 40)
+    return _cell(endpoint["ejected"])
+
+
+def _reasons_text(counts: object) -> str:
+    """`` (success-rate 1)``: the ejections by detector that are not zero (nothing when absent or malformed)."""
+    if not isinstance(counts, Mapping):
+        return ""
+    parts = [
+        f"{printable(reason, 40)} {count}"
+        for reason, count in counts.items()
+        if isinstance(count, int) and not isinstance(count, bool) and count
+    ]
+    return f" ({', '.join(parts[:10])})" if parts else ""
+
+
 def _rejected_line(rejected: Mapping[str, Any]) -> str:
     """A refused version of a watched file (routes, inbound policies), escaped and bounded."""
     return (
@@ -710,7 +736,7 @@ def format_status(payload: object) -> str:
                 f"    retries: {budget['retries']} made, {budget['available']:.1f} available, "
                 f"{budget['exhausted']} refused by the budget; "
                 f"in flight {budget['inflight']}/{budget['max_inflight']}, {budget['overloaded']} overloaded; "
-                f"{service['ejections']} ejection(s)"
+                f"{service['ejections']} ejection(s)" + _reasons_text(service.get("ejections_by_reason"))
             )
             adaptive = service.get("adaptive")
             if adaptive is not None:
@@ -729,7 +755,10 @@ def format_status(payload: object) -> str:
                     f"the budget; delay {'-' if not isinstance(delay, (int, float)) else f'{delay:.1f} ms'}"
                 )
             rows = [[header for header, _, _ in _COLUMNS]]
-            rows.extend([_cell(endpoint[key]) for _, key, _ in _COLUMNS] for endpoint in service["endpoints"])
+            rows.extend(
+                [_ejected_cell(endpoint) if key == "ejected" else _cell(endpoint[key]) for _, key, _ in _COLUMNS]
+                for endpoint in service["endpoints"]
+            )
             widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
             for row in rows:
                 cells = [

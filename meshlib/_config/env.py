@@ -64,6 +64,14 @@ def parse_mirror_concurrency(variable: str, raw: str) -> int:
     return value
 
 
+def parse_whole_percent(variable: str, raw: str) -> int:
+    """``85`` or ``85%`` -> 85: a whole percentage from 0 to 100 (Envoy's outlier percentages are integers)."""
+    value = parse_percent(variable, raw)
+    if not (0 <= value <= 100 and value == int(value)):
+        raise ConfigError(variable, raw, "a whole percentage from 0 to 100 such as 85 or 85%")
+    return int(value)
+
+
 ENV_PREFIX = "MESHLIB_"
 SERVICE_PREFIX = "MESHLIB_SERVICE_"
 #: Separates a service name from a per-service setting: ``MESHLIB_SERVICE_PAYMENTS__LB``.
@@ -129,6 +137,18 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
     "ADAPTIVE_MAX_LIMIT": ("adaptive_max_limit", parse_int),
     "ADAPTIVE_WINDOW": ("adaptive_window", parse_positive_duration),
     "ADAPTIVE_WINDOW_SAMPLES": ("adaptive_window_samples", parse_int),
+    "OUTLIER_INTERVAL": ("outlier_interval", parse_positive_duration),
+    "OUTLIER_SUCCESS_RATE_ENFORCEMENT_PERCENT": ("outlier_success_rate_enforcement_percent", parse_whole_percent),
+    "OUTLIER_SUCCESS_RATE_MINIMUM_HOSTS": ("outlier_success_rate_minimum_hosts", parse_int),
+    "OUTLIER_SUCCESS_RATE_REQUEST_VOLUME": ("outlier_success_rate_request_volume", parse_int),
+    "OUTLIER_SUCCESS_RATE_STDEV_FACTOR": ("outlier_success_rate_stdev_factor", parse_int),
+    "OUTLIER_FAILURE_PERCENTAGE_ENFORCEMENT_PERCENT": (
+        "outlier_failure_percentage_enforcement_percent",
+        parse_whole_percent,
+    ),
+    "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": ("outlier_failure_percentage_threshold", parse_whole_percent),
+    "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": ("outlier_failure_percentage_minimum_hosts", parse_int),
+    "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": ("outlier_failure_percentage_request_volume", parse_int),
 }
 
 #: A check across resilience settings names one field; when that field was not set in the layer being read
