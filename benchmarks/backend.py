@@ -7,7 +7,8 @@ one JSON object per line, and gets one JSON line back per command:
 * ``{"op": "behavior", "index": i | null, ...spec}`` -- set one backend's (or every backend's) behaviour;
   spec keys: ``status``, ``delay`` (s), ``lognormal`` ([median_s, sigma] or null), ``stall`` ([probability,
   seconds] or null: that share of requests, a seeded draw, waits ``seconds`` instead of the lognormal), ``drop``,
-  ``body_size``
+  ``body_size``, ``fail_fraction`` and ``fail_status`` (a gray failure: that share answered at once with that
+  status)
 * ``{"op": "refuse", "index": i}`` / ``{"op": "accept", "index": i}`` -- stop / resume accepting connections
 * ``{"op": "counts"}`` -- requests received per backend; ``{"op": "reset"}`` zeroes them
 * ``{"op": "hangups"}`` -- per backend, requests whose client hung up before the answer (0 where the
@@ -45,6 +46,8 @@ def behavior_from(spec: dict[str, Any], seed: int) -> Behavior:
         delay_fn=delay_fn,
         drop=bool(spec.get("drop", False)),
         body=b"x" * int(spec.get("body_size", 64)),
+        fail_fraction=float(spec.get("fail_fraction", 0.0)),
+        fail_status=int(spec.get("fail_status", 500)),
     )
 
 

@@ -105,6 +105,7 @@ class AsyncMeshTransport(_Mesh[Any]):
             retired = await anyio.to_thread.run_sync(service.apply, snapshot)
         else:
             retired = service.apply(snapshot)
+        self._watch_outliers(service)
         await self._aclose_pools(retired)
 
     async def _aclose_pools(self, transports: list[Any]) -> None:
@@ -324,8 +325,10 @@ class AsyncMeshTransport(_Mesh[Any]):
         self.telemetry.unbind(self)
         if self.routes_source is not None:
             self.routes_source.stop()  # the poll thread: joined promptly (it only waits on an event)
-        if self.xds is not None:
-            await anyio.to_thread.run_sync(self.xds.close)  # ends the ADS streams (joins their threads)
+        for source in (self.xds, self.consul):  # the ADS streams, Consul's chain and target watches
+            if source is not None:
+                await anyio.to_thread.run_sync(source.close)  # joins their threads: off the event loop
+        self.outlier_sweep.stop()  # joined promptly: its thread only waits on an event and does arithmetic
         for task in self._refreshers.values():
             await task.stop()
         self._refreshers.clear()

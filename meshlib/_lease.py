@@ -7,8 +7,9 @@ endpoint it takes a :class:`Lease`, and the lease owns the attempt's bookkeeping
 * the breaker's half-open probe, when the pick took it (given back unused if the attempt ends without a
   verdict, so a cancelled probe does not leave the breaker refusing forever);
 * the verdict, fed once to the endpoint's breaker and the service's outlier detector (:meth:`judge`);
-* the call's in-flight slot (``MESHLIB_MAX_INFLIGHT``), when the attempt's response is the one the caller
-  gets (:attr:`permit`): it is held until that response's body is closed;
+* the call's in-flight slot (``MESHLIB_MAX_INFLIGHT``, or the adaptive limit), when the attempt's response is
+  the one the caller gets (:attr:`permit`): it is held until that response's body is closed, and given back with
+  the attempt's latency, the sample an adaptive limit learns from;
 * the endpoint's pool when the endpoint has left discovery meanwhile: the last lease to end closes it.
 
 :meth:`release` gives all of that back and runs once, whichever path comes first: an error, a retried answer
@@ -30,6 +31,7 @@ from meshlib.resilience.classify import Outcome
 if TYPE_CHECKING:
     from meshlib._service import HostPort, Service
     from meshlib.balance.base import EndpointStats
+    from meshlib.resilience.adaptive import AdaptiveConcurrencyLimit
     from meshlib.resilience.classify import Classification
     from meshlib.resilience.limit import ConcurrencyLimit
 
@@ -87,8 +89,9 @@ class Lease:
         self.address: HostPort = (endpoint.host, endpoint.port)
         self.transport = transport
         self.home = home
-        #: The call's in-flight slot, handed to this lease when its response goes to the caller.
-        self.permit: ConcurrencyLimit | None = None
+        #: The call's in-flight slot, handed to this lease when its response goes to the caller; released with
+        #: the attempt's :attr:`rtt` (send to response headers), the adaptive limit's latency sample.
+        self.permit: ConcurrencyLimit | AdaptiveConcurrencyLimit | None = None
         #: The endpoint's connection slot (async driver, :meth:`AsyncMeshTransport._send`): held until the body
         #: is closed, because the connection is busy until then.
         self.gate: Any = None
@@ -135,8 +138,8 @@ class Lease:
                 breaker.release()
         self.stats.end(self.rtt, self.started + self.rtt, failed=self.failed, error=self.error)
         permit, self.permit = self.permit, None
-        if permit is not None:
-            permit.release()
+        if permit is not None:  # only the final answer's lease holds it, judged: its rtt is the limit's sample
+            permit.release(self.rtt)
         gate, self.gate = self.gate, None
         if gate is not None:
             gate.release()

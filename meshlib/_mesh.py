@@ -14,7 +14,9 @@ what is left, the I/O, twice and small:
 Across ``os.fork()`` a client's state is per process: a hook resets every live mesh in the child
 (:meth:`_Mesh._after_fork`), so the child never sends on the parent's pooled connections and refreshes
 discovery in its own threads. Refreshers hold their mesh weakly, so a client dropped without ``close()`` is
-collected and its refreshers end (:meth:`_Mesh._on_collect`).
+collected and its refreshers end (:meth:`_Mesh._on_collect`). Rate-based outlier ejection is swept by one
+timer thread per client (:class:`~meshlib.resilience.sweep.OutlierSweep`), started when a service first needs
+it, held the same way, and made anew in a forked child.
 
 Both run the same loop (:func:`_drive` / :func:`_adrive`): take a step, do it, send the outcome back; an
 interruption (cancellation, ``KeyboardInterrupt``) is thrown into the plan, which releases what it holds.
@@ -65,6 +67,8 @@ from meshlib.discovery.refresh import RefreshThread
 from meshlib.errors import ClientClosedError, DeadlineExceeded, MeshError
 from meshlib.policy import POLICY_EXTENSION, Policy, effective
 from meshlib.resilience.classify import IDEMPOTENCY_KEY_HEADER, resendable
+from meshlib.resilience.hedging import HedgePolicy
+from meshlib.resilience.sweep import OutlierSweep
 from meshlib.routing.decision import (
     EXT_ROUTE,
     ActiveLimit,
@@ -83,6 +87,9 @@ from meshlib.telemetry.tracing import send_suppressed
 if TYPE_CHECKING:
     import concurrent.futures
 
+
+#: A mirrored copy's hedging: none.
+_NO_HEDGE = HedgePolicy(max_attempts=1)
 logger = logging.getLogger("meshlib")
 
 T = TypeVar("T")
@@ -348,6 +355,9 @@ class _Mesh(Generic[T]):
             self.consul = ConsulChainSource(self, config, register_tls, connect=connect)
         if config.routes_file is not None:
             self._watch_routes(config)
+        #: Rate-based outlier ejection's interval timer, for every service of this client (its thread starts when
+        #: a service first needs it: :meth:`_watch_outliers`).
+        self.outlier_sweep = OutlierSweep(self)
         self._finalizer = self._on_collect()
         _LIVE.add(self)
         for source in (self.xds, self.consul):
@@ -390,13 +400,13 @@ class _Mesh(Generic[T]):
         """The driver's own state (threads or tasks, ``_refreshers``), made at construction and again after a fork."""
         self._refreshers: dict[Any, Any] = {}
 
-    def _on_collect(self) -> weakref.finalize[[dict[str, Any], _Router[Any]], Any]:
+    def _on_collect(self) -> weakref.finalize[[dict[str, Any], _Router[Any], OutlierSweep], Any]:
         """When the client is garbage-collected unclosed: wake its refreshers to end, interrupt its resolvers.
 
         The finalizer refers to the refreshers and services, never to the mesh (or it would never run); it
         does not wait for anything, as it may run on any thread the garbage collector happens to run on.
         """
-        finalizer = weakref.finalize(self, _halt, self._refreshers, self._router)
+        finalizer = weakref.finalize(self, _halt, self._refreshers, self._router, self.outlier_sweep)
         finalizer.atexit = False  # at exit daemon threads just stop; nothing to interrupt
         return finalizer
 
@@ -440,7 +450,14 @@ class _Mesh(Generic[T]):
                 "create the client after the fork"
             )
         self._driver_state()
+        self.outlier_sweep = OutlierSweep(self)  # the parent's thread does not exist here; the child's own starts
         self._finalizer = self._on_collect()
+
+    def _watch_outliers(self, service: Service[T]) -> None:
+        """After ``service`` applied an endpoint set: have the client's sweep evaluate its rate-based detectors
+        every interval once it has enough endpoints for them to act (starts the sweep's thread on first need)."""
+        if service.needs_sweep() and not self._closed:
+            self.outlier_sweep.watch(service.detector)
 
     def _pool_idle(self, transport: T) -> None:
         """A retired endpoint's pool has no request left: close it, the driver's way."""
@@ -727,7 +744,8 @@ class _Mesh(Generic[T]):
             headers["Host"] = f"{host}-shadow"  # Envoy's and Istio's shadow host
             dropped = (POLICY_EXTENSION, "timeout", "sni_hostname")
             extensions = {k: v for k, v in request.extensions.items() if k not in dropped}
-            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout)
+            # A mirrored copy is sent once: no retry, no hedge (a copy of a copy would multiply the shadow's load).
+            extensions[POLICY_EXTENSION] = Policy(retries=0, timeout=call.policy.timeout, hedge=_NO_HEDGE)
             if request.url.scheme == "https":  # the mirror's own certificate is checked, as any backend's
                 extensions["sni_hostname"] = mirror.service
             copy.extensions = extensions
@@ -793,9 +811,10 @@ def _no_routes(target: _Target[Any], request: Any) -> DeadlineExceeded:
     )
 
 
-def _halt(refreshers: dict[str, Any], router: _Router[Any]) -> None:
+def _halt(refreshers: dict[str, Any], router: _Router[Any], sweep: OutlierSweep) -> None:
     """The finalizer of a mesh collected unclosed (see :meth:`_Mesh._on_collect`): its services as they are then,
-    control-plane additions included."""
+    control-plane additions included, and its outlier sweep."""
+    sweep.halt()
     for refresher in list(refreshers.values()):
         refresher.halt()
     for service in list(router.services.values()):
@@ -878,6 +897,7 @@ class MeshTransport(_Mesh[Any]):
     def _publish(self, service: Service[Any]) -> None:
         if service.cache.snapshot is not None and not self._closed:
             self._close_pools(service.apply(service.cache.snapshot))
+            self._watch_outliers(service)
 
     def _pool_idle(self, transport: Any) -> None:
         if not self._owns:
@@ -1091,6 +1111,7 @@ class MeshTransport(_Mesh[Any]):
         for source in (self.xds, self.consul):
             if source is not None:
                 source.close()
+        self.outlier_sweep.stop()
         for thread in self._refreshers.values():
             thread.stop()
         self._refreshers.clear()

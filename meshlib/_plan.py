@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from meshlib._http import HttpLib
     from meshlib._service import Active, HostPort, Service
     from meshlib.balance.base import EndpointStats
+    from meshlib.resilience.adaptive import AdaptiveConcurrencyLimit
     from meshlib.resilience.hedging import HedgeState
     from meshlib.resilience.limit import ConcurrencyLimit
     from meshlib.telemetry.client import CallTrace, ClientTelemetry
@@ -327,7 +328,7 @@ class Call(Generic[T]):
         self.peer: HostPort | None = None
         self.verdict: Classification | None = None
         #: The call's slot of the service's in-flight limit, until handed to the lease of the final answer.
-        self.permit: ConcurrencyLimit | None = None
+        self.permit: ConcurrencyLimit | AdaptiveConcurrencyLimit | None = None
         self.trace: CallTrace | None = telemetry.call_started(request) if telemetry is not None else None
         if routed is not None and self.trace is not None:
             self.trace.routed(routed)
@@ -517,8 +518,11 @@ class Call(Generic[T]):
         assert held is not None and held_verdict is not None
         winner = held
         sent.remove(winner)
+        now = time.monotonic()
         for loser in list(sent):  # cancel the others before the caller reads a byte: their servers stop now
             sent.remove(loser)
+            if loser in in_flight:  # Finagle records a superseded attempt's time so far (a lower bound)
+                state.record(now - loser.lease.started)
             yield self.loser(loser)
         cancelled = len(in_flight)
         if held_verdict.outcome is Outcome.SUCCESS:
@@ -597,11 +601,16 @@ class Call(Generic[T]):
         self.permit = limit
         service.budget.deposit()
 
-    def release_permit(self) -> None:
-        """Give back the call's in-flight slot if no lease took it (the call ended without an answer)."""
+    def release_permit(self, rtt: float | None = None) -> None:
+        """Give back the call's in-flight slot if no lease took it (the call ended without an answer).
+
+        ``rtt``: the final attempt's latency when it says something about the service's load (a timeout after
+        the request was sent); ``None`` (no sample for an adaptive limit) for cancellations, local refusals and
+        connection errors.
+        """
         permit, self.permit = self.permit, None
         if permit is not None:
-            permit.release()
+            permit.release(rtt)
 
     def remaining(self) -> float:
         """Seconds left before the call's deadline (may be negative)."""
@@ -781,6 +790,8 @@ class Call(Generic[T]):
         error = attempt.error
         if error is not None:
             lease.release()
+            if verdict.sent and verdict.reason.endswith("timeout"):  # read/write timeout: the service was slow
+                self.release_permit(lease.rtt)
             final = self.failure(error, verdict)
             raise final from (error if final is not error else error.__cause__)
         lease.permit, self.permit = self.permit, None

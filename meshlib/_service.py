@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from meshlib._config import MeshConfig, ServiceConfig, service_key
 from meshlib._testmode import MODE as _TESTING
@@ -31,8 +31,12 @@ from meshlib.resilience.breaker import STATE_CLOSED, EndpointBreaker
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.hedging import HedgeState
 from meshlib.resilience.limit import ConcurrencyLimit
-from meshlib.resilience.outlier import OutlierDetector
+from meshlib.resilience.outlier import CONSECUTIVE, FAILURE_PERCENTAGE, SUCCESS_RATE, OutlierDetector
 from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, HedgeStatus, ServiceStatus
+
+if TYPE_CHECKING:
+    from meshlib._config.model import ResilienceSettings
+    from meshlib.resilience.adaptive import AdaptiveConcurrencyLimit
 
 logger = logging.getLogger("meshlib.discovery")
 
@@ -41,6 +45,24 @@ T = TypeVar("T")
 #: One endpoint's ``(host, port)``: the key of its stats, breaker and pool (``Endpoint.address`` is the
 #: ``host:port`` string shown to people).
 HostPort = tuple[str, int]
+
+
+def adaptive_limit(settings: ResilienceSettings) -> AdaptiveConcurrencyLimit:
+    """The adaptive in-flight limit ``settings`` ask for (imported only when a service enables it)."""
+    from meshlib.resilience.adaptive import AdaptiveConcurrencyLimit, AdaptiveSettings
+
+    least, start, most = settings.adaptive_bounds()
+    window = settings.adaptive_window
+    return AdaptiveConcurrencyLimit(
+        AdaptiveSettings(
+            initial_limit=start,
+            min_limit=least,
+            max_limit=most,
+            min_window=window,
+            max_window=max(window, 1.0),  # AdaptiveSettings' max_window
+            window_samples=settings.adaptive_window_samples,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +117,6 @@ class Service(Generic[T]):
             min_retries_per_second=settings.retry_budget_min_per_second,
             percent_can_retry=settings.retry_budget_fraction,
         )
-        self.limit = ConcurrencyLimit(settings.max_inflight)
         #: Hedging's budget, latency window and counters (used by calls whose policy hedges).
         self.hedging = HedgeState(settings.hedge)
         #: Where the in-flight limit comes from, for the error of a call it refuses.
@@ -104,6 +125,14 @@ class Service(Generic[T]):
             if config.target.startswith("xds-cluster:")
             else "MESHLIB_MAX_INFLIGHT"
         )
+        #: The service's in-flight limit: fixed, or learnt from latency when ``adaptive_concurrency`` is set. Chosen
+        #: here once; the request path calls ``try_acquire()``/``release(rtt)`` on either the same way.
+        self.limit: ConcurrencyLimit | AdaptiveConcurrencyLimit
+        if settings.adaptive_concurrency:
+            self.limit = adaptive_limit(settings)
+            self.limit_source = "the adaptive concurrency limit's current value (MESHLIB_ADAPTIVE_CONCURRENCY)"
+        else:
+            self.limit = ConcurrencyLimit(settings.max_inflight)
         #: Calls the control plane drops before any endpoint is chosen (an xDS cluster's EDS
         #: ``drop_overloads``: :class:`~meshlib.control.xds.eds_resolver.Drops`); ``None`` for other services.
         self.drops: Any = getattr(resolver, "drops", None)
@@ -114,7 +143,16 @@ class Service(Generic[T]):
             settings.outlier_base_ejection,
             settings.outlier_max_ejection,
             settings.outlier_max_percent,
+            interval=settings.outlier_interval,
+            success_rate=settings.outlier_success_rate,
+            failure_percentage=settings.outlier_failure_percentage,
             name=config.name,
+        )
+        #: The fewest endpoints at which a rate-based detector (success rate, failure percentage) can eject, or
+        #: ``None`` when both are off: from then on the client's sweep evaluates the detector every interval.
+        self.sweep_from: int | None = min(
+            (rule.minimum_hosts for rule in (self.detector.success_rate, self.detector.failure_percentage) if rule),
+            default=None,
         )
         #: Breakers by endpoint address, created on an endpoint's first failure (:meth:`breaker_for`) and kept
         #: across refreshes like the stats. Replaced, never mutated, so the request path reads it without a lock.
@@ -188,6 +226,11 @@ class Service(Generic[T]):
             self.active = Active(snapshot=snapshot, stats=stats, pickers=pickers)
             _log_change(self.name, old.stats if old else {}, stats)
             return to_close
+
+    def needs_sweep(self) -> bool:
+        """Whether rate-based ejection can act on the current endpoint set (the client then sweeps it)."""
+        active = self.active
+        return self.sweep_from is not None and active is not None and len(active.stats) >= max(self.sweep_from, 1)
 
     def _build(self, endpoints: tuple[Endpoint, ...]) -> dict[HostPort, EndpointStats]:
         """Stats for a first endpoint set (an address listed twice keeps its first entry)."""
@@ -333,7 +376,7 @@ class Service(Generic[T]):
         endpoints: list[EndpointStatus] = []
         if active is not None:
             now = time.monotonic()
-            ejected = self.detector.ejected()
+            reasons = self.detector.reasons()
             breakers = self.breakers
             for address, stats in sorted(active.stats.items()):
                 breaker = breakers.get(address)
@@ -353,7 +396,8 @@ class Service(Generic[T]):
                         breaker=breaker.state if breaker is not None else STATE_CLOSED,
                         breaker_failures=breaker.failures if breaker is not None else 0,
                         breaker_opens=breaker.trips if breaker is not None else 0,
-                        ejected=address in ejected,
+                        ejected=address in reasons,
+                        ejected_reason=reasons.get(address),
                     )
                 )
         return ServiceStatus(
@@ -382,6 +426,12 @@ class Service(Generic[T]):
             ),
             ejections=self.detector.ejections,
             endpoints=endpoints,
+            adaptive=None if isinstance(limit, ConcurrencyLimit) else limit.status(),
+            ejections_by_reason={
+                CONSECUTIVE: self.detector.consecutive_ejections,
+                SUCCESS_RATE: self.detector.success_rate_ejections,
+                FAILURE_PERCENTAGE: self.detector.failure_percentage_ejections,
+            },
             hedge=self._hedge_view(),
         )
 

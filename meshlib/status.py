@@ -21,7 +21,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from meshlib.resilience.adaptive import AdaptiveLimitStatus
 
 __all__ = [
     "BudgetStatus",
@@ -51,7 +54,8 @@ class EndpointStatus:
     ``address`` is ``host:port`` as written in discovery (``host`` and ``port`` apart too); ``latency_ms`` is the
     balancer's peak-EWMA estimate (decayed to now); ``requests`` and ``failures`` count
     attempts since the endpoint joined; ``breaker`` is ``closed``, ``open`` or ``half-open``; ``ejected`` is
-    outlier detection's verdict.
+    outlier detection's verdict and ``ejected_reason`` which detector ejected it (``consecutive``,
+    ``success-rate`` or ``failure-percentage``; ``None`` while in rotation).
     """
 
     address: str
@@ -68,6 +72,7 @@ class EndpointStatus:
     breaker_failures: int
     breaker_opens: int
     ejected: bool
+    ejected_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +122,14 @@ class HedgeStatus:
 
 @dataclass(frozen=True, slots=True)
 class ServiceStatus:
-    """One mesh service: balancer, discovery, budget, ejections and endpoints (empty until first used)."""
+    """One mesh service: balancer, discovery, budget, ejections and endpoints (empty until first used).
+
+    ``adaptive`` is the adaptive concurrency limit's reading (current limit, window latency, baseline,
+    gradient...) when the service uses one (``MESHLIB_ADAPTIVE_CONCURRENCY``); ``None`` with the fixed limit,
+    whose value is ``budget.max_inflight``. Either way ``budget.overloaded`` counts the calls refused.
+    ``ejections`` counts every ejection so far, ``ejections_by_reason`` the same by detector (``consecutive``,
+    ``success-rate``, ``failure-percentage``).
+    """
 
     name: str
     balancer: str
@@ -126,6 +138,8 @@ class ServiceStatus:
     budget: BudgetStatus
     ejections: int
     endpoints: list[EndpointStatus] = field(default_factory=list)
+    adaptive: AdaptiveLimitStatus | None = None
+    ejections_by_reason: dict[str, int] = field(default_factory=dict)
     hedge: HedgeStatus = field(default_factory=HedgeStatus)
 
 
@@ -393,6 +407,15 @@ _SERVICE_SPEC: dict[str, _Spec] = {
     "ejections": "int",
     "endpoints": [_ENDPOINT_SPEC],
 }
+#: Optional in a service (a fixed limit, or an older version): checked only when present and not null.
+_ADAPTIVE_SPEC: dict[str, _Spec] = {
+    "limit": "int",
+    "min_limit": "int",
+    "max_limit": "int",
+    "short_rtt_ms": "number|null",
+    "long_rtt_ms": "number|null",
+    "gradient": "number",
+}
 #: Optional in a client (older versions have none): checked only when present and not null.
 _ROUTES_SPEC: dict[str, _Spec] = {
     "source": "str",
@@ -477,6 +500,9 @@ def check_status(payload: object) -> Mapping[str, Any]:
     _check(payload, _STATUS_SPEC, "")
     assert isinstance(payload, Mapping)
     for index, client in enumerate(payload["clients"]):
+        for number, service in enumerate(client["services"]):
+            if service.get("adaptive") is not None:
+                _check(service["adaptive"], _ADAPTIVE_SPEC, f"clients[{index}].services[{number}].adaptive")
         routes = client.get("routes")
         if routes is not None:
             _check(routes, _ROUTES_SPEC, f"clients[{index}].routes")
@@ -521,6 +547,11 @@ def _expected(spec: _Spec) -> str:
     return " or ".join(_KINDS[kind][0] for kind in spec.split("|"))
 
 
+def _ms(value: float | None) -> str:
+    """A latency in milliseconds for the table (``-``: none measured yet)."""
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 def _kind(value: object) -> str:
     """A short, printable description of a JSON value, for error messages."""
     if value is None:
@@ -544,6 +575,27 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     return "-" if value is None else printable(value)
+
+
+def _ejected_cell(endpoint: Mapping[str, Any]) -> str:
+    """``no``, or why the endpoint is ejected (``consecutive``, ``success-rate``...; ``yes`` from an older
+    meshlib, which sends no ``ejected_reason``)."""
+    reason = endpoint.get("ejected_reason")
+    if endpoint["ejected"] and isinstance(reason, str) and reason:
+        return printable(reason, 40)
+    return _cell(endpoint["ejected"])
+
+
+def _reasons_text(counts: object) -> str:
+    """`` (success-rate 1)``: the ejections by detector that are not zero (nothing when absent or malformed)."""
+    if not isinstance(counts, Mapping):
+        return ""
+    parts = [
+        f"{printable(reason, 40)} {count}"
+        for reason, count in counts.items()
+        if isinstance(count, int) and not isinstance(count, bool) and count
+    ]
+    return f" ({', '.join(parts[:10])})" if parts else ""
 
 
 def _rejected_line(rejected: Mapping[str, Any]) -> str:
@@ -684,8 +736,16 @@ def format_status(payload: object) -> str:
                 f"    retries: {budget['retries']} made, {budget['available']:.1f} available, "
                 f"{budget['exhausted']} refused by the budget; "
                 f"in flight {budget['inflight']}/{budget['max_inflight']}, {budget['overloaded']} overloaded; "
-                f"{service['ejections']} ejection(s)"
+                f"{service['ejections']} ejection(s)" + _reasons_text(service.get("ejections_by_reason"))
             )
+            adaptive = service.get("adaptive")
+            if adaptive is not None:
+                lines.append(
+                    f"    adaptive concurrency: limit {adaptive['limit']} "
+                    f"({adaptive['min_limit']}-{adaptive['max_limit']}), "
+                    f"window latency {_ms(adaptive['short_rtt_ms'])}, baseline {_ms(adaptive['long_rtt_ms'])}, "
+                    f"gradient {adaptive['gradient']:.2f}"
+                )
             hedge = service.get("hedge")
             if isinstance(hedge, dict) and (hedge.get("sent") or hedge.get("budget_exhausted")):
                 delay = hedge.get("delay_ms")
@@ -695,7 +755,10 @@ def format_status(payload: object) -> str:
                     f"the budget; delay {'-' if not isinstance(delay, (int, float)) else f'{delay:.1f} ms'}"
                 )
             rows = [[header for header, _, _ in _COLUMNS]]
-            rows.extend([_cell(endpoint[key]) for _, key, _ in _COLUMNS] for endpoint in service["endpoints"])
+            rows.extend(
+                [_ejected_cell(endpoint) if key == "ejected" else _cell(endpoint[key]) for _, key, _ in _COLUMNS]
+                for endpoint in service["endpoints"]
+            )
             widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
             for row in rows:
                 cells = [

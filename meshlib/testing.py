@@ -165,6 +165,11 @@ class Behavior:
             i.e. the logical name a mesh client addressed; ``headers`` are lower-cased).
         headers: Extra response headers, e.g. ``(("retry-after", "2"),)``. A ``content-type``
             here replaces the default one.
+        fail_fraction: A gray failure: this fraction (0-1) of requests is answered at once (no delay)
+            with ``fail_status`` and an empty body, the rest as above. Deterministic and spread evenly
+            over the backend's requests (0.3: the 4th, 7th, 10th, 14th...), so failures never come
+            two in a row below one half.
+        fail_status: The status of those failed requests (default 500).
     """
 
     status: int = 200
@@ -173,12 +178,18 @@ class Behavior:
     drop: bool = False
     body: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    fail_fraction: float = 0.0
+    fail_status: int = 500
 
     def __post_init__(self) -> None:
         if not 200 <= self.status <= 599:
             raise ValueError(f"status must be within 200..599, got {self.status}")
         if not (self.delay >= 0 and math.isfinite(self.delay)):
             raise ValueError(f"delay must be a finite number >= 0, got {self.delay}")
+        if not 0.0 <= self.fail_fraction <= 1.0:
+            raise ValueError(f"fail_fraction must be within 0..1, got {self.fail_fraction}")
+        if not 200 <= self.fail_status <= 599:
+            raise ValueError(f"fail_status must be within 200..599, got {self.fail_status}")
         for pair in self.headers:
             if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
                 raise ValueError(f"headers must be (name, value) string pairs, got {pair!r}")
@@ -679,8 +690,12 @@ class Backend:
         )
         with self._cond:
             self._count += 1
+            served = self._count
             self._requests.append(recorded)
             self._cond.notify_all()
+        share = behavior.fail_fraction
+        if share and math.floor(served * share) != math.floor((served - 1) * share):
+            behavior = Behavior(status=behavior.fail_status, body=b"")
 
         delay = behavior.total_delay()
         if delay > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -37,6 +38,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("slow") is not None:
                 item.add_marker(skip)
+
+
+#: The threads of a client's control-plane sources: Consul's discovery chains (the apply thread, each chain's and
+#: target's watch) and xDS (the apply thread, each ADS stream and its timer).
+SOURCE_THREADS = ("meshlib-consul-chain", "meshlib-consul-target", "meshlib-xds")
+
+
+@pytest.fixture(autouse=True)
+def no_source_thread_outlives_its_test() -> Iterator[None]:
+    """Fail the test that leaves a control-plane source running (a client neither closed nor collected), not a
+    later one that happens to log, count threads or collect garbage meanwhile. Cheap: one look at the thread list
+    (and a bounded join only when some are left, as a client closing in a fixture's teardown may still be)."""
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t.name.startswith(SOURCE_THREADS) and t not in before]
+    if not left:
+        return
+    deadline = time.monotonic() + 10  # one bound for all: only "did not hang"
+    for thread in left:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = sorted(t.name for t in left if t.is_alive())
+    if alive:
+        pytest.fail(
+            f"control-plane source threads outlived the test: {alive} (close the client it made, or drop it and "
+            "gc.collect() before the test ends)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -109,3 +109,49 @@ def test_bad_lb_fails_at_async_client_construction() -> None:
 def test_unknown_variable_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     MeshConfig.from_env({"MESHLIB_LBB": "random"})
     assert "MESHLIB_LBB" in caplog.text
+
+
+# -- rate-based outlier ejection (issue 15) -------------------------------------------------------------------------
+
+
+def test_rate_based_outlier_settings_default_to_envoys_and_read_per_service() -> None:
+    from meshlib.resilience import FailurePercentageEjection, SuccessRateEjection
+
+    config = MeshConfig.from_env(
+        {
+            "MESHLIB_OUTLIER_INTERVAL": "2s",
+            "MESHLIB_OUTLIER_FAILURE_PERCENTAGE_ENFORCEMENT_PERCENT": "100%",
+            "MESHLIB_OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": "40",
+            "MESHLIB_SERVICE_PAYMENTS": "static://10.0.0.5:8080",
+            "MESHLIB_SERVICE_PAYMENTS__OUTLIER_SUCCESS_RATE_ENFORCEMENT_PERCENT": "0",
+            "MESHLIB_SERVICE_PAYMENTS__OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": "7",
+        }
+    )
+    default = meshlib.ResilienceSettings()
+    assert default.outlier_interval == 10.0
+    assert default.outlier_success_rate == SuccessRateEjection(1900, 100, 5, 100)  # on, as in Envoy
+    assert default.outlier_failure_percentage is None  # off (enforcement 0), as in Envoy
+    assert config.resilience.outlier_interval == 2.0
+    assert config.resilience.outlier_failure_percentage == FailurePercentageEjection(40, 100, 5, 50)
+    payments = config.resilience_for("PAYMENTS")
+    assert payments.outlier_success_rate is None
+    assert payments.outlier_failure_percentage == FailurePercentageEjection(40, 100, 5, 7)
+    assert payments.outlier_interval == 2.0
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "expected"),
+    [
+        ("MESHLIB_OUTLIER_INTERVAL", "0", "greater than zero"),
+        ("MESHLIB_OUTLIER_SUCCESS_RATE_ENFORCEMENT_PERCENT", "101", "whole percentage from 0 to 100"),
+        ("MESHLIB_OUTLIER_FAILURE_PERCENTAGE_THRESHOLD", "8.5", "whole percentage from 0 to 100"),
+        ("MESHLIB_OUTLIER_SUCCESS_RATE_STDEV_FACTOR", "-1", "whole number"),
+        ("MESHLIB_OUTLIER_SUCCESS_RATE_MINIMUM_HOSTS", "10000000000", "at most 1,000,000,000"),
+        ("MESHLIB_SERVICE_PAYMENTS__OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME", "many", "whole number"),
+    ],
+)
+def test_bad_rate_based_outlier_settings_name_the_variable(variable: str, raw: str, expected: str) -> None:
+    with pytest.raises(meshlib.ConfigError) as error:
+        MeshConfig.from_env({"MESHLIB_SERVICE_PAYMENTS": "static://10.0.0.5:8080", variable: raw})
+    assert error.value.variable == variable
+    assert expected in str(error.value)

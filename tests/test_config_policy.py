@@ -10,6 +10,7 @@ import pytest
 import meshlib
 from meshlib.config import SERVICE_SETTINGS, MeshConfig, ResilienceSettings, ServiceConfig
 from meshlib.policy import DEFAULT_POLICY, Policy
+from meshlib.resilience.hedging import DEFAULT_HEDGE_POLICY
 
 SVC = {"MESHLIB_SERVICE_PAYMENTS": "static://10.0.0.5:8080", "MESHLIB_SERVICE_USERS": "static://10.0.0.6:8080"}
 
@@ -55,6 +56,7 @@ def test_mesh_wide_policy_variables() -> None:
         backoff_base=0.01,
         backoff_cap=1.0,
         retry_after_cap=60.0,
+        hedge=DEFAULT_HEDGE_POLICY,
     )
 
 
@@ -143,6 +145,29 @@ def test_every_policy_and_resilience_suffix_works_per_service() -> None:
         "OUTLIER_MAX_EJECTION": "40s",
         "OUTLIER_MAX_PERCENT": "1",
         "MAX_INFLIGHT": "1",
+        "ADAPTIVE_CONCURRENCY": "yes",
+        "ADAPTIVE_INITIAL_LIMIT": "7",
+        "ADAPTIVE_MIN_LIMIT": "2",
+        "ADAPTIVE_MAX_LIMIT": "9",
+        "ADAPTIVE_WINDOW": "250ms",
+        "ADAPTIVE_WINDOW_SAMPLES": "4",
+        "OUTLIER_INTERVAL": "2s",
+        "OUTLIER_SUCCESS_RATE_ENFORCEMENT_PERCENT": "50",
+        "OUTLIER_SUCCESS_RATE_MINIMUM_HOSTS": "3",
+        "OUTLIER_SUCCESS_RATE_REQUEST_VOLUME": "7",
+        "OUTLIER_SUCCESS_RATE_STDEV_FACTOR": "1000",
+        "OUTLIER_FAILURE_PERCENTAGE_ENFORCEMENT_PERCENT": "100",
+        "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": "40",
+        "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": "2",
+        "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": "9",
+        "HEDGE_MAX_ATTEMPTS": "3",
+        "HEDGE_DELAY": "p99",
+        "HEDGE_NON_FATAL": "503",
+        "HEDGE_NON_IDEMPOTENT": "yes",
+        "HEDGE_MAX_EXTRA_LOAD": "10%",
+        "HEDGE_MIN_DELAY": "2ms",
+        "HEDGE_WINDOW": "10s",
+        "HEDGE_MIN_SAMPLES": "5",
     }
     tls = {suffix for suffix in SERVICE_SETTINGS if suffix.startswith("TLS_")}  # tests/security covers these
     assert set(samples) | {"LB", "HASH_HEADER"} | tls == set(SERVICE_SETTINGS)

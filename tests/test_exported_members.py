@@ -21,6 +21,7 @@ PUBLIC = {
     "DiscoveryError",
     "Endpoint",
     "Explanation",
+    "HedgePolicy",
     "IdentityError",
     "MeshConfig",
     "MeshError",

@@ -74,12 +74,17 @@ def test_blocking_driver_races_two_attempts_and_cancels_the_loser(start_backends
         response.close()
         winner, loser = seen
         assert {winner.request.url.port, loser.request.url.port} == {fast.port, slow.port}
-        # A blocking attempt on the wire cannot be interrupted: it is let go when it returns. A callback added
-        # after the driver's runs after it, so this event says the driver has closed and released the loser.
+        # A blocking attempt on the wire is stopped (its socket shut down: the server sees the hang-up) and let go
+        # when its worker returns. A callback added after the driver's runs after it, so this event says the
+        # driver has released the loser.
         let_go = threading.Event()
         loser.task.add_done_callback(lambda _: let_go.set())
         assert let_go.wait(10)
-        assert loser.response is not None and loser.response.is_closed
+        assert loser.response is None and loser.error is not None
+        # The server saw the loser's connection close (its socket was shut down), and any request of it that the
+        # server read, it saw hang up: nothing is left running there.
+        assert slow.wait_idle(timeout=10)
+        assert slow.hangups == slow.count
         assert loser.lease.released and winner.lease.released
         _idle(client)
 

@@ -64,6 +64,14 @@ def parse_mirror_concurrency(variable: str, raw: str) -> int:
     return value
 
 
+def parse_whole_percent(variable: str, raw: str) -> int:
+    """``85`` or ``85%`` -> 85: a whole percentage from 0 to 100 (Envoy's outlier percentages are integers)."""
+    value = parse_percent(variable, raw)
+    if not (0 <= value <= 100 and value == int(value)):
+        raise ConfigError(variable, raw, "a whole percentage from 0 to 100 such as 85 or 85%")
+    return int(value)
+
+
 ENV_PREFIX = "MESHLIB_"
 SERVICE_PREFIX = "MESHLIB_SERVICE_"
 #: Separates a service name from a per-service setting: ``MESHLIB_SERVICE_PAYMENTS__LB``.
@@ -123,6 +131,32 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
     "OUTLIER_MAX_EJECTION": ("outlier_max_ejection", parse_positive_duration),
     "OUTLIER_MAX_PERCENT": ("outlier_max_percent", parse_percent),
     "MAX_INFLIGHT": ("max_inflight", parse_int),
+    "ADAPTIVE_CONCURRENCY": ("adaptive_concurrency", parse_bool),
+    "ADAPTIVE_INITIAL_LIMIT": ("adaptive_initial_limit", parse_int),
+    "ADAPTIVE_MIN_LIMIT": ("adaptive_min_limit", parse_int),
+    "ADAPTIVE_MAX_LIMIT": ("adaptive_max_limit", parse_int),
+    "ADAPTIVE_WINDOW": ("adaptive_window", parse_positive_duration),
+    "ADAPTIVE_WINDOW_SAMPLES": ("adaptive_window_samples", parse_int),
+    "OUTLIER_INTERVAL": ("outlier_interval", parse_positive_duration),
+    "OUTLIER_SUCCESS_RATE_ENFORCEMENT_PERCENT": ("outlier_success_rate_enforcement_percent", parse_whole_percent),
+    "OUTLIER_SUCCESS_RATE_MINIMUM_HOSTS": ("outlier_success_rate_minimum_hosts", parse_int),
+    "OUTLIER_SUCCESS_RATE_REQUEST_VOLUME": ("outlier_success_rate_request_volume", parse_int),
+    "OUTLIER_SUCCESS_RATE_STDEV_FACTOR": ("outlier_success_rate_stdev_factor", parse_int),
+    "OUTLIER_FAILURE_PERCENTAGE_ENFORCEMENT_PERCENT": (
+        "outlier_failure_percentage_enforcement_percent",
+        parse_whole_percent,
+    ),
+    "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": ("outlier_failure_percentage_threshold", parse_whole_percent),
+    "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": ("outlier_failure_percentage_minimum_hosts", parse_int),
+    "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": ("outlier_failure_percentage_request_volume", parse_int),
+}
+
+#: A check across resilience settings names one field; when that field was not set in the layer being read
+#: (a per-service ``ADAPTIVE_MAX_LIMIT`` under a mesh-wide ``ADAPTIVE_MIN_LIMIT``), the error names the first
+#: of these that was.
+_RELATED = {
+    "adaptive_min_limit": ("adaptive_max_limit",),
+    "adaptive_initial_limit": ("adaptive_min_limit", "adaptive_max_limit"),
 }
 
 #: TLS variables: suffix -> TLSSettings field, ``MESHLIB_TLS_*`` mesh-wide (except ``SERVER_NAME`` and ``VERIFY``,
@@ -380,9 +414,14 @@ def _resilience_layer(base: ResilienceSettings, found: Mapping[str, tuple[str, s
         if attr in parsed:
             variable, raw, _ = parsed[attr]
             raise ConfigError(variable, raw, error.expected) from None
-        # outlier_max_ejection < outlier_base_ejection, where only the base was set here
-        variable, raw, _ = parsed["outlier_base_ejection"]
-        expected = f"a duration no longer than the maximum ejection ({base.outlier_max_ejection}s)"
+        if attr == "outlier_max_ejection":  # outlier_max_ejection < outlier_base_ejection, only the base set here
+            variable, raw, _ = parsed["outlier_base_ejection"]
+            expected = f"a duration no longer than the maximum ejection ({base.outlier_max_ejection}s)"
+            raise ConfigError(variable, raw, expected) from None
+        other = next(name for name in _RELATED.get(attr, ()) if name in parsed)
+        variable, raw, _ = parsed[other]
+        name = next((f"{ENV_PREFIX}{k}" for k, (a, _) in _RESILIENCE_SETTINGS.items() if a == attr), attr)
+        expected = f"a value that keeps {name}={error.value!r} valid ({name}: {error.expected})"
         raise ConfigError(variable, raw, expected) from None
 
 

@@ -30,6 +30,7 @@ from meshlib._config.parse import (
 from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
 from meshlib.resilience.hedging import HedgeSettings
+from meshlib.resilience.outlier import FailurePercentageEjection, SuccessRateEjection
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
 
 
@@ -85,8 +86,23 @@ class ResilienceSettings:
       ``outlier_max_percent=10`` -- Envoy's outlier detection: eject after 5 consecutive gateway failures
       for 30 s x ejection count, at most 300 s, never more than 10 % of endpoints (at least one). A
       percentage (0-100), as every ``*_percent`` field; fractions (0-1) are named ``*_fraction``.
+    * ``outlier_interval=10 s`` -- how often the rate-based detectors sweep (Envoy ``interval``, gRFC A50).
+    * ``outlier_success_rate_*`` -- success-rate ejection (Envoy ``success_rate_*``, A50), **on** as in Envoy:
+      ``enforcement_percent=100``, ``minimum_hosts=5``, ``request_volume=100``, ``stdev_factor=1900``
+      (thousandths: eject below mean - 1.9 x stdev).
+    * ``outlier_failure_percentage_*`` -- failure-percentage ejection (Envoy ``failure_percentage_*``, A50),
+      **off** as in Envoy (``enforcement_percent=0``): ``threshold=85``, ``minimum_hosts=5``,
+      ``request_volume=50``. An enforcement of 0 turns a detector off (no counting, no sweep).
     * ``max_inflight=1024`` -- concurrent requests per service before :class:`OverloadedError`: Envoy's
       ``max_requests`` circuit-breaker threshold.
+    * ``adaptive_concurrency=False`` -- replace the fixed ``max_inflight`` by a limit learnt from latency
+      (:class:`~meshlib.resilience.adaptive.AdaptiveConcurrencyLimit`, Netflix's Gradient2). Its bounds:
+      ``adaptive_min_limit`` (default 3, Envoy's ``min_concurrency``), ``adaptive_initial_limit`` (default 20,
+      Gradient2's) and ``adaptive_max_limit`` (default: ``max_inflight``; the fixed limit is always the
+      ceiling, so any larger bound is lowered to it); ``None`` means the default, clamped into the bounds set.
+      ``adaptive_window=0.1 s`` and ``adaptive_window_samples=10``: the shortest window the limit averages
+      latency over before it moves (Envoy's 100 ms update interval) and the fewest samples in it (Netflix's
+      ``windowSize``). See :meth:`adaptive_bounds`.
     * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
       of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
       at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
@@ -104,6 +120,21 @@ class ResilienceSettings:
     outlier_max_ejection: float = 300.0
     outlier_max_percent: float = 10.0
     max_inflight: int = 1024
+    adaptive_concurrency: bool = False
+    adaptive_initial_limit: int | None = None
+    adaptive_min_limit: int | None = None
+    adaptive_max_limit: int | None = None
+    adaptive_window: float = 0.1
+    adaptive_window_samples: int = 10
+    outlier_interval: float = 10.0
+    outlier_success_rate_enforcement_percent: int = 100
+    outlier_success_rate_minimum_hosts: int = 5
+    outlier_success_rate_request_volume: int = 100
+    outlier_success_rate_stdev_factor: int = 1900
+    outlier_failure_percentage_enforcement_percent: int = 0
+    outlier_failure_percentage_threshold: int = 85
+    outlier_failure_percentage_minimum_hosts: int = 5
+    outlier_failure_percentage_request_volume: int = 50
     hedge: HedgeSettings = field(default_factory=HedgeSettings)
 
     def __post_init__(self) -> None:
@@ -126,7 +157,94 @@ class ResilienceSettings:
         percent = self.outlier_max_percent
         ok = _is_number(percent) and 0 <= percent <= 100
         _check(own, "outlier_max_percent", percent, ok, PERCENT_EXPECTED)
+        adaptive = self.adaptive_concurrency
+        _check(own, "adaptive_concurrency", adaptive, isinstance(adaptive, bool), "a bool")
+        for name in ("adaptive_initial_limit", "adaptive_min_limit", "adaptive_max_limit"):
+            count = getattr(self, name)
+            ok = count is None or (_is_int(count) and 1 <= count <= MAX_COUNT)
+            _check(own, name, count, ok, _COUNT_EXPECTED)
+        samples = self.adaptive_window_samples
+        ok = _is_int(samples) and 1 <= samples <= 10_000
+        _check(own, "adaptive_window_samples", samples, ok, "an integer from 1 to 10,000")
+        window = self.adaptive_window
+        ok = _is_number(window) and 0.001 <= window <= 60
+        _check(own, "adaptive_window", window, ok, "a duration from 1ms to 60s")
+        # Checked among the adaptive settings only: MAX_INFLIGHT (an xDS cluster's max_requests too) lowers them
+        # all when smaller (adaptive_bounds), it never makes them invalid.
+        low, first, high = self.adaptive_min_limit, self.adaptive_initial_limit, self.adaptive_max_limit
+        if low is not None and high is not None:
+            expected = f"an integer no larger than ADAPTIVE_MAX_LIMIT ({high})"
+            _check(own, "adaptive_min_limit", low, low <= high, expected)
+        if first is not None:
+            floor = 3 if low is None else low
+            ok = floor <= first and (high is None or first <= high)
+            expected = f"an integer from the adaptive minimum ({floor}) to ADAPTIVE_MAX_LIMIT ({high})"
+            _check(own, "adaptive_initial_limit", first, ok, expected if high is not None else f"an integer >= {floor}")
+        interval = self.outlier_interval
+        _check(
+            own,
+            "outlier_interval",
+            interval,
+            _is_duration(interval),
+            f"a duration greater than zero, {_DURATION_LIMIT}",
+        )
+        for name in _OUTLIER_PERCENTS:  # whole numbers, as Envoy's (50.0 is taken as 50)
+            percent = getattr(self, name)
+            ok = _is_number(percent) and 0 <= percent <= 100 and float(percent).is_integer()
+            _check(own, name, percent, ok, "a whole percentage from 0 to 100 such as 85 or 85%")
+            object.__setattr__(self, name, int(percent))
+        for name in _OUTLIER_COUNTS:
+            count = getattr(self, name)
+            ok = _is_int(count) and 0 <= count <= MAX_COUNT
+            _check(own, name, count, ok, f"an integer >= 0 (at most {MAX_COUNT:,})")
         _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
+
+    def adaptive_bounds(self) -> tuple[int, int, int]:
+        """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)
+        for the others, clamped so that min <= initial <= max. The fixed ``max_inflight`` is always the ceiling:
+        a larger bound is lowered to it."""
+        most = self.max_inflight if self.adaptive_max_limit is None else min(self.adaptive_max_limit, self.max_inflight)
+        least = min(3 if self.adaptive_min_limit is None else self.adaptive_min_limit, most)
+        start = 20 if self.adaptive_initial_limit is None else self.adaptive_initial_limit
+        return least, min(max(start, least), most), most
+
+    @property
+    def outlier_success_rate(self) -> SuccessRateEjection | None:
+        """The success-rate detector these settings ask for (``None``: off, enforcement 0)."""
+        if not self.outlier_success_rate_enforcement_percent:
+            return None
+        return SuccessRateEjection(
+            stdev_factor=self.outlier_success_rate_stdev_factor,
+            enforcement_percentage=self.outlier_success_rate_enforcement_percent,
+            minimum_hosts=self.outlier_success_rate_minimum_hosts,
+            request_volume=self.outlier_success_rate_request_volume,
+        )
+
+    @property
+    def outlier_failure_percentage(self) -> FailurePercentageEjection | None:
+        """The failure-percentage detector these settings ask for (``None``: off, enforcement 0)."""
+        if not self.outlier_failure_percentage_enforcement_percent:
+            return None
+        return FailurePercentageEjection(
+            threshold=self.outlier_failure_percentage_threshold,
+            enforcement_percentage=self.outlier_failure_percentage_enforcement_percent,
+            minimum_hosts=self.outlier_failure_percentage_minimum_hosts,
+            request_volume=self.outlier_failure_percentage_request_volume,
+        )
+
+
+_OUTLIER_PERCENTS = (
+    "outlier_success_rate_enforcement_percent",
+    "outlier_failure_percentage_enforcement_percent",
+    "outlier_failure_percentage_threshold",
+)
+_OUTLIER_COUNTS = (
+    "outlier_success_rate_minimum_hosts",
+    "outlier_success_rate_request_volume",
+    "outlier_success_rate_stdev_factor",
+    "outlier_failure_percentage_minimum_hosts",
+    "outlier_failure_percentage_request_volume",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Hedging sends a second copy of a slow request to another endpoint and keeps whichever answer comes first
 ("The Tail at Scale", Dean and Barroso 2013). This module holds the *pure* parts; the call plan
-(``meshlib/_plan.py``) drives them (docs/resilience-hedging.md says exactly how). Sources:
+(``meshlib/_plan.py``) drives them (docs/resilience.md, "Hedging"). Sources:
 
 * **gRFC A6** (grpc/proposal ``A6-client-retries.md``, "Hedging Policy", "Pushback", "Summary of Retry and
   Hedging Logic"): the original is sent at once and a hedge every ``hedgingDelay`` until ``maxAttempts``
@@ -417,7 +417,7 @@ def hedge_pushback(
     retry_after_cap: float = 300.0,
     parse_retry_after: Callable[[str], float | None] | None = None,
 ) -> Pushback:
-    """The HTTP form of A6's ``grpc-retry-pushback-ms`` for hedges (the rule in docs/resilience-hedging.md):
+    """The HTTP form of A6's ``grpc-retry-pushback-ms`` for hedges (docs/resilience.md, "Hedging"):
 
     1. ``x-meshlib-no-retry`` on the answer (a downstream layer already retried) -> stop.
     2. 429 or 503 with ``Retry-After``: delta-seconds or an HTTP-date (``parse_retry_after``, default

@@ -35,8 +35,9 @@ Defaults are Envoy's (``config.cluster.v3.OutlierDetection``): ``consecutive_5xx
 ``base_ejection_time: 30s``, ``max_ejection_time: 300s``, ``max_ejection_percent: 10``, ``interval: 10s``
 (also A50's and Istio's), the success-rate and failure-percentage defaults of
 :class:`SuccessRateEjection` and :class:`FailurePercentageEjection`; panic at Envoy's
-``healthy_panic_threshold: 50%`` (Finagle's ``PanicMode`` is the same idea). docs/resilience-outlier.md
-gives the sources and where meshlib departs from them.
+``healthy_panic_threshold: 50%`` (Finagle's ``PanicMode`` is the same idea). docs/resilience.md
+("Outlier ejection by success rate and failure percentage") gives the sources and where meshlib departs
+from them.
 
 Pure decision code: no I/O, no timers, injected ``clock`` and ``randrange``. Thread-safe: one short lock
 for ejection state, and one per endpoint held only for two integer additions while the rate detectors
@@ -56,13 +57,28 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["FailurePercentageEjection", "OutlierDetector", "SuccessRateEjection"]
+__all__ = [
+    "CONSECUTIVE",
+    "EJECTION_REASONS",
+    "FAILURE_PERCENTAGE",
+    "SUCCESS_RATE",
+    "FailurePercentageEjection",
+    "OutlierDetector",
+    "SuccessRateEjection",
+]
 
 logger = logging.getLogger("meshlib.resilience")
 
 K = TypeVar("K", bound=Hashable)
 
 _INF = math.inf
+
+#: Why an endpoint was ejected (shown by ``mesh_status()`` and ``meshlib status``, an attribute of the
+#: ``meshlib.client.ejections`` counter): which detector ejected it.
+CONSECUTIVE = "consecutive"
+SUCCESS_RATE = "success-rate"
+FAILURE_PERCENTAGE = "failure-percentage"
+EJECTION_REASONS = (CONSECUTIVE, SUCCESS_RATE, FAILURE_PERCENTAGE)
 
 
 def _check_count(owner: str, name: str, value: int) -> None:
@@ -143,13 +159,13 @@ class OutlierDetector(Generic[K]):
 
     Consecutive-failure ejection happens inside :meth:`record`. Success-rate and failure-percentage
     ejection happen in :meth:`evaluate`, which the owner calls every ``interval`` seconds from a timer, off
-    the request path (one timer per service; see docs/resilience-outlier.md). ``success_rate=None`` or
-    ``failure_percentage=None`` (or an enforcement of 0) turns that detector off; with both off,
-    :meth:`record` counts nothing beyond the consecutive streak. ``randrange(100)`` draws the enforcement
+    the request path (a client runs one timer for all its services: :mod:`meshlib.resilience.sweep`).
+    ``success_rate=None`` or ``failure_percentage=None`` (or an enforcement of 0) turns that detector off;
+    with both off, :meth:`record` counts nothing beyond the consecutive streak. ``randrange(100)`` draws the enforcement
     chance (an integer in ``[0, 100)``, as A50 says); it is only called for enforcements strictly between
     0 and 100.
 
-    Counters: ``ejections`` (total, all detectors), ``success_rate_ejections``,
+    Counters: ``ejections`` (total, all detectors), ``consecutive_ejections``, ``success_rate_ejections``,
     ``failure_percentage_ejections``, ``readmissions``, ``overflow`` (ejections refused by the percentage
     cap), ``unenforced`` (outliers spared by the enforcement draw). After each :meth:`evaluate`,
     ``success_rate_mean`` and ``success_rate_threshold`` hold that sweep's figures (``None`` when it did
@@ -212,7 +228,10 @@ class OutlierDetector(Generic[K]):
         self._next_expiry = _INF
         # The multiplier stops growing once base x multiplier reaches the cap (Envoy does the same).
         self._max_multiplier = max(1, math.ceil(max_ejection / base_ejection))
+        # Ejected keys -> the reason (one of EJECTION_REASONS); replaced with _until, never mutated.
+        self._why: dict[K, str] = {}
         self.ejections = 0
+        self.consecutive_ejections = 0
         self.success_rate_ejections = 0
         self.failure_percentage_ejections = 0
         self.readmissions = 0
@@ -274,7 +293,8 @@ class OutlierDetector(Generic[K]):
                 self.overflow += 1  # keep the streak: the next failure tries again once there is room
                 event = None
             else:
-                event = self._eject(key, host, now)
+                event = self._eject(key, host, now, CONSECUTIVE)
+                self.consecutive_ejections += 1
         self._log_readmitted(readmitted)
         if event is None:
             return False
@@ -303,6 +323,22 @@ class OutlierDetector(Generic[K]):
         if self._clock() >= self._next_expiry:
             self._readmit_expired()
         return self._snapshot
+
+    def reasons(self) -> dict[K, str]:
+        """Why each endpoint ejected now is out: key -> :data:`CONSECUTIVE`, :data:`SUCCESS_RATE` or
+        :data:`FAILURE_PERCENTAGE` (readmits lazily first, as :meth:`ejected` does; a copy)."""
+        ejected = self.ejected()
+        why = self._why
+        return {key: why[key] for key in ejected if key in why}
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock ejection and readmission times are read from; tests replace it with a fake one."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
 
     def panic(self, total: int, healthy: int) -> bool:
         """Envoy's panic mode: ``True`` when fewer than ``panic_threshold`` % of ``total`` endpoints are
@@ -369,7 +405,7 @@ class OutlierDetector(Generic[K]):
             if rate >= threshold:
                 break  # sorted: no one further is below it
             if self._enforce(config.enforcement_percentage):
-                duration, multiplier = self._eject(key, host, now, swept=True)[::2]
+                duration, multiplier = self._eject(key, host, now, SUCCESS_RATE, swept=True)[::2]
                 self.success_rate_ejections += 1
                 why = (
                     f"success rate {rate:.1f} % of {total} attempts below the threshold {threshold:.1f} % "
@@ -393,7 +429,7 @@ class OutlierDetector(Generic[K]):
             if key in self._until:
                 continue  # ejected by success rate in this sweep
             if self._enforce(config.enforcement_percentage):
-                duration, multiplier = self._eject(key, host, now, swept=True)[::2]
+                duration, multiplier = self._eject(key, host, now, FAILURE_PERCENTAGE, swept=True)[::2]
                 self.failure_percentage_ejections += 1
                 why = f"{failed:.1f} % of {total} attempts failed (threshold {config.threshold} %)"
                 events.append((key, why, duration, multiplier))
@@ -425,7 +461,7 @@ class OutlierDetector(Generic[K]):
             host.multiplier = max(0, host.multiplier - steps)
             host.healthy_since += steps * self.interval
 
-    def _eject(self, key: K, host: _Host, now: float, *, swept: bool = False) -> tuple[float, int, int]:
+    def _eject(self, key: K, host: _Host, now: float, reason: str, *, swept: bool = False) -> tuple[float, int, int]:
         """Eject ``key`` (lock held); returns (duration, streak, multiplier) for the log line.
 
         The multiplier first decays by the whole intervals the endpoint spent healthy since readmission; for
@@ -436,7 +472,7 @@ class OutlierDetector(Generic[K]):
         host.multiplier = min(host.multiplier + 1, self._max_multiplier)
         duration = min(self.base_ejection * host.multiplier, self.max_ejection)
         streak, host.streak, host.healthy_since = host.streak, 0, None
-        self._publish({**self._until, key: now + duration})
+        self._publish({**self._until, key: now + duration}, {**self._why, key: reason})
         self.ejections += 1
         return (duration, streak, host.multiplier)
 
@@ -467,8 +503,10 @@ class OutlierDetector(Generic[K]):
             self._publish({key: until for key, until in self._until.items() if until > now})
         return readmitted
 
-    def _publish(self, until: dict[K, float]) -> None:
-        """Install a new ejected map and its snapshot (lock held)."""
+    def _publish(self, until: dict[K, float], why: dict[K, str] | None = None) -> None:
+        """Install a new ejected map, its reasons and its snapshot (lock held)."""
+        source = self._why if why is None else why
+        self._why = {key: source[key] for key in until if key in source}
         self._until = until
         self._snapshot = frozenset(until)
         self._next_expiry = min(until.values(), default=_INF)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from meshlib.policy import DEFAULT_POLICY, NO_POLICY, POLICY_EXTENSION, Policy, current_deadline, current_policy
+from meshlib.resilience.hedging import HedgePolicy
 from meshlib.routing.decision import no_backend, no_route
 from meshlib.routing.model import HeaderModifier, PathMatch, QueryString, RouteMatch, _header_value
 from meshlib.status import printable
@@ -64,6 +65,7 @@ _FIELDS = (
     "backoff_base",
     "backoff_cap",
     "retry_after_cap",
+    "hedge",
 )
 
 
@@ -539,6 +541,8 @@ def _deadline(rules: Policy, deadline: float, now: float) -> tuple[float | None,
 
 
 def _json_value(value: object) -> float | int | bool | tuple[int, ...] | None:
+    if isinstance(value, HedgePolicy):  # JSON-ready: the attempts in flight at most (1: no hedging)
+        return value.max_attempts or 1
     if isinstance(value, float) and math.isinf(value):
         return None
     if isinstance(value, (frozenset, set)):
@@ -548,6 +552,13 @@ def _json_value(value: object) -> float | int | bool | tuple[int, ...] | None:
 
 
 def _text_value(name: str, value: object) -> str:
+    if isinstance(value, HedgePolicy):
+        if not value.enabled:
+            return "off"
+        delay = f"{value.delay:g}s" if value.delay is not None else f"p{(value.percentile or 0.95) * 100:g}"
+        statuses = ",".join(str(s) for s in sorted(value.non_fatal or ())) or "none"
+        unsafe = "any method" if value.non_idempotent else "idempotent requests"
+        return f"{value.max_attempts} attempts, delay {delay}, non-fatal {statuses}, {unsafe}"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (frozenset, set)):

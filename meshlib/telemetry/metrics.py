@@ -154,7 +154,7 @@ class MeshMetrics:
             (
                 "meshlib.client.overloaded",
                 "{request}",
-                "Calls refused because the service had MESHLIB_MAX_INFLIGHT calls in flight.",
+                "Calls refused at the service's in-flight limit (MESHLIB_MAX_INFLIGHT, or the adaptive limit).",
                 self._overloaded,
             ),
             (
@@ -163,7 +163,12 @@ class MeshMetrics:
                 "Circuit breaker transitions to open, per endpoint.",
                 self._breaker_opens,
             ),
-            ("meshlib.client.ejections", "{ejection}", "Outlier-detection ejections, per service.", self._ejections),
+            (
+                "meshlib.client.ejections",
+                "{ejection}",
+                "Outlier-detection ejections, per service and reason (consecutive, success-rate, failure-percentage).",
+                self._ejections,
+            ),
             (
                 "meshlib.client.hedges.sent",
                 "{hedge}",
@@ -316,7 +321,14 @@ class MeshMetrics:
         return self._per_service(lambda v: v.budget.overloaded, _add)
 
     def _ejections(self, options: CallbackOptions) -> list[Observation]:
-        return self._per_service(lambda v: v.ejections, _add)
+        """Per service and ``meshlib.ejection.reason`` (the detector: ``consecutive``, ``success-rate``,
+        ``failure-percentage``); summed over the reason it is the service's total."""
+        values: dict[_Key, float] = {}
+        for view in self._views():
+            for reason, count in view.ejections_by_reason.items():
+                key: _Key = (("server.address", view.name), ("meshlib.ejection.reason", reason))
+                values[key] = values.get(key, 0) + count
+        return self._emit(values)
 
     def _hedges(self, options: CallbackOptions) -> list[Observation]:
         return self._per_service(lambda v: v.hedge.sent, _add)

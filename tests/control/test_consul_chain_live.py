@@ -13,14 +13,17 @@ no request; intentions enforced by ``mesh_hooks`` on a real uvicorn answer 403 b
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 import meshlib
@@ -30,6 +33,7 @@ from meshlib.errors import DiscoveryError
 from meshlib.security.consul_ca import ConsulCASource
 from meshlib.status import format_status
 from meshlib.testing import Backend
+from tests.conftest import LogWatch
 from tests.httplib import httpx
 from tests.servers import consul_chains as chains
 from tests.servers.consul import ACLToken, ConsulEmulator, running
@@ -309,6 +313,109 @@ def test_a_forked_child_routes_by_the_chain_and_follows_its_changes(
         _, child = _both(work)
         assert child == ["v1-0", True]
         assert until(client, "http://web/", "v2-0") > 0  # the parent's own watches saw the change too
+
+
+# -- lifecycle: no watch outlives its client ----------------------------------------------------------------------
+
+
+def _watch_threads() -> set[threading.Thread]:
+    """The chain source's threads: the apply thread, each chain's and each target's blocking-query loop."""
+    return {t for t in threading.enumerate() if t.name.startswith(("meshlib-consul-chain", "meshlib-consul-target"))}
+
+
+def _ended(threads: set[threading.Thread]) -> list[str]:
+    """Join ``threads`` (one generous bound for all: only "did not hang"); the names of those still running."""
+    deadline = time.monotonic() + 15
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sorted(t.name for t in threads if t.is_alive())
+
+
+def _routed(consul: ConsulEmulator, start_backends: Any) -> dict[str, str]:
+    (web,) = start_backends(1, prefix="web")
+    (admin,) = start_backends(1, prefix="admin")
+    register(consul, "web", web)
+    register(consul, "admin", admin)
+    consul.set_chain("web", chains.route_prefixes("web", {"/admin": "admin"}))
+    return env(consul, web="consul+chain://web")
+
+
+def test_a_closed_client_has_ended_its_watch_threads(consul: ConsulEmulator, start_backends: Any) -> None:
+    before = _watch_threads()
+    with meshlib.Client(environ=_routed(consul, start_backends)) as client:
+        assert client.get("http://web/admin").headers["x-backend"] == "admin0"
+        started = _watch_threads() - before
+    assert {t.name for t in started} >= {"meshlib-consul-chain-apply", "meshlib-consul-chain-web"}
+    assert [t.name for t in started if t.is_alive()] == []  # close() waited: nothing of it queries or logs now
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_a_closed_async_client_has_ended_its_watch_threads(consul: ConsulEmulator, start_backends: Any) -> None:
+    """``aclose()`` ends the chain source too (it once did not: the watches ran on until the garbage collector
+    took the client, querying a stopped agent and logging into later tests)."""
+    before = _watch_threads()
+    async with meshlib.AsyncClient(environ=_routed(consul, start_backends)) as client:
+        assert (await client.get("http://web/admin")).headers["x-backend"] == "admin0"
+        started = _watch_threads() - before
+    assert {t.name for t in started} >= {"meshlib-consul-chain-apply", "meshlib-consul-chain-web"}
+    assert [t.name for t in started if t.is_alive()] == []  # ``client`` is still referenced: aclose() ended them
+
+
+@pytest.mark.parametrize("agent", ["serving", "stopped first"])
+def test_a_client_dropped_unclosed_ends_its_watch_threads(
+    consul: ConsulEmulator, start_backends: Any, log_event: LogWatch, agent: str
+) -> None:
+    unreachable = log_event("Consul discovery chain web:")  # the chain watch failing: the source saw the agent go
+    before = _watch_threads()
+    client = meshlib.Client(environ=_routed(consul, start_backends))
+    assert client.get("http://web/admin").headers["x-backend"] == "admin0"
+    started = _watch_threads() - before
+    assert {t.name for t in started} >= {"meshlib-consul-chain-apply", "meshlib-consul-chain-web"}
+    if agent == "stopped first":
+        consul.stop()
+        assert unreachable.wait(30)  # the loops are backing off, the last chain keeps serving
+    del client
+    gc.collect()
+    assert _ended(started) == []
+
+
+@pytest.mark.parametrize("agent", ["serving", "stopped first"])
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_an_async_client_dropped_unclosed_ends_its_watch_threads(
+    consul: ConsulEmulator, start_backends: Any, log_event: LogWatch, agent: str
+) -> None:
+    unreachable = log_event("Consul discovery chain web:")
+    before = _watch_threads()
+    client = meshlib.AsyncClient(environ=_routed(consul, start_backends))
+    assert (await client.get("http://web/admin")).headers["x-backend"] == "admin0"
+    started = _watch_threads() - before
+    assert {t.name for t in started} >= {"meshlib-consul-chain-apply", "meshlib-consul-chain-web"}
+    if agent == "stopped first":
+        consul.stop()
+        assert await anyio.to_thread.run_sync(unreachable.wait, 30)
+    del client
+    gc.collect()
+    assert await anyio.to_thread.run_sync(_ended, started) == []
+
+
+def test_watches_whose_client_is_gone_end_on_their_own(
+    consul: ConsulEmulator, start_backends: Any, log_event: LogWatch
+) -> None:
+    """The backstop behind the finalizer: a watch that wakes (here, retrying a stopped agent) to find its client's
+    mesh collected ends itself and the apply thread, even had the finalizer never reached it (detached here)."""
+    unreachable = log_event("Consul discovery chain web:")
+    before = _watch_threads()
+    client = meshlib.Client(environ=_routed(consul, start_backends))
+    assert client.get("http://web/admin").headers["x-backend"] == "admin0"
+    started = _watch_threads() - before
+    client._mesh.consul._finalizer.detach()
+    consul.stop()
+    assert unreachable.wait(30)
+    del client
+    gc.collect()
+    assert _ended(started) == []
 
 
 # -- Connect: mTLS with Consul identities -------------------------------------------------------------------------

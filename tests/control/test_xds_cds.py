@@ -338,6 +338,16 @@ def test_outlier_detection_fields_map() -> None:
     settings = update.resilience(ResilienceSettings())
     assert (settings.outlier_failures, settings.outlier_base_ejection, settings.outlier_max_ejection) == (3, 1.5, 1.5)
     assert settings.outlier_max_percent == 40.0
+    # The rate detectors apply too: success rate off (enforcement 0), failure percentage as sent, the interval.
+    assert settings.outlier_interval == 2.0
+    assert settings.outlier_success_rate is None
+    assert settings.outlier_failure_percentage == FailurePercentageEjection(60, 50, 2, 20)
+    od.enforcing_success_rate.value = 80
+    od.success_rate_stdev_factor.value = 1000
+    od.success_rate_minimum_hosts.value = 3
+    od.success_rate_request_volume.value = 7
+    settings = validate_cluster(cluster).resilience(ResilienceSettings())
+    assert settings.outlier_success_rate == SuccessRateEjection(1000, 80, 3, 7)
 
 
 def test_consecutive_5xx_off() -> None:

@@ -291,6 +291,35 @@ def test_consecutive_5xx_ejects_the_failing_endpoint(xds: XdsServer, start_backe
     assert statuses.count(503) == 2 and healthy[0].count == 38
 
 
+def test_failure_percentage_from_the_cluster_ejects_a_gray_endpoint(
+    xds: XdsServer, start_backends: BackendFactory, log_event: LogWatch
+) -> None:
+    """The cluster's rate-based settings reach the service's detector and the client's sweep (A50)."""
+    backends = start_backends(6)
+    gray = backends[0]
+    gray.behavior = Behavior(fail_fraction=0.3)  # 30 % fast 500s, never two in a row: no consecutive ejection
+    ejected = log_event(f"ejected ('127.0.0.1', {gray.port})")
+    cluster = r.cluster("pay")
+    od = cluster.outlier_detection
+    od.interval.FromMilliseconds(100)
+    od.enforcing_success_rate.value = 0  # only failure percentage, which the cluster turns on
+    od.enforcing_failure_percentage.value = 100
+    od.failure_percentage_threshold.value = 25
+    od.failure_percentage_request_volume.value = 5
+    no_retry = r.route(cluster="pay")
+    no_retry.route.retry_policy.CopyFrom(rc.RetryPolicy(retry_on="unknown-token"))
+    push(xds, [no_retry], [cluster], {"pay": backends})
+    with client_for(xds) as client:
+        for _ in range(20_000):  # bounded: only "did not hang"
+            client.get("http://payments/")
+            if ejected.is_set():
+                break
+        assert ejected.is_set()
+        reasons = {e.address: e.ejected_reason for service in client.mesh_status().services for e in service.endpoints}
+    assert reasons[gray.address] == "failure-percentage"
+    assert [reason for reason in reasons.values() if reason] == ["failure-percentage"]
+
+
 # -- 7. upstream TLS (A29) ------------------------------------------------------------------------------------------
 
 

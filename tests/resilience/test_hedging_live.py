@@ -7,6 +7,7 @@ stalled endpoint stalls for a minute, so a call that returns at all was answered
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,17 @@ def _backend_of(response: Any) -> str:
     return str(response.headers["x-backend"])
 
 
+def _until_a_hedge_wins(call: Callable[[], Any], state: Any) -> list[Any]:
+    """Calls until one is answered by a hedge (round robin sends an original to the stalled endpoint within two
+    calls, unless the fast one was itself slower than the delay and drew the hedge; at most 20)."""
+    responses = []
+    for _ in range(20):
+        responses.append(call())
+        if state.won:
+            break
+    return responses
+
+
 def _total(backends: list[Backend]) -> int:
     return sum(b.count for b in backends)
 
@@ -54,15 +66,17 @@ def test_a_hedge_wins_against_a_stalled_endpoint_and_the_server_sees_the_loser_h
     start_backends: BackendFactory,
 ) -> None:
     fast, slow = start_backends(2)
-    with meshlib.Client(environ=_env([fast, slow], **HEDGING)) as client:
+    # No timeout would end the stalled attempts before the stall does: a hang-up the server sees is the cancel's.
+    env = _env([fast, slow], **HEDGING, TIMEOUT="120s")
+    with meshlib.Client(environ=env, timeout=120) as client:
         for _ in range(3):  # both answer: the budget fills
             assert client.get("http://payments/warm").status_code == 200
         slow.behavior = STALL
         slow.reset()
-        responses = [client.get("http://payments/charge") for _ in range(4)]
-        assert [r.status_code for r in responses] == [200] * 4
-        assert {_backend_of(r) for r in responses} == {fast.name}
         state = _hedging(client)
+        responses = _until_a_hedge_wins(lambda: client.get("http://payments/charge"), state)
+        assert [r.status_code for r in responses] == [200] * len(responses)
+        assert {_backend_of(r) for r in responses} == {fast.name}
         assert state.won >= 1  # round robin sends an original to the stalled endpoint: a hedge answered it
         assert any(r.extensions["meshlib.attempts"] == 2 for r in responses)
         # Every request the stalled endpoint got was cancelled: its connection closed under it, not left to run.
@@ -78,13 +92,17 @@ async def test_async_a_hedge_wins_against_a_stalled_endpoint_and_every_lease_is_
     start_backends: BackendFactory,
 ) -> None:
     fast, slow = start_backends(2)
-    async with meshlib.AsyncClient(environ=_env([fast, slow], **HEDGING)) as client:
+    async with meshlib.AsyncClient(environ=_env([fast, slow], **HEDGING, TIMEOUT="120s"), timeout=120) as client:
         for _ in range(3):
             assert (await client.get("http://payments/warm")).status_code == 200
         slow.behavior = STALL
         slow.reset()
-        responses = [await client.get("http://payments/charge") for _ in range(4)]
-        assert [r.status_code for r in responses] == [200] * 4
+        responses = []
+        for _ in range(20):  # until an original goes to the stalled endpoint (round robin: soon)
+            responses.append(await client.get("http://payments/charge"))
+            if _hedging(client).won:
+                break
+        assert [r.status_code for r in responses] == [200] * len(responses)
         assert {_backend_of(r) for r in responses} == {fast.name}
         assert _hedging(client).won >= 1
         # A cancelled task's lease is released before the call returns: nothing is left in flight.
@@ -144,6 +162,22 @@ def test_a_post_is_never_hedged_without_an_opt_in(start_backends: BackendFactory
         for i in range(5):
             client.post("http://payments/charge", json={"n": i}, headers={"Idempotency-Key": f"k{i}"})
         assert state.budget.sent > before
+
+
+@pytest.mark.anyio
+async def test_async_a_post_is_never_hedged_without_an_opt_in(start_backends: BackendFactory) -> None:
+    backends = start_backends(2)
+    env = _env(backends, HEDGE_MAX_ATTEMPTS="2", HEDGE_DELAY="0", HEDGE_MAX_EXTRA_LOAD="0.99")
+    async with meshlib.AsyncClient(environ=env) as client:
+        for _ in range(3):
+            await client.get("http://payments/warm")
+        state = _hedging(client)
+        before = state.budget.sent
+        for i in range(20):
+            assert (await client.post("http://payments/charge", json={"n": i})).status_code == 200
+        posts = [r.body for b in backends for r in b.requests if r.method == "POST"]
+        assert len(posts) == 20 and len(set(posts)) == 20
+        assert state.budget.sent == before
 
 
 def test_non_idempotent_opt_in_hedges_a_post(start_backends: BackendFactory) -> None:
@@ -276,7 +310,7 @@ def test_a_percentile_delay_waits_for_its_window_then_hedges_at_that_percentile(
         delay = state.last_delay
         assert delay is not None and delay < 60.0  # the p90 of answers that took (much) less than the stall
         slow.behavior = STALL
-        responses = [client.get("http://payments/charge") for _ in range(4)]
+        responses = _until_a_hedge_wins(lambda: client.get("http://payments/charge"), state)
         assert {_backend_of(r) for r in responses} == {fast.name}
         assert state.won >= 1
 

@@ -231,12 +231,14 @@ def test_each_policy_layer_is_shown_as_the_source_of_the_field_it_sets() -> None
     )
     with meshlib.Client(environ=env) as client:
         client.mesh.install_routes(table("payments", CHARGE))
-        with meshlib.policy(retries=3):  # scope
+        with meshlib.policy(retries=3, hedge=meshlib.HedgePolicy(max_attempts=2, delay=0.03)):  # scope
             request = client.build_request(
                 "POST", "http://payments/charge", extensions={POLICY_EXTENSION: Policy(backoff_base=0.1)}
             )
             found = client.explain(request)
     assert found.policy is not None
+    hedge = next(f for f in found.policy.fields if f.name == "hedge")
+    assert hedge.text == "2 attempts, delay 0.03s, non-fatal 429,502,503,504, idempotent requests"
     sources = {f.name: (f.value, f.source) for f in found.policy.fields}
     assert sources == {
         "timeout": (2.0, "route"),
@@ -248,6 +250,7 @@ def test_each_policy_layer_is_shown_as_the_source_of_the_field_it_sets() -> None
         "backoff_base": (0.1, "request"),
         "backoff_cap": (1.0, "service"),
         "retry_after_cap": (60.0, "env"),
+        "hedge": (2, "scope"),
     }
     assert found.policy.deadline_by == "the policy's timeout"
     assert found.policy.deadline_s is not None and 0 < found.policy.deadline_s <= 2.0

@@ -343,6 +343,20 @@ def test_mirror_gets_a_copy_with_the_shadow_host_and_its_answer_is_discarded(sta
     assert counts == {("payments_shadow", "sent"): 20}
 
 
+def test_a_mirrored_copy_is_never_hedged(start_backends: BackendFactory) -> None:
+    v1 = start_backends(2, prefix="v1-")
+    shadow = start_backends(2, prefix="shadow-")
+    hedging = {"MESHLIB_HEDGE_MAX_ATTEMPTS": "2", "MESHLIB_HEDGE_DELAY": "0", "MESHLIB_HEDGE_MAX_EXTRA_LOAD": "0.99"}
+    with meshlib.Client(environ={**mirror_env(v1, shadow), **hedging}) as client:
+        client.mesh.install_routes(table("payments", mirrored()))
+        for i in range(20):
+            assert client.get(f"http://payments/item/{i}").status_code == 200
+        client.mesh._mirror_workers.shutdown(wait=True)
+        assert client.mesh.services["PAYMENTS_V1"].hedging.budget.sent >= 1  # the primary calls hedge...
+    paths = [r.path for b in shadow for r in b.requests]
+    assert sorted(paths) == sorted(f"/item/{i}" for i in range(20))  # ...the shadow gets exactly one copy each
+
+
 def test_dead_mirror_changes_nothing_for_callers_or_the_primary(start_backends: BackendFactory) -> None:
     (v1,) = start_backends(1, prefix="v1-")
     (shadow,) = start_backends(1, prefix="shadow-")

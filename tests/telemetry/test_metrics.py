@@ -95,6 +95,8 @@ def test_budget_breakers_and_ejections_are_counted(start_backends: BackendFactor
         assert metrics.value("meshlib.client.retries") == 0
         assert metrics.value("meshlib.client.breaker.opens") == 1  # one failure opened that endpoint's breaker
         assert metrics.value("meshlib.client.ejections", **{"server.address": "payments"}) == 1
+        assert metrics.value("meshlib.client.ejections", **{"meshlib.ejection.reason": "consecutive"}) == 1
+        assert metrics.value("meshlib.client.ejections", **{"meshlib.ejection.reason": "success-rate"}) == 0
         assert metrics.value("meshlib.client.endpoints", **{"meshlib.endpoint.state": "open"}) == 1
         (service,) = client.mesh_status().services
     assert [e.breaker for e in service.endpoints].count("open") == 1

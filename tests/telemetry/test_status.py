@@ -305,6 +305,24 @@ def test_meshlib_status_escapes_what_the_peer_wrote(
     assert not _CONTROL.search(raw) and json.loads(raw) == payload  # JSON escapes, and says it all
 
 
+def test_meshlib_status_prints_why_an_endpoint_is_ejected_escaped(real_status: dict[str, Any]) -> None:
+    from meshlib.status import format_status
+
+    payload = copy.deepcopy(real_status)
+    service = payload["clients"][0]["services"][0]
+    service["endpoints"][0].update(ejected=True, ejected_reason="success-rate\x1b[2J")
+    service["ejections"] = 3
+    service["ejections_by_reason"] = {"consecutive": 2, "success-rate": 1, "failure-percentage": 0, "x": "bad"}
+    table = format_status(payload)
+    assert "3 ejection(s) (consecutive 2, success-rate 1)" in table
+    assert "success-rate\\x1b[2J" in table and not _CONTROL.search(table)
+    del service["endpoints"][0]["ejected_reason"]  # an older meshlib: yes/no only
+    del service["ejections_by_reason"]
+    lines = format_status(payload).splitlines()
+    assert any(line.endswith("; 3 ejection(s)") for line in lines)
+    assert [line.split()[-1] for line in lines if line.lstrip().startswith("127.0.0.1:")] == ["yes"]
+
+
 def test_printable_escapes_and_bounds() -> None:
     assert printable("payments") == "payments"
     assert printable("a\x1b[0m\x7f\x85\u2028b") == "a\\x1b[0m\\x7f\\x85\\u2028b"

@@ -149,6 +149,12 @@ class _Loop:
         """End the loop (a query in flight ends at once); from any thread."""
         self.client.close()  # sets ``closed`` first, then shuts the socket of a query in flight
 
+    def join(self, deadline: float) -> None:
+        """Wait (until ``time.monotonic()`` reaches ``deadline``) for the stopped loop's thread to end."""
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
 
 class _TargetWatch:
     """The instances of one chain target, watched; shared by every service that names the target."""
@@ -322,7 +328,8 @@ class ConsulChainSource:
             self._watch_chain(chain)
 
     def close(self) -> None:
-        """End every watch and the apply thread (the installed routes stay as they are)."""
+        """End every watch and the apply thread, and wait for their threads (bounded): once closed, nothing of
+        this source queries the agent or logs (the installed routes stay as they are)."""
         if self._closed:
             return
         self._closed = True
@@ -330,10 +337,14 @@ class ConsulChainSource:
         if self._pid != os.getpid():
             return  # a forked child that never resumed: the loops are the parent's
         self._events.put(None)
+        deadline = time.monotonic() + 5
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)  # then no watch starts any more (the apply thread starts them)
-        ConsulChainSource._stop_all(self._events, self._loops())
+        loops = self._loops()
+        ConsulChainSource._stop_all(self._events, loops)
+        for loop in loops:  # each ends at once (its query in flight is interrupted)
+            loop.join(deadline)
 
     def _loops(self) -> list[_Loop]:
         return list(self._live)
@@ -427,13 +438,22 @@ class ConsulChainSource:
         self._live.append(chain.loop)
         chain.loop.start(lambda loop: self._chain_loop(chain, loop))
 
+    def _orphaned(self, loop: _Loop) -> bool:
+        """``True`` (and the loop stopped) once the client's mesh is gone: a watch never outlives its client, even
+        should its finalizer not have reached this loop (the finalizer stops every loop it knows at once)."""
+        if self._mesh() is not None:
+            return False
+        loop.stop()
+        self._events.put(None)  # and the apply thread
+        return True
+
     def _chain_loop(self, chain: _Chain, loop: _Loop) -> None:
         from meshlib.control.consul.chain import ChainError, map_chain, parse_chain_json
 
         query = loop.query
         events = self._events
         last: bytes | None = None
-        while (reply := loop.next_reply()) is not None:
+        while (reply := loop.next_reply()) is not None and not self._orphaned(loop):
             try:
                 query.document(reply)  # the status and JSON checks, errors and backoff
             except DiscoveryError as error:
@@ -454,7 +474,7 @@ class ConsulChainSource:
 
     def _target_loop(self, watch: _TargetWatch, loop: _Loop) -> None:
         query = loop.query
-        while (reply := loop.next_reply()) is not None:
+        while (reply := loop.next_reply()) is not None and not self._orphaned(loop):
             try:
                 answer = query.on_reply(reply)
             except DiscoveryError as error:
@@ -510,7 +530,7 @@ class ConsulChainSource:
                 item = events.get(timeout=CHAIN_LINGER / 2 if self._lingering else None)
             except queue.Empty:  # time to retire services that lingered long enough
                 item = ("apply", None)
-            if item is None:
+            if item is None or self._mesh() is None:  # closed, or the client is gone (its finalizer stops the rest)
                 return
             batch = take_batch(events, item)  # a burst of answers is applied together: one swap
             if batch is None:

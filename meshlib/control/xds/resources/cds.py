@@ -21,8 +21,8 @@ unsupported *values* of supported fields, and ignores fields it does not know: `
   clients round robin and meshlib P2C.
 * ``circuit_breakers`` (A32): ``max_requests`` of the first ``DEFAULT``-priority threshold, default 1024.
 * ``outlier_detection`` (A50): durations valid and >= 0, percentages <= 100; success-rate and
-  failure-percentage settings are validated and kept with Envoy's defaults. See :class:`OutlierSettings` for
-  what meshlib applies (its consecutive-failure ejection, which gRPC lacks).
+  failure-percentage settings with Envoy's defaults, applied by meshlib's detectors, and consecutive-failure
+  ejection, which gRPC lacks. See :class:`OutlierSettings`.
 * ``transport_socket`` (A29): ``envoy.transport_sockets.tls`` with an ``UpstreamTlsContext`` whose
   certificates come from certificate-provider instances (bootstrap ``certificate_providers``) and whose SAN
   matchers are kept; see :class:`UpstreamTls`.
@@ -40,6 +40,7 @@ from typing import Any, Literal, Protocol
 from meshlib._config.model import MAX_COUNT, ResilienceSettings
 from meshlib._config.parse import MAX_DURATION
 from meshlib.control.xds.resources.errors import XdsResourceError
+from meshlib.resilience.outlier import FailurePercentageEjection, SuccessRateEjection
 from meshlib.security.tls import TLSSettings
 
 #: A protobuf message of xds-protos (untyped: the package ships no stubs).
@@ -98,24 +99,9 @@ class RingHashConfig:
     max_ring_size: int = _RING_DEFAULT_MAX
 
 
-@dataclass(frozen=True, slots=True)
-class SuccessRateEjection:
-    """A50 success-rate ejection, Envoy's defaults. Validated and kept; meshlib has no such detector yet."""
-
-    stdev_factor: int = 1900
-    enforcement_percentage: int = 100
-    minimum_hosts: int = 5
-    request_volume: int = 100
-
-
-@dataclass(frozen=True, slots=True)
-class FailurePercentageEjection:
-    """A50 failure-percentage ejection, Envoy's defaults. Validated and kept; meshlib has no such detector yet."""
-
-    threshold: int = 85
-    enforcement_percentage: int = 0
-    minimum_hosts: int = 5
-    request_volume: int = 50
+#: Envoy's defaults for the rate detectors (immutable, shared).
+_SR = SuccessRateEjection()
+_FP = FailurePercentageEjection()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +112,12 @@ class OutlierSettings:
     because gRPC status codes are not HTTP status codes. meshlib is an HTTP client and already ejects on
     consecutive failures (:mod:`meshlib.resilience.outlier`), so it honours ``consecutive_5xx`` (default 5)
     while ``enforcing_consecutive_5xx`` (default 100) is not 0: ``consecutive_failures`` is then that count,
-    else ``None`` (consecutive ejection off). Any enforcement above 0 counts as 100 (meshlib does not eject
-    with a probability). ``success_rate`` / ``failure_percentage`` are ``None`` when their enforcement is 0
-    (A50: failure percentage is off unless ``enforcing_failure_percentage`` is set above 0); they are kept
-    for when meshlib grows those detectors, and not applied today.
+    else ``None`` (consecutive ejection off). Any enforcement above 0 counts as 100 for consecutive ejection.
+    ``success_rate`` / ``failure_percentage`` (:class:`~meshlib.resilience.outlier.SuccessRateEjection`,
+    :class:`~meshlib.resilience.outlier.FailurePercentageEjection`) are ``None`` when their enforcement is 0
+    (A50: failure percentage is off unless ``enforcing_failure_percentage`` is set above 0); they are applied,
+    with ``interval``, by the service's outlier detector and the client's sweep, their enforcement as the
+    probability of ejecting an outlier (A50).
 
     A ``base_ejection_time`` of 0 makes every ejection last 0 s, so consecutive ejection is off too.
     ``max_ejection_time`` below the base acts as the base (A50: ``min(base * n, max(base, max))``).
@@ -140,7 +128,7 @@ class OutlierSettings:
     max_ejection: float = 300.0
     max_ejection_percent: int = 10
     consecutive_failures: int | None = 5
-    success_rate: SuccessRateEjection | None = SuccessRateEjection()
+    success_rate: SuccessRateEjection | None = _SR
     failure_percentage: FailurePercentageEjection | None = None
 
     def apply(self, resilience: ResilienceSettings) -> ResilienceSettings:
@@ -148,8 +136,10 @@ class OutlierSettings:
 
         Consecutive ejection off (``consecutive_failures is None``) becomes a threshold of
         :data:`~meshlib._config.model.MAX_COUNT` failures, which is never reached; durations above meshlib's
-        :data:`~meshlib._config.parse.MAX_DURATION` are clamped to it.
+        :data:`~meshlib._config.parse.MAX_DURATION` are clamped to it, and so is an ``interval`` of 0 to the
+        smallest meshlib accepts (1 ms). A detector the cluster leaves off gets an enforcement of 0.
         """
+        success_rate, failure_percentage = self.success_rate, self.failure_percentage
         failures = MAX_COUNT if self.consecutive_failures is None else min(self.consecutive_failures, MAX_COUNT)
         base = min(self.base_ejection, MAX_DURATION) if self.base_ejection > 0 else resilience.outlier_base_ejection
         most = max(base, min(self.max_ejection, MAX_DURATION))
@@ -159,6 +149,17 @@ class OutlierSettings:
             outlier_base_ejection=base,
             outlier_max_ejection=most,
             outlier_max_percent=float(self.max_ejection_percent),
+            outlier_interval=min(max(self.interval, 0.001), MAX_DURATION),
+            outlier_success_rate_enforcement_percent=success_rate.enforcement_percentage if success_rate else 0,
+            outlier_success_rate_minimum_hosts=min((success_rate or _SR).minimum_hosts, MAX_COUNT),
+            outlier_success_rate_request_volume=min((success_rate or _SR).request_volume, MAX_COUNT),
+            outlier_success_rate_stdev_factor=min((success_rate or _SR).stdev_factor, MAX_COUNT),
+            outlier_failure_percentage_enforcement_percent=(
+                failure_percentage.enforcement_percentage if failure_percentage else 0
+            ),
+            outlier_failure_percentage_threshold=(failure_percentage or _FP).threshold,
+            outlier_failure_percentage_minimum_hosts=min((failure_percentage or _FP).minimum_hosts, MAX_COUNT),
+            outlier_failure_percentage_request_volume=min((failure_percentage or _FP).request_volume, MAX_COUNT),
         )
 
 

@@ -1,0 +1,195 @@
+"""Capacity-limited backends: ``python -m benchmarks.capacity --count N --slots K --service-time S``.
+
+Each backend is a minimal HTTP/1.1 keep-alive server (asyncio, one process for all of them, its own core
+when pinned) that works on at most ``K`` requests at once, each for ``S`` seconds, and queues the rest in
+arrival order: a worker pool in front of a FIFO queue, the shape of most real servers (a thread pool, a
+gunicorn worker set, a database connection pool). Its capacity is ``K / S`` requests per second; offered more,
+the queue (and so the latency) grows without bound. A queued request is served even when its caller has
+already given up (as in a thread pool, which only finds out when it writes): under overload the server keeps
+spending its capacity on answers nobody waits for. Answers are ``200`` with a 2-byte body.
+
+Driven like :mod:`benchmarks.backend`: the first stdout line is ``{"ports": [...], "pid": ...}``; then one
+JSON command per stdin line, one JSON reply per command: ``{"op": "stats"}`` -> ``{"served": [...],
+"queued_max": [...], "pending": [...]}`` (per backend: served and longest queue since start or the last
+``reset``, requests queued or in service now), ``{"op": "reset"}``, ``{"op": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from benchmarks.servers import ROOT, _child_env, _Process
+
+_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+
+
+class _Server:
+    """One backend: ``slots`` requests in service at once, the rest waiting in arrival order."""
+
+    def __init__(self, slots: int, service_time: float) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.service_time = service_time
+        self.served = 0
+        self.waiting = 0
+        self.busy = 0
+        self.queued_max = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                if length:
+                    await reader.readexactly(length)
+                self.waiting += 1
+                self.queued_max = max(self.queued_max, self.waiting)
+                async with self.slots:
+                    self.waiting -= 1
+                    self.busy += 1
+                    await asyncio.sleep(self.service_time)
+                    self.busy -= 1
+                    self.served += 1
+                writer.write(_ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _main(count: int, slots: int, service_time: float) -> None:
+    servers = [_Server(slots, service_time) for _ in range(count)]
+    listening = [await asyncio.start_server(s.handle, "127.0.0.1", 0, backlog=4096) for s in servers]
+    ports = [sock.sockets[0].getsockname()[1] for sock in listening]
+    print(json.dumps({"ports": ports, "pid": os.getpid()}), flush=True)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def commands() -> None:  # stdin in a thread; replies computed on the loop
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            op = json.loads(line)["op"]
+            reply = asyncio.run_coroutine_threadsafe(_reply(servers, op), loop).result()
+            print(json.dumps(reply), flush=True)
+            if op == "quit":
+                break
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=commands, daemon=True).start()
+    await done
+
+
+async def _reply(servers: list[_Server], op: str) -> Any:
+    if op == "stats":
+        return {
+            "served": [s.served for s in servers],
+            "queued_max": [s.queued_max for s in servers],
+            "pending": [s.waiting + s.busy for s in servers],
+        }
+    if op == "reset":
+        for s in servers:
+            s.served = 0
+            s.queued_max = s.waiting
+        return {}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until ``quit`` or EOF."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.capacity", description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--slots", type=int, required=True)
+    parser.add_argument("--service-time", type=float, required=True)
+    args = parser.parse_args(argv)
+    asyncio.run(_main(args.count, args.slots, args.service_time))
+
+
+class CapacityProcess(_Process):
+    """``count`` capacity-limited backends in a child process."""
+
+    def __init__(self, count: int, slots: int, service_time: float, prefix: Sequence[str] = ()) -> None:
+        self.count = count
+        self.slots = slots
+        self.service_time = service_time
+        self.prefix = tuple(prefix)
+        self.ports: list[int] = []
+
+    @property
+    def capacity(self) -> float:
+        """Requests per second all the backends together can serve."""
+        return self.count * self.slots / self.service_time
+
+    def __enter__(self) -> CapacityProcess:
+        self.proc = subprocess.Popen(
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "benchmarks.capacity",
+                "--count",
+                str(self.count),
+                "--slots",
+                str(self.slots),
+                "--service-time",
+                str(self.service_time),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=_child_env(),
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        if not first:
+            raise RuntimeError("benchmarks.capacity exited before announcing its ports")
+        self.ports = list(json.loads(first)["ports"])
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.command({"op": "quit"})
+                self.proc.wait(5)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+        self._stop()
+
+    @property
+    def addresses(self) -> list[str]:
+        """``127.0.0.1:port`` of every backend."""
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def command(self, command: dict[str, Any]) -> Any:
+        """Send one control command and return its reply."""
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stats(self) -> dict[str, list[int]]:
+        """Per backend: requests served and the longest queue since start or :meth:`reset`, and pending now."""
+        return dict(self.command({"op": "stats"}))
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.command({"op": "reset"})
+
+
+if __name__ == "__main__":
+    main()
