@@ -77,7 +77,7 @@ case "${1:-help}" in
     exec "$VENV/bin/python" -m benchmarks "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo | test [pytest args] | bench [s1 ... s7] [--quick]" >&2
+    echo "usage: ./dev.sh demo | test [pytest args] | bench [s1 ... s10overload z1 z2 x1 c1] [--quick]" >&2
     exit 2
     ;;
 esac
