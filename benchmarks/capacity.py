@@ -20,14 +20,12 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
-from benchmarks.servers import ROOT, _child_env, _Process
+from benchmarks.servers import _Driven
 
 _ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
 
@@ -117,70 +115,25 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(_main(args.count, args.slots, args.service_time))
 
 
-class CapacityProcess(_Process):
+class CapacityProcess(_Driven):
     """``count`` capacity-limited backends in a child process."""
+
+    module = "benchmarks.capacity"
 
     def __init__(self, count: int, slots: int, service_time: float, prefix: Sequence[str] = ()) -> None:
         self.count = count
         self.slots = slots
         self.service_time = service_time
         self.prefix = tuple(prefix)
-        self.ports: list[int] = []
+        self.ports = []
 
     @property
     def capacity(self) -> float:
         """Requests per second all the backends together can serve."""
         return self.count * self.slots / self.service_time
 
-    def __enter__(self) -> CapacityProcess:
-        self.proc = subprocess.Popen(
-            [
-                *self.prefix,
-                sys.executable,
-                "-m",
-                "benchmarks.capacity",
-                "--count",
-                str(self.count),
-                "--slots",
-                str(self.slots),
-                "--service-time",
-                str(self.service_time),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=_child_env(),
-        )
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline()
-        if not first:
-            raise RuntimeError("benchmarks.capacity exited before announcing its ports")
-        self.ports = list(json.loads(first)["ports"])
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.command({"op": "quit"})
-                self.proc.wait(5)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-        self._stop()
-
-    @property
-    def addresses(self) -> list[str]:
-        """``127.0.0.1:port`` of every backend."""
-        return [f"127.0.0.1:{p}" for p in self.ports]
-
-    def command(self, command: dict[str, Any]) -> Any:
-        """Send one control command and return its reply."""
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+    def _args(self) -> list[str]:
+        return ["--count", str(self.count), "--slots", str(self.slots), "--service-time", str(self.service_time)]
 
     def stats(self) -> dict[str, list[int]]:
         """Per backend: requests served and the longest queue since start or :meth:`reset`, and pending now."""

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY_1K = "x" * 1024
@@ -210,27 +210,26 @@ backend be
             self._dir.cleanup()
 
 
-class BackendProcess(_Process):
-    """``count`` meshlib.testing backends in a child process (:mod:`benchmarks.backend`)."""
+_D = TypeVar("_D", bound="_Driven")
 
-    def __init__(self, count: int, behavior: dict[str, Any] | None = None, prefix: Sequence[str] = ()) -> None:
-        self.count = count
-        self.behavior = behavior or {}
-        self.prefix = tuple(prefix)
-        self.ports: list[int] = []
 
-    def __enter__(self) -> BackendProcess:
+class _Driven(_Process):
+    """A ``python -m <module>`` child that announces ``{"ports": [...]}`` and takes JSON commands on stdin.
+
+    Subclasses name the module and its arguments; this holds the protocol both :mod:`benchmarks.backend` and
+    :mod:`benchmarks.capacity` speak.
+    """
+
+    module = ""
+    prefix: tuple[str, ...] = ()
+    ports: list[int]
+
+    def _args(self) -> list[str]:
+        return []
+
+    def __enter__(self: _D) -> _D:
         self.proc = subprocess.Popen(
-            [
-                *self.prefix,
-                sys.executable,
-                "-m",
-                "benchmarks.backend",
-                "--count",
-                str(self.count),
-                "--behavior",
-                json.dumps(self.behavior),
-            ],
+            [*self.prefix, sys.executable, "-m", self.module, *self._args()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -240,7 +239,7 @@ class BackendProcess(_Process):
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()
         if not first:
-            raise RuntimeError("benchmarks.backend exited before announcing its ports")
+            raise RuntimeError(f"{self.module} exited before announcing its ports")
         self.ports = list(json.loads(first)["ports"])
         return self
 
@@ -266,6 +265,21 @@ class BackendProcess(_Process):
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
+
+
+class BackendProcess(_Driven):
+    """``count`` meshlib.testing backends in a child process (:mod:`benchmarks.backend`)."""
+
+    module = "benchmarks.backend"
+
+    def __init__(self, count: int, behavior: dict[str, Any] | None = None, prefix: Sequence[str] = ()) -> None:
+        self.count = count
+        self.behavior = behavior or {}
+        self.prefix = tuple(prefix)
+        self.ports = []
+
+    def _args(self) -> list[str]:
+        return ["--count", str(self.count), "--behavior", json.dumps(self.behavior)]
 
     def set(self, index: int | None, **spec: Any) -> None:
         """Set the behaviour of backend ``index`` (``None``: all); see :mod:`benchmarks.backend`."""
