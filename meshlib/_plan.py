@@ -618,17 +618,20 @@ class Call(Generic[T]):
 
     def attempt(self, active: Active[T]) -> Attempt:
         """Steps 1-4 up to the send: check the deadline, pick an endpoint, take its lease, build the request."""
-        if self.deadline - time.monotonic() <= 0:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
             raise self.deadline_exceeded("the deadline passed before an attempt could start")
         if self.home.closed:
             raise self.closed_error()
         stats = self._pick(active)
         assert stats is not None  # only a strict pick finds none
-        return self._attempt_to(stats)
+        return self._attempt_to(stats, remaining)
 
-    def _attempt_to(self, stats: EndpointStats, *, hedge: bool = False) -> Attempt:
-        """Steps 3-4 for the endpoint picked: its lease and the request as sent there."""
-        remaining = self.deadline - time.monotonic()
+    def _attempt_to(self, stats: EndpointStats, remaining: float | None = None, *, hedge: bool = False) -> Attempt:
+        """Steps 3-4 for the endpoint picked: its lease and the request as sent there (``remaining``: seconds
+        to the deadline, if the caller just read the clock)."""
+        if remaining is None:
+            remaining = self.deadline - time.monotonic()
         endpoint = stats.endpoint
         self.attempts += 1
         self.tried.append(endpoint.address)
