@@ -1153,7 +1153,7 @@ def hedge_notes(halves: Sequence[HedgeHalf], width: int = 106) -> list[str]:
         f"percentile=0.95)): a call not answered by the service's p95 latency sends a second copy to another "
         f"backend and keeps the first answer; the loser is cancelled. p99 went from {_ms(off.p99)} to "
         f"{_ms(on.p99)}, for {on.extra_load:.1%} more requests at the backends (their own counts).",
-        f"Hedges are capped by their own budget (Finagle's maxExtraLoad: 5 % of requests by default, "
+        f"Hedges are capped by their own budget (Finagle's maxExtraLoad: 5% of requests by default, "
         f"{HEDGE_MAX_EXTRA_LOAD:.0%} here, so that the p95 trigger rather than the cap decides) and also draw on "
         "the retry budget; a POST is never hedged without an opt-in. See docs/resilience.md.",
     ]
