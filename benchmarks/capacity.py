@@ -12,6 +12,12 @@ Driven like :mod:`benchmarks.backend`: the first stdout line is ``{"ports": [...
 JSON command per stdin line, one JSON reply per command: ``{"op": "stats"}`` -> ``{"served": [...],
 "queued_max": [...], "pending": [...]}`` (per backend: served and longest queue since start or the last
 ``reset``, requests queued or in service now), ``{"op": "reset"}``, ``{"op": "quit"}``.
+
+Heterogeneous capacity (S12): ``--speeds 1,2,4`` makes one backend per entry, backend *i* serving each request
+in ``S / speed_i`` (so its capacity is ``speed_i * K / S``). ``--orca`` adds an ORCA load report to every answer
+(gRFC A51's HTTP form, ``endpoint-load-metrics: TEXT cpu_utilization=U, rps_fractional=Q``): ``Q`` is the requests
+the backend finished in the last second and ``U = Q * service_time / K`` the share of its slots that work kept
+busy, so ``Q / U`` (A58's weight) is the backend's capacity.
 """
 
 from __future__ import annotations
@@ -22,20 +28,26 @@ import json
 import os
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.servers import _Driven
 
 _ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n"
 
 
 class _Server:
     """One backend: ``slots`` requests in service at once, the rest waiting in arrival order."""
 
-    def __init__(self, slots: int, service_time: float) -> None:
+    def __init__(self, slots: int, service_time: float, orca: bool = False) -> None:
         self.slots = asyncio.Semaphore(slots)
+        self.slot_count = slots
         self.service_time = service_time
+        self.orca = orca
+        self.finished: deque[float] = deque()  # completion times within the last second (ORCA's rps)
         self.served = 0
         self.waiting = 0
         self.busy = 0
@@ -59,16 +71,31 @@ class _Server:
                     await asyncio.sleep(self.service_time)
                     self.busy -= 1
                     self.served += 1
-                writer.write(_ANSWER)
+                writer.write(self.answer() if self.orca else _ANSWER)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()
 
+    def answer(self) -> bytes:
+        """The answer with its ORCA load report over the last second."""
+        now = time.monotonic()
+        finished = self.finished
+        finished.append(now)
+        while finished[0] < now - 1.0:
+            finished.popleft()
+        qps = float(len(finished))
+        utilization = min(1.0, qps * self.service_time / self.slot_count)
+        report = f"endpoint-load-metrics: TEXT cpu_utilization={utilization:.4f}, rps_fractional={qps:.1f}\r\n"
+        return _HEAD + report.encode() + b"\r\nok"
 
-async def _main(count: int, slots: int, service_time: float) -> None:
-    servers = [_Server(slots, service_time) for _ in range(count)]
+
+async def _main(count: int, slots: int, service_time: float, speeds: list[float] | None, orca: bool) -> None:
+    if speeds:
+        servers = [_Server(slots, service_time / speed, orca) for speed in speeds]
+    else:
+        servers = [_Server(slots, service_time, orca) for _ in range(count)]
     listening = [await asyncio.start_server(s.handle, "127.0.0.1", 0, backlog=4096) for s in servers]
     ports = [sock.sockets[0].getsockname()[1] for sock in listening]
     print(json.dumps({"ports": ports, "pid": os.getpid()}), flush=True)
@@ -111,8 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--slots", type=int, required=True)
     parser.add_argument("--service-time", type=float, required=True)
+    parser.add_argument("--speeds", default="", help="one backend per comma-separated speed (1,2,4)")
+    parser.add_argument("--orca", action="store_true", help="answer with an ORCA endpoint-load-metrics header")
     args = parser.parse_args(argv)
-    asyncio.run(_main(args.count, args.slots, args.service_time))
+    speeds = [float(x) for x in args.speeds.split(",") if x.strip()]
+    asyncio.run(_main(args.count, args.slots, args.service_time, speeds or None, args.orca))
 
 
 class CapacityProcess(_Driven):
@@ -120,20 +150,42 @@ class CapacityProcess(_Driven):
 
     module = "benchmarks.capacity"
 
-    def __init__(self, count: int, slots: int, service_time: float, prefix: Sequence[str] = ()) -> None:
-        self.count = count
+    def __init__(
+        self,
+        count: int,
+        slots: int,
+        service_time: float,
+        prefix: Sequence[str] = (),
+        *,
+        speeds: Sequence[float] = (),
+        orca: bool = False,
+    ) -> None:
+        self.speeds = tuple(speeds)
+        self.count = len(self.speeds) if self.speeds else count
         self.slots = slots
         self.service_time = service_time
+        self.orca = orca
         self.prefix = tuple(prefix)
         self.ports = []
 
     @property
     def capacity(self) -> float:
         """Requests per second all the backends together can serve."""
-        return self.count * self.slots / self.service_time
+        return sum(self.capacities)
+
+    @property
+    def capacities(self) -> list[float]:
+        """Requests per second each backend can serve."""
+        speeds = self.speeds or (1.0,) * self.count
+        return [speed * self.slots / self.service_time for speed in speeds]
 
     def _args(self) -> list[str]:
-        return ["--count", str(self.count), "--slots", str(self.slots), "--service-time", str(self.service_time)]
+        args = ["--count", str(self.count), "--slots", str(self.slots), "--service-time", str(self.service_time)]
+        if self.speeds:
+            args += ["--speeds", ",".join(f"{s:g}" for s in self.speeds)]
+        if self.orca:
+            args.append("--orca")
+        return args
 
     def stats(self) -> dict[str, list[int]]:
         """Per backend: requests served and the longest queue since start or :meth:`reset`, and pending now."""
