@@ -18,7 +18,7 @@ from meshlib.balance.random import WeightedSampler
 from meshlib.balance.slow_start import Ramp, SlowStart
 from meshlib.discovery.base import Endpoint
 
-__all__ = ["P2CPeakEwma", "P2CPeakEwmaPicker"]
+__all__ = ["P2CPeakEwma", "P2CPeakEwmaPicker", "ramped_load"]
 
 
 class P2CPeakEwmaPicker(Picker):
@@ -28,8 +28,9 @@ class P2CPeakEwmaPicker(Picker):
     Ties go to the first candidate, which is itself a weighted draw.
 
     With ``slow_start``, an endpoint in its window is drawn as if its weight were ``weight x factor``
-    (:meth:`~meshlib.balance.slow_start.Ramp.thin`) and compared on ``load / factor``: a newcomer whose
-    unmeasured latency (``default_rtt``) looks better than its busy peers' cannot draw more than its ramp.
+    (:meth:`~meshlib.balance.slow_start.Ramp.thin`) and compared with its in-flight count divided by the factor
+    (:func:`ramped_load`): a newcomer whose unmeasured latency (``default_rtt``) looks better than its busy
+    peers' cannot draw more than its ramp.
     """
 
     __slots__ = ("_clock", "_ramp", "_sampler", "_stats")
@@ -74,7 +75,21 @@ class P2CPeakEwmaPicker(Picker):
         if j < 0:
             return a
         b = stats[j]
-        return b if b.load(now) * ramp.factor(a, now) < a.load(now) * ramp.factor(b, now) else a
+        return b if ramped_load(b, now, ramp.factor(b, now)) < ramped_load(a, now, ramp.factor(a, now)) else a
+
+
+def ramped_load(stats: EndpointStats, now: float, factor: float) -> float:
+    """:meth:`EndpointStats.load` of an endpoint at slow-start ``factor``: latency x (in-flight / factor + 1) / weight.
+
+    Only the in-flight part is divided, so under load a ramping endpoint settles at about ``factor`` times its
+    peers' in-flight requests (its share ramps in proportion), while idle it compares on latency alone. Dividing
+    the whole load (Finagle's "+1" included) would starve it at the floor: with 20 requests in flight over five
+    endpoints, an endpoint at 10 % could never look less loaded than a peer with 4 in flight.
+    """
+    if factor >= 1.0:
+        return stats.load(now)
+    weight = stats.endpoint.weight
+    return stats.cost(now) * (stats.inflight / factor + 1.0) / (weight if weight > 1 else 1)
 
 
 class P2CPeakEwma(Balancer):

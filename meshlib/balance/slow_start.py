@@ -93,7 +93,7 @@ def slow_start_factor(settings: SlowStart, elapsed: float) -> float:
     """Envoy's slow-start factor for an endpoint ``elapsed`` seconds into its window (module docstring).
 
     1.0 when slow start is off or the window is over; otherwise at least ``min_weight_percent / 100`` and
-    above zero. ``elapsed`` below 1 ms (or negative, a clock read before the join) counts as 1 ms.
+    at least 1e-9 (a steep ramp may underflow). ``elapsed`` below 1 ms (or negative, a clock read before the join) counts as 1 ms.
     """
     window = settings.window
     if window <= 0 or elapsed >= window:
