@@ -9,7 +9,7 @@ applySlowStartFactor``, ``source/extensions/load_balancing_policies/common/load_
     factor = max(min_weight_percent / 100, (max(elapsed, 1 ms) / window) ** (1 / aggression))
 
 while ``elapsed < window``, and 1 afterwards. ``aggression`` 1 ramps linearly; above 1 it ramps faster early,
-below 1 slower. ``min_weight_percent`` (default 10 %) is the floor, so a new endpoint is never starved.
+below 1 slower. ``min_weight_percent`` (default 10 %) is the floor.
 
 Which endpoints: only those that join after a service's first endpoint set is applied (:attr:`EndpointStats.
 joined_at`); those present at start are not slowed (Envoy starts the window for them too, but as all are scaled
@@ -92,8 +92,9 @@ class SlowStart:
 def slow_start_factor(settings: SlowStart, elapsed: float) -> float:
     """Envoy's slow-start factor for an endpoint ``elapsed`` seconds into its window (module docstring).
 
-    1.0 when slow start is off or the window is over; otherwise at least ``min_weight_percent / 100`` and
-    at least 1e-9 (a steep ramp may underflow). ``elapsed`` below 1 ms (or negative, a clock read before the join) counts as 1 ms.
+    1.0 when slow start is off or the window is over; otherwise at least ``min_weight_percent / 100`` and at
+    least 1e-9 (a steep ramp may underflow). ``elapsed`` below 1 ms (or negative: a clock read before the join)
+    counts as 1 ms.
     """
     window = settings.window
     if window <= 0 or elapsed >= window:
