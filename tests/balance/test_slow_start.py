@@ -156,9 +156,10 @@ def test_p2c_newcomer_that_looks_fast_is_held_to_its_ramp() -> None:
     assert held[0] < 0.06 < held[1] < flooded, (held, flooded)
 
 
-@pytest.mark.parametrize("name", ["round_robin", "random"])
-def test_load_blind_balancers_give_the_share_of_weight_times_factor(name: str) -> None:
-    # Envoy scales the weight: a share of f / (4 + f) among four warm endpoints of weight 1.
+@pytest.mark.parametrize("name", RAMPED)
+def test_share_is_that_of_weight_times_factor(name: str) -> None:
+    # Envoy scales the weight: a share of f / (4 + f) among four warm endpoints of weight 1. For the P2C pickers,
+    # under load, this needs the comparison scaled too (drawing less often alone would leave 20 % at f = 0.5).
     for fraction in (0.1, 0.5, 0.9):
         factor = slow_start_factor(SlowStart(window=WINDOW), fraction * WINDOW)
         assert share_of_new(name, fraction) == pytest.approx(factor / (4 + factor), abs=0.015), fraction
