@@ -37,6 +37,7 @@ SCENARIOS = {
     "z2": "benchmarks.z2_flood",
     "x1": "benchmarks.x1_push",
     "c1": "benchmarks.c1_chain",
+    "slowstart": "benchmarks.slow_start",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"

@@ -98,9 +98,6 @@ class Service(Generic[T]):
         self.resolver = resolver
         self.hash_header = config.hash_header or mesh.hash_header
         self.lb_name = config.lb or mesh.lb
-        self.balancer: Balancer = make_balancer(
-            self.lb_name, BalancerOptions(default_rtt=mesh.default_rtt, decay=mesh.ewma_decay)
-        )
         self._mesh = mesh
         self.cache = DiscoveryCache(
             config.name, resolver.source, ttl_min=mesh.ttl_min, ttl_max=mesh.ttl_max, max_stale=mesh.max_stale
@@ -111,6 +108,10 @@ class Service(Generic[T]):
         self.policy = mesh.policy_for(key)
         settings = config.resilience if config.resilience is not None else mesh.resilience_for(key)
         self.settings = settings
+        self.balancer: Balancer = make_balancer(
+            self.lb_name,
+            BalancerOptions(default_rtt=mesh.default_rtt, decay=mesh.ewma_decay, slow_start=settings.slow_start),
+        )
         # Resilience state shared by every call to this service from this client (sync and async alike).
         self.budget = RetryBudget(
             ttl=settings.retry_budget_ttl,
@@ -299,7 +300,8 @@ class Service(Generic[T]):
             if existing is not None:
                 existing.endpoint = endpoint  # weight or metadata changed; latency history and pool stay
             else:
-                stats[address] = self._admit(address, endpoint)
+                stats[address] = joiner = self._admit(address, endpoint)
+                joiner.joined_at = self.balancer.clock()  # joined a live set: slow start may ramp it
         return stats, to_close
 
     def _update_breakers(self, stats: dict[HostPort, EndpointStats]) -> None:

@@ -72,6 +72,14 @@ def parse_whole_percent(variable: str, raw: str) -> int:
     return int(value)
 
 
+def parse_aggression(variable: str, raw: str) -> float:
+    """``MESHLIB_SLOW_START_AGGRESSION``: a decimal above zero such as ``1.0`` (range checked by the settings)."""
+    text = raw.strip()
+    if not re.fullmatch(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", text, re.ASCII) or len(text) > 32:
+        raise ConfigError(variable, raw, "a number greater than 0 such as 1.0 (1.0 ramps linearly)")
+    return float(text)
+
+
 ENV_PREFIX = "MESHLIB_"
 SERVICE_PREFIX = "MESHLIB_SERVICE_"
 #: Separates a service name from a per-service setting: ``MESHLIB_SERVICE_PAYMENTS__LB``.
@@ -149,6 +157,9 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
     "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": ("outlier_failure_percentage_threshold", parse_whole_percent),
     "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": ("outlier_failure_percentage_minimum_hosts", parse_int),
     "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": ("outlier_failure_percentage_request_volume", parse_int),
+    "SLOW_START_WINDOW": ("slow_start_window", parse_duration_or_zero),
+    "SLOW_START_AGGRESSION": ("slow_start_aggression", parse_aggression),
+    "SLOW_START_MIN_WEIGHT_PERCENT": ("slow_start_min_weight_percent", parse_percent),
 }
 
 #: A check across resilience settings names one field; when that field was not set in the layer being read

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from meshlib._config.parse import (
     FILE_PATH_EXPECTED,
@@ -32,6 +33,9 @@ from meshlib.policy import DEFAULT_POLICY, Policy
 from meshlib.resilience.hedging import HedgeSettings
 from meshlib.resilience.outlier import FailurePercentageEjection, SuccessRateEjection
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
+
+if TYPE_CHECKING:
+    from meshlib.balance.slow_start import SlowStart
 
 
 def service_key(host: str) -> str:
@@ -106,6 +110,9 @@ class ResilienceSettings:
     * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
       of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
       at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
+    * ``slow_start_window=0`` (off), ``slow_start_aggression=1.0``, ``slow_start_min_weight_percent=10`` --
+      Envoy's ``slow_start_config``: an endpoint that joins after the first set has its balancing weight ramped
+      over the window (:mod:`meshlib.balance.slow_start`, :attr:`slow_start`).
 
     Invalid values raise :class:`meshlib.ConfigError` naming the field.
     """
@@ -136,9 +143,20 @@ class ResilienceSettings:
     outlier_failure_percentage_minimum_hosts: int = 5
     outlier_failure_percentage_request_volume: int = 50
     hedge: HedgeSettings = field(default_factory=HedgeSettings)
+    slow_start_window: float = 0.0
+    slow_start_aggression: float = 1.0
+    slow_start_min_weight_percent: float = 10.0
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
+        from meshlib.balance.slow_start import slow_start_problem  # here: meshlib.balance imports discovery
+
+        problem = slow_start_problem(
+            self.slow_start_window, self.slow_start_aggression, self.slow_start_min_weight_percent
+        )
+        if problem is not None:
+            name, expected = problem
+            _check(own, f"slow_start_{name}", getattr(self, f"slow_start_{name}"), False, expected)
         ratio = self.retry_budget_fraction
         _check(own, "retry_budget_fraction", ratio, _is_number(ratio) and 0 <= ratio <= 1, FRACTION_EXPECTED)
         floor = self.retry_budget_min_per_second
@@ -198,6 +216,13 @@ class ResilienceSettings:
             ok = _is_int(count) and 0 <= count <= MAX_COUNT
             _check(own, name, count, ok, f"an integer >= 0 (at most {MAX_COUNT:,})")
         _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
+
+    @property
+    def slow_start(self) -> SlowStart:
+        """The balancer's :class:`~meshlib.balance.slow_start.SlowStart` from the ``slow_start_*`` fields."""
+        from meshlib.balance.slow_start import SlowStart
+
+        return SlowStart(self.slow_start_window, self.slow_start_aggression, self.slow_start_min_weight_percent)
 
     def adaptive_bounds(self) -> tuple[int, int, int]:
         """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)

@@ -14,8 +14,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from meshlib.balance.slow_start import SlowStart
 from meshlib.discovery.base import Endpoint
 
 Clock = Callable[[], float]
@@ -34,9 +35,13 @@ class EndpointStats:
     Updated by the transport around each request (``begin``/``end``); read by pickers. The lock guards
     only the few arithmetic operations of an update, never I/O. One instance per endpoint per client, kept
     across discovery refreshes while the endpoint stays in the set, so its history survives.
+
+    ``joined_at``: when (the balancer's clock) the endpoint joined a set that already existed, or ``None`` for
+    one present in the service's first set. Set by the service when it admits the endpoint; slow start
+    (:mod:`meshlib.balance.slow_start`) ramps the share of endpoints whose ``joined_at`` is within its window.
     """
 
-    __slots__ = ("_cost", "_decay", "_lock", "_stamp", "endpoint", "failures", "inflight", "requests")
+    __slots__ = ("_cost", "_decay", "_lock", "_stamp", "endpoint", "failures", "inflight", "joined_at", "requests")
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class EndpointStats:
         self._decay = decay
         self.requests = 0
         self.failures = 0
+        self.joined_at: float | None = None
 
     def begin(self) -> None:
         """Count one request as in flight to this endpoint."""
@@ -127,6 +133,8 @@ class BalancerOptions:
     default_rtt: float = DEFAULT_RTT
     decay: float = DEFAULT_DECAY
     ring_size: int = 1024
+    #: Ramp newly joined endpoints (off unless its window is set); ring_hash ignores it.
+    slow_start: SlowStart = field(default_factory=SlowStart)
 
 
 class Balancer(ABC):

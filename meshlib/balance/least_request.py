@@ -10,10 +10,12 @@ peak EWMA.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Container, Sequence
 
-from meshlib.balance.base import Balancer, EndpointStats, Picker
+from meshlib.balance.base import Balancer, Clock, EndpointStats, Picker
 from meshlib.balance.random import WeightedSampler
+from meshlib.balance.slow_start import Ramp, SlowStart
 from meshlib.discovery.base import Endpoint
 
 __all__ = ["LeastRequest", "LeastRequestPicker"]
@@ -26,17 +28,34 @@ class LeastRequestPicker(Picker):
     Without the "+1" of peak EWMA, idle endpoints tie, and ties go to the first candidate, itself a weighted
     draw: at low concurrency traffic follows the weights; under load, in-flight counts settle in proportion
     to them.
+
+    With ``slow_start``, an endpoint in its window counts with weight ``weight x factor`` in both the draw
+    (:meth:`~meshlib.balance.slow_start.Ramp.thin`) and the comparison, as Envoy scales its weight.
     """
 
-    __slots__ = ("_sampler", "_stats", "_weights")
+    __slots__ = ("_ramp", "_sampler", "_stats", "_weights")
 
-    def __init__(self, endpoints: Sequence[EndpointStats], rng: random.Random) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointStats],
+        rng: random.Random,
+        *,
+        clock: Clock = time.monotonic,
+        slow_start: SlowStart | None = None,
+    ) -> None:
         self._sampler = WeightedSampler(endpoints, rng)
         self._stats = self._sampler.stats
         self._weights = self._sampler.weights
+        self._ramp = None if slow_start is None else Ramp.build(slow_start, self._stats, clock)
 
     def pick(self, *, key: bytes | None = None, exclude: Container[Endpoint] = ()) -> EndpointStats | None:
         """The endpoint with fewer in-flight requests per weight of two drawn (``key`` is ignored)."""
+        ramp = self._ramp
+        if ramp is not None:
+            now = ramp.clock()
+            if now < ramp.until:
+                return self._pick_ramping(ramp, now, exclude)
+            self._ramp = None  # every endpoint is warm: the plain path from now on
         i, j = self._sampler.pair(exclude)
         if j < 0:
             return None if i < 0 else self._stats[i]
@@ -44,6 +63,21 @@ class LeastRequestPicker(Picker):
         b = self._stats[j]
         weights = self._weights
         return b if b.inflight * weights[i] < a.inflight * weights[j] else a
+
+    def _pick_ramping(self, ramp: Ramp, now: float, exclude: Container[Endpoint]) -> EndpointStats | None:
+        """:meth:`pick` while some endpoint is in its slow-start window: weights scaled by their factors."""
+        sampler, stats = self._sampler, self._stats
+        i = ramp.thin(lambda: sampler.sample(exclude), stats, now, sampler.random)
+        if i < 0:
+            return None
+        j = ramp.thin(lambda: sampler.sample_other(i, exclude), stats, now, sampler.random)
+        a = stats[i]
+        if j < 0:
+            return a
+        b = stats[j]
+        weights = self._weights
+        fa, fb = ramp.factor(a, now), ramp.factor(b, now)
+        return b if b.inflight * weights[i] * fa < a.inflight * weights[j] * fb else a
 
 
 class LeastRequest(Balancer):
@@ -53,4 +87,4 @@ class LeastRequest(Balancer):
 
     def build(self, endpoints: Sequence[EndpointStats]) -> Picker:
         """Precompute the weighted sampler for ``endpoints``; in-flight counts are read live at pick time."""
-        return LeastRequestPicker(endpoints, self.rng)
+        return LeastRequestPicker(endpoints, self.rng, clock=self.clock, slow_start=self.options.slow_start)

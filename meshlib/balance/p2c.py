@@ -15,9 +15,10 @@ from collections.abc import Container, Sequence
 
 from meshlib.balance.base import Balancer, Clock, EndpointStats, Picker
 from meshlib.balance.random import WeightedSampler
+from meshlib.balance.slow_start import Ramp, SlowStart
 from meshlib.discovery.base import Endpoint
 
-__all__ = ["P2CPeakEwma", "P2CPeakEwmaPicker"]
+__all__ = ["P2CPeakEwma", "P2CPeakEwmaPicker", "ramped_load"]
 
 
 class P2CPeakEwmaPicker(Picker):
@@ -25,17 +26,36 @@ class P2CPeakEwmaPicker(Picker):
 
     Load is :meth:`EndpointStats.load`: peak-EWMA latency x (in-flight + 1) / weight, read at ``clock()``.
     Ties go to the first candidate, which is itself a weighted draw.
+
+    With ``slow_start``, an endpoint in its window is drawn as if its weight were ``weight x factor``
+    (:meth:`~meshlib.balance.slow_start.Ramp.thin`) and compared with its in-flight count divided by the factor
+    (:func:`ramped_load`): a newcomer whose unmeasured latency (``default_rtt``) looks better than its busy
+    peers' cannot draw more than its ramp.
     """
 
-    __slots__ = ("_clock", "_sampler", "_stats")
+    __slots__ = ("_clock", "_ramp", "_sampler", "_stats")
 
-    def __init__(self, endpoints: Sequence[EndpointStats], rng: random.Random, clock: Clock) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointStats],
+        rng: random.Random,
+        clock: Clock,
+        *,
+        slow_start: SlowStart | None = None,
+    ) -> None:
         self._sampler = WeightedSampler(endpoints, rng)
         self._stats = self._sampler.stats
         self._clock = clock
+        self._ramp = None if slow_start is None else Ramp.build(slow_start, self._stats, clock)
 
     def pick(self, *, key: bytes | None = None, exclude: Container[Endpoint] = ()) -> EndpointStats | None:
         """The less loaded of two weighted random endpoints not in ``exclude`` (``key`` is ignored)."""
+        ramp = self._ramp
+        if ramp is not None:
+            now = self._clock()
+            if now < ramp.until:
+                return self._pick_ramping(ramp, now, exclude)
+            self._ramp = None  # every endpoint is warm: the plain path from now on
         i, j = self._sampler.pair(exclude)
         if j < 0:
             return None if i < 0 else self._stats[i]
@@ -43,6 +63,33 @@ class P2CPeakEwmaPicker(Picker):
         b = self._stats[j]
         now = self._clock()
         return b if b.load(now) < a.load(now) else a
+
+    def _pick_ramping(self, ramp: Ramp, now: float, exclude: Container[Endpoint]) -> EndpointStats | None:
+        """:meth:`pick` while some endpoint is in its slow-start window: weights scaled by their factors."""
+        sampler, stats = self._sampler, self._stats
+        i = ramp.thin(lambda: sampler.sample(exclude), stats, now, sampler.random)
+        if i < 0:
+            return None
+        j = ramp.thin(lambda: sampler.sample_other(i, exclude), stats, now, sampler.random)
+        a = stats[i]
+        if j < 0:
+            return a
+        b = stats[j]
+        return b if ramped_load(b, now, ramp.factor(b, now)) < ramped_load(a, now, ramp.factor(a, now)) else a
+
+
+def ramped_load(stats: EndpointStats, now: float, factor: float) -> float:
+    """:meth:`EndpointStats.load` of an endpoint at slow-start ``factor``: latency x (in-flight / factor + 1) / weight.
+
+    Only the in-flight part is divided, so under load a ramping endpoint settles at about ``factor`` times its
+    peers' in-flight requests (its share ramps in proportion), while idle it compares on latency alone. Dividing
+    the whole load (Finagle's "+1" included) would starve it at the floor: with 20 requests in flight over five
+    endpoints, an endpoint at 10 % could never look less loaded than a peer with 4 in flight.
+    """
+    if factor >= 1.0:
+        return stats.load(now)
+    weight = stats.endpoint.weight
+    return stats.cost(now) * (stats.inflight / factor + 1.0) / (weight if weight > 1 else 1)
 
 
 class P2CPeakEwma(Balancer):
@@ -59,4 +106,4 @@ class P2CPeakEwma(Balancer):
 
     def build(self, endpoints: Sequence[EndpointStats]) -> Picker:
         """Precompute the weighted sampler for ``endpoints``; load is read live at pick time."""
-        return P2CPeakEwmaPicker(endpoints, self.rng, self.clock)
+        return P2CPeakEwmaPicker(endpoints, self.rng, self.clock, slow_start=self.options.slow_start)

@@ -11,10 +11,12 @@ library's :mod:`random` because imports are absolute.
 from __future__ import annotations
 
 import random
+import time
 from bisect import bisect_right
 from collections.abc import Container, Sequence
 
-from meshlib.balance.base import Balancer, EndpointStats, Picker
+from meshlib.balance.base import Balancer, Clock, EndpointStats, Picker
+from meshlib.balance.slow_start import Ramp, SlowStart
 from meshlib.discovery.base import Endpoint
 
 __all__ = ["WeightedRandom", "WeightedRandomPicker", "WeightedSampler", "effective_weight"]
@@ -200,16 +202,36 @@ def _alias_table(weights: Sequence[int], total: int) -> tuple[list[float], list[
 
 
 class WeightedRandomPicker(Picker):
-    """Picks a random endpoint, with probability proportional to its weight, among those not excluded."""
+    """Picks a random endpoint, with probability proportional to its weight, among those not excluded.
 
-    __slots__ = ("_sampler", "_stats")
+    With ``slow_start``, an endpoint in its window is drawn in proportion to ``weight x factor``
+    (:meth:`~meshlib.balance.slow_start.Ramp.thin`); once no endpoint is, picks take the plain path again.
+    """
 
-    def __init__(self, endpoints: Sequence[EndpointStats], rng: random.Random) -> None:
+    __slots__ = ("_ramp", "_sampler", "_stats")
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointStats],
+        rng: random.Random,
+        *,
+        clock: Clock = time.monotonic,
+        slow_start: SlowStart | None = None,
+    ) -> None:
         self._sampler = WeightedSampler(endpoints, rng)
         self._stats = self._sampler.stats
+        self._ramp = None if slow_start is None else Ramp.build(slow_start, self._stats, clock)
 
     def pick(self, *, key: bytes | None = None, exclude: Container[Endpoint] = ()) -> EndpointStats | None:
         """A weighted random endpoint not in ``exclude`` (``key`` is ignored); ``None`` if all are excluded."""
+        ramp = self._ramp
+        if ramp is not None:
+            now = ramp.clock()
+            if now < ramp.until:
+                sampler = self._sampler
+                i = ramp.thin(lambda: sampler.sample(exclude), self._stats, now, sampler.random)
+                return None if i < 0 else self._stats[i]
+            self._ramp = None  # every endpoint is warm: the plain path from now on
         i = self._sampler.sample(exclude)
         return None if i < 0 else self._stats[i]
 
@@ -224,5 +246,5 @@ class WeightedRandom(Balancer):
     name = "random"
 
     def build(self, endpoints: Sequence[EndpointStats]) -> Picker:
-        """Precompute cumulative weights for ``endpoints``."""
-        return WeightedRandomPicker(endpoints, self.rng)
+        """Precompute cumulative weights for ``endpoints`` (and which of them are in their slow-start window)."""
+        return WeightedRandomPicker(endpoints, self.rng, clock=self.clock, slow_start=self.options.slow_start)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 from collections.abc import Container, Sequence
 
-from meshlib.balance.base import Balancer, EndpointStats, Picker
+from meshlib.balance.base import Balancer, Clock, EndpointStats, Picker
 from meshlib.balance.random import WeightedSampler
+from meshlib.balance.slow_start import THIN_TRIES, Ramp, SlowStart
 from meshlib.discovery.base import Endpoint
 
 __all__ = ["MAX_SCHEDULE", "RoundRobin", "RoundRobinPicker", "smooth_schedule"]
@@ -60,17 +62,29 @@ class RoundRobinPicker(Picker):
     Skipping consumes the counter, so while some endpoints stay excluded the others keep exactly their
     weighted shares (the next endpoint in line does not inherit the excluded one's turns). After
     :data:`SKIP_TRIES` excluded slots in a row, the pick is a weighted random one among those not excluded.
+
+    With ``slow_start``, a slot of an endpoint in its window is served with probability ``factor`` and
+    otherwise passed to the next slot, so over a cycle the endpoint gets the share of weight ``weight x factor``
+    (Envoy scales the EDF weight instead; the shares are the same, the ramping endpoint's turns are random).
     """
 
-    __slots__ = ("_counter", "_length", "_sampler", "_schedule", "_stats")
+    __slots__ = ("_counter", "_length", "_ramp", "_sampler", "_schedule", "_stats")
 
-    def __init__(self, endpoints: Sequence[EndpointStats], rng: random.Random) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointStats],
+        rng: random.Random,
+        *,
+        clock: Clock = time.monotonic,
+        slow_start: SlowStart | None = None,
+    ) -> None:
         self._sampler = WeightedSampler(endpoints, rng)
         self._stats = self._sampler.stats
         order = smooth_schedule(self._sampler.weights)
         self._schedule = [self._stats[i] for i in order]
         self._length = len(order)
         self._counter = itertools.count(rng.randrange(self._length) if self._length else 0)
+        self._ramp = None if slow_start is None else Ramp.build(slow_start, self._stats, clock)
 
     @property
     def schedule(self) -> tuple[EndpointStats, ...]:
@@ -79,12 +93,39 @@ class RoundRobinPicker(Picker):
 
     def pick(self, *, key: bytes | None = None, exclude: Container[Endpoint] = ()) -> EndpointStats | None:
         """The next endpoint in the schedule that is not in ``exclude`` (``key`` is ignored)."""
+        ramp = self._ramp
+        if ramp is not None:
+            now = ramp.clock()
+            if now < ramp.until:
+                random = self._sampler.random
+                chosen = self._next(exclude)
+                for _ in range(THIN_TRIES):
+                    if chosen is None or ramp.keep(chosen, now, random):
+                        break
+                    chosen = self._next(exclude)
+                return chosen
+            self._ramp = None  # every endpoint is warm: the plain path from now on
+        length = self._length  # _next() inlined: the plain path makes no extra call
+        if length == 0:
+            return None
+        chosen = self._schedule[next(self._counter) % length]
+        if not exclude or chosen.endpoint not in exclude:
+            return chosen
+        return self._skip(exclude)
+
+    def _next(self, exclude: Container[Endpoint]) -> EndpointStats | None:
+        """The next scheduled endpoint not in ``exclude``."""
         length = self._length
         if length == 0:
             return None
         chosen = self._schedule[next(self._counter) % length]
         if not exclude or chosen.endpoint not in exclude:
             return chosen
+        return self._skip(exclude)
+
+    def _skip(self, exclude: Container[Endpoint]) -> EndpointStats | None:
+        """After an excluded slot: the next slots, then a weighted random endpoint not in ``exclude``."""
+        length = self._length
         for _ in range(min(SKIP_TRIES, length - 1)):
             chosen = self._schedule[next(self._counter) % length]
             if chosen.endpoint not in exclude:
@@ -103,4 +144,4 @@ class RoundRobin(Balancer):
 
     def build(self, endpoints: Sequence[EndpointStats]) -> Picker:
         """Precompute the interleaved schedule for ``endpoints`` and a random starting offset."""
-        return RoundRobinPicker(endpoints, self.rng)
+        return RoundRobinPicker(endpoints, self.rng, clock=self.clock, slow_start=self.options.slow_start)

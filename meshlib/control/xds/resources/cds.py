@@ -19,6 +19,11 @@ unsupported *values* of supported fields, and ignores fields it does not know: `
   uses the same convention (the part of the type URL after the last ``/`` names a registered policy) and
   skips the entry when it does not know the name, so a list ``[meshlib.p2c_ewma, round_robin]`` gives gRPC
   clients round robin and meshlib P2C.
+* slow start (Envoy, not gRPC): ``round_robin_lb_config.slow_start_config`` with ``lb_policy: ROUND_ROBIN``,
+  ``least_request_lb_config.slow_start_config`` with ``LEAST_REQUEST``, or the ``slow_start_config`` of a
+  top-level ``RoundRobin`` / ``LeastRequest`` entry of ``load_balancing_policy`` (one nested in ``wrr_locality``
+  is not read). Window a valid duration of at most 720 h, aggression's ``default_value`` above 0 (its
+  ``runtime_key`` is ignored), ``min_weight_percent`` 0..100 (default 10); see :class:`SlowStartConfig`.
 * ``circuit_breakers`` (A32): ``max_requests`` of the first ``DEFAULT``-priority threshold, default 1024.
 * ``outlier_detection`` (A50): durations valid and >= 0, percentages <= 100; success-rate and
   failure-percentage settings with Envoy's defaults, applied by meshlib's detectors, and consecutive-failure
@@ -54,6 +59,7 @@ __all__ = [
     "FailurePercentageEjection",
     "OutlierSettings",
     "RingHashConfig",
+    "SlowStartConfig",
     "StringMatcher",
     "SuccessRateEjection",
     "UpstreamTls",
@@ -283,6 +289,16 @@ def _provider(providers: Mapping[str, _CertificateFiles], ref: CertificateProvid
 
 
 @dataclass(frozen=True, slots=True)
+class SlowStartConfig:
+    """A cluster's ``slow_start_config`` (Envoy ``Cluster.SlowStartConfig``), applied as the service's
+    ``slow_start_*`` resilience settings: ``window`` seconds, ``aggression`` (1.0), ``min_weight_percent`` (10)."""
+
+    window: float
+    aggression: float = 1.0
+    min_weight_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterUpdate:
     """A validated ``Cluster``, in meshlib's terms.
 
@@ -297,6 +313,8 @@ class ClusterUpdate:
       configured outlier settings; gRPC would do no outlier detection).
     * ``tls``: ``None`` for plaintext.
     * ``lrs_server``: the cluster asks for load reports to the management server (not sent by meshlib).
+    * ``slow_start``: ``None`` when the cluster's policy sets no ``slow_start_config`` (the service keeps its
+      configured slow start).
     """
 
     name: str
@@ -313,10 +331,19 @@ class ClusterUpdate:
     outlier: OutlierSettings | None = None
     tls: UpstreamTls | None = None
     lrs_server: bool = False
+    slow_start: SlowStartConfig | None = None
 
     def resilience(self, base: ResilienceSettings) -> ResilienceSettings:
-        """``base`` with this cluster's ``max_requests`` (capped at meshlib's ``MAX_COUNT``) and outlier settings."""
+        """``base`` with this cluster's ``max_requests`` (capped at meshlib's ``MAX_COUNT``), outlier settings
+        and slow start."""
         settings = dataclasses.replace(base, max_inflight=min(self.max_requests, MAX_COUNT))
+        if self.slow_start is not None:
+            settings = dataclasses.replace(
+                settings,
+                slow_start_window=self.slow_start.window,
+                slow_start_aggression=self.slow_start.aggression,
+                slow_start_min_weight_percent=self.slow_start.min_weight_percent,
+            )
         return settings if self.outlier is None else self.outlier.apply(settings)
 
 
@@ -338,6 +365,7 @@ def validate_cluster(cluster: Proto, *, certificate_providers: Container[str] | 
         "max_requests": _max_requests(cluster),
         "outlier": _outlier(cluster) if cluster.HasField("outlier_detection") else None,
         "tls": _tls(cluster, certificate_providers),
+        "slow_start": _slow_start(cluster, lb_source),
     }
     if cluster.HasField("lrs_server"):
         if not cluster.lrs_server.HasField("self"):
@@ -553,6 +581,55 @@ def _seconds(duration: Proto, path: str) -> float:
     if seconds < 0 or nanos < 0:
         raise XdsResourceError(path, f"{seconds + nanos / 1e9}s: must be >= 0 (A50)")
     return seconds + nanos / 1e9
+
+
+def _slow_start(cluster: Proto, lb_source: str) -> SlowStartConfig | None:
+    """The ``slow_start_config`` of the policy chosen (module docstring), validated; ``None`` if it sets none."""
+    if cluster.HasField("load_balancing_policy"):
+        if lb_source not in (_ROUND_ROBIN_URL, _LEAST_REQUEST_URL):
+            return None
+        from envoy.extensions.load_balancing_policies.least_request.v3.least_request_pb2 import LeastRequest
+        from envoy.extensions.load_balancing_policies.round_robin.v3.round_robin_pb2 import RoundRobin
+
+        for i, entry in enumerate(cluster.load_balancing_policy.policies):
+            typed = entry.typed_extension_config.typed_config
+            if typed.type_url == lb_source:
+                message = RoundRobin() if lb_source == _ROUND_ROBIN_URL else LeastRequest()
+                typed.Unpack(message)  # decoded once already by _one_policy
+                if not message.HasField("slow_start_config"):
+                    return None
+                path = f"load_balancing_policy.policies[{i}].typed_extension_config.typed_config.slow_start_config"
+                return _slow_start_config(message.slow_start_config, path)
+        return None  # chosen inside wrr_locality: not read
+    if lb_source == "ROUND_ROBIN" and cluster.round_robin_lb_config.HasField("slow_start_config"):
+        return _slow_start_config(
+            cluster.round_robin_lb_config.slow_start_config, "round_robin_lb_config.slow_start_config"
+        )
+    if lb_source == "LEAST_REQUEST" and cluster.least_request_lb_config.HasField("slow_start_config"):
+        config = cluster.least_request_lb_config.slow_start_config
+        return _slow_start_config(config, "least_request_lb_config.slow_start_config")
+    return None
+
+
+def _slow_start_config(config: Proto, path: str) -> SlowStartConfig:
+    """Envoy's ``SlowStartConfig``: window (unset: 0, off), ``aggression.default_value`` (unset: 1.0),
+    ``min_weight_percent.value`` (unset: 10)."""
+    from meshlib.balance.slow_start import slow_start_problem
+
+    window = (
+        _seconds(config.slow_start_window, f"{path}.slow_start_window") if config.HasField("slow_start_window") else 0.0
+    )
+    aggression = config.aggression.default_value if config.HasField("aggression") else 1.0
+    percent = config.min_weight_percent.value if config.HasField("min_weight_percent") else 10.0
+    problem = slow_start_problem(window, aggression, percent)
+    if problem is not None:
+        name, expected = problem
+        field_path = {"window": "slow_start_window", "aggression": "aggression.default_value"}.get(
+            name, "min_weight_percent.value"
+        )
+        value = {"window": window, "aggression": aggression}.get(name, percent)
+        raise XdsResourceError(f"{path}.{field_path}", f"{value!r}: {expected}")
+    return SlowStartConfig(window, aggression, percent)
 
 
 def _outlier(cluster: Proto) -> OutlierSettings:
