@@ -40,6 +40,7 @@ from collections.abc import Callable, Container, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
+from meshlib._config.model import DEFAULT_MIN_CLUSTER_SIZE, ZoneSettings
 from meshlib.balance.base import EndpointStats, Picker
 from meshlib.discovery.base import Endpoint
 
@@ -63,8 +64,6 @@ HostPort = tuple[str, int]
 #: Builds a picker over some endpoints with the service's own balancer (``Balancer.build``).
 BuildPicker = Callable[[Sequence[EndpointStats]], Picker]
 
-#: Envoy's ``upstream.zone_routing.min_cluster_size`` default: below 6 healthy endpoints, no zone routing.
-DEFAULT_MIN_CLUSTER_SIZE = 6
 #: Envoy's default overprovisioning factor (``kDefaultOverProvisioningFactor`` = 140, in percent).
 OVERPROVISIONING_FACTOR = 1.4
 #: :meth:`ZonePlan.choose`'s answer when the plan does not route by zone: pick from every endpoint.
@@ -74,26 +73,6 @@ _SCALE = 10_000
 
 State = Literal["off", "direct", "residual"]
 _P = TypeVar("_P")
-
-
-@dataclass(frozen=True, slots=True)
-class ZoneSettings:
-    """Zone-aware routing settings of one service (``MESHLIB_ZONE*``, read by ``zone_settings_from_env``).
-
-    ``zone``: this client's zone (``None``: zone-aware routing off). ``failover``: use priority failover
-    (:class:`FailoverPicker`) instead of Envoy's proportional zone-aware routing; ``failover_order`` is the
-    ordered list of zones to fail over to (empty: every other zone at one level).
-    """
-
-    zone: str | None = None
-    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE
-    failover: bool = False
-    failover_order: tuple[str, ...] = ()
-
-    @property
-    def enabled(self) -> bool:
-        """Whether a zone picker should be built at all (a local zone is set)."""
-        return self.zone is not None
 
 
 @dataclass(frozen=True, slots=True)
