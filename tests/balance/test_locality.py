@@ -274,3 +274,15 @@ def test_failover_picker_passes_to_the_next_level_when_one_is_all_excluded() -> 
     assert counts == {"c": 500}
     counts = zone_counts(picker, 500, panic=True)
     assert all(counts[z] > 100 for z in "abc")
+
+
+def test_static_zones_drive_the_picker() -> None:
+    from meshlib.discovery import Target
+    from meshlib.discovery.static import FORM, parse_static
+
+    rest = ",".join(f"10.0.0.{i}:80;zone={'ab'[i % 2]}" for i in range(8)) + ",10.0.1.1:80"
+    target = Target("payments", f"static://{rest}", "static", rest, "MESHLIB_SERVICE_PAYMENTS", FORM)
+    stats = [EndpointStats(e) for e in parse_static(target)]
+    picker = ZoneAwarePicker(stats, p2c().build, local_zone="b", rng=random.Random(12))
+    assert picker.plan().zones == ("b", "a", None)
+    assert zone_counts(picker, 500) == {"b": 500}
