@@ -843,7 +843,7 @@ def test_zone_from_locality_then_node_meta_then_service_meta(consul: ConsulEmula
     """Endpoint.zone for zone-aware routing: Service.Locality.Zone (1.17+), else the ``zone`` metadata key."""
     consul.register("payments", 8001, id="a", address="127.0.0.11", locality={"Region": "r1", "Zone": "z-loc"})
     consul.register(
-        "payments", 8002, id="b", address="127.0.0.12", node="n2", node_address="127.0.0.2", node_meta={"zone": "z-node"}
+        "payments", 8002, id="b", address="127.0.0.12", node="n2", node_address="127.0.0.2", node_meta={"zone": "zn"}
     )
     consul.register("payments", 8003, id="c", address="127.0.0.13", meta={"zone": "z-svc"})
     consul.register(
@@ -853,7 +853,7 @@ def test_zone_from_locality_then_node_meta_then_service_meta(consul: ConsulEmula
     consul.register("payments", 8005, id="e", address="127.0.0.15", meta={"az": "z-az"})
     resolver = resolver_for(consul)
     zones = {e.port: e.zone for e in resolver.resolve().endpoints}
-    assert zones == {8001: "z-loc", 8002: "z-node", 8003: "z-svc", 8004: "z4", 8005: None}
+    assert zones == {8001: "z-loc", 8002: "zn", 8003: "z-svc", 8004: "z4", 8005: None}
     custom = resolver_for(consul, MESHLIB_CONSUL_ZONE_KEY="az")
     zones = {e.port: e.zone for e in custom.resolve().endpoints}
     assert zones == {8001: "z-loc", 8002: None, 8003: None, 8004: None, 8005: "z-az"}
