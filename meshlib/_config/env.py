@@ -25,7 +25,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import NamedTuple
 
-from meshlib._config.model import MeshConfig, ResilienceSettings, ServiceConfig, service_key
+from meshlib._config.model import MeshConfig, ResilienceSettings, ServiceConfig, ZoneSettings, service_key
 from meshlib._config.parse import (
     parse_admin_addr,
     parse_bool,
@@ -196,6 +196,16 @@ SERVICE_SETTINGS.update({suffix: "policy" for suffix in (*_POLICY_SETTINGS, *_HE
 SERVICE_SETTINGS.update({suffix: "resilience" for suffix in (*_RESILIENCE_SETTINGS, *_HEDGE_SETTINGS)})
 SERVICE_SETTINGS.update({suffix: "tls" for suffix in _TLS_SETTINGS})
 
+#: Zone-aware routing (:mod:`meshlib.balance.locality`): the client's own zone is mesh-wide only; the minimum
+#: cluster size and failover are mesh-wide and per service. Read by :func:`zone_settings_from_env`, checked at
+#: construction; not part of the ServiceConfig fields (hence the ``"zone"`` marker below, skipped there).
+ZONE_VARIABLE = "MESHLIB_ZONE"
+CONSUL_ZONE_KEY_VARIABLE = "MESHLIB_CONSUL_ZONE_KEY"
+_ZONE_SETTINGS = ("ZONE_MIN_CLUSTER_SIZE", "ZONE_FAILOVER")
+SERVICE_SETTINGS.update({suffix: "zone" for suffix in _ZONE_SETTINGS})
+#: A zone name: what static ``;zone=`` accepts, plus ``/``, at most 128 characters.
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+
 #: Variables read by other parts of meshlib (kept here so unknown-variable warnings know them).
 #: Read elsewhere, not into MeshConfig: which HTTP library the top-level ``meshlib.Client`` is (``meshlib``);
 #: who makes an inbound request's SERVER span and HTTP server metrics (the inbound middleware, read by
@@ -213,9 +223,66 @@ _READ_ELSEWHERE = frozenset(
         RATELIMIT_FILE_VARIABLE,
         INBOUND_RELOAD_VARIABLE,
         "MESHLIB_CONSUL_SERVICE",  # the Consul identity: meshlib.security.consul_ca, the client's pool factory
+        CONSUL_ZONE_KEY_VARIABLE,  # the Consul resolver (meshlib.discovery.consul.resolver.from_target)
+        ZONE_VARIABLE,
     }
 )
-KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in _LAYERED} | _READ_ELSEWHERE
+KNOWN = frozenset(_GLOBALS) | {f"{ENV_PREFIX}{suffix}" for suffix in (*_LAYERED, *_ZONE_SETTINGS)} | _READ_ELSEWHERE
+
+
+def parse_zone(variable: str, raw: str) -> str:
+    """A zone name (``us-east-1a``): letters, digits and ``_ . : / -``, 1..128 characters."""
+    value = raw.strip()
+    if not _ZONE_NAME.fullmatch(value):
+        raise ConfigError(variable, raw, "a zone name of letters, digits and '_.:/-' (1 to 128 characters)")
+    return value
+
+
+def parse_min_cluster_size(variable: str, raw: str) -> int:
+    """``MESHLIB_ZONE_MIN_CLUSTER_SIZE``: healthy endpoints below which zone routing is off, 0..1,000,000."""
+    value = parse_int(variable, raw.strip())
+    if value > 1_000_000:
+        raise ConfigError(variable, raw, "a whole number from 0 to 1,000,000 (Envoy's default is 6)")
+    return value
+
+
+def parse_zone_failover(variable: str, raw: str) -> tuple[bool, tuple[str, ...]]:
+    """``MESHLIB_ZONE_FAILOVER``: ``0``/``off`` (proportional zone-aware routing), ``1``/``on`` (priority
+    failover: local zone, then the others) or an ordered zone list ``b,c`` (local zone, then b, then c, then
+    the rest)."""
+    value = raw.strip()
+    if value.lower() in ("0", "off", "false", "no"):
+        return False, ()
+    if value.lower() in ("1", "on", "true", "yes"):
+        return True, ()
+    zones = tuple(part.strip() for part in value.split(","))
+    if not all(_ZONE_NAME.fullmatch(zone) for zone in zones) or len(set(zones)) != len(zones):
+        raise ConfigError(
+            variable, raw, "0/off, 1/on, or a comma-separated list of distinct zone names such as us-east-1b,us-east-1c"
+        )
+    return True, zones
+
+
+def zone_settings_from_env(environ: Mapping[str, str] | None = None, service: str | None = None) -> ZoneSettings:
+    """Zone-aware routing settings: ``MESHLIB_ZONE``, ``MESHLIB_ZONE_MIN_CLUSTER_SIZE``, ``MESHLIB_ZONE_FAILOVER``,
+    overridden for ``service`` (its key, ``PAYMENTS``) by ``MESHLIB_SERVICE_<NAME>__ZONE_MIN_CLUSTER_SIZE`` and
+    ``__ZONE_FAILOVER``. Unset or blank means the default (no zone: routing off; 6; off)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    raw = env.get(ZONE_VARIABLE, "")
+    if raw.strip():
+        values["zone"] = parse_zone(ZONE_VARIABLE, raw)
+    prefixes = [ENV_PREFIX] + ([f"{SERVICE_PREFIX}{service}{SERVICE_SETTING_SEPARATOR}"] if service else [])
+    for prefix in prefixes:
+        variable = f"{prefix}ZONE_MIN_CLUSTER_SIZE"
+        raw = env.get(variable, "")
+        if raw.strip():
+            values["min_cluster_size"] = parse_min_cluster_size(variable, raw)
+        variable = f"{prefix}ZONE_FAILOVER"
+        raw = env.get(variable, "")
+        if raw.strip():
+            values["failover"], values["failover_order"] = parse_zone_failover(variable, raw)
+    return ZoneSettings(**values)  # type: ignore[arg-type]
 
 
 def server_telemetry_from_env(value: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -287,6 +354,7 @@ def mesh_config_from_env(
             config.ttl_min,
             f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})",
         )
+    zone_settings_from_env(env)  # checked at construction (the service reads them when it builds its picker)
     found = _services_from_env(env, config.policy, config.resilience, config.tls)
     _warn_unknown(env)
     for host, spec in (services or {}).items():
@@ -336,8 +404,12 @@ def _services_from_env(
             variable, raw = next(iter(extra.values()))
             raise ConfigError(variable, raw, f"a service declared by {SERVICE_PREFIX}{key}")
         fields: dict[str, object] = {
-            SERVICE_SETTINGS[suffix]: raw.strip() for suffix, (_, raw) in extra.items() if suffix not in _LAYERED
+            SERVICE_SETTINGS[suffix]: raw.strip()
+            for suffix, (_, raw) in extra.items()
+            if suffix not in _LAYERED and suffix not in _ZONE_SETTINGS
         }
+        if any(suffix in _ZONE_SETTINGS for suffix in extra):  # checked now, kept in the environment for the client
+            zone_settings_from_env(env, key)
         if "HASH_HEADER" in extra:  # checked here, so the error names the variable (the name keeps its case)
             parse_header(*extra["HASH_HEADER"])
         layered = {suffix: pair for suffix, pair in extra.items() if suffix in _LAYERED}

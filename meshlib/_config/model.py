@@ -72,6 +72,30 @@ def _is_duration(value: object, *, allow_zero: bool = False) -> bool:
     return (value >= 0 if allow_zero else value > 0) and value <= MAX_DURATION  # no float(): 10**400 overflows
 
 
+#: Envoy's ``upstream.zone_routing.min_cluster_size`` default: below 6 healthy endpoints, no zone routing.
+DEFAULT_MIN_CLUSTER_SIZE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSettings:
+    """Zone-aware routing settings of one service (``MESHLIB_ZONE*``, read by ``zone_settings_from_env``).
+
+    ``zone``: this client's zone (``None``: zone-aware routing off). ``failover``: use priority failover
+    (:class:`~meshlib.balance.locality.FailoverPicker`) instead of Envoy's proportional zone-aware routing;
+    ``failover_order`` is the ordered list of zones to fail over to (empty: every other zone at one level).
+    """
+
+    zone: str | None = None
+    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE
+    failover: bool = False
+    failover_order: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a zone picker should be built at all (a local zone is set)."""
+        return self.zone is not None
+
+
 @dataclass(frozen=True, slots=True)
 class ResilienceSettings:
     """Per-service resilience machinery settings, read by the transport's budget, breakers and limits.

@@ -2,8 +2,9 @@
 
 Form: ``static://host:port[;weight=N][;zone=Z][,host:port[;...]...]``. IPv6 literals go in brackets
 (``static://[::1]:8080``), as in URLs. Hosts may be names; they are then resolved by the connection, not by
-meshlib. ``weight`` (default 1) is relative, 1..65535 like SRV and Consul weights; ``zone`` feeds zone-aware
-balancing. Entries keep their written order and may not repeat.
+meshlib. ``weight`` (default 1) is relative, 1..65535 like SRV and Consul weights; ``zone`` sets
+``Endpoint.zone``, which only zone-aware routing reads (:mod:`meshlib.balance.locality`, on when the client's
+``MESHLIB_ZONE`` is set); otherwise it is shown, not used. Entries keep their written order and may not repeat.
 
 The answer never changes, so it is built once, at client construction, and has ``ttl=None``: the
 directory never asks again.

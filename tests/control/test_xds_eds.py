@@ -66,8 +66,8 @@ def test_endpoints_map_with_zone_priority_and_meta() -> None:
     update = validate_load_assignment(cla)
     assert update.cluster_name == "payments"
     assert update.endpoints == (
-        Endpoint("10.0.0.1", 8080, weight=1, priority=0, zone="a/rack1"),
-        Endpoint("::1", 9090, weight=1, priority=0, zone="a/rack1"),
+        Endpoint("10.0.0.1", 8080, weight=1, priority=0, zone="a"),  # the sub-zone stays in meta only
+        Endpoint("::1", 9090, weight=1, priority=0, zone="a"),
         Endpoint("10.0.0.2", 8080, weight=1, priority=1, zone="b"),
     )
     assert dict(update.endpoints[1].meta) == {

@@ -65,6 +65,24 @@ def test_first_answer_then_each_push(xds: tuple[XdsServer, AdsClient]) -> None:
         resolver.close()
 
 
+def test_locality_zone_becomes_the_endpoint_zone(xds: tuple[XdsServer, AdsClient]) -> None:
+    """Zone-aware routing's input from xDS: each EDS locality's ``zone`` (sub-zone and region kept in meta)."""
+    server, client = xds
+    localities = [
+        r.locality([r.endpoint("127.0.0.1", 8001)], region="r1", zone="z-a", sub_zone="rack1"),
+        r.locality([r.endpoint("127.0.0.1", 8002)], region="r1", zone="z-b"),
+        r.locality([r.endpoint("127.0.0.1", 8003)]),
+    ]
+    server.set(CLUSTER_LOAD_ASSIGNMENT, [r.cluster_load_assignment("payments", localities)])
+    resolver = EdsResolver(client, "payments", "payments", wait=10)
+    try:
+        endpoints = {e.port: e for e in resolver.resolve().endpoints}
+        assert {port: e.zone for port, e in endpoints.items()} == {8001: "z-a", 8002: "z-b", 8003: None}
+        assert endpoints[8001].meta["sub_zone"] == "rack1" and endpoints[8001].meta["region"] == "r1"
+    finally:
+        resolver.close()
+
+
 def test_no_such_resource_is_a_discovery_error(xds: tuple[XdsServer, AdsClient]) -> None:
     server, client = xds
     server.set(CLUSTER_LOAD_ASSIGNMENT, [assignment(8001)])

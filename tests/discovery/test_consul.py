@@ -379,7 +379,7 @@ def test_tag_and_filter_and_dc_are_passed_to_consul(consul: ConsulEmulator) -> N
     assert consul.requests[-1].params["near"] == ["_agent"]
     other_dc = resolver_for(consul, "consul://payments?dc=dc2&stale=false")
     (remote,) = other_dc.resolve().endpoints
-    assert remote.host == "127.0.0.13" and remote.zone == "dc2"
+    assert remote.host == "127.0.0.13" and remote.zone is None  # a datacenter is not a zone
     assert consul.requests[-1].params["dc"] == ["dc2"] and "stale" not in consul.requests[-1].params
     nowhere = resolver_for(consul, "consul://payments?dc=mars")
     with pytest.raises(meshlib.DiscoveryError, match="No path to datacenter"):
@@ -837,3 +837,31 @@ def test_scheme_is_registered() -> None:
     from meshlib.discovery import SCHEMES
 
     assert SCHEMES["consul"] == FORM
+
+
+def test_zone_from_locality_then_node_meta_then_service_meta(consul: ConsulEmulator) -> None:
+    """Endpoint.zone for zone-aware routing: Service.Locality.Zone (1.17+), else the ``zone`` metadata key."""
+    consul.register("payments", 8001, id="a", address="127.0.0.11", locality={"Region": "r1", "Zone": "z-loc"})
+    consul.register(
+        "payments", 8002, id="b", address="127.0.0.12", node="n2", node_address="127.0.0.2", node_meta={"zone": "zn"}
+    )
+    consul.register("payments", 8003, id="c", address="127.0.0.13", meta={"zone": "z-svc"})
+    consul.register(
+        "payments", 8004, id="d", address="127.0.0.14", node="n4", node_address="127.0.0.4", node_meta={"zone": "z4"},
+        meta={"zone": "ignored"}, locality={"Region": "r1", "Zone": ""},
+    )  # fmt: skip
+    consul.register("payments", 8005, id="e", address="127.0.0.15", meta={"az": "z-az"})
+    resolver = resolver_for(consul)
+    zones = {e.port: e.zone for e in resolver.resolve().endpoints}
+    assert zones == {8001: "z-loc", 8002: "zn", 8003: "z-svc", 8004: "z4", 8005: None}
+    custom = resolver_for(consul, MESHLIB_CONSUL_ZONE_KEY="az")
+    zones = {e.port: e.zone for e in custom.resolve().endpoints}
+    assert zones == {8001: "z-loc", 8002: None, 8003: None, 8004: None, 8005: "z-az"}
+    resolver.close()
+    custom.close()
+
+
+def test_a_bad_zone_key_fails_at_construction(consul: ConsulEmulator) -> None:
+    with pytest.raises(meshlib.ConfigError) as caught:
+        resolver_for(consul, MESHLIB_CONSUL_ZONE_KEY="topology.kubernetes.io/zone")
+    assert caught.value.variable == "MESHLIB_CONSUL_ZONE_KEY" and "Consul metadata key" in caught.value.expected

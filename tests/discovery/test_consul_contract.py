@@ -34,20 +34,34 @@ def documented() -> list[dict[str, Any]]:
 
 def test_current_documented_example() -> None:
     (endpoint,) = endpoints_from_health(documented())
-    assert endpoint == Endpoint("10.1.10.12", 8000, weight=10, zone="dc1", tags=("primary",))
+    assert endpoint == Endpoint("10.1.10.12", 8000, weight=10, zone=None, tags=("primary",))  # Datacenter: not a zone
     assert dict(endpoint.meta) == {"redis_version": "4.0"}
 
 
 def test_consul_1_0_example_without_weights() -> None:
     (endpoint,) = endpoints_from_health(load("health_service_v1.json"))
     # No Weights: Consul's defaults (Passing 1). A check with "ServiceTags": null is fine.
-    assert endpoint == Endpoint("10.1.10.12", 8000, weight=1, zone="dc1", tags=("primary",))
+    assert endpoint == Endpoint("10.1.10.12", 8000, weight=1, zone=None, tags=("primary",))
     assert dict(endpoint.meta) == {}
 
 
 def test_consul_0_6_example_with_null_tags_and_no_datacenter() -> None:
     (endpoint,) = endpoints_from_health(load("health_service_v0.json"))
     assert endpoint == Endpoint("10.1.10.12", 8000, weight=1, zone=None, tags=())
+
+
+def test_zone_is_service_locality_else_node_then_service_metadata() -> None:
+    # Consul 1.17+ puts the agent's locality on each service: "Locality": {"Region": ..., "Zone": ...}.
+    body = documented()
+    body[0]["Service"]["Locality"] = {"Region": "us-west-1", "Zone": "us-west-1a"}
+    body[0]["Node"]["Meta"]["zone"] = "from-node"
+    assert endpoints_from_health(body)[0].zone == "us-west-1a"
+    del body[0]["Service"]["Locality"]
+    body[0]["Service"]["Meta"]["zone"] = "from-service"
+    assert endpoints_from_health(body)[0].zone == "from-node"
+    del body[0]["Node"]["Meta"]["zone"]
+    assert endpoints_from_health(body)[0].zone == "from-service"
+    assert endpoints_from_health(body, zone_key="az")[0].zone is None
 
 
 def test_empty_service_address_falls_back_to_the_node_address() -> None:

@@ -156,6 +156,8 @@ class _Instance:
     modify_index: int = 0
     #: A Connect Native service (``Connect.Native``): listed by ``/v1/health/connect/<name>``.
     connect_native: bool = False
+    #: ``Service.Locality`` (Consul 1.17+): ``{"Region": ..., "Zone": ...}``, or ``None`` (left out, as older agents).
+    locality: dict[str, str] | None = None
 
 
 @dataclass
@@ -337,10 +339,12 @@ class ConsulEmulator:
         datacenter: str | None = None,
         status: str | None = "passing",
         connect_native: bool = False,
+        locality: Mapping[str, str] | None = None,
     ) -> str:
         """Register (or replace) a service instance; returns its ID. ``status`` is its one service check's
         status (``None``: no service check, as a registration without checks); ``connect_native``: a Connect
-        Native instance (``/v1/health/connect/<name>`` lists it)."""
+        Native instance (``/v1/health/connect/<name>`` lists it); ``locality``: its ``Service.Locality``
+        (``{"Region": "us-east-1", "Zone": "us-east-1a"}``, Consul 1.17+)."""
         dc = datacenter or self.datacenter
         service_id = id or name
         with self._cond:
@@ -365,6 +369,7 @@ class ConsulEmulator:
                 create_index=previous.create_index if previous else index,
                 modify_index=index,
                 connect_native=connect_native,
+                locality=dict(locality) if locality is not None else None,
             )
             self._cond.notify_all()
         return service_id
@@ -983,6 +988,7 @@ class ConsulEmulator:
                 "Proxy": {"Mode": "", "MeshGateway": {}, "Expose": {}},
                 "Connect": {"Native": True} if instance.connect_native else {},
                 "PeerName": "",
+                **({"Locality": dict(instance.locality)} if instance.locality is not None else {}),
                 "CreateIndex": instance.create_index,
                 "ModifyIndex": instance.modify_index,
             },

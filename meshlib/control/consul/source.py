@@ -286,6 +286,7 @@ class ConsulChainSource:
         wait: float = 300.0,
     ) -> None:
         from meshlib.discovery.consul.agent import ConsulAgent
+        from meshlib.discovery.consul.health import zone_key_from_env
         from meshlib.discovery.consul.query import WatchOptions
 
         self._mesh = weakref.ref(mesh)
@@ -294,6 +295,7 @@ class ConsulChainSource:
         self._connect = connect
         environ = os.environ if config.environ is None else config.environ
         self.agent = ConsulAgent.from_env(environ)  # a bad CONSUL_* value is a ConfigError now
+        self._zone_key = zone_key_from_env(environ)  # MESHLIB_CONSUL_ZONE_KEY: the instances' zone metadata key
         self._options = options or WATCH_OPTIONS or WatchOptions()
         self._wait = wait
         self._chains: dict[str, _Chain] = {}
@@ -503,6 +505,7 @@ class ConsulChainSource:
             partition=target.partition or None,
             peer=target.peer or None,
             connect=connect,
+            zone_key=self._zone_key,
         )
         subset = target.subset_filter
         select = None if subset is None else (lambda entries: [e for e in entries if _matches(subset, e)])

@@ -8,7 +8,10 @@ How an answer becomes endpoints (:func:`endpoints_from_health`): the address is 
 (``passing`` < ``warning`` < ``critical``; maintenance and unknown statuses count as critical); a passing
 instance gets ``Service.Weights.Passing``, a warning one ``Weights.Warning`` (default 1 and 1, as Consul
 does), and weight 0 removes it, as in Consul's DNS. ``Service.Tags`` go to ``Endpoint.tags``,
-``Service.Meta`` to ``Endpoint.meta``, ``Node.Datacenter`` to ``Endpoint.zone``. Unknown fields are ignored.
+``Service.Meta`` to ``Endpoint.meta``. ``Endpoint.zone`` (zone-aware routing, :mod:`meshlib.balance.locality`)
+is ``Service.Locality.Zone`` (Consul 1.17+), else the ``zone_key`` metadata of the node (``Node.Meta``), else of
+the service (``Service.Meta``), else none; ``zone_key`` is ``MESHLIB_CONSUL_ZONE_KEY``, default ``zone``.
+``Node.Datacenter`` is not a zone (a datacenter spans zones) and is not used. Unknown fields are ignored.
 
 :func:`_payload_key` says when two answers are the same (the blocking-query loop compares answers, not
 indexes, because the index moves on unrelated writes).
@@ -17,19 +20,28 @@ indexes, because the index moves on unrelated writes).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from meshlib._config.parse import ascii_digits
 from meshlib.discovery.base import Endpoint
+from meshlib.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_ZONE_KEY",
     "aggregate_status",
     "endpoints_from_health",
+    "zone_key_from_env",
 ]
 
 logger = logging.getLogger("meshlib.discovery")
+
+#: The metadata key read for an instance's zone when ``Service.Locality`` has none (``MESHLIB_CONSUL_ZONE_KEY``).
+#: Consul metadata keys allow only letters, digits, ``_`` and ``-``, so Kubernetes' ``topology.kubernetes.io/zone``
+#: cannot be one; ``zone`` is the plain name Consul's own ``Locality`` uses.
+DEFAULT_ZONE_KEY = "zone"
 
 _PASSING, _WARNING, _CRITICAL, _MAINTENANCE = "passing", "warning", "critical", "maintenance"
 _SEVERITY = {_PASSING: 0, _WARNING: 1, _CRITICAL: 2, _MAINTENANCE: 3}
@@ -80,8 +92,38 @@ def _weights(service: Mapping[str, Any]) -> tuple[int, int]:
     return _int_field(weights.get("Passing"), 1), _int_field(weights.get("Warning"), 1)
 
 
+ZONE_KEY_VARIABLE = "MESHLIB_CONSUL_ZONE_KEY"
+_META_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def zone_key_from_env(environ: Mapping[str, str]) -> str:
+    """``MESHLIB_CONSUL_ZONE_KEY`` (unset or blank: :data:`DEFAULT_ZONE_KEY`), checked as Consul checks a
+    metadata key (letters, digits, ``_``, ``-``; at most 128), so a key no registration can hold fails now."""
+    raw = environ.get(ZONE_KEY_VARIABLE, "")
+    if not raw.strip():
+        return DEFAULT_ZONE_KEY
+    if not _META_KEY.fullmatch(raw.strip()):
+        raise ConfigError(ZONE_KEY_VARIABLE, raw, "a Consul metadata key: letters, digits, '_' and '-' (1 to 128)")
+    return raw.strip()
+
+
+def _zone(node: Mapping[str, Any], service: Mapping[str, Any], key: str) -> str | None:
+    """``Service.Locality.Zone``, else ``Node.Meta[key]``, else ``Service.Meta[key]``; blank counts as none."""
+    locality = service.get("Locality")
+    if isinstance(locality, dict):
+        zone = locality.get("Zone")
+        if isinstance(zone, str) and zone.strip():
+            return zone.strip()
+    for meta in (node.get("Meta"), service.get("Meta")):
+        if isinstance(meta, dict):
+            zone = meta.get(key)
+            if isinstance(zone, str) and zone.strip():
+                return zone.strip()
+    return None
+
+
 def endpoints_from_health(
-    entries: object, *, passing_only: bool = True, tags: Iterable[str] = ()
+    entries: object, *, passing_only: bool = True, tags: Iterable[str] = (), zone_key: str = DEFAULT_ZONE_KEY
 ) -> tuple[Endpoint, ...]:
     """Endpoints from a ``/v1/health/service/<name>`` body (decoded JSON), in Consul's order.
 
@@ -121,7 +163,7 @@ def endpoints_from_health(
             continue
         raw_meta = service.get("Meta")
         meta = MappingProxyType({str(k): str(v) for k, v in raw_meta.items()} if isinstance(raw_meta, dict) else {})
-        zone = str(node.get("Datacenter") or "") or None
+        zone = _zone(node, service, zone_key)
         found.append(Endpoint(host, port, weight=weight, zone=zone, tags=endpoint_tags, meta=meta))
     return tuple(found)
 

@@ -41,7 +41,7 @@ import httpx
 from meshlib._config.parse import ascii_digits
 from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.discovery.consul.agent import ConsulAgent, Reply, Request, _redact, acl_error
-from meshlib.discovery.consul.health import _payload_key, endpoints_from_health
+from meshlib.discovery.consul.health import DEFAULT_ZONE_KEY, _payload_key, endpoints_from_health
 from meshlib.errors import ConsulACLError, DiscoveryError
 
 __all__ = [
@@ -158,6 +158,8 @@ class ConsulQuery:
     #: Ask ``/v1/health/connect/<service>``: the instances that accept Connect mTLS (Connect Native services and
     #: sidecar proxies, at the proxy's address), as Consul's own proxies do for mesh upstreams.
     connect: bool = False
+    #: The metadata key holding an instance's zone when ``Service.Locality`` has none (``MESHLIB_CONSUL_ZONE_KEY``).
+    zone_key: str = DEFAULT_ZONE_KEY
 
     @property
     def path(self) -> str:
@@ -270,7 +272,10 @@ class BlockingQuery:
         try:
             if self.select is not None and isinstance(document, list):
                 document = self.select(document)
-            endpoints = endpoints_from_health(document, passing_only=self.query.passing, tags=self.query.tags)
+            query = self.query
+            endpoints = endpoints_from_health(
+                document, passing_only=query.passing, tags=query.tags, zone_key=query.zone_key
+            )
         except ValueError as exc:
             raise self._failed(self._error(f"Consul answered with an unreadable body: {exc}")) from None
         if not endpoints and reply.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true":

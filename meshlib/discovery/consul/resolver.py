@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -46,6 +46,7 @@ from meshlib._config import parse_duration
 from meshlib._config.parse import is_secret_param, redact_uri
 from meshlib.discovery.base import DiscoverySettings, Resolution
 from meshlib.discovery.consul.agent import AgentClient, ConsulAgent, Reply, Request, _Closed
+from meshlib.discovery.consul.health import zone_key_from_env
 from meshlib.discovery.consul.query import DEFAULT_WAIT, MAX_WAIT, BlockingQuery, ConsulQuery, WatchOptions
 from meshlib.errors import ConfigError, DiscoveryError
 
@@ -151,6 +152,7 @@ def from_target(target: Target, settings: DiscoverySettings, *, options: WatchOp
     query = _parse_query(target)
     environ = settings.environ if settings.environ is not None else os.environ
     agent = ConsulAgent.from_env(environ)
+    query = replace(query, zone_key=zone_key_from_env(environ))
     return ConsulResolver(target.service, query, agent, source=target.uri, options=options)
 
 

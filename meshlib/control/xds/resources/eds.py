@@ -20,7 +20,8 @@ field. Rules (gRFC A27 "ClusterLoadAssignment Proto", A61, grpc-go ``xdsresource
 
 Mapping onto :class:`meshlib.discovery.base.Endpoint`: ``priority`` is the locality's priority (lower is
 preferred, as meshlib's balancers already select the lowest priority group); ``zone`` the locality's
-``zone``, with ``/sub_zone`` appended when set; ``meta`` holds ``region``, ``zone``, ``sub_zone``,
+``zone`` (what zone-aware routing compares with ``MESHLIB_ZONE``; a sub-zone is finer than routing goes, and
+zone names are unique across regions in every cloud); ``meta`` holds ``region``, ``zone``, ``sub_zone``,
 ``hostname`` and ``additional_addresses`` (comma-separated ``host:port``; meshlib connects to the primary
 address only for now). ``weight`` folds gRPC's two levels into one: within a priority, gRPC picks a
 locality by locality weight, then an endpoint inside it, so an endpoint's share is ``locality weight /
@@ -157,7 +158,7 @@ def validate_load_assignment(assignment: Proto) -> EndpointsUpdate:
                 meta["hostname"] = endpoint.hostname
             if extra:
                 meta["additional_addresses"] = ",".join(extra)
-            zone = f"{ident[1]}/{ident[2]}" if ident[2] else ident[1]
+            zone = ident[1]
             fields: dict[str, object] = {
                 "host": host,
                 "port": port,
