@@ -149,6 +149,9 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
     "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": ("outlier_failure_percentage_threshold", parse_whole_percent),
     "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": ("outlier_failure_percentage_minimum_hosts", parse_int),
     "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": ("outlier_failure_percentage_request_volume", parse_int),
+    # Maximum connection age (meshlib._connection_age): 0 = off; the jitter accepts 0.1 or 10%.
+    "MAX_CONNECTION_AGE": ("max_connection_age", parse_duration_or_zero),
+    "MAX_CONNECTION_AGE_JITTER": ("max_connection_age_jitter", parse_fraction),
 }
 
 #: A check across resilience settings names one field; when that field was not set in the layer being read

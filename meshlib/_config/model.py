@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from meshlib._config.parse import (
     FILE_PATH_EXPECTED,
@@ -32,6 +33,9 @@ from meshlib.policy import DEFAULT_POLICY, Policy
 from meshlib.resilience.hedging import HedgeSettings
 from meshlib.resilience.outlier import FailurePercentageEjection, SuccessRateEjection
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
+
+if TYPE_CHECKING:
+    from meshlib._connection_age import ConnectionAge
 
 
 def service_key(host: str) -> str:
@@ -103,6 +107,10 @@ class ResilienceSettings:
       ``adaptive_window=0.1 s`` and ``adaptive_window_samples=10``: the shortest window the limit averages
       latency over before it moves (Envoy's 100 ms update interval) and the fewest samples in it (Netflix's
       ``windowSize``). See :meth:`adaptive_bounds`.
+    * ``max_connection_age=0`` (off) and ``max_connection_age_jitter=0.1`` -- a pooled connection older than
+      the age (each drawn within +/- the jitter fraction, gRFC A9's +/-10 %) is retired once idle, never
+      mid-request (Envoy's ``max_connection_duration``, off by default as in Envoy and gRPC). See
+      :mod:`meshlib._connection_age` and :meth:`connection_age`.
     * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
       of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
       at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
@@ -136,6 +144,8 @@ class ResilienceSettings:
     outlier_failure_percentage_minimum_hosts: int = 5
     outlier_failure_percentage_request_volume: int = 50
     hedge: HedgeSettings = field(default_factory=HedgeSettings)
+    max_connection_age: float = 0.0
+    max_connection_age_jitter: float = 0.1
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
@@ -198,6 +208,20 @@ class ResilienceSettings:
             ok = _is_int(count) and 0 <= count <= MAX_COUNT
             _check(own, name, count, ok, f"an integer >= 0 (at most {MAX_COUNT:,})")
         _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
+        age = self.max_connection_age
+        ok = _is_duration(age, allow_zero=True)
+        _check(own, "max_connection_age", age, ok, f"a duration, 0 for no maximum, {_DURATION_LIMIT}")
+        jitter = self.max_connection_age_jitter
+        ok = _is_number(jitter) and 0 <= jitter <= 0.5
+        _check(own, "max_connection_age_jitter", jitter, ok, "a fraction from 0 to 0.5 such as 0.1, or up to 50%")
+
+    def connection_age(self) -> ConnectionAge | None:
+        """A new :class:`~meshlib._connection_age.ConnectionAge` for one service's pools (``None``: no maximum)."""
+        if not self.max_connection_age:
+            return None
+        from meshlib._connection_age import ConnectionAge
+
+        return ConnectionAge(self.max_connection_age, self.max_connection_age_jitter)
 
     def adaptive_bounds(self) -> tuple[int, int, int]:
         """``(min, initial, max)`` of the adaptive limit: the fields set, the defaults (3, 20, ``max_inflight``)
