@@ -59,9 +59,9 @@ from opentelemetry.trace import TracerProvider
 
 from meshlib import admin
 from meshlib._bounded import install as install_deadlines
+from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib._connection_age import ConnectionAge
 from meshlib._connection_age import install as install_max_age
-from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
 from meshlib._http import HttpLib, library_of
 from meshlib._mesh import MeshTransport
 from meshlib._plan import described_url

@@ -105,12 +105,15 @@ async def test_async_retires_after_the_age_and_never_mid_stream(start_backends: 
     async with httpx.AsyncClient(transport=transport) as client:
         assert (await client.get(backend.url)).status_code == 200
         async with client.stream("GET", backend.url) as response:  # reuses connection 1
-            clock.now += 60.0
+            clock.now += 60.0  # the age passes while the body is still arriving
+            other = await client.get(backend.url)  # a new request meanwhile: a new connection (1 is busy)
+            assert len(other.content) == BIG
+            assert backend.connections_closed == 0 and age.retired == 0  # the busy one was not touched
             body = b"".join([chunk async for chunk in response.aiter_bytes()])
-        assert len(body) == BIG
-        assert backend.wait_closed(1)
+        assert len(body) == BIG  # read to the end, no error
+        assert backend.wait_closed(1), "the old connection was not retired once its response was closed"
         assert (await client.get(backend.url)).status_code == 200
-    assert _ids(backend) == [1, 1, 2]
+    assert _ids(backend) == [1, 1, 2, 2]
     assert age.retired == 1
 
 
@@ -137,8 +140,8 @@ def test_client_without_max_connection_age_reuses(start_backends: BackendFactory
     with meshlib.Client(environ=_mesh_env(backend)) as client:
         for _ in range(3):
             client.get("http://svc/")
+        assert backend.connections_closed == 0  # (the client's close ends the connection: asserted before it)
     assert _ids(backend) == [1, 1, 1]
-    assert backend.connections_closed == 0
 
 
 def test_the_age_is_per_service(start_backends: BackendFactory) -> None:
@@ -167,3 +170,26 @@ async def test_async_client_retires_connections(start_backends: BackendFactory) 
         assert backend.wait_closed(2)
         assert len((await client.get("http://svc/")).content) == BIG
     assert _ids(backend) == [1, 2, 3]
+
+
+def test_an_old_connection_takes_no_new_request_or_stream(start_backends: BackendFactory) -> None:
+    """What HTTP/2 relies on (the Backend speaks HTTP/1.1): past its age a connection is not *available* for a new
+    request or stream, so the pool opens another; it is *expired* (closed by the pool) only once idle."""
+    (backend,) = start_backends(1, behavior=Behavior(body=b"x" * BIG))
+    clock = Clock()
+    transport = httpx.HTTPTransport()
+    install(transport, _aged(clock))
+    with httpx.Client(transport=transport) as client:
+        client.get(backend.url)
+        (connection,) = transport._pool.connections  # the pool's own view: the idle connection, young
+        assert connection.is_available() and not connection.has_expired()
+        with client.stream("GET", backend.url) as response:
+            clock.now += 60.0
+            assert not connection.has_expired()  # busy: never expired
+            response.read()
+        assert connection.is_closed()  # retired by the pool as its response was closed
+        client.get(backend.url)
+        (young,) = transport._pool.connections
+        clock.now += 60.0
+        assert not young.is_available()  # idle but old: no new request (an HTTP/2 stream) goes on it
+        assert young.has_expired() and not young.is_closed()  # closed at the pool's next pass, before any reuse
