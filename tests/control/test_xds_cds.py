@@ -606,7 +606,8 @@ def test_max_connection_duration_is_the_maximum_connection_age() -> None:
     typed.common_http_protocol_options.max_connection_duration.seconds = 1  # the typed options win
     assert validate_cluster(typed).resilience(ResilienceSettings()).max_connection_age == 90.5
     # A service's own age is kept when the cluster sets none.
-    assert validate_cluster(eds_cluster()).resilience(ResilienceSettings(max_connection_age=60)).max_connection_age == 60
+    own = ResilienceSettings(max_connection_age=60)
+    assert validate_cluster(eds_cluster()).resilience(own).max_connection_age == 60
 
 
 def test_a_bad_max_connection_duration_is_nacked() -> None:
