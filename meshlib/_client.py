@@ -60,6 +60,8 @@ from opentelemetry.trace import TracerProvider
 from meshlib import admin
 from meshlib._bounded import install as install_deadlines
 from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
+from meshlib._connection_age import ConnectionAge
+from meshlib._connection_age import install as install_max_age
 from meshlib._http import HttpLib, library_of
 from meshlib._mesh import MeshTransport
 from meshlib._plan import described_url
@@ -141,6 +143,10 @@ class _PoolFactory:
         #: Connections per endpoint pool meshlib makes (``None``: unbounded, or the pools are not meshlib's).
         self.connections: int | None = None if self._factory is not None else self._pool["limits"].max_connections
         self._ssl: ssl.SSLContext | None = None
+        self._mesh = mesh
+        #: Service key -> its pools' maximum connection age (``None``: none), made with the service's first pool:
+        #: one per service, so its ``retired`` count covers all of the service's endpoints.
+        self.ages: dict[str, ConnectionAge | None] = {}
         self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
         #: Service key -> the context its endpoints connect with, for services with TLS settings.
         self.contexts: dict[str, ReloadingContext] = {}
@@ -319,6 +325,7 @@ class _PoolFactory:
             return self._made(endpoint, context, "handle_request")
         transport = self._lib.HTTPTransport(verify=context, **self._pool)
         install_deadlines(transport, asynchronous=False)
+        install_max_age(transport, self._age(service))
         return transport
 
     def async_(self, endpoint: Endpoint, service: str) -> Any:
@@ -331,10 +338,19 @@ class _PoolFactory:
 
             if on_trio():  # checked here, on an endpoint's first request: a client is built outside any loop
                 raise ConfigError(self._aiohttp_variable, "aiohttp", "httpx under trio: aiohttp runs on asyncio only")
-            return self._aiohttp(context, self._pool["limits"])
+            aiohttp_transport = self._aiohttp(context, self._pool["limits"])
+            install_max_age(aiohttp_transport, self._age(service))  # not applied to aiohttp's pool: logged once
+            return aiohttp_transport
         transport = self._lib.AsyncHTTPTransport(verify=context, **self._pool)
         install_deadlines(transport, asynchronous=True)
+        install_max_age(transport, self._age(service))
         return transport
+
+    def _age(self, key: str) -> ConnectionAge | None:
+        """Service ``key``'s maximum connection age (``MESHLIB_[SERVICE_<NAME>__]MAX_CONNECTION_AGE``), made once."""
+        if key not in self.ages:  # two threads racing: setdefault keeps the first made
+            self.ages.setdefault(key, self._mesh.resilience_for(key).connection_age())
+        return self.ages[key]
 
     def close(self) -> None:
         """Stop watching certificate files; end the Workload API stream."""

@@ -329,6 +329,7 @@ class Backend:
         self._requests: deque[RecordedRequest] = deque(maxlen=max_records)
         self._connections_total = 0
         self._connections_open = 0
+        self._connections_closed = 0
 
         # Lifecycle: only touched under _lifecycle_lock (callers) or in the loop thread.
         self._lifecycle_lock = threading.Lock()
@@ -400,6 +401,12 @@ class Backend:
             return self._connections_total
 
     @property
+    def connections_closed(self) -> int:
+        """Client connections that have ended (either side closed them) since start or :meth:`reset`."""
+        with self._cond:
+            return self._connections_closed
+
+    @property
     def running(self) -> bool:
         """Whether the backend thread is running (it may still be refusing connections)."""
         return self._thread is not None
@@ -410,7 +417,7 @@ class Backend:
         return self._server is not None
 
     def reset(self) -> None:
-        """Zero ``count`` and ``connections_total`` and forget recorded requests.
+        """Zero ``count``, ``connections_total`` and ``connections_closed`` and forget recorded requests.
 
         Neither the behavior nor open connections are affected.
         """
@@ -418,6 +425,7 @@ class Backend:
             self._count = 0
             self._hangups = 0
             self._connections_total = 0
+            self._connections_closed = 0
             self._requests.clear()
 
     def wait_for(self, n: int, timeout: float = 5.0) -> bool:
@@ -433,6 +441,12 @@ class Backend:
         """Block until at least ``n`` clients hung up before their answer (:attr:`hangups`); ``False`` on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._hangups >= n, timeout)
+
+    def wait_closed(self, n: int, timeout: float = 5.0) -> bool:
+        """Block until at least ``n`` client connections have ended (:attr:`connections_closed`); ``False`` on
+        timeout. For tests that a client closed a connection (a retired pooled one) without sleeping."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._connections_closed >= n, timeout)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Block until no client connection is open; ``False`` if ``timeout`` ran out first.
@@ -650,6 +664,7 @@ class Backend:
                 await writer.wait_closed()
             with self._cond:
                 self._connections_open -= 1
+                self._connections_closed += 1
                 self._cond.notify_all()
 
     async def _serve_one(self, connection: _Connection) -> bool:

@@ -160,6 +160,8 @@ def test_every_policy_and_resilience_suffix_works_per_service() -> None:
         "OUTLIER_FAILURE_PERCENTAGE_THRESHOLD": "40",
         "OUTLIER_FAILURE_PERCENTAGE_MINIMUM_HOSTS": "2",
         "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": "9",
+        "MAX_CONNECTION_AGE": "5m",
+        "MAX_CONNECTION_AGE_JITTER": "20%",
         "HEDGE_MAX_ATTEMPTS": "3",
         "HEDGE_DELAY": "p99",
         "HEDGE_NON_FATAL": "503",

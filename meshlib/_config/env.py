@@ -160,6 +160,9 @@ _RESILIENCE_SETTINGS: dict[str, tuple[str, _Parser]] = {
     "SLOW_START_WINDOW": ("slow_start_window", parse_duration_or_zero),
     "SLOW_START_AGGRESSION": ("slow_start_aggression", parse_aggression),
     "SLOW_START_MIN_WEIGHT_PERCENT": ("slow_start_min_weight_percent", parse_percent),
+    # Maximum connection age (meshlib._connection_age): 0 = off; the jitter accepts 0.1 or 10%.
+    "MAX_CONNECTION_AGE": ("max_connection_age", parse_duration_or_zero),
+    "MAX_CONNECTION_AGE_JITTER": ("max_connection_age_jitter", parse_fraction),
 }
 
 #: A check across resilience settings names one field; when that field was not set in the layer being read

@@ -35,6 +35,7 @@ from meshlib.resilience.outlier import FailurePercentageEjection, SuccessRateEje
 from meshlib.security.tls import DEFAULT_RELOAD_INTERVAL, TLSSettings
 
 if TYPE_CHECKING:
+    from meshlib._connection_age import ConnectionAge
     from meshlib.balance.slow_start import SlowStart
 
 
@@ -131,6 +132,10 @@ class ResilienceSettings:
       ``adaptive_window=0.1 s`` and ``adaptive_window_samples=10``: the shortest window the limit averages
       latency over before it moves (Envoy's 100 ms update interval) and the fewest samples in it (Netflix's
       ``windowSize``). See :meth:`adaptive_bounds`.
+    * ``max_connection_age=0`` (off) and ``max_connection_age_jitter=0.1`` -- a pooled connection older than
+      the age (each drawn within +/- the jitter fraction, gRFC A9's +/-10 %) is retired once idle, never
+      mid-request (Envoy's ``max_connection_duration``, off by default as in Envoy and gRPC). See
+      :mod:`meshlib._connection_age` and :meth:`connection_age`.
     * ``hedge`` -- :class:`~meshlib.resilience.hedging.HedgeSettings`: the hedging budget (hedges at most 5 %
       of requests, Finagle's ``maxExtraLoad``) and the latency window a percentile delay is read from (30 s,
       at least 100 samples). Whether a call hedges is its policy's (``Policy.hedge``).
@@ -170,6 +175,8 @@ class ResilienceSettings:
     slow_start_window: float = 0.0
     slow_start_aggression: float = 1.0
     slow_start_min_weight_percent: float = 10.0
+    max_connection_age: float = 0.0
+    max_connection_age_jitter: float = 0.1
 
     def __post_init__(self) -> None:
         own = "ResilienceSettings"
@@ -240,6 +247,20 @@ class ResilienceSettings:
             ok = _is_int(count) and 0 <= count <= MAX_COUNT
             _check(own, name, count, ok, f"an integer >= 0 (at most {MAX_COUNT:,})")
         _check(own, "hedge", self.hedge, isinstance(self.hedge, HedgeSettings), "a meshlib.resilience.HedgeSettings")
+        age = self.max_connection_age
+        ok = _is_duration(age, allow_zero=True)
+        _check(own, "max_connection_age", age, ok, f"a duration, 0 for no maximum, {_DURATION_LIMIT}")
+        jitter = self.max_connection_age_jitter
+        ok = _is_number(jitter) and 0 <= jitter <= 0.5
+        _check(own, "max_connection_age_jitter", jitter, ok, "a fraction from 0 to 0.5 such as 0.1, or up to 50%")
+
+    def connection_age(self) -> ConnectionAge | None:
+        """A new :class:`~meshlib._connection_age.ConnectionAge` for one service's pools (``None``: no maximum)."""
+        if not self.max_connection_age:
+            return None
+        from meshlib._connection_age import ConnectionAge
+
+        return ConnectionAge(self.max_connection_age, self.max_connection_age_jitter)
 
     @property
     def slow_start(self) -> SlowStart:

@@ -587,3 +587,36 @@ def test_tls_socket_rules() -> None:
 def test_cluster_resilience_keeps_base_without_outlier_detection() -> None:
     base = ResilienceSettings(outlier_failures=7, max_inflight=9)
     assert validate_cluster(eds_cluster()).resilience(base) == ResilienceSettings(outlier_failures=7, max_inflight=1024)
+
+
+def test_max_connection_duration_is_the_maximum_connection_age() -> None:
+    """Envoy's cluster ``max_connection_duration``, typed HTTP protocol options first, else the deprecated field."""
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+    assert validate_cluster(eds_cluster()).resilience(ResilienceSettings()).max_connection_age == 0.0
+    deprecated = eds_cluster()
+    deprecated.common_http_protocol_options.max_connection_duration.seconds = 300
+    settings = validate_cluster(deprecated).resilience(ResilienceSettings(max_connection_age_jitter=0.2))
+    assert (settings.max_connection_age, settings.max_connection_age_jitter) == (300.0, 0.2)
+    typed = eds_cluster()
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.common_http_protocol_options.max_connection_duration.FromMilliseconds(90_500)
+    options.explicit_http_config.http_protocol_options.SetInParent()
+    typed.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(options)
+    typed.common_http_protocol_options.max_connection_duration.seconds = 1  # the typed options win
+    assert validate_cluster(typed).resilience(ResilienceSettings()).max_connection_age == 90.5
+    # A service's own age is kept when the cluster sets none.
+    own = ResilienceSettings(max_connection_age=60)
+    assert validate_cluster(eds_cluster()).resilience(own).max_connection_age == 60
+
+
+def test_a_bad_max_connection_duration_is_nacked() -> None:
+    cluster = eds_cluster()
+    cluster.common_http_protocol_options.max_connection_duration.seconds = -5
+    nack(cluster, "common_http_protocol_options.max_connection_duration")
+    wrong = eds_cluster()
+    wrong.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(base_pb2.Locality(zone="a"))
+    nack(wrong, f"typed_extension_protocol_options[{_HTTP_OPTIONS!r}]")
+
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

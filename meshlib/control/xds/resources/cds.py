@@ -32,6 +32,11 @@ unsupported *values* of supported fields, and ignores fields it does not know: `
   certificates come from certificate-provider instances (bootstrap ``certificate_providers``) and whose SAN
   matchers are kept; see :class:`UpstreamTls`.
 * ``lrs_server``: must be ``self`` if set; recorded (meshlib does not report load).
+* ``max_connection_duration`` of the cluster's ``common_http_protocol_options`` (in
+  ``typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]``, else the
+  deprecated ``Cluster.common_http_protocol_options``): the maximum age of the service's pooled connections
+  (``ResilienceSettings.max_connection_age``, :mod:`meshlib._connection_age`), a valid duration, 0 or unset for none,
+  capped at meshlib's longest duration. gRPC ignores the field; Envoy drains its upstream connections by it.
 """
 
 from __future__ import annotations
@@ -332,10 +337,11 @@ class ClusterUpdate:
     tls: UpstreamTls | None = None
     lrs_server: bool = False
     slow_start: SlowStartConfig | None = None
+    max_connection_duration: float = 0.0
 
     def resilience(self, base: ResilienceSettings) -> ResilienceSettings:
-        """``base`` with this cluster's ``max_requests`` (capped at meshlib's ``MAX_COUNT``), outlier settings
-        and slow start."""
+        """``base`` with this cluster's ``max_requests`` (capped at meshlib's ``MAX_COUNT``), outlier settings, slow
+        start and ``max_connection_duration`` (when the cluster sets one: then the service's jitter still applies)."""
         settings = dataclasses.replace(base, max_inflight=min(self.max_requests, MAX_COUNT))
         if self.slow_start is not None:
             settings = dataclasses.replace(
@@ -344,6 +350,9 @@ class ClusterUpdate:
                 slow_start_aggression=self.slow_start.aggression,
                 slow_start_min_weight_percent=self.slow_start.min_weight_percent,
             )
+        if self.max_connection_duration:
+            age = min(self.max_connection_duration, MAX_DURATION)
+            settings = dataclasses.replace(settings, max_connection_age=age)
         return settings if self.outlier is None else self.outlier.apply(settings)
 
 
@@ -366,6 +375,7 @@ def validate_cluster(cluster: Proto, *, certificate_providers: Container[str] | 
         "outlier": _outlier(cluster) if cluster.HasField("outlier_detection") else None,
         "tls": _tls(cluster, certificate_providers),
         "slow_start": _slow_start(cluster, lb_source),
+        "max_connection_duration": _max_connection_duration(cluster),
     }
     if cluster.HasField("lrs_server"):
         if not cluster.lrs_server.HasField("self"):
@@ -569,6 +579,32 @@ def _max_requests(cluster: Proto) -> int:
             )
         return value
     return DEFAULT_MAX_REQUESTS
+
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _max_connection_duration(cluster: Proto) -> float:
+    """``common_http_protocol_options.max_connection_duration`` in seconds (0: unset), from the typed HTTP protocol
+    options, else the deprecated ``Cluster.common_http_protocol_options``."""
+    path = "common_http_protocol_options"
+    options: Proto = None
+    if _HTTP_OPTIONS in cluster.typed_extension_protocol_options:
+        from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
+
+        typed = cluster.typed_extension_protocol_options[_HTTP_OPTIONS]
+        unpacked = HttpProtocolOptions()
+        path = f"typed_extension_protocol_options[{_HTTP_OPTIONS!r}]"
+        if not typed.Unpack(unpacked):
+            raise XdsResourceError(path, f"type {typed.type_url!r}: expected type.googleapis.com/{_HTTP_OPTIONS}")
+        path += ".common_http_protocol_options"
+        if unpacked.HasField("common_http_protocol_options"):
+            options = unpacked.common_http_protocol_options
+    elif cluster.HasField("common_http_protocol_options"):
+        options = cluster.common_http_protocol_options
+    if options is None or not options.HasField("max_connection_duration"):
+        return 0.0
+    return _seconds(options.max_connection_duration, f"{path}.max_connection_duration")
 
 
 def _seconds(duration: Proto, path: str) -> float:
