@@ -162,6 +162,9 @@ def test_every_policy_and_resilience_suffix_works_per_service() -> None:
         "OUTLIER_FAILURE_PERCENTAGE_REQUEST_VOLUME": "9",
         "MAX_CONNECTION_AGE": "5m",
         "MAX_CONNECTION_AGE_JITTER": "20%",
+        "SLOW_START_WINDOW": "30s",
+        "SLOW_START_AGGRESSION": "2",
+        "SLOW_START_MIN_WEIGHT_PERCENT": "25",
         "HEDGE_MAX_ATTEMPTS": "3",
         "HEDGE_DELAY": "p99",
         "HEDGE_NON_FATAL": "503",
@@ -172,7 +175,8 @@ def test_every_policy_and_resilience_suffix_works_per_service() -> None:
         "HEDGE_MIN_SAMPLES": "5",
     }
     tls = {suffix for suffix in SERVICE_SETTINGS if suffix.startswith("TLS_")}  # tests/security covers these
-    assert set(samples) | {"LB", "HASH_HEADER"} | tls == set(SERVICE_SETTINGS)
+    zone = {suffix for suffix in SERVICE_SETTINGS if suffix.startswith("ZONE_")}  # tests/test_config_zone.py
+    assert set(samples) | {"LB", "HASH_HEADER"} | tls | zone == set(SERVICE_SETTINGS)
     for suffix, raw in samples.items():
         env = {**SVC, f"MESHLIB_SERVICE_PAYMENTS__{suffix}": raw, f"MESHLIB_{suffix}": raw}
         config = MeshConfig.from_env(env)
