@@ -139,8 +139,8 @@ class Lease:
         from meshlib.balance.orca import INVALID, read_load_report  # only balancers that want reports import it
 
         report = read_load_report(headers)
-        if report is not None:
-            self.stats.record_report(None if report is INVALID else report, self.started + self.rtt)
+        if report is not None:  # stamped with the balancer's clock, the one its weights are judged by
+            self.stats.record_report(None if report is INVALID else report, self.service.balancer.clock())
 
     def release(self) -> None:
         """Give everything back (idempotent: the first call does it, later calls do nothing)."""

@@ -230,6 +230,7 @@ def read_load_report(headers: Mapping[str, str] | Any) -> LoadReport | None:
     Never raises: a malformed report is logged at DEBUG (reason and an escaped excerpt) and ignored. As Envoy,
     ``endpoint-load-metrics-bin`` (gRPC's name) is read first when both headers are present.
     """
+    raw: Any = None
     try:
         raw = headers.get(LEGACY_BIN_HEADER)
         legacy = raw is not None
@@ -242,7 +243,7 @@ def read_load_report(headers: Mapping[str, str] | Any) -> LoadReport | None:
         return parse_legacy_bin(raw) if legacy else parse_load_report(raw)
     except Exception as error:  # anything a hostile peer can provoke; the request path must not see it
         if logger.isEnabledFor(logging.DEBUG):
-            excerpt = "" if raw is None else str(raw)[:EXCERPT]  # type: ignore[possibly-undefined]
+            excerpt = "" if raw is None else str(raw)[:EXCERPT]
             logger.debug(
                 "ignoring an invalid ORCA load report (%s): %s", error, excerpt.encode("unicode_escape").decode()
             )
@@ -254,8 +255,8 @@ def _parse_text(body: str) -> LoadReport:
     scalars: dict[str, float] = {}
     maps: dict[str, dict[str, float]] = {name: {} for name in _MAPS}
     seen: set[str] = set()
-    for entry in body.split(","):
-        entry = entry.strip(" \t")
+    for item in body.split(","):
+        entry = item.strip(" \t")
         if not entry:
             continue  # Envoy's parseCommaDelimitedHeader skips empty elements
         cut = min((i for i in (entry.find(":"), entry.find("=")) if i >= 0), default=-1)

@@ -9,7 +9,9 @@ Each endpoint's servers report their load in the ``endpoint-load-metrics`` respo
 with ``utilization`` the report's ``application_utilization`` if set, else its ``cpu_utilization``. A weight is
 used only after the endpoint has reported continuously for ``blackout_period`` (10 s) and until no report came
 for ``weight_expiration_period`` (3 min); after an expiry the blackout applies again. Endpoints without a usable
-weight get the mean of the others'; with fewer than two usable weights, all are equal (plain round robin).
+weight get the mean of the others'. With fewer than two usable weights A58 falls back to equal weights; here
+the endpoints' static discovery weights are used then (equal unless SRV, Consul or EDS set them), so without
+reports this is ``round_robin``. Static weights play no part once reports are used (as in A58).
 
 The scheduler is A58's earliest deadline first (EDF): each endpoint is a job whose period is ``1/weight``, its
 first deadline random in ``[0, period]``, and each pick takes the earliest deadline and adds its period. gRPC
@@ -17,8 +19,7 @@ runs the EDF queue under a mutex per pick; here the picker runs it ahead, off th
 :data:`ROUNDS` picks per endpoint, and a pick walks that precomputed cycle with an atomic counter (as
 :mod:`~meshlib.balance.round_robin` does). Every ``weight_update_period`` (1 s, at least 0.1 s as A58 caps it)
 the first pick to notice rebuilds the cycle from the latest reports, without blocking other picks (they use
-the previous cycle meanwhile), and swaps it in with one reference assignment. Endpoints' static discovery
-weights are not used (A58 ignores them too). Time is the injected clock.
+the previous cycle meanwhile), and swaps it in with one reference assignment. Time is the injected clock.
 
 Source: https://github.com/grpc/proposal/blob/master/A58-client-side-weighted-round-robin-lb-policy.md
 """
@@ -62,7 +63,12 @@ class WrrSettings:
     error_utilization_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("blackout_period", "weight_expiration_period", "weight_update_period", "error_utilization_penalty"):
+        for name in (
+            "blackout_period",
+            "weight_expiration_period",
+            "weight_update_period",
+            "error_utilization_penalty",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"WrrSettings.{name}={value!r} is invalid: expected a finite number >= 0")
@@ -99,12 +105,13 @@ def endpoint_weight(stats: EndpointStats, now: float, settings: WrrSettings) -> 
     return a58_weight(report.rps_fractional, report.eps, report.load_utilization, settings.error_utilization_penalty)
 
 
-def effective_weights(weights: Sequence[float]) -> list[float]:
-    """A58's scheduler input: zero weights become the mean of the positive ones; fewer than two positive
-    weights make every weight equal (round robin)."""
+def effective_weights(weights: Sequence[float], static: Sequence[float] | None = None) -> list[float]:
+    """A58's scheduler input: zero weights become the mean of the positive ones. With fewer than two positive
+    weights A58 makes every weight equal (round robin); here they are the ``static`` discovery weights if given
+    (SRV, Consul, EDS: what ``round_robin`` honours), else equal."""
     positive = [w for w in weights if w > 0.0]
     if len(positive) < 2:
-        return [1.0] * len(weights)
+        return [float(w) for w in static] if static is not None else [1.0] * len(weights)
     mean = math.fsum(positive) / len(positive)
     return [w if w > 0.0 else mean for w in weights]
 
@@ -168,7 +175,11 @@ class WeightedRoundRobinPicker(Picker):
 
     def _build(self, now: float) -> _Cycle:
         stats = self._stats
-        weights = tuple(effective_weights([endpoint_weight(s, now, self._settings) for s in stats]))
+        weights = tuple(
+            effective_weights(
+                [endpoint_weight(s, now, self._settings) for s in stats], [max(s.endpoint.weight, 1) for s in stats]
+            )
+        )
         if not stats:
             return _Cycle([], weights, 0)
         length = min(MAX_CYCLE, max(MIN_CYCLE, ROUNDS * len(stats)))
@@ -214,7 +225,7 @@ class WeightedRoundRobin(Balancer):
     """``weighted_round_robin`` (gRFC A58): round robin weighted by each endpoint's reported capacity.
 
     Use it when endpoints differ in capacity and their servers report ORCA load (:mod:`meshlib.server.orca`).
-    Without reports it is plain round robin.
+    Without reports it is ``round_robin`` (static discovery weights honoured).
     """
 
     name = "weighted_round_robin"
