@@ -132,6 +132,15 @@ class LoadReport:
     def __hash__(self) -> int:
         return hash(tuple(getattr(self, name) for name in _SCALARS))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The set fields as plain JSON-ready data (zero scalars and empty maps left out), for status views."""
+        data: dict[str, Any] = {name: getattr(self, name) for name in _SCALARS if getattr(self, name)}
+        for name in _MAPS:
+            metrics = getattr(self, name)
+            if metrics:
+                data[name] = dict(metrics)
+        return data
+
     @property
     def qps(self) -> float:
         """Queries per second (``rps_fractional``), the name A58's weight formula uses."""
@@ -496,12 +505,7 @@ def format_load_report(report: LoadReport, fmt: ReportFormat = ReportFormat.TEXT
     if fmt is ReportFormat.BIN:
         return "BIN " + base64.b64encode(encode_orca_proto(report)).decode("ascii")
     if fmt is ReportFormat.JSON:
-        document: dict[str, Any] = {name: getattr(report, name) for name in _SCALARS if getattr(report, name)}
-        for name in _MAPS:
-            metrics = getattr(report, name)
-            if metrics:
-                document[name] = dict(metrics)
-        return "JSON " + json.dumps(document, separators=(",", ":"), allow_nan=False)
+        return "JSON " + json.dumps(report.to_dict(), separators=(",", ":"), allow_nan=False)
     parts = [f"{name}:{getattr(report, name)!r}" for name in _SCALARS if getattr(report, name)]
     for name in _MAPS:
         for key, value in getattr(report, name).items():

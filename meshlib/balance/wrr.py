@@ -168,6 +168,10 @@ class WeightedRoundRobinPicker(Picker):
         """The weights of the current cycle, one per endpoint in the order given (after A58's mean fill)."""
         return self._cycle.weights
 
+    def endpoint_weights(self) -> dict[Endpoint, float]:
+        """Each endpoint's weight in the current cycle (for status views: ``mesh_status()``, ``meshlib status``)."""
+        return {s.endpoint: w for s, w in zip(self._stats, self._cycle.weights, strict=True)}
+
     def refresh(self, now: float) -> None:
         """Rebuild the cycle from the latest reports (what the periodic update does; a driver's timer may call it)."""
         self._cycle = self._build(now)

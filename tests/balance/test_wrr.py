@@ -110,6 +110,9 @@ def test_shares_follow_capacity_1x_2x_4x_after_blackout() -> None:
     got = shares(picker, stats, 7000)
     assert got == [pytest.approx(1 / 7, abs=0.02), pytest.approx(2 / 7, abs=0.02), pytest.approx(4 / 7, abs=0.02)]
     assert picker.weights == (pytest.approx(125), pytest.approx(250), pytest.approx(500))
+    assert picker.endpoint_weights()[stats[2].endpoint] == pytest.approx(500)
+    assert stats[2].load_report is not None
+    assert stats[2].load_report.to_dict() == {"application_utilization": 0.2, "rps_fractional": 100.0}
 
 
 def test_weights_change_only_every_update_period() -> None:
