@@ -10,7 +10,9 @@ endpoint it takes a :class:`Lease`, and the lease owns the attempt's bookkeeping
 * the call's in-flight slot (``MESHLIB_MAX_INFLIGHT``, or the adaptive limit), when the attempt's response is
   the one the caller gets (:attr:`permit`): it is held until that response's body is closed, and given back with
   the attempt's latency, the sample an adaptive limit learns from;
-* the endpoint's pool when the endpoint has left discovery meanwhile: the last lease to end closes it.
+* the endpoint's pool when the endpoint has left discovery meanwhile: the last lease to end closes it;
+* the endpoint's ORCA load report, when the service's balancer wants one (``weighted_round_robin``): the response
+  headers handed to :meth:`judge` are read for ``endpoint-load-metrics`` only then, so other balancers pay nothing.
 
 :meth:`release` gives all of that back and runs once, whichever path comes first: an error, a retried answer
 closed, cancellation, the body read to its end or closed, or a response dropped without closing. The last is
@@ -103,9 +105,15 @@ class Lease:
         stats.begin()
         self.started = time.monotonic()
 
-    def judge(self, verdict: Classification) -> None:
-        """Record the attempt's verdict (once): latency until now, the breaker, outlier detection."""
+    def judge(self, verdict: Classification, headers: Any = None) -> None:
+        """Record the attempt's verdict (once): latency until now, the breaker, outlier detection.
+
+        ``headers``: the response's headers, when there is a response; the endpoint's ORCA load report is read from
+        them when the service's balancer wants load reports (never raises: a malformed report is counted).
+        """
         self.rtt = time.monotonic() - self.started
+        if headers is not None and self.service.balancer.wants_load_reports:
+            self._read_load_report(headers)
         self.judged = True
         self.failed = failed = verdict.endpoint_failure
         # For the balancer, any error answer (4xx included) is one that must not make the endpoint look fast.
@@ -125,6 +133,14 @@ class Lease:
                 else:
                     breaker.release()
         service.detector.record(address, failed)
+
+    def _read_load_report(self, headers: Any) -> None:
+        """Hand the endpoint's ORCA load report in ``headers`` (if any) to its stats; a malformed one is counted."""
+        from meshlib.balance.orca import INVALID, read_load_report  # only balancers that want reports import it
+
+        report = read_load_report(headers)
+        if report is not None:  # stamped with the balancer's clock, the one its weights are judged by
+            self.stats.record_report(None if report is INVALID else report, self.service.balancer.clock())
 
     def release(self) -> None:
         """Give everything back (idempotent: the first call does it, later calls do nothing)."""

@@ -760,7 +760,7 @@ class Call(Generic[T]):
         error = attempt.error
         verdict = classify_exception(error) if error is not None else self.classify(attempt.response)
         self.verdict = verdict
-        attempt.lease.judge(verdict)
+        attempt.lease.judge(verdict, None if error is not None else attempt.response.headers)  # ORCA reports
         trace = self.trace
         if trace is not None:
             trace.attempt_finished(verdict, error, attempt.number)

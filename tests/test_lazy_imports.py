@@ -28,6 +28,8 @@ NOT_ON_IMPORT = (
     "meshlib.balance.least_request",
     "meshlib.balance.random",
     "meshlib.balance.ring_hash",
+    "meshlib.balance.wrr",
+    "meshlib.balance.orca",
     "cryptography",
     "http.server",
     "meshlib._admin_http",

@@ -18,12 +18,13 @@ both work per service with the same suffix.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from meshlib._config.model import MeshConfig, ResilienceSettings, ServiceConfig, ZoneSettings, service_key
 from meshlib._config.parse import (
@@ -51,6 +52,9 @@ from meshlib.errors import ConfigError
 from meshlib.policy import DEFAULT_POLICY, Policy
 from meshlib.resilience.hedging import HedgePolicy, HedgeSettings, hedge_from_env
 from meshlib.security.tls import TLSSettings
+
+if TYPE_CHECKING:
+    from meshlib.balance.wrr import WrrSettings
 
 #: Unknown-variable warnings keep the logger name of the module that used to hold all of this.
 logger = logging.getLogger("meshlib.config")
@@ -218,8 +222,16 @@ SERVER_TELEMETRY_VARIABLE = "MESHLIB_SERVER_TELEMETRY"
 AUTHZ_FILE_VARIABLE = "MESHLIB_AUTHZ_FILE"
 RATELIMIT_FILE_VARIABLE = "MESHLIB_RATELIMIT_FILE"
 INBOUND_RELOAD_VARIABLE = "MESHLIB_INBOUND_RELOAD_INTERVAL"
+#: ``weighted_round_robin``'s A58 settings (read by :func:`wrr_settings_from_env` when the balancer is built).
+WRR_VARIABLES = (
+    "MESHLIB_WRR_BLACKOUT_PERIOD",
+    "MESHLIB_WRR_WEIGHT_EXPIRATION_PERIOD",
+    "MESHLIB_WRR_WEIGHT_UPDATE_PERIOD",
+    "MESHLIB_WRR_ERROR_UTILIZATION_PENALTY",
+)
 _READ_ELSEWHERE = frozenset(
     {
+        *WRR_VARIABLES,
         "MESHLIB_HTTP_LIBRARY",
         SERVER_TELEMETRY_VARIABLE,
         AUTHZ_FILE_VARIABLE,
@@ -319,6 +331,37 @@ def inbound_files_from_env(environ: Mapping[str, str] | None = None) -> InboundF
     raw_interval = env.get(INBOUND_RELOAD_VARIABLE, "")
     interval = parse_duration_or_zero(INBOUND_RELOAD_VARIABLE, raw_interval) if raw_interval.strip() else 1.0
     return InboundFiles(path(AUTHZ_FILE_VARIABLE), path(RATELIMIT_FILE_VARIABLE), interval)
+
+
+def wrr_settings_from_env(environ: Mapping[str, str] | None = None) -> WrrSettings:
+    """``weighted_round_robin``'s settings from ``MESHLIB_WRR_*`` (unset or blank: A58's defaults).
+
+    The three periods are durations (``MESHLIB_WRR_BLACKOUT_PERIOD`` may be ``0``: no blackout; the update period
+    is at least 100 ms, as A58 caps it); the penalty a number >= 0. A bad value is a :class:`ConfigError`.
+    """
+    from meshlib.balance.wrr import WrrSettings
+
+    env = os.environ if environ is None else environ
+    blackout, expiration, update, penalty = WRR_VARIABLES
+    values: dict[str, float] = {}
+    for attr, variable, parse in (
+        ("blackout_period", blackout, parse_duration_or_zero),
+        ("weight_expiration_period", expiration, parse_positive_duration),
+        ("weight_update_period", update, parse_positive_duration),
+    ):
+        raw = env.get(variable, "")
+        if raw.strip():
+            values[attr] = parse(variable, raw)
+    raw = env.get(penalty, "")
+    if raw.strip():
+        try:
+            number = float(raw.strip()) if len(raw) <= 32 else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(penalty, raw[:32], "a number >= 0 (A58's error_utilization_penalty, default 1.0)")
+        values["error_utilization_penalty"] = number
+    return WrrSettings(**values)
 
 
 def mesh_config_from_env(

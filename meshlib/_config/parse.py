@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 from meshlib.errors import ConfigError
 
-LB_NAMES = ("p2c_ewma", "round_robin", "least_request", "random", "ring_hash")
+LB_NAMES = ("p2c_ewma", "round_robin", "least_request", "random", "ring_hash", "weighted_round_robin")
 
 #: ``MESHLIB_INNER_TRANSPORT``: what each mesh endpoint's pooled transport is built with (see ``meshlib.client``).
 INNER_TRANSPORTS = ("httpx", "aiohttp")

@@ -2,7 +2,8 @@
 
 ``p2c_ewma`` is the default (Linkerd's and Finagle's): power of two choices over peak-EWMA latency.
 The others are ``least_request`` (Envoy's default policy: P2C on in-flight requests), ``round_robin``,
-``random`` and ``ring_hash`` (consistent hashing on a request key). Each balancer builds an immutable
+``random``, ``ring_hash`` (consistent hashing on a request key) and ``weighted_round_robin`` (gRFC A58: weights
+from the servers' ORCA load reports). Each balancer builds an immutable
 :class:`~meshlib.balance.base.Picker` per endpoint set; see :mod:`meshlib.balance.base`.
 
 A balancer is registered by name with :func:`register_balancer`, as its class or the class's dotted path,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from meshlib.balance.random import WeightedRandom
     from meshlib.balance.ring_hash import RingHash
     from meshlib.balance.round_robin import RoundRobin
+    from meshlib.balance.wrr import WeightedRoundRobin
 
 __all__ = [
     "BALANCERS",
@@ -39,6 +41,7 @@ __all__ = [
     "RingHash",
     "RoundRobin",
     "WeightedRandom",
+    "WeightedRoundRobin",
     "make_balancer",
     "register_balancer",
 ]
@@ -127,6 +130,7 @@ _CLASSES = {
     "RingHash": "meshlib.balance.ring_hash.RingHash",
     "RoundRobin": "meshlib.balance.round_robin.RoundRobin",
     "WeightedRandom": "meshlib.balance.random.WeightedRandom",
+    "WeightedRoundRobin": "meshlib.balance.wrr.WeightedRoundRobin",
 }
 
 
@@ -147,3 +151,4 @@ register_balancer("round_robin", "meshlib.balance.round_robin.RoundRobin")
 register_balancer("least_request", "meshlib.balance.least_request.LeastRequest")
 register_balancer("random", "meshlib.balance.random.WeightedRandom")
 register_balancer("ring_hash", "meshlib.balance.ring_hash.RingHash")
+register_balancer("weighted_round_robin", "meshlib.balance.wrr.WeightedRoundRobin")

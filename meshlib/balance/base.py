@@ -15,9 +15,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from meshlib.balance.slow_start import SlowStart
 from meshlib.discovery.base import Endpoint
+
+if TYPE_CHECKING:
+    from meshlib.balance.orca import LoadReport
+    from meshlib.balance.wrr import WrrSettings
 
 Clock = Callable[[], float]
 
@@ -41,7 +46,23 @@ class EndpointStats:
     (:mod:`meshlib.balance.slow_start`) ramps the share of endpoints whose ``joined_at`` is within its window.
     """
 
-    __slots__ = ("_cost", "_decay", "_lock", "_stamp", "endpoint", "failures", "inflight", "joined_at", "requests")
+    __slots__ = (
+        "_cost",
+        "_decay",
+        "_lock",
+        "_stamp",
+        "endpoint",
+        "failures",
+        "inflight",
+        "invalid_reports",
+        "joined_at",
+        "load_report",
+        "load_report_time",
+        "requests",
+        "weight_report",
+        "weight_report_time",
+        "weight_since",
+    )
 
     def __init__(
         self,
@@ -60,6 +81,36 @@ class EndpointStats:
         self.requests = 0
         self.failures = 0
         self.joined_at: float | None = None
+        #: The last valid ORCA load report this endpoint sent (:mod:`meshlib.balance.orca`) and when
+        #: (``clock`` time); kept only when the service's balancer wants load reports.
+        self.load_report: LoadReport | None = None
+        self.load_report_time = -math.inf
+        #: Reports that were present but malformed (ignored, logged at DEBUG).
+        self.invalid_reports = 0
+        #: gRFC A58's weight state: the last report with positive QPS and utilization, when it came
+        #: (``last_updated``), and since when such reports have arrived without a gap (``non_empty_since``,
+        #: ``inf`` when none: the balancer resets it when the weight expires).
+        self.weight_report: LoadReport | None = None
+        self.weight_report_time = -math.inf
+        self.weight_since = math.inf
+
+    def record_report(self, report: LoadReport | None, now: float) -> None:
+        """Keep a load report the endpoint sent at ``now``; ``None`` counts a malformed one (ignored).
+
+        A report with positive QPS and utilization also updates A58's weight state (one that lacks either is
+        kept for status only, as A58's ``UpdateWeight`` ignores it).
+        """
+        with self._lock:
+            if report is None:
+                self.invalid_reports += 1
+                return
+            self.load_report = report
+            self.load_report_time = now
+            if report.rps_fractional > 0.0 and report.load_utilization > 0.0:
+                if self.weight_since == math.inf:
+                    self.weight_since = now
+                self.weight_report = report
+                self.weight_report_time = now
 
     def begin(self) -> None:
         """Count one request as in flight to this endpoint."""
@@ -135,12 +186,17 @@ class BalancerOptions:
     ring_size: int = 1024
     #: Ramp newly joined endpoints (off unless its window is set); ring_hash ignores it.
     slow_start: SlowStart = field(default_factory=SlowStart)
+    #: ``weighted_round_robin``'s settings; ``None``: from the ``MESHLIB_WRR_*`` variables when it is built.
+    wrr: WrrSettings | None = None
 
 
 class Balancer(ABC):
     """Builds pickers for one algorithm. Stateless apart from the injected clock and RNG."""
 
     name: str = ""
+    #: Whether this balancer reads ORCA load reports: only then does an attempt's lease parse the
+    #: ``endpoint-load-metrics`` response header (:meth:`EndpointStats.record_report`), so others pay nothing.
+    wants_load_reports: bool = False
 
     def __init__(
         self,

@@ -4,7 +4,8 @@ The deadline (a request carrying ``grpc-timeout``, or Envoy's/Finagle's deadline
 deadline scope, so the mesh calls its handler makes get at most the caller's remaining budget), and with
 :class:`MeshMiddleware` / :class:`WSGIMeshMiddleware` the rest of the inbound half: trace context and a
 SERVER span, server metrics, the peer's SPIFFE ID, authorization by Istio ``AuthorizationPolicy``
-(:class:`AuthorizationHook`) and rate limits per caller (:class:`RateLimitHook`). See
+(:class:`AuthorizationHook`) and rate limits per caller (:class:`RateLimitHook`); and, opt-in, this server's
+load in ORCA's ``endpoint-load-metrics`` header (:class:`LoadReporter`, :mod:`meshlib.server.orca`). See
 :mod:`meshlib.server.middleware`.
 """
 
@@ -29,6 +30,7 @@ from meshlib.server.middleware import (
     mesh_hooks,
     peer_identity,
 )
+from meshlib.server.orca import ASGILoadReportMiddleware, LoadReporter, WSGILoadReportMiddleware
 from meshlib.server.ratelimit import RateLimitHook
 from meshlib.telemetry.inbound import ServerMetricsHook, ServerTraceHook
 
@@ -37,11 +39,13 @@ __all__ = [
     "PEER_IDENTITY_ATTRIBUTE",
     "PEER_IDENTITY_KEY",
     "ASGIInboundMiddleware",
+    "ASGILoadReportMiddleware",
     "AuthorizationHook",
     "DeadlineHook",
     "DeadlineMiddleware",
     "Hook",
     "InboundRequest",
+    "LoadReporter",
     "MeshMiddleware",
     "PeerIdentityHook",
     "RateLimitHook",
@@ -50,6 +54,7 @@ __all__ = [
     "ServerTraceHook",
     "WSGIDeadlineMiddleware",
     "WSGIInboundMiddleware",
+    "WSGILoadReportMiddleware",
     "WSGIMeshMiddleware",
     "mesh_hooks",
     "peer_identity",

@@ -28,10 +28,11 @@ def test_builtins_are_registered_by_path() -> None:
         "least_request": "meshlib.balance.least_request.LeastRequest",
         "random": "meshlib.balance.random.WeightedRandom",
         "ring_hash": "meshlib.balance.ring_hash.RingHash",
+        "weighted_round_robin": "meshlib.balance.wrr.WeightedRoundRobin",
     }
     assert "p2c_ewma" in BALANCERS
     assert "maglev" not in BALANCERS
-    assert len(BALANCERS) == 5
+    assert len(BALANCERS) == 6
     with pytest.raises(TypeError):
         BALANCERS["x"] = RoundRobin  # type: ignore[index]
 

@@ -16,7 +16,14 @@ pytestmark = pytest.mark.one_library
 
 
 def test_registry_names() -> None:
-    assert list(BALANCERS) == ["p2c_ewma", "round_robin", "least_request", "random", "ring_hash"]
+    assert list(BALANCERS) == [
+        "p2c_ewma",
+        "round_robin",
+        "least_request",
+        "random",
+        "ring_hash",
+        "weighted_round_robin",
+    ]
     assert set(BALANCERS) == set(LB_NAMES)
     for name, cls in BALANCERS.items():
         assert cls.name == name
