@@ -678,7 +678,8 @@ class Call(Generic[T]):
                 breaker = service.breakers.get((endpoint.host, endpoint.port))
                 if breaker is None or breaker.allow():
                     return stats
-        if unhealthy and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy)):
+        panic = bool(unhealthy) and service.detector.panic(len(active.stats), len(active.stats) - len(unhealthy))
+        if panic:
             unhealthy = held  # panic: ignore ejections, never open breakers
         refused: set[HostPort] = set()
         for _ in range(len(active.stats) + 1):
@@ -688,11 +689,11 @@ class Call(Generic[T]):
                 tried = self.tried_addresses
                 if tried is None:
                     tried = self.tried_addresses = {self.peer}
-                stats = active.pick(key, _ByAddress(excluded | tried))
+                stats = active.pick(key, _ByAddress(excluded | tried), unhealthy, panic)
             if stats is None:
                 if strict:
                     return None
-                stats = active.pick(key, _ByAddress(excluded) if excluded else ())
+                stats = active.pick(key, _ByAddress(excluded) if excluded else (), unhealthy, panic)
             if stats is None:
                 break
             address = (stats.endpoint.host, stats.endpoint.port)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from meshlib._config import MeshConfig, ServiceConfig, service_key
+from meshlib._config.env import zone_settings_from_env
 from meshlib._testmode import MODE as _TESTING
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
@@ -45,6 +47,19 @@ T = TypeVar("T")
 #: One endpoint's ``(host, port)``: the key of its stats, breaker and pool (``Endpoint.address`` is the
 #: ``host:port`` string shown to people).
 HostPort = tuple[str, int]
+
+
+class ZoneRouting(Protocol):
+    """What a zone-aware picker (:mod:`meshlib.balance.locality`) adds to :class:`Picker`'s ``pick``."""
+
+    def pick(
+        self,
+        *,
+        key: bytes | None = None,
+        exclude: Container[Endpoint] = (),
+        unhealthy: frozenset[HostPort] = ...,
+        panic: bool = False,
+    ) -> EndpointStats | None: ...
 
 
 def adaptive_limit(settings: ResilienceSettings) -> AdaptiveConcurrencyLimit:
@@ -73,9 +88,28 @@ class Active(Generic[T]):
     stats: dict[HostPort, EndpointStats]
     #: One picker per SRV priority level, lowest (most preferred) first.
     pickers: tuple[Picker, ...]
+    #: The pickers route by zone (``MESHLIB_ZONE``): they take the unhealthy set and the panic flag.
+    zoned: bool = False
 
-    def pick(self, key: bytes | None, exclude: Container[Endpoint]) -> EndpointStats | None:
-        """Pick from the most preferred priority level that still has a usable endpoint (RFC 2782)."""
+    def pick(
+        self,
+        key: bytes | None,
+        exclude: Container[Endpoint],
+        unhealthy: frozenset[HostPort] = frozenset(),
+        panic: bool = False,
+    ) -> EndpointStats | None:
+        """Pick from the most preferred priority level that still has a usable endpoint (RFC 2782).
+
+        ``unhealthy`` (the addresses skipped now: ejected or behind an open breaker, also in ``exclude``) and
+        ``panic`` matter only to zone-aware pickers, which count healthy endpoints per zone and stand aside
+        in panic (Envoy).
+        """
+        if self.zoned:
+            for zone_picker in cast("tuple[ZoneRouting, ...]", self.pickers):
+                chosen = zone_picker.pick(key=key, exclude=exclude, unhealthy=unhealthy, panic=panic)
+                if chosen is not None:
+                    return chosen
+            return None
         for picker in self.pickers:
             chosen = picker.pick(key=key, exclude=exclude)
             if chosen is not None:
@@ -104,6 +138,10 @@ class Service(Generic[T]):
         )
         self._new_transport = new_transport
         key = service_key(config.name)
+        #: Zone-aware routing (``MESHLIB_ZONE*``; checked when the client was built): off without a local zone.
+        self.zones = zone_settings_from_env(mesh.environ, key)
+        #: The most endpoints seen per zone (the callers' assumed spread: :meth:`_zone_picker`).
+        self._zone_high_water: dict[str | None, int] = {}
         #: The service's call policy (defaults, env, per-service env); scopes and requests narrow it per call.
         self.policy = mesh.policy_for(key)
         settings = config.resilience if config.resilience is not None else mesh.resilience_for(key)
@@ -223,10 +261,48 @@ class Service(Generic[T]):
             levels: dict[int, list[EndpointStats]] = {}
             for s in stats.values():
                 levels.setdefault(s.endpoint.priority, []).append(s)
-            pickers = tuple(self.balancer.build(levels[p]) for p in sorted(levels))
-            self.active = Active(snapshot=snapshot, stats=stats, pickers=pickers)
+            zones = self.zones
+            if zones.zone is not None and self.lb_name != "ring_hash":  # Envoy does not zone-route ring hash
+                seen = self._zone_high_water
+                for zone, count in Counter(s.endpoint.zone for s in stats.values()).items():
+                    if zone is not None and count > seen.get(zone, 0):
+                        seen[zone] = count
+                callers = dict(seen)  # each picker keeps its own copy: later sets do not change it
+                pickers = tuple(self._zone_picker(levels[p], callers) for p in sorted(levels))
+                self.active = Active(snapshot=snapshot, stats=stats, pickers=pickers, zoned=True)
+            else:
+                pickers = tuple(self.balancer.build(levels[p]) for p in sorted(levels))
+                self.active = Active(snapshot=snapshot, stats=stats, pickers=pickers)
             _log_change(self.name, old.stats if old else {}, stats)
             return to_close
+
+    def _zone_picker(self, level: list[EndpointStats], callers: dict[str | None, int]) -> Picker:
+        """One priority level's picker when ``MESHLIB_ZONE`` is set: Envoy's zone-aware routing, or priority
+        failover across zones with ``MESHLIB_ZONE_FAILOVER`` (docs/locality.md); the service's balancer picks
+        within each zone.
+
+        ``callers``: Envoy divides callers by zone from its local cluster, which a library does not see. meshlib
+        assumes callers are spread like the most endpoints this service has had in each zone since the client
+        started (a high-water mark): endpoints that fail, are ejected or leave discovery (a Consul check going
+        critical) lower their zone's healthy share but not its caller share, so the zone keeps only the traffic
+        its remaining endpoints can take, as Envoy's formula intends.
+        """
+        from meshlib.balance.locality import FailoverPicker, ZoneAwarePicker
+
+        zones = self.zones
+        balancer = self.balancer
+        if zones.failover:
+            return FailoverPicker(
+                level, balancer.build, local_zone=zones.zone, rng=balancer.rng, order=zones.failover_order
+            )
+        return ZoneAwarePicker(
+            level,
+            balancer.build,
+            local_zone=zones.zone,
+            rng=balancer.rng,
+            min_cluster_size=zones.min_cluster_size,
+            callers=callers,
+        )
 
     def needs_sweep(self) -> bool:
         """Whether rate-based ejection can act on the current endpoint set (the client then sweeps it)."""
