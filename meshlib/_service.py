@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from meshlib._config import MeshConfig, ServiceConfig, service_key
-from meshlib._config.env import zone_settings_from_env
+from meshlib._config.env import wrr_settings_from_env, zone_settings_from_env
 from meshlib._testmode import MODE as _TESTING
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
@@ -148,7 +148,13 @@ class Service(Generic[T]):
         self.settings = settings
         self.balancer: Balancer = make_balancer(
             self.lb_name,
-            BalancerOptions(default_rtt=mesh.default_rtt, decay=mesh.ewma_decay, slow_start=settings.slow_start),
+            BalancerOptions(
+                default_rtt=mesh.default_rtt,
+                decay=mesh.ewma_decay,
+                slow_start=settings.slow_start,
+                # from the client's environment (checked when it was built), not the process's
+                wrr=wrr_settings_from_env(mesh.environ) if self.lb_name == "weighted_round_robin" else None,
+            ),
         )
         # Resilience state shared by every call to this service from this client (sync and async alike).
         self.budget = RetryBudget(

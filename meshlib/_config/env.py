@@ -401,6 +401,8 @@ def mesh_config_from_env(
             f"a duration no larger than MESHLIB_DNS_TTL_MAX ({config.ttl_max})",
         )
     zone_settings_from_env(env)  # checked at construction (the service reads them when it builds its picker)
+    if any(env.get(variable, "").strip() for variable in WRR_VARIABLES):
+        wrr_settings_from_env(env)  # likewise weighted_round_robin's (read again when its balancer is built)
     found = _services_from_env(env, config.policy, config.resilience, config.tls)
     _warn_unknown(env)
     for host, spec in (services or {}).items():

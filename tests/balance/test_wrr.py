@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
+import meshlib
 from meshlib._config.env import wrr_settings_from_env
 from meshlib.balance import BALANCERS, BalancerOptions, EndpointStats, make_balancer
 from meshlib.balance.orca import LoadReport
@@ -229,3 +230,18 @@ def test_settings_from_env_and_bad_values() -> None:
         wrr_settings_from_env({"MESHLIB_WRR_WEIGHT_EXPIRATION_PERIOD": "0"})
     with pytest.raises(ValueError, match="blackout_period"):
         WrrSettings(blackout_period=-1)
+
+
+def test_a_client_reads_the_wrr_settings_from_its_own_environment() -> None:
+    env = {
+        "MESHLIB_SERVICE_PAYMENTS": "static://127.0.0.1:9",
+        "MESHLIB_LB": "weighted_round_robin",
+        "MESHLIB_WRR_BLACKOUT_PERIOD": "0",
+        "MESHLIB_WRR_ERROR_UTILIZATION_PENALTY": "0.25",
+    }
+    with meshlib.Client(environ=env) as client:
+        service = client.mesh.services["PAYMENTS"]
+        assert isinstance(service.balancer, WeightedRoundRobin)
+        assert service.balancer.settings == WrrSettings(blackout_period=0.0, error_utilization_penalty=0.25)
+    with pytest.raises(ConfigError, match="MESHLIB_WRR_WEIGHT_UPDATE_PERIOD='soon'"):
+        meshlib.Client(environ={**env, "MESHLIB_WRR_WEIGHT_UPDATE_PERIOD": "soon"})  # at construction
