@@ -26,6 +26,7 @@ from meshlib._config.env import wrr_settings_from_env, zone_settings_from_env
 from meshlib._testmode import MODE as _TESTING
 from meshlib.balance import make_balancer
 from meshlib.balance.base import Balancer, BalancerOptions, EndpointStats, Picker
+from meshlib.balance.slow_start import slow_start_factor
 from meshlib.discovery.base import Endpoint, Resolver
 from meshlib.discovery.cache import DiscoveryCache, Snapshot
 from meshlib.errors import NoEndpointsError
@@ -34,7 +35,7 @@ from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.hedging import HedgeState
 from meshlib.resilience.limit import ConcurrencyLimit
 from meshlib.resilience.outlier import CONSECUTIVE, FAILURE_PERCENTAGE, SUCCESS_RATE, OutlierDetector
-from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, HedgeStatus, ServiceStatus
+from meshlib.status import BudgetStatus, DiscoveryStatus, EndpointStatus, HedgeStatus, ServiceStatus, ZoneStatus
 
 if TYPE_CHECKING:
     from meshlib._config.model import ResilienceSettings
@@ -458,13 +459,28 @@ class Service(Generic[T]):
         limit = self.limit
         active = self.active
         endpoints: list[EndpointStatus] = []
+        zones: ZoneStatus | None = None
         if active is not None:
             now = time.monotonic()
             reasons = self.detector.reasons()
             breakers = self.breakers
+            balance_now = self.balancer.clock()
+            slow_start = self.balancer.options.slow_start
+            wrr_weights = self._wrr_weights(active)
+            if active.zoned:
+                zones = self._zone_view(active)
             for address, stats in sorted(active.stats.items()):
                 breaker = breakers.get(address)
                 endpoint = stats.endpoint
+                joined = stats.joined_at
+                factor = (
+                    slow_start_factor(slow_start, balance_now - joined)
+                    if joined is not None and self.lb_name != "ring_hash"
+                    else 1.0
+                )
+                report = stats.load_report
+                # weighted_round_robin's A58 weight (0: none usable yet), else the weight slow start scales
+                effective = wrr_weights.get(endpoint, 0.0) if wrr_weights is not None else endpoint.weight * factor
                 endpoints.append(
                     EndpointStatus(
                         address=endpoint.address,
@@ -482,6 +498,11 @@ class Service(Generic[T]):
                         breaker_opens=breaker.trips if breaker is not None else 0,
                         ejected=address in reasons,
                         ejected_reason=reasons.get(address),
+                        effective_weight=round(effective, 4),
+                        slow_start_factor=round(factor, 4) if factor < 1.0 else None,
+                        load_report=None if report is None else report.to_dict(),
+                        load_report_age_s=None if report is None else round(balance_now - stats.load_report_time, 3),
+                        invalid_load_reports=stats.invalid_reports,
                     )
                 )
         return ServiceStatus(
@@ -517,6 +538,48 @@ class Service(Generic[T]):
                 FAILURE_PERCENTAGE: self.detector.failure_percentage_ejections,
             },
             hedge=self._hedge_view(),
+            zones=zones,
+        )
+
+    def _wrr_weights(self, active: Active[T]) -> dict[Endpoint, float] | None:
+        """``weighted_round_robin``'s current weight per endpoint (``None`` for other balancers, or when zone
+        pickers hold the round-robin pickers inside them)."""
+        if self.lb_name != "weighted_round_robin" or active.zoned:
+            return None
+        from meshlib.balance.wrr import WeightedRoundRobinPicker
+
+        weights: dict[Endpoint, float] = {}
+        for picker in active.pickers:
+            if isinstance(picker, WeightedRoundRobinPicker):
+                weights.update(picker.endpoint_weights())
+        return weights
+
+    def _zone_view(self, active: Active[T]) -> ZoneStatus | None:
+        """Zone-aware routing of the most preferred level for the current health (the plan the next pick uses)."""
+        from meshlib.balance.locality import FailoverPicker, FailoverPlan
+
+        zones = self.zones
+        if zones.zone is None or not active.pickers:
+            return None
+        unhealthy, held = self.unhealthy()
+        total = len(active.stats)
+        panic = bool(unhealthy) and self.detector.panic(total, total - len(unhealthy))
+        picker = active.pickers[0]
+        plan = cast("Any", picker).plan(held if panic else unhealthy, panic=panic)
+        if isinstance(picker, FailoverPicker) and isinstance(plan, FailoverPlan):
+            return ZoneStatus(
+                local_zone=zones.zone,
+                mode="failover",
+                state="off" if plan.off else "failover",
+                reason=plan.reason,
+                level_loads=list(plan.loads),
+            )
+        return ZoneStatus(
+            local_zone=zones.zone,
+            mode="zone-aware",
+            state=plan.state,
+            reason=plan.reason,
+            in_zone_percent=round(plan.local_percent / 100.0, 2),
         )
 
     def _hedge_view(self) -> HedgeStatus:

@@ -40,6 +40,7 @@ __all__ = [
     "XdsServerStatus",
     "XdsServiceStatus",
     "XdsStatus",
+    "ZoneStatus",
     "check_status",
     "format_status",
     "printable",
@@ -73,6 +74,35 @@ class EndpointStatus:
     breaker_opens: int
     ejected: bool
     ejected_reason: str | None = None
+    #: The weight the balancer gives it now: the discovery ``weight`` times the slow-start factor, or
+    #: ``weighted_round_robin``'s A58 weight from its load reports (0: none usable yet, the mean is used).
+    effective_weight: float | None = None
+    #: Slow start's multiplier while the endpoint ramps (``None`` once warm or with slow start off).
+    slow_start_factor: float | None = None
+    #: The last ORCA load report it sent (``endpoint-load-metrics``; kept only for ``weighted_round_robin``), its
+    #: age in seconds, and how many malformed reports were ignored.
+    load_report: dict[str, Any] | None = None
+    load_report_age_s: float | None = None
+    invalid_load_reports: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneStatus:
+    """Zone-aware routing of a service (``MESHLIB_ZONE``) as it stands for the current health.
+
+    ``mode`` is ``zone-aware`` (Envoy's algorithm) or ``failover`` (zones as priority levels). ``state``:
+    ``direct`` (everything in-zone), ``residual`` (``in_zone_percent`` in-zone, the rest by spare capacity) or
+    ``off`` (balanced over every endpoint; ``reason`` says why) for zone-aware; ``failover`` or ``off`` with the
+    load per level in ``level_loads`` (percent, local zone first) for failover. Of the most preferred priority
+    level.
+    """
+
+    local_zone: str
+    mode: str
+    state: str
+    reason: str = ""
+    in_zone_percent: float | None = None
+    level_loads: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +171,8 @@ class ServiceStatus:
     adaptive: AdaptiveLimitStatus | None = None
     ejections_by_reason: dict[str, int] = field(default_factory=dict)
     hedge: HedgeStatus = field(default_factory=HedgeStatus)
+    #: Zone-aware routing (``None`` without ``MESHLIB_ZONE`` or for ``ring_hash``).
+    zones: ZoneStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +352,9 @@ _COLUMNS = (
     ("BREAKER", "breaker", "<"),
     ("OPENS", "breaker_opens", ">"),
     ("EJECTED", "ejected", "<"),
+    ("ZONE", "zone", "<"),
+    ("WEIGHT", "effective_weight", ">"),
+    ("LOAD", "load_report", "<"),
 )
 
 
@@ -577,6 +612,65 @@ def _cell(value: object) -> str:
     return "-" if value is None else printable(value)
 
 
+def _endpoint_cell(endpoint: Mapping[str, Any], key: str) -> str:
+    """One cell of the endpoint table; the zone, weight and load columns are optional (older meshlibs send none)."""
+    if key == "ejected":
+        return _ejected_cell(endpoint)
+    if key == "zone":
+        return _cell(endpoint.get("zone"))
+    if key == "effective_weight":
+        return _weight_cell(endpoint)
+    if key == "load_report":
+        return _load_cell(endpoint.get("load_report"))
+    return _cell(endpoint[key])
+
+
+def _weight_cell(endpoint: Mapping[str, Any]) -> str:
+    """The balancing weight now (``2``, ``0.35``), with ``ramp 35%`` while slow start ramps the endpoint."""
+    weight = endpoint.get("effective_weight")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        weight = endpoint.get("weight")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        return "-"
+    cell = f"{weight:.3g}"
+    factor = endpoint.get("slow_start_factor")
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+        cell += f" ramp {factor:.0%}"
+    return cell
+
+
+def _load_cell(report: object) -> str:
+    """The last ORCA load report, short: ``util 0.30 qps 12.5 eps 0.1`` (``-`` when none)."""
+    if not isinstance(report, Mapping):
+        return "-"
+    parts = []
+    for label, name in (
+        ("util", "application_utilization"),
+        ("cpu", "cpu_utilization"),
+        ("qps", "rps_fractional"),
+        ("eps", "eps"),
+    ):
+        value = report.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label} {value:.3g}")
+    return " ".join(parts) if parts else "-"
+
+
+def _zones_text(zones: Mapping[str, Any]) -> str:
+    """``zones: local a, zone-aware residual, 33.3 % in-zone`` (or ``off (why)``, or failover's level loads)."""
+    text = f"zones: local {_cell(zones.get('local_zone'))}, {_cell(zones.get('mode'))} {_cell(zones.get('state'))}"
+    share = zones.get("in_zone_percent")
+    if isinstance(share, (int, float)) and not isinstance(share, bool) and zones.get("state") != "off":
+        text += f", {share:.1f} % in-zone"
+    loads = zones.get("level_loads")
+    if isinstance(loads, list) and loads and zones.get("state") != "off":
+        text += ", load by level " + "/".join(_cell(load) for load in loads) + " %"
+    reason = zones.get("reason")
+    if isinstance(reason, str) and reason:
+        text += f" ({printable(reason, 120)})"
+    return text
+
+
 def _ejected_cell(endpoint: Mapping[str, Any]) -> str:
     """``no``, or why the endpoint is ejected (``consecutive``, ``success-rate``...; ``yes`` from an older
     meshlib, which sends no ``ejected_reason``)."""
@@ -754,11 +848,11 @@ def format_status(payload: object) -> str:
                     f"{_cell(hedge.get('cancelled'))} cancelled, {_cell(hedge.get('budget_exhausted'))} refused by "
                     f"the budget; delay {'-' if not isinstance(delay, (int, float)) else f'{delay:.1f} ms'}"
                 )
+            zones = service.get("zones")
+            if isinstance(zones, Mapping):
+                lines.append("    " + _zones_text(zones))
             rows = [[header for header, _, _ in _COLUMNS]]
-            rows.extend(
-                [_ejected_cell(endpoint) if key == "ejected" else _cell(endpoint[key]) for _, key, _ in _COLUMNS]
-                for endpoint in service["endpoints"]
-            )
+            rows.extend([_endpoint_cell(endpoint, key) for _, key, _ in _COLUMNS] for endpoint in service["endpoints"])
             widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
             for row in rows:
                 cells = [

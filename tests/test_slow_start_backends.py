@@ -86,6 +86,13 @@ def test_sync_client_ramps_an_endpoint_that_joins(
             b.reset()
         for _ in range(420):
             assert client.get("http://payments/").status_code == 200
+        ramping = {
+            e.port: (e.effective_weight, e.slow_start_factor) for e in client.mesh_status().services[0].endpoints
+        }
+        if window == "1h":  # the newcomer is at the 10 % floor of its weight, the others at their full weight
+            assert ramping == {new.port: (0.1, 0.1), **{b.port: (1.0, None) for b in first}}
+        else:
+            assert all(ramp == (1.0, None) for ramp in ramping.values())
     if window == "0":  # slow start off: the newcomer's full third at once
         assert new.count == 140
     else:

@@ -22,9 +22,9 @@ slow path like every :class:`~meshlib.balance.base.Picker`:
 The callers' distribution: Envoy reads it from its *local cluster* (the caller service's own endpoints).
 meshlib has no such view by default, so a picker takes an explicit ``callers`` mapping (zone -> number of
 callers, e.g. from the zones of the caller service's own endpoints) and otherwise assumes callers are spread
-like the upstream's *total* endpoints (healthy or not) per zone: deployments usually spread a caller and its
-upstream alike across zones, and counting unhealthy endpoints keeps the in-zone share falling as the local
-zone loses endpoints instead of treating a degraded zone as the norm. See ``docs/locality-zones.md``.
+like the upstream's *total* endpoints (healthy or not) per zone. The client passes the most endpoints it has
+seen per zone (:meth:`meshlib._service.Service._zone_picker`), so endpoints that leave discovery lower their
+zone's healthy share but not its caller share. See ``docs/locality.md``.
 
 Health: a picker is built once per endpoint set; which endpoints are healthy (not ejected, breaker not held)
 changes between builds. :meth:`ZoneAwarePicker.pick` therefore takes the ``unhealthy`` addresses and the

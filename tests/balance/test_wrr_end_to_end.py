@@ -12,6 +12,7 @@ import pytest
 import meshlib
 from meshlib.balance.base import EndpointStats
 from meshlib.balance.wrr import WeightedRoundRobin
+from meshlib.status import format_status
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, static_target
 
@@ -80,6 +81,17 @@ def test_traffic_follows_reported_capacity(start_backends: BackendFactory) -> No
         for _ in range(REQUESTS):
             assert client.get("http://payments/charge").status_code == 200
         _check_shares(before, _counts(backends))
+        # mesh_status() and `meshlib status` show each endpoint's weight and last report (A58: qps / utilization)
+        by_port = {e.port: e for e in client.mesh_status().services[0].endpoints}
+        endpoints = [by_port[b.port] for b in backends]
+        assert [e.effective_weight for e in endpoints] == [pytest.approx(125.0), 250.0, 500.0]
+        assert [e.load_report for e in endpoints] == [
+            {"rps_fractional": 100.0, "application_utilization": 0.8},
+            {"rps_fractional": 100.0, "application_utilization": 0.4},
+            {"rps_fractional": 100.0, "application_utilization": 0.2},
+        ]
+        text = format_status({"meshlib": "x", "pid": 1, "clients": [client.mesh_status().to_dict()]})
+        assert "util 0.8 qps 100" in text and "util 0.2 qps 100" in text
 
 
 @pytest.mark.anyio

@@ -16,6 +16,7 @@ import pytest
 import meshlib
 from meshlib.discovery import DiscoverySettings, Target, register_scheme
 from meshlib.discovery.base import Endpoint, Resolution
+from meshlib.status import ZoneStatus, format_status
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, LogWatch
 
@@ -101,6 +102,11 @@ def test_in_zone_while_healthy_envoys_share_when_degraded_and_spill_when_empty(
         for _ in range(3000):
             assert client.get("http://payments/").status_code == 200
         counts = _counts(zones)
+        status = client.mesh_status()
+        assert status.services[0].zones == ZoneStatus("a", "zone-aware", "residual", in_zone_percent=33.33)
+        assert sorted(e.zone or "" for e in status.services[0].endpoints) == ["a"] + ["b"] * 4 + ["c"] * 4
+        text = format_status({"meshlib": "x", "pid": 1, "clients": [status.to_dict()]})
+        assert "zones: local a, zone-aware residual, 33.3 % in-zone" in text
         # Envoy: upstream share of zone a 1/9 of healthy endpoints, callers' share 4/12 -> 33.33 % stay in-zone,
         # the rest split by residual capacity (b and c alike). 3,000 draws: one standard deviation is 0.9 points.
         assert abs(counts["a"] / 3000 - 1 / 3) < 0.04, counts

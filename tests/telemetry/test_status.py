@@ -320,7 +320,7 @@ def test_meshlib_status_prints_why_an_endpoint_is_ejected_escaped(real_status: d
     del service["ejections_by_reason"]
     lines = format_status(payload).splitlines()
     assert any(line.endswith("; 3 ejection(s)") for line in lines)
-    assert [line.split()[-1] for line in lines if line.lstrip().startswith("127.0.0.1:")] == ["yes"]
+    assert [line.split()[7] for line in lines if line.lstrip().startswith("127.0.0.1:")] == ["yes"]
 
 
 def test_printable_escapes_and_bounds() -> None:
