@@ -545,8 +545,9 @@ def _one_policy(
         return _policy_list(wrr.endpoint_picking_policy, f"{path}.endpoint_picking_policy", depth + 1)
     if url == _CSWRR_URL:
         unpack(cswrr.ClientSideWeightedRoundRobin())
-        # A58 weights come from ORCA load reports; without them (HTTP backends) every endpoint has the mean
-        # weight, so A58's policy is round robin over the endpoint weights.
+        # Not yet mapped to meshlib's weighted_round_robin (which reads ORCA reports over HTTP): the policy's
+        # settings (blackout, expiration, update period, penalty) would have to reach the service's balancer.
+        # Until then A58 without reports: every endpoint has the mean weight, i.e. round robin over the weights.
         return "round_robin", url, None, None
     if url in _TYPED_STRUCT_URLS:
         from udpa.type.v1.typed_struct_pb2 import TypedStruct as TypedStructV1
