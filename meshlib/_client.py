@@ -59,7 +59,7 @@ from opentelemetry.trace import TracerProvider
 
 from meshlib import admin
 from meshlib._bounded import install as install_deadlines
-from meshlib._config import MeshConfig, ServiceConfig, parse_inner_transport
+from meshlib._config import MeshConfig, ResilienceSettings, ServiceConfig, parse_inner_transport
 from meshlib._connection_age import ConnectionAge
 from meshlib._connection_age import install as install_max_age
 from meshlib._http import HttpLib, library_of
@@ -144,9 +144,13 @@ class _PoolFactory:
         self.connections: int | None = None if self._factory is not None else self._pool["limits"].max_connections
         self._ssl: ssl.SSLContext | None = None
         self._mesh = mesh
-        #: Service key -> its pools' maximum connection age (``None``: none), made with the service's first pool:
-        #: one per service, so its ``retired`` count covers all of the service's endpoints.
-        self.ages: dict[str, ConnectionAge | None] = {}
+        #: Service key -> the resilience settings its pools' maximum connection age was made from, and the age
+        #: (``None``: none), made with the service's first pool: one per service, so its ``retired`` count covers
+        #: all of the service's endpoints; made anew when the service's settings change (an xDS cluster update).
+        self.ages: dict[str, tuple[ResilienceSettings, ConnectionAge | None]] = {}
+        #: The client's live services (set once its driver exists): a service a control plane added carries its
+        #: own settings (an xDS cluster's ``max_connection_duration``), not the environment's.
+        self.live: Callable[[], Mapping[str, Any]] | None = None
         self.tls = TLSContexts(reload_interval=mesh.tls_reload_interval, trust_env=self._trust_env)
         #: Service key -> the context its endpoints connect with, for services with TLS settings.
         self.contexts: dict[str, ReloadingContext] = {}
@@ -347,10 +351,15 @@ class _PoolFactory:
         return transport
 
     def _age(self, key: str) -> ConnectionAge | None:
-        """Service ``key``'s maximum connection age (``MESHLIB_[SERVICE_<NAME>__]MAX_CONNECTION_AGE``), made once."""
-        if key not in self.ages:  # two threads racing: setdefault keeps the first made
-            self.ages.setdefault(key, self._mesh.resilience_for(key).connection_age())
-        return self.ages[key]
+        """Service ``key``'s maximum connection age: its live settings' (an xDS cluster's
+        ``max_connection_duration``), else ``MESHLIB_[SERVICE_<NAME>__]MAX_CONNECTION_AGE``; one per settings."""
+        live = self.live
+        service = live().get(key) if live is not None else None
+        settings: ResilienceSettings = service.settings if service is not None else self._mesh.resilience_for(key)
+        entry = self.ages.get(key)
+        if entry is None or entry[0] is not settings:  # two threads racing: both make one, the last is kept
+            entry = self.ages[key] = (settings, settings.connection_age())
+        return entry[1]
 
     def close(self) -> None:
         """Stop watching certificate files; end the Workload API stream."""
@@ -511,6 +520,13 @@ class _MeshClient:
                 register_tls=pools.register_tls,
                 connect=pools.consul,
             )
+            driver_ref = weakref.ref(self._mesh)  # weak: the pools must not keep a dropped client's mesh alive
+
+            def live() -> Mapping[str, Any]:
+                mesh_driver = driver_ref()
+                return mesh_driver.services if mesh_driver is not None else {}
+
+            pools.live = live
             if kind != "sync":
                 self._mesh.connections = pools.connections  # type: ignore[union-attr]
         self._observability.start(self._mesh, kind)

@@ -506,3 +506,31 @@ async def test_drop_overloads_apply_to_the_async_client(xds: XdsServer, start_ba
         with pytest.raises(meshlib.OverloadedError, match="drop category 'lb'"):
             await client.get("http://payments/")
     assert backend[0].count == 0
+
+
+# -- max_connection_duration (the cluster's maximum connection age) --------------------------------------------------
+
+
+def test_max_connection_duration_retires_the_clusters_connections(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    backends = start_backends(1)
+    cluster = r.cluster("pay")
+    cluster.common_http_protocol_options.max_connection_duration.CopyFrom(b.seconds(0.000001))  # every reuse is late
+    push(xds, [r.route(cluster="pay")], [cluster], {"pay": backends})
+    with client_for(xds) as client:  # the environment sets no maximum age: the cluster's applies
+        for _ in range(3):
+            assert client.get("http://payments/").status_code == 200
+        assert backends[0].wait_closed(2), "the aged connections were not retired"
+    assert backends[0].connections_total == 3  # each request on a new connection
+
+
+def test_without_max_connection_duration_the_connection_is_reused(
+    xds: XdsServer, start_backends: BackendFactory
+) -> None:
+    backends = start_backends(1)
+    push(xds, [r.route(cluster="pay")], [r.cluster("pay")], {"pay": backends})
+    with client_for(xds) as client:
+        for _ in range(3):
+            assert client.get("http://payments/").status_code == 200
+        assert backends[0].connections_total == 1
