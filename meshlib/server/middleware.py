@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from meshlib.security.authz import PolicySet
     from meshlib.security.ratelimit import RateLimits
     from meshlib.server.authz import AuthorizationHook
+    from meshlib.server.orca import LoadReporter
     from meshlib.server.ratelimit import RateLimitHook
 
 logger = logging.getLogger("meshlib.server")
@@ -695,7 +696,9 @@ class MeshMiddleware(ASGIInboundMiddleware):
     global providers; ``peer_identity`` replaces the default :class:`PeerIdentityHook` (say, one with a
     ``resolve`` function); ``server_telemetry``, ``authz`` and ``rate_limits`` as in :func:`mesh_hooks` (by default
     ``MESHLIB_AUTHZ_FILE`` and ``MESHLIB_RATELIMIT_FILE``: a denied caller gets 403, one over its limit 429, and
-    the app never runs); ``hooks`` run innermost; ``environ`` is read instead of ``os.environ``.
+    the app never runs); ``hooks`` run innermost; ``environ`` is read instead of ``os.environ``;
+    ``load_reporter`` (a :class:`~meshlib.server.orca.LoadReporter`) adds an ORCA ``endpoint-load-metrics`` header
+    to every answer of the application, for clients balancing with ``weighted_round_robin`` (docs/locality.md).
 
     Add it *inside* the framework's tracing (FastAPI's native telemetry, Starlette's or the contrib
     ``OpenTelemetryMiddleware`` listed before it): the framework's SERVER span is then current when meshlib's
@@ -716,6 +719,7 @@ class MeshMiddleware(ASGIInboundMiddleware):
         rate_limits: RateLimitHook | RateLimits | None = None,
         hooks: Sequence[Hook] = (),
         environ: Mapping[str, str] | None = None,
+        load_reporter: LoadReporter | None = None,
     ) -> None:
         base = mesh_hooks(
             tracer_provider=tracer_provider,
@@ -727,6 +731,10 @@ class MeshMiddleware(ASGIInboundMiddleware):
             rate_limits=rate_limits,
             environ=environ,
         )
+        if load_reporter is not None:  # innermost: it counts and reports what the application answered
+            from meshlib.server.orca import ASGILoadReportMiddleware
+
+            app = ASGILoadReportMiddleware(app, load_reporter)
         super().__init__(app, hooks=(*base, *hooks))
         if server_telemetry_from_env(server_telemetry) != "on":
             tracing = tracing_underneath(app)
@@ -778,6 +786,7 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
         rate_limits: RateLimitHook | RateLimits | None = None,
         hooks: Sequence[Hook] = (),
         environ: Mapping[str, str] | None = None,
+        load_reporter: LoadReporter | None = None,
     ) -> None:
         base = mesh_hooks(
             tracer_provider=tracer_provider,
@@ -789,4 +798,8 @@ class WSGIMeshMiddleware(WSGIInboundMiddleware):
             rate_limits=rate_limits,
             environ=environ,
         )
+        if load_reporter is not None:  # innermost, as in MeshMiddleware
+            from meshlib.server.orca import WSGILoadReportMiddleware
+
+            app = WSGILoadReportMiddleware(app, load_reporter)
         super().__init__(app, hooks=(*base, *hooks))

@@ -125,3 +125,28 @@ def test_rates_window_slides_and_bad_values_are_refused() -> None:
     reporter.set_cpu_utilization(0.5)
     reporter.set_cpu_utilization(None)
     assert reporter.report().cpu_utilization == 0.0
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_the_mesh_middleware_reports_load_when_given_a_reporter(kind: str) -> None:
+    from meshlib.server import MeshMiddleware, WSGIMeshMiddleware
+
+    reporter = LoadReporter(window=10.0, clock=FakeClock())
+    reporter.set_application_utilization(0.25)
+    app = MeshMiddleware(asgi_app, load_reporter=reporter, environ={}) if kind == "asgi" else None
+    server = (
+        serve_asgi(app)
+        if app is not None
+        else serve_wsgi(WSGIMeshMiddleware(wsgi_app, load_reporter=reporter, environ={}))
+    )
+    with server as url, httpx.Client(base_url=url) as client:
+        answer = client.get("/ok")
+    report = parse_load_report(answer.headers["endpoint-load-metrics"])
+    assert report is not None and report.application_utilization == 0.25
+
+
+def test_the_mesh_middleware_adds_no_report_without_a_reporter() -> None:
+    from meshlib.server import MeshMiddleware
+
+    with serve_asgi(MeshMiddleware(asgi_app, environ={})) as url, httpx.Client(base_url=url) as client:
+        assert "endpoint-load-metrics" not in client.get("/ok").headers
