@@ -90,7 +90,7 @@ def test_gray_endpoint_is_ejected_by_success_rate_then_readmitted(start_backends
         table = format_status({"meshlib": "test", "pid": 1, "clients": [status.to_dict()]})  # `meshlib status`
         assert "1 ejection(s) (success-rate 1)" in table
         (row,) = [line for line in table.splitlines() if line.strip().startswith(gray.address)]
-        assert row.split()[-1] == "success-rate"
+        assert row.split()[7] == "success-rate"
         _interval(client, clock, 30.0)  # base ejection time: back in rotation
         assert _ejected(client) == {}
         _send(client, 12)
