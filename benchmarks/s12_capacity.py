@@ -1,6 +1,7 @@
 """S12 heterogeneous capacity (``s12``) -- weighted_round_robin on ORCA reports against p2c_ewma and round robin.
 
-``python -m benchmarks s12`` (about 4 minutes; ``--quick`` about 1). Issue 16.
+``python -m benchmarks s12`` (about 4 minutes; ``--quick`` about 1). Issue 16. ``s12slots``
+(:mod:`benchmarks.s12_slots`) is the same with capacity from parallelism: 4/8/16 slots, every request 200 ms.
 
 Three capacity-limited backends (:mod:`benchmarks.capacity`, own process) of speeds 1, 2 and 4: each works on at
 most 4 requests at once and queues the rest in arrival order, a request taking 200, 100 and 50 ms, so they serve
@@ -74,7 +75,7 @@ def _process_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-async def _one_run(lb: str, backends: CapacityProcess, warmup: float, measured: float) -> dict[str, Any]:
+async def _one_run(lb: str, backends: Any, warmup: float, measured: float) -> dict[str, Any]:
     env = {"MESHLIB_TIMEOUT": f"{TIMEOUT:g}s", "MESHLIB_LB": lb}
     limits = meshlib.httpx.httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     client = meshlib.httpx.AsyncClient(
@@ -114,7 +115,40 @@ async def _one_run(lb: str, backends: CapacityProcess, warmup: float, measured: 
     return row
 
 
-def _drain(backends: CapacityProcess) -> None:
+class _SlotBackends(contextlib.ExitStack):
+    """The ``slots`` shape: one backend per speed, ``speed x SLOTS`` slots each, all at ``SERVICE_TIME``."""
+
+    def __init__(self, prefix: tuple[str, ...]) -> None:
+        super().__init__()
+        self.parts = [CapacityProcess(1, int(s * SLOTS), SERVICE_TIME, prefix, orca=True) for s in SPEEDS]
+
+    def __enter__(self) -> _SlotBackends:
+        super().__enter__()
+        for part in self.parts:
+            self.enter_context(part)
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        return [part.addresses[0] for part in self.parts]
+
+    @property
+    def capacities(self) -> list[float]:
+        return [part.capacity for part in self.parts]
+
+    @property
+    def capacity(self) -> float:
+        return sum(self.capacities)
+
+    def stats(self) -> dict[str, list[int]]:
+        merged: dict[str, list[int]] = {}
+        for part in self.parts:
+            for key, values in part.stats().items():
+                merged.setdefault(key, []).extend(values)
+        return merged
+
+
+def _drain(backends: Any) -> None:
     """Wait until the backends have served every queued request (abandoned ones included)."""
     deadline = time.monotonic() + 120.0
     while sum(backends.stats()["pending"]) and time.monotonic() < deadline:
@@ -134,11 +168,16 @@ def measure(
     server_prefix: tuple[str, ...] = (),
     *,
     blackout: str = BLACKOUT,
+    shape: str = "speed",
 ) -> ScenarioResult:
     """Every variant ``repeats`` times, interleaved, in one run; medians and the checks."""
     with (
         _process_env({"MESHLIB_WRR_BLACKOUT_PERIOD": blackout}),
-        CapacityProcess(0, SLOTS, SERVICE_TIME, server_prefix, speeds=SPEEDS, orca=True) as backends,
+        (
+            _SlotBackends(server_prefix)
+            if shape == "slots"
+            else CapacityProcess(0, SLOTS, SERVICE_TIME, server_prefix, speeds=SPEEDS, orca=True)
+        ) as backends,
     ):
         capacities = backends.capacities
         runs = interleave(variants, repeats, lambda v, r: asyncio.run(_one_run(v, backends, warmup, measured)))
@@ -186,8 +225,8 @@ def measure(
             )
     share_cols = [f"share_{s:g}x_pct" for s in SPEEDS]
     return ScenarioResult(
-        "s12",
-        f"heterogeneous capacity: speeds {'/'.join(f'{s:g}x' for s in SPEEDS)} = "
+        "s12" if shape == "speed" else f"s12{shape}",
+        f"heterogeneous capacity ({shape}): {'/'.join(f'{s:g}x' for s in SPEEDS)} = "
         f"{'/'.join(f'{c:.0f}' for c in capacities)} req/s (ORCA reports), offered {LOAD:.0%} "
         f"({LOAD * sum(capacities):.0f}/s) open loop",
         ["variant", *share_cols, "p50_ms", "p99_ms", "p999_ms", "errors", "requests", "repeats"],
@@ -199,7 +238,12 @@ def measure(
             f"MESHLIB_WRR_BLACKOUT_PERIOD={blackout} set in os.environ (meshlib does not read it from environ=)",
             f"ideal shares {' / '.join(f'{i:.1f}' for i in ideal)} %; shares of answered requests by the "
             "endpoint meshlib names; latency of every measured request from its intended start",
-            f"each backend: {SLOTS} slots, {SERVICE_TIME * 1000:.0f} ms / speed per request, FIFO queue beyond",
+            (
+                f"shape 'slots': speed x {SLOTS} slots per backend, {SERVICE_TIME * 1000:.0f} ms per request"
+                if shape == "slots"
+                else f"shape 'speed': {SLOTS} slots per backend, {SERVICE_TIME * 1000:.0f} ms / speed per request"
+            )
+            + ", FIFO queue beyond",
         ],
         series={v: runs[v] for v in variants},
     )
@@ -210,6 +254,18 @@ def run(ctx: Context) -> ScenarioResult:
     return measure(ctx.scale(10.0, 4.0), ctx.scale(15.0, 5.0), ctx.repeats, VARIANTS, tuple(ctx.pinning.server_prefix))
 
 
+def run_slots(ctx: Context) -> ScenarioResult:
+    """``python -m benchmarks s12slots``: the same with capacity from parallelism (4/8/16 slots) at one speed."""
+    return measure(
+        ctx.scale(10.0, 4.0),
+        ctx.scale(15.0, 5.0),
+        ctx.repeats,
+        VARIANTS,
+        tuple(ctx.pinning.server_prefix),
+        shape="slots",
+    )
+
+
 def plot(result: ScenarioResult, out: Path) -> list[Path]:
     """Traffic shares per backend for each balancer against the capacity ratio; p99 per balancer."""
     paths: list[Path] = []
@@ -217,10 +273,11 @@ def plot(result: ScenarioResult, out: Path) -> list[Path]:
     groups = [f"{s:g}x" for s in SPEEDS]
     series = {"capacity ratio": ideal_shares()}
     series.update({v: [row[f"share_{s:g}x_pct"] for s in SPEEDS] for v, row in rows.items()})
-    path = out / "s12_shares.png"
+    name = result.name
+    path = out / f"{name}_shares.png"
     if bar_chart(path, "S12: share of requests per backend (capacity 1x/2x/4x)", groups, series, "%"):
         paths.append(path)
-    path = out / "s12_latency.png"
+    path = out / f"{name}_latency.png"
     lat = {v: [row["p50_ms"], row["p99_ms"], row["p999_ms"]] for v, row in rows.items()}
     if bar_chart(path, "S12: latency at 70% of capacity", ["p50", "p99", "p99.9"], lat, "ms", log=True):
         paths.append(path)

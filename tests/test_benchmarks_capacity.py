@@ -2,7 +2,8 @@
 
 No timing is asserted (the figures come from the full run, docs/performance.md); asserted is what the report rests
 on: the 1x/2x/4x backends answer with ORCA load reports whose ``rps / utilization`` is their capacity, and
-``weighted_round_robin`` sends the 4x backend the largest share and the 1x backend the smallest.
+``weighted_round_robin`` sends (capacity from speed or from slots alike) the 4x backend the largest share
+and the 1x backend the smallest.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from benchmarks.capacity import CapacityProcess
 pytestmark = [pytest.mark.one_library, pytest.mark.timeout(120)]
 
 
-def test_s12_weighted_round_robin_follows_reported_capacity() -> None:
+@pytest.mark.parametrize("shape", ["speed", "slots"])
+def test_s12_weighted_round_robin_follows_reported_capacity(shape: str) -> None:
     from benchmarks import s12_capacity
 
     result = s12_capacity.measure(
-        warmup=2.0, measured=1.5, repeats=1, variants=("weighted_round_robin",), blackout="0.5s"
+        warmup=2.0, measured=1.5, repeats=1, variants=("weighted_round_robin",), blackout="0.5s", shape=shape
     )
     [wrr] = result.rows
     assert wrr["share_1x_pct"] < wrr["share_2x_pct"] < wrr["share_4x_pct"]
