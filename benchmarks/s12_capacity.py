@@ -15,9 +15,9 @@ gentler warmup, round robin during the blackout overloads the 1x backend, its re
 outlier detection eject it for 30 s, which then measures ejection, not weighting.
 
 A58's blackout period (10 s by default: an endpoint's weight is ignored until it has reported that long) is
-shortened to 2 s with ``MESHLIB_WRR_BLACKOUT_PERIOD``. meshlib reads the ``MESHLIB_WRR_*`` settings from
-``os.environ`` only (not from the client's ``environ=``), so the benchmark sets it in its own process environment
-for its duration. The warmup (10 s) covers the blackout plus several 1 s weight updates.
+shortened to 2 s with ``MESHLIB_WRR_BLACKOUT_PERIOD``, set both in the client's ``environ=`` and, for the run, in
+this process's ``os.environ`` (meshlib before wip-16's fix read the ``MESHLIB_WRR_*`` settings from ``os.environ``
+only). The warmup (10 s) covers the blackout plus several 1 s weight updates.
 
 Variants, each a fresh client, interleaved over the repeats (order rotating): ``weighted_round_robin``,
 ``p2c_ewma`` (the default) and ``round_robin`` (the reference: a third each, so the 1x backend gets 33/s against
@@ -76,7 +76,11 @@ def _process_env(values: dict[str, str]) -> Iterator[None]:
 
 
 async def _one_run(lb: str, backends: Any, warmup: float, measured: float) -> dict[str, Any]:
-    env = {"MESHLIB_TIMEOUT": f"{TIMEOUT:g}s", "MESHLIB_LB": lb}
+    env = {
+        "MESHLIB_TIMEOUT": f"{TIMEOUT:g}s",
+        "MESHLIB_LB": lb,
+        "MESHLIB_WRR_BLACKOUT_PERIOD": os.environ["MESHLIB_WRR_BLACKOUT_PERIOD"],
+    }
     limits = meshlib.httpx.httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     client = meshlib.httpx.AsyncClient(
         services={"svc": "static://" + ",".join(backends.addresses)}, environ=env, limits=limits
@@ -235,7 +239,7 @@ def measure(
         notes=[
             f"{repeats} interleaved repeats per variant, medians; warmup {warmup:g} s at {WARMUP_LOAD:.0%}, "
             f"measured {measured:g} s at {LOAD:.0%}; "
-            f"MESHLIB_WRR_BLACKOUT_PERIOD={blackout} set in os.environ (meshlib does not read it from environ=)",
+            f"MESHLIB_WRR_BLACKOUT_PERIOD={blackout} (client environ= and os.environ)",
             f"ideal shares {' / '.join(f'{i:.1f}' for i in ideal)} %; shares of answered requests by the "
             "endpoint meshlib names; latency of every measured request from its intended start",
             (
