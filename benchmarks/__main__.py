@@ -38,6 +38,9 @@ SCENARIOS = {
     "x1": "benchmarks.x1_push",
     "c1": "benchmarks.c1_chain",
     "slowstart": "benchmarks.slow_start",
+    "s11": "benchmarks.s11_zones",
+    "s12": "benchmarks.s12_capacity",
+    "s12slots": "benchmarks.s12_slots",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "performance"
