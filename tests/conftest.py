@@ -12,6 +12,7 @@ import pytest
 from hypothesis import settings
 
 from meshlib.testing import Backend, Behavior
+from tests.members import MEMBERS, Members
 
 # Property tests check invariants, not speed: no per-example deadline, so a loaded CI machine (or a GC pause)
 # cannot fail an example that is merely slow. Speed is measured in benchmarks/.
@@ -129,3 +130,12 @@ def log_event() -> Iterator[LogWatch]:
     logger.setLevel(previous)
     for handler in handlers:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def members(request: pytest.FixtureRequest) -> Iterator[Members]:
+    """This test's ``test-members://`` discovery source (tests/members.py): an endpoint set it changes."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    MEMBERS[name] = found = Members(source=f"test-members://{name}")
+    yield found
+    del MEMBERS[name]

@@ -4,54 +4,13 @@ backends. The window is an hour, so the whole test runs at the 10 % floor: asser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 import meshlib
-from meshlib.discovery import DiscoverySettings, Target, register_scheme
-from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.testing import Backend
 from tests.conftest import BackendFactory, LogWatch
-
-
-@dataclass
-class Members:
-    """The endpoint set ``slowstart-members://<name>`` answers, re-read every refresh (TTL 50 ms)."""
-
-    source: str
-    endpoints: tuple[Endpoint, ...] = ()
-
-    def set(self, backends: list[Backend]) -> None:
-        self.endpoints = tuple(Endpoint(b.host, b.port) for b in backends)
-
-    def resolve(self) -> Resolution:
-        return Resolution(endpoints=self.endpoints, ttl=0.05)
-
-    async def aresolve(self) -> Resolution:
-        return self.resolve()
-
-    def close(self) -> None:
-        pass
-
-
-MEMBERS: dict[str, Members] = {}
-
-
-def _members(target: Target, settings: DiscoverySettings) -> Members:
-    return MEMBERS[target.rest]
-
-
-register_scheme("slowstart-members", _members, form="slowstart-members://<name> (tests)", replace=True)
-
-
-@pytest.fixture
-def members(request: pytest.FixtureRequest) -> Iterator[Members]:
-    name = request.node.name.replace("[", "-").replace("]", "")
-    MEMBERS[name] = found = Members(source=f"slowstart-members://{name}")
-    yield found
-    del MEMBERS[name]
+from tests.members import Members
 
 
 def _env(members: Members, window: str) -> dict[str, str]:

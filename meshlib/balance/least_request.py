@@ -66,11 +66,10 @@ class LeastRequestPicker(Picker):
 
     def _pick_ramping(self, ramp: Ramp, now: float, exclude: Container[Endpoint]) -> EndpointStats | None:
         """:meth:`pick` while some endpoint is in its slow-start window: weights scaled by their factors."""
-        sampler, stats = self._sampler, self._stats
-        i = ramp.thin(lambda: sampler.sample(exclude), stats, now, sampler.random)
+        stats = self._stats
+        i, j = ramp.pair(self._sampler, now, exclude)
         if i < 0:
             return None
-        j = ramp.thin(lambda: sampler.sample_other(i, exclude), stats, now, sampler.random)
         a = stats[i]
         if j < 0:
             return a

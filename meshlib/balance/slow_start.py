@@ -27,7 +27,7 @@ Everything here is pure: time is passed in (``now``) or injected (``clock``), ra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,8 @@ from meshlib.errors import ConfigError
 
 if TYPE_CHECKING:
     from meshlib.balance.base import Clock, EndpointStats
+    from meshlib.balance.random import WeightedSampler
+    from meshlib.discovery.base import Endpoint
 
 __all__ = ["MAX_AGGRESSION", "MAX_WINDOW", "THIN_TRIES", "Ramp", "SlowStart", "slow_start_factor", "slow_start_problem"]
 
@@ -159,3 +161,12 @@ class Ramp:
                 return i
             i = draw()
         return i
+
+    def pair(self, sampler: WeightedSampler, now: float, exclude: Container[Endpoint]) -> tuple[int, int]:
+        """Two distinct candidates of a power-of-two-choices pick, each thinned (:meth:`thin`): indexes into
+        ``sampler.stats``, ``-1`` for none (``(-1, -1)``: every endpoint is excluded)."""
+        stats = sampler.stats
+        i = self.thin(lambda: sampler.sample(exclude), stats, now, sampler.random)
+        if i < 0:
+            return -1, -1
+        return i, self.thin(lambda: sampler.sample_other(i, exclude), stats, now, sampler.random)

@@ -8,59 +8,18 @@ empty, traffic spills at once with no failure. The shares are meshlib's own draw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 import meshlib
-from meshlib.discovery import DiscoverySettings, Target, register_scheme
-from meshlib.discovery.base import Endpoint, Resolution
 from meshlib.status import ZoneStatus, format_status
 from meshlib.testing import Backend, Behavior
 from tests.conftest import BackendFactory, LogWatch
+from tests.members import Members
 
 pytestmark = pytest.mark.one_library
 
 ZONES = ("a", "b", "c")
-
-
-@dataclass
-class Members:
-    """The endpoint set ``zone-members://<name>`` answers, re-read every refresh (TTL 50 ms)."""
-
-    source: str
-    endpoints: tuple[Endpoint, ...] = ()
-
-    def set(self, backends: dict[str, list[Backend]]) -> None:
-        self.endpoints = tuple(Endpoint(b.host, b.port, zone=zone) for zone, group in backends.items() for b in group)
-
-    def resolve(self) -> Resolution:
-        return Resolution(endpoints=self.endpoints, ttl=0.05)
-
-    async def aresolve(self) -> Resolution:
-        return self.resolve()
-
-    def close(self) -> None:
-        pass
-
-
-MEMBERS: dict[str, Members] = {}
-
-
-def _members(target: Target, settings: DiscoverySettings) -> Members:
-    return MEMBERS[target.rest]
-
-
-register_scheme("zone-members", _members, form="zone-members://<name> (tests)", replace=True)
-
-
-@pytest.fixture
-def members(request: pytest.FixtureRequest) -> Iterator[Members]:
-    name = request.node.name.replace("[", "-").replace("]", "")
-    MEMBERS[name] = found = Members(source=f"zone-members://{name}")
-    yield found
-    del MEMBERS[name]
 
 
 def _env(members: Members, zone: str | None) -> dict[str, str]:
@@ -88,7 +47,7 @@ def test_in_zone_while_healthy_envoys_share_when_degraded_and_spill_when_empty(
 ) -> None:
     backends = start_backends(12)
     zones = _zoned(backends)
-    members.set(zones)
+    members.set_zones(zones)
     with meshlib.Client(environ=_env(members, "a")) as client:
         for _ in range(400):
             assert client.get("http://payments/").status_code == 200
@@ -96,7 +55,7 @@ def test_in_zone_while_healthy_envoys_share_when_degraded_and_spill_when_empty(
 
         survivor = zones["a"][0]
         applied = log_event("endpoints of service payments changed: 9 now")
-        members.set({**zones, "a": [survivor]})  # three of zone a's endpoints leave discovery
+        members.set_zones({**zones, "a": [survivor]})  # three of zone a's endpoints leave discovery
         assert applied.wait(10), "the smaller set was never applied"
         _reset(backends)
         for _ in range(3000):
@@ -113,7 +72,7 @@ def test_in_zone_while_healthy_envoys_share_when_degraded_and_spill_when_empty(
         assert abs(counts["b"] - counts["c"]) < 0.08 * 3000, counts
 
         emptied = log_event("endpoints of service payments changed: 8 now")
-        members.set({**zones, "a": []})  # zone a is empty: spill to b and c at once, nothing fails
+        members.set_zones({**zones, "a": []})  # zone a is empty: spill to b and c at once, nothing fails
         assert emptied.wait(10), "the set without zone a was never applied"
         _reset(backends)
         for _ in range(200):
@@ -124,7 +83,7 @@ def test_in_zone_while_healthy_envoys_share_when_degraded_and_spill_when_empty(
 def test_without_a_local_zone_traffic_ignores_zones(start_backends: BackendFactory, members: Members) -> None:
     backends = start_backends(12)
     zones = _zoned(backends)
-    members.set(zones)
+    members.set_zones(zones)
     with meshlib.Client(environ=_env(members, None)) as client:
         for _ in range(120):
             assert client.get("http://payments/").status_code == 200
@@ -134,7 +93,7 @@ def test_without_a_local_zone_traffic_ignores_zones(start_backends: BackendFacto
 def test_below_the_minimum_cluster_size_routing_is_off(start_backends: BackendFactory, members: Members) -> None:
     backends = start_backends(3)
     zones = {"a": backends[:1], "b": backends[1:2], "c": backends[2:]}
-    members.set(zones)
+    members.set_zones(zones)
     with meshlib.Client(environ=_env(members, "a")) as client:  # 3 endpoints < Envoy's min_cluster_size 6
         for _ in range(90):
             assert client.get("http://payments/").status_code == 200
@@ -147,13 +106,13 @@ async def test_async_client_stays_in_zone_and_spills(
 ) -> None:
     backends = start_backends(12)
     zones = _zoned(backends)
-    members.set(zones)
+    members.set_zones(zones)
     async with meshlib.AsyncClient(environ=_env(members, "b")) as client:
         for _ in range(200):
             assert (await client.get("http://payments/")).status_code == 200
         assert _counts(zones) == {"a": 0, "b": 200, "c": 0}
         emptied = log_event("endpoints of service payments changed: 8 now")
-        members.set({**zones, "b": []})
+        members.set_zones({**zones, "b": []})
         assert await asyncio.to_thread(emptied.wait, 10), "the set without zone b was never applied"
         _reset(backends)
         for _ in range(100):
@@ -166,7 +125,7 @@ def test_endpoints_behind_open_breakers_count_as_unhealthy_in_their_zone(
 ) -> None:
     backends = start_backends(12)
     zones = _zoned(backends)
-    members.set(zones)
+    members.set_zones(zones)
     env = {**_env(members, "a"), "MESHLIB_BREAKER_FAILURES": "1", "MESHLIB_BREAKER_RESET": "1h", "MESHLIB_RETRIES": "3"}
     for b in zones["a"][1:]:
         b.behavior = Behavior(status=503)  # each opens its breaker on its first answer (the call is retried)
