@@ -105,14 +105,16 @@ def test_limit_rises_while_latency_is_flat_and_falls_when_it_rises(start_backend
         for _ in range(FLAT_ROUNDS):
             _round(client, pool)
             clock.tick()
-        risen = limit.max_inflight
-        assert risen >= 4 + 4, limit.status()  # +0.8 per window at flat latency: learnt from the answers' RTT
+        risen = limit.status()
+        assert risen.limit >= 4 + 4, risen  # +0.8 per window at flat latency: learnt from the answers' RTT
         backend.behavior = other.behavior = SLOW
         for _ in range(SLOW_ROUNDS):
             _round(client, pool)
             clock.tick()
         fallen = limit.status()
-        assert fallen.limit < risen, fallen
+        # The estimate falls each slow window (the whole limit may not yet have crossed an integer: at a limit of
+        # about 10, Gradient2's headroom of 4 slows the fall to ~0.3 per window).
+        assert fallen.estimate < risen.estimate and fallen.limit <= risen.limit, (risen, fallen)
         assert fallen.gradient < 1.0, fallen
         status = client.mesh_status().services[0]
         assert status.adaptive is not None and status.adaptive.limit == fallen.limit
@@ -133,14 +135,15 @@ async def test_async_limit_rises_while_latency_is_flat_and_falls_when_it_rises(
         for _ in range(FLAT_ROUNDS):
             await _around(client)
             clock.tick()
-        risen = limit.max_inflight
-        assert risen >= 4 + 4, limit.status()
+        risen = limit.status()
+        assert risen.limit >= 4 + 4, risen
         backend.behavior = other.behavior = SLOW
         for _ in range(SLOW_ROUNDS):
             await _around(client)
             clock.tick()
         fallen = limit.status()
-        assert fallen.limit < risen and fallen.gradient < 1.0, fallen
+        assert fallen.estimate < risen.estimate and fallen.limit <= risen.limit, (risen, fallen)
+        assert fallen.gradient < 1.0, fallen
         assert client.mesh_status().services[0].adaptive == limit.status()
 
 

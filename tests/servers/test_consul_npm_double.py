@@ -82,7 +82,9 @@ def resolver(double: ConsulNpmDouble, target: str = "consul://web") -> ConsulRes
 
 def expected_endpoints(body: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """What Consul's documentation says a passing instance is, computed here without meshlib: the service
-    address (else the node's), a port in 1..65535, tags, meta, the node's datacenter, weight 1 (no Weights)."""
+    address (else the node's), a port in 1..65535, tags, meta, weight 1 (no Weights), and the zone: the service's
+    ``Locality.Zone`` (Consul 1.17+), else a ``zone`` key in the node's then the service's metadata, else none
+    (a datacenter spans zones, so it is not one)."""
     found = []
     for entry in body:
         service, node = entry["Service"], entry["Node"]
@@ -93,7 +95,9 @@ def expected_endpoints(body: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
                 service["Address"] or node["Address"],
                 service["Port"],
                 1,
-                node["Datacenter"],
+                (service.get("Locality") or {}).get("Zone")
+                or (node.get("Meta") or {}).get("zone")
+                or (service.get("Meta") or {}).get("zone"),
                 tuple(service["Tags"]),
                 dict(service.get("Meta") or {}),
             )
