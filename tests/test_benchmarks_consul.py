@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.timeout(60)
+# A benchmark smoke test checks the benchmark code, not the HTTP library (the suite covers both): run once.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.one_library]
 
 
 def test_c1_chain_change_moves_traffic_on_every_flip_and_fails_no_request() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.timeout(120)
+# A benchmark smoke test checks the benchmark code, not the HTTP library (the suite covers both): run once.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_library]
 
 
 def test_s9gray_ejects_the_gray_endpoint_by_success_rate_only_when_enabled() -> None:

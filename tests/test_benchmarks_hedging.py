@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.timeout(90)
+# A benchmark smoke test checks the benchmark code, not the HTTP library (the suite covers both): run once.
+pytestmark = [pytest.mark.timeout(90), pytest.mark.one_library]
 
 
 def test_s8_runs_every_part_and_reports_its_fields() -> None:

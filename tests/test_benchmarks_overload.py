@@ -7,9 +7,14 @@ variant refuses calls itself (``OverloadedError``), the fixed one sending everyt
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import s10_overload
 from benchmarks.capacity import CapacityProcess
 from benchmarks.harness import render_result
+
+# A benchmark smoke test checks the benchmark code, not the HTTP library (the suite covers both): run once.
+pytestmark = pytest.mark.one_library
 
 
 def test_s10_overload_reports_every_variant_and_its_verdicts() -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+# A benchmark smoke test checks the benchmark code, not the HTTP library (the suite covers both): run once.
+pytestmark = pytest.mark.one_library
+
 pytest.importorskip("grpc")
 
 

@@ -12,6 +12,9 @@ import pytest
 from benchmarks import z1_denial, z2_flood
 from benchmarks.harness import render_result
 
+# A benchmark smoke test checks the benchmark code, not the HTTP library (the suite covers both): run once.
+pytestmark = pytest.mark.one_library
+
 
 def test_z1_denial_reports_every_variant_and_its_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     assert z1_denial.main(["--requests", "20", "--repeats", "2"]) == 0
